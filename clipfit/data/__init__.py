@@ -1,0 +1,1 @@
+"""Reading folders of image-caption pairs: layouts, validation, the training dataset."""

@@ -1,0 +1,87 @@
+"""The training dataset and the order it is read in.
+
+Order and caption choice depend only on (seed, epoch, position), never on worker count or
+timing, so an interrupted run resumed from a checkpoint reads exactly what it would have.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from clipfit.data.images import open_rgb
+from clipfit.data.layouts import Pair
+
+
+def caption_index(seed: int, epoch: int, index: int, count: int) -> int:
+    """Which of an image's captions epoch `epoch` trains on."""
+    if count == 1:
+        return 0
+    return random.Random(f"{seed}:{epoch}:{index}").randrange(count)
+
+
+class PairDataset(Dataset):
+    """Items are addressed as (epoch, index) so the caption choice travels with the request."""
+
+    def __init__(self, pairs: list[Pair], transform: Callable, tokenizer: Callable, seed: int,
+                 max_pixels: int, cache_images: bool = False):
+        self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
+        self.seed, self.max_pixels = seed, max_pixels
+        self.image_cache: dict[int, torch.Tensor] | None = {} if cache_images else None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def image(self, index: int) -> torch.Tensor:
+        if self.image_cache is not None and index in self.image_cache:
+            return self.image_cache[index]
+        pixels = self.transform(open_rgb(self.pairs[index].image, self.max_pixels))
+        if self.image_cache is not None:
+            self.image_cache[index] = pixels
+        return pixels
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        pair = self.pairs[index]
+        which = caption_index(self.seed, epoch, index, len(pair.captions))
+        return {
+            "image": self.image(index),
+            "text": self.tokenizer([pair.captions[which]])[0],
+            "index": index,
+            "caption": which,
+        }
+
+
+def batches_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Full global batches only (a tiny last batch makes a degenerate contrastive loss);
+    a dataset smaller than one batch trains on all of it as a single batch."""
+    return max(1, n // (batch_size * world_size))
+
+
+class EpochBatches(Sampler):
+    """Seeded per-epoch permutation cut into batches, starting at batch `start`.
+
+    With several processes each global batch of batch_size*world_size items is cut into
+    per-rank slices, so the union over ranks is what one process would see.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.n, self.batch_size, self.world_size) - self.start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        global_size = min(self.batch_size * self.world_size, self.n)
+        for b in range(self.start, batches_per_epoch(self.n, self.batch_size, self.world_size)):
+            chunk = order[b * global_size:(b + 1) * global_size]
+            per_rank = len(chunk) // self.world_size
+            mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
+            yield [(self.epoch, i) for i in mine]

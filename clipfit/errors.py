@@ -1,0 +1,55 @@
+"""Errors that reach the user as one line and a documented exit status.
+
+Exit statuses (also in README and `clipfit --help`):
+  0 success, 1 unexpected internal error, 2 usage error (bad flag, unknown model,
+  invalid config), 3 data error (unreadable folder, no pairs, bad item with --strict),
+  4 model or weights could not be loaded, 5 training failed (non-finite loss),
+  6 regression gate failed (--fail-on-zeroshot-drop), 7 output folder unwritable or disk
+  too small, 130 interrupted (checkpoint saved).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_DATA = 3
+EXIT_MODEL = 4
+EXIT_TRAINING = 5
+EXIT_GATE = 6
+EXIT_OUTPUT = 7
+EXIT_INTERRUPTED = 130
+
+
+class ClipfitError(Exception):
+    """An expected failure with a one-line message for the user."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class UsageError(ClipfitError):
+    exit_code = EXIT_USAGE
+
+
+class DataError(ClipfitError):
+    exit_code = EXIT_DATA
+
+
+class ModelError(ClipfitError):
+    exit_code = EXIT_MODEL
+
+
+class TrainingError(ClipfitError):
+    exit_code = EXIT_TRAINING
+
+
+class GateFailed(ClipfitError):
+    exit_code = EXIT_GATE
+
+
+class OutputError(ClipfitError):
+    exit_code = EXIT_OUTPUT
+
+
+class Interrupted(ClipfitError):
+    exit_code = EXIT_INTERRUPTED

@@ -1,0 +1,97 @@
+"""The method registry and composition (`--method refine+lite`).
+
+This module must stay importable without torch: `clipfit methods` lists the registry fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from clipfit.errors import UsageError
+
+# name -> ("module:Class", one-line summary)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "contrastive": ("clipfit.methods.contrastive:Contrastive",
+                    "CLIP's symmetric InfoNCE with the learnable logit scale (plain fine-tuning)."),
+}
+
+
+def method_names(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    unknown = [n for n in names if n not in REGISTRY]
+    if not names or unknown:
+        raise UsageError(f"unknown method {', '.join(unknown) or repr(spec)}; choose from {', '.join(REGISTRY)} "
+                         "(combine with +, e.g. refine+lite)")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--method {spec}: a method is named twice")
+    return names
+
+
+def method_class(name: str):
+    module_name, class_name = REGISTRY[name][0].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def parse_weights(items: list[str]) -> dict[str, float]:
+    weights = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise UsageError(f"--weight {item!r}: expected NAME=NUMBER, e.g. --weight rafa=0.5")
+    return weights
+
+
+@dataclass
+class Composite:
+    """Several methods summed; each loss term is computed once, by the first method that declares it."""
+
+    methods: list
+    weights: dict[str, float]
+    owners: dict[str, object]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(m.needs_teacher for m in self.methods)
+
+    @property
+    def active_terms(self) -> list[str]:
+        return [t for t, w in self.weights.items() if w != 0]
+
+    def parameters(self) -> list:
+        return [p for m in self.methods for p in m.parameters()]
+
+    def losses(self, step) -> dict:
+        """Weighted terms for one step; their sum is the training loss."""
+        parts = {}
+        for method in self.methods:
+            wanted = {t for t in self.active_terms if self.owners[t] is method}
+            if wanted:
+                computed = method.losses(step, wanted)
+                parts.update({t: computed[t] for t in wanted})
+        return parts
+
+    def total(self, parts: dict):
+        return sum(self.weights[t] * v for t, v in parts.items())
+
+
+def build_methods(spec: str, config, overrides: dict[str, float]) -> Composite:
+    methods = [method_class(name)(config) for name in method_names(spec)]
+    weights: dict[str, float] = {}
+    owners: dict[str, object] = {}
+    for method in methods:
+        for term, default in method.terms.items():
+            owners.setdefault(term, method)
+            weights[term] = max(weights.get(term, default), default)
+    unknown = sorted(set(overrides) - set(weights))
+    if unknown:
+        raise UsageError(f"--weight {', '.join(unknown)}: no such loss term for --method {spec} "
+                         f"(terms: {', '.join(weights)})")
+    weights.update(overrides)
+    if not any(weights.values()):
+        raise UsageError(f"--method {spec}: every loss weight is 0, nothing would train")
+    return Composite(methods, weights, owners)

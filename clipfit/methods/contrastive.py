@@ -1,0 +1,15 @@
+"""Plain contrastive fine-tuning: open_clip's symmetric InfoNCE with the learnable logit scale."""
+
+from __future__ import annotations
+
+from clipfit.losses import clip_loss
+from clipfit.methods.base import Method
+
+
+class Contrastive(Method):
+    name = "contrastive"
+    summary = "CLIP's symmetric InfoNCE with the learnable logit scale (plain fine-tuning)."
+    terms = {"clip": 1.0}
+
+    def losses(self, step, wanted):
+        return {"clip": clip_loss(step.image, step.text, step.logit_scale)}

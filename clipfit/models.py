@@ -1,0 +1,321 @@
+"""Load open_clip models from any spec a user may give, wrap them with LoRA, save them.
+
+A model spec is one of: an open_clip architecture name, `hf-hub:org/name`, a path to an
+open_clip model-config JSON, a clipfit run folder, or the offline starter `lite0-minilm`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from clipfit.errors import ModelError, UsageError
+from clipfit.io import atomic_path, write_json
+
+log = logging.getLogger("clipfit")
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's own `local-dir:` format
+MODEL_FILE = "model.safetensors"
+ADAPTER_DIR = "adapter"
+OFFLINE_HINT = "offline alternatives: --model lite0-minilm, --pretrained PATH/TO/weights.safetensors, or --pretrained none"
+DEFAULT_LORA_TARGETS = ("attn", "c_fc", "c_proj")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    arch: str  # what open_clip calls the architecture
+    model_cfg: dict
+    preprocess_cfg: dict
+    pretrained: str
+    source: dict = field(default_factory=dict)  # how it was loaded, for run.json
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", None) or self.model_cfg.get("text_cfg", {}).get("context_length", 77))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available on this machine")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: no MPS device is available on this machine")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, mps")
+    return torch.device(name)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load weights from safetensors, or from a pickle only under weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ModelError(f"{path}: not a valid safetensors file ({e})") from None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelError(
+            f"{path}: refused to load: this pickle needs more than plain tensors to unpickle "
+            f"(weights_only=True rejected it: {str(e).splitlines()[0][:160]}); convert it to safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ModelError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ModelError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def load_weights_into(model: nn.Module, path: str | Path) -> None:
+    import open_clip
+
+    state = read_state_dict(path)
+    state = open_clip.factory.convert_state_dict(model, state) if hasattr(open_clip.factory, "convert_state_dict") else state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(
+            f"{path}: weights do not fit the architecture "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+
+
+def register_config_file(path: Path) -> str:
+    """Make an open_clip model-config JSON known to open_clip; return its architecture name."""
+    import open_clip
+
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read model config ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: model config is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise UsageError(f"{path}: model config needs embed_dim, vision_cfg and text_cfg")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def unknown_model_error(name: str) -> UsageError:
+    import open_clip
+
+    close = difflib.get_close_matches(name, open_clip.list_models() + ["lite0-minilm"], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `clipfit models` lists them"
+    return UsageError(f"unknown model {name!r}: not an open_clip architecture, config JSON, run folder or hf-hub: spec{hint}")
+
+
+def resolve_arch(spec: str) -> tuple[str, dict]:
+    """Map a user's --model to an open_clip architecture name (registering configs as needed)."""
+    import open_clip
+
+    path = Path(spec)
+    if spec.endswith(".json"):
+        if not path.is_file():
+            raise UsageError(f"{spec}: model config file not found")
+        return register_config_file(path), {"kind": "config", "path": str(path.resolve())}
+    if spec in open_clip.list_models():
+        return spec, {"kind": "builtin"}
+    if spec.replace("/", "-") in open_clip.list_models():
+        return spec.replace("/", "-"), {"kind": "builtin"}
+    raise unknown_model_error(spec)
+
+
+def create(arch: str, **kwargs):
+    import open_clip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, **kwargs)
+    return model, preprocess_train, preprocess_val
+
+
+def load_pretrained_tag(arch: str, tag: str):
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag not in tags:
+        hint = f"known tags for {arch}: {', '.join(tags)}" if tags else f"{arch} has no published tags"
+        raise UsageError(f"unknown pretrained tag {tag!r} for {arch} ({hint}), and no file of that name exists")
+    try:
+        return create(arch, pretrained=tag)
+    except Exception as e:
+        raise ModelError(f"could not fetch {arch}/{tag} weights (no network? {first_line(e)}); {OFFLINE_HINT}") from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def load_hub(spec: str):
+    try:
+        return create(spec)
+    except Exception as e:
+        raise ModelError(f"could not load {spec} from the Hugging Face hub (no network? {first_line(e)}); {OFFLINE_HINT}") from None
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file()
+
+
+def load_run_dir(path: Path) -> LoadedModel:
+    import open_clip
+
+    config = json.loads((path / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
+    weights = path / MODEL_FILE
+    if not weights.is_file():
+        raise ModelError(f"{path}: run folder has no {MODEL_FILE} (did the run finish? try --resume)")
+    name = config.get("clipfit", {}).get("arch", path.name)
+    if name == "lite0-minilm":
+        loaded = load_starter(aligned=False)
+        load_weights_into(loaded.model, weights)
+        loaded.pretrained, loaded.source = str(weights), {"kind": "run", "path": str(path)}
+        return loaded
+    model, preprocess_train, preprocess_val = create(f"local-dir:{path}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    return LoadedModel(model, preprocess_train, preprocess_val, tokenizer, name, config["model_cfg"],
+                       config.get("preprocess_cfg", {}), str(weights), {"kind": "run", "path": str(path)})
+
+
+def load_starter(aligned: bool = True) -> LoadedModel:
+    from clipfit import starter
+
+    try:
+        model, preprocess_train, preprocess_val, tokenizer = starter.create_starter(aligned=aligned)
+    except starter.StarterMissing as e:
+        raise ModelError(str(e)) from None
+    return LoadedModel(model, preprocess_train, preprocess_val, tokenizer, starter.STARTER_NAME,
+                       starter.starter_model_config(), dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
+                       "aligned" if aligned else "towers-only", {"kind": "starter"})
+
+
+def load_model(spec: str, pretrained: str | None = "none") -> LoadedModel:
+    """Load `spec` with `pretrained` weights (an open_clip tag, a local file, or 'none')."""
+    import open_clip
+
+    pretrained = pretrained or "none"
+    if spec == "lite0-minilm":
+        return load_starter(aligned=pretrained != "none")
+    if is_run_dir(Path(spec)):
+        return load_run_dir(Path(spec))
+    if spec.startswith("hf-hub:"):
+        model, preprocess_train, preprocess_val = load_hub(spec)
+        return LoadedModel(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(spec), spec,
+                           getattr(model, "model_cfg", {}) or {}, dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
+                           "hub", {"kind": "hf-hub"})
+    arch, source = resolve_arch(spec)
+    if pretrained == "none":
+        log.warning("--pretrained none: %s starts from RANDOM weights; this is only useful for tests", arch)
+        model, preprocess_train, preprocess_val = create(arch, pretrained_text=False)
+    elif Path(pretrained).is_file():
+        model, preprocess_train, preprocess_val = create(arch, pretrained_text=False)
+        load_weights_into(model, pretrained)
+    elif Path(pretrained).suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        raise UsageError(f"--pretrained {pretrained}: file not found")
+    else:
+        model, preprocess_train, preprocess_val = load_pretrained_tag(arch, pretrained)
+    return LoadedModel(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(arch), arch,
+                       open_clip.get_model_config(arch) or {}, dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
+                       pretrained, source)
+
+
+# --- LoRA -----------------------------------------------------------------------------------
+
+def matching_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    return [name for name, _ in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters on the named submodules; only adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    if not matching_modules(model, targets):
+        raise UsageError(f"--lora-targets {','.join(targets)} match no module of this model; "
+                         "name attention/linear submodules (see `clipfit models --modules MODEL`)")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    return get_peft_model(model, config)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The open_clip model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain open_clip model with LoRA deltas folded in; the trained wrapper is left intact."""
+    import copy
+
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    return copy.deepcopy(model).merge_and_unload()
+
+
+# --- saving ---------------------------------------------------------------------------------
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    # clone() breaks storage sharing, which safetensors refuses to serialise
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def save_model(loaded: LoadedModel, model: nn.Module, run_dir: Path) -> None:
+    """Write model.safetensors (+ adapter/ for LoRA) and open_clip_config.json into run_dir."""
+    plain = merged_copy(model)
+    save_state_dict(plain.state_dict(), run_dir / MODEL_FILE, {"format": "pt", "arch": loaded.arch})
+    if plain is not model:
+        save_adapter(model, run_dir / ADAPTER_DIR)
+    write_json(run_dir / OPEN_CLIP_CONFIG, {
+        "model_cfg": loaded.model_cfg,
+        "preprocess_cfg": loaded.preprocess_cfg,
+        "clipfit": {"arch": loaded.arch, "pretrained": loaded.pretrained},
+    })
+
+
+def save_adapter(model: nn.Module, folder: Path) -> None:
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=folder.parent))
+    model.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def describe(loaded: LoadedModel) -> dict[str, Any]:
+    return {"arch": loaded.arch, "pretrained": loaded.pretrained, **loaded.source}

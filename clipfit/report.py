@@ -1,0 +1,79 @@
+"""report.md: what was run, on what, how the loss went, and what changed before → after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clipfit.io import read_jsonl, write_text
+
+LOWER_IS_BETTER = {"clip_loss", "modality_gap"}
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def before_after_table(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    for name in before:
+        if name not in after:
+            continue
+        delta = after[name] - before[name]
+        better = (delta < 0) if name in LOWER_IS_BETTER else (delta > 0)
+        mark = "" if abs(delta) < 1e-12 else (" (better)" if better else " (worse)")
+        lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | {delta:+.4f}{mark} |")
+    return lines
+
+
+def loss_summary(rows: list[dict]) -> list[str]:
+    steps = [r for r in rows if "loss" in r]
+    if not steps:
+        return ["No training steps were logged."]
+    terms = [k for k in steps[0] if k not in ("step", "epoch", "lr", "pairs_per_s")]
+    lines = ["| term | first | last | min |", "|---|---:|---:|---:|"]
+    for term in terms:
+        values = [r[term] for r in steps if term in r]
+        lines.append(f"| {term} | {fmt(values[0])} | {fmt(values[-1])} | {fmt(min(values))} |")
+    speed = [r["pairs_per_s"] for r in steps if "pairs_per_s" in r]
+    if speed:
+        lines.append("")
+        lines.append(f"Median throughput: {sorted(speed)[len(speed) // 2]:.1f} pairs/s over {len(steps)} logged steps.")
+    return lines
+
+
+def method_sections(methods: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, facts in methods.items():
+        if facts:
+            lines += [f"### {name}", ""] + [f"- {key}: {fmt(value)}" for key, value in facts.items()] + [""]
+    return lines
+
+
+def render(run_info: dict[str, Any], rows: list[dict]) -> str:
+    c, r = run_info["config"], run_info["resolved"]
+    lines = [
+        f"# clipfit run: {c['method']}", "",
+        f"- data: `{run_info['pairs']}` ({r['layout']} layout), {r['train_pairs']} training pairs, "
+        f"{r['val_pairs']} validation pairs, {run_info.get('skipped', 0)} skipped",
+        f"- model: {run_info['model']['arch']} ({run_info['model']['pretrained']})",
+        f"- loss weights: {', '.join(f'{k}={v:g}' for k, v in r['weights'].items())}",
+        f"- {run_info.get('steps', 0)} steps of batch {c['batch_size']} × accumulation {c['grad_accum']}, "
+        f"lr {r['lr']:g}, {'LoRA r=' + str(c['lora_rank']) if c['lora'] else 'all unlocked weights'}, "
+        f"{r['parameters']['trainable']:,} of {r['parameters']['total']:,} parameters trained",
+        f"- device {r['device']}, precision {c['precision']}, seed {c['seed']}, "
+        f"wall time {run_info.get('wall_seconds', 0):.1f} s (training {run_info.get('train_seconds', 0):.1f} s)",
+        "", f"## Before → after ({run_info.get('eval_split', 'validation')})", "",
+    ]
+    lines += before_after_table(run_info.get("before", {}), run_info.get("after", {}))
+    lines += ["", "## Loss", ""] + loss_summary(rows) + [""]
+    sections = method_sections(run_info.get("methods", {}))
+    if sections:
+        lines += ["## Methods", ""] + sections
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(run_dir: Path, run_info: dict[str, Any]) -> Path:
+    path = run_dir / "report.md"
+    write_text(path, render(run_info, read_jsonl(run_dir / "metrics.jsonl")))
+    return path

@@ -1,0 +1,295 @@
+"""The refine recipe: data → model → methods → loop → outputs.
+
+Everything method-specific happens inside the methods; everything about the loop inside
+clipfit.train. This module wires them together and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipfit.config import RESULT_NEUTRAL, RefineConfig
+from clipfit.data.check import CheckReport, check_pairset
+from clipfit.data.layouts import Pair, load_pairs
+from clipfit.errors import DataError, OutputError, UsageError
+from clipfit.io import write_json, write_text
+
+RUN_JSON = "run.json"
+
+
+@dataclass
+class RunData:
+    train: list[Pair]
+    val: list[Pair]
+    check: CheckReport
+    data_hash: str
+
+
+def data_hash(pairs: list[Pair]) -> str:
+    """Identity of a pair list: keys, captions, file sizes and modification times."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        stat = pair.image.stat()
+        digest.update(json.dumps([pair.key, list(pair.captions), stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()[:16]
+
+
+def split_val(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    if fraction <= 0:
+        return pairs, []
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(pairs) * fraction))
+    if n_val >= len(pairs):
+        raise UsageError(f"--val-split {fraction} leaves no training pairs out of {len(pairs)}")
+    val_ids = set(order[:n_val])
+    return [p for i, p in enumerate(pairs) if i not in val_ids], [p for i, p in enumerate(pairs) if i in val_ids]
+
+
+def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) -> RunData:
+    pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key)
+    check = check_pairset(pairset, max_pixels=config.max_image_pixels, find_duplicates=False,
+                          workers=max(1, config.workers))
+    for warning in check.warnings:
+        progress.warn(f"{warning.path}: {warning.reason}")
+    if check.skipped:
+        first = check.skipped[0]
+        if config.strict:
+            raise DataError(f"{first.path}: {first.reason} ({len(check.skipped)} bad item(s); "
+                            "`clipfit data check` lists them; drop --strict to skip them)")
+        write_text(run_dir / "skipped.txt", "".join(f"{p.path}\t{p.reason}\n" for p in check.skipped))
+        progress.warn(f"skipping {len(check.skipped)} bad item(s), listed in {run_dir / 'skipped.txt'}")
+    if not check.usable:
+        raise DataError(f"{pairs_path}: no usable pairs ({len(check.skipped)} bad item(s), e.g. "
+                        f"{check.skipped[0].path}: {check.skipped[0].reason})" if check.skipped else f"{pairs_path}: no usable pairs")
+    train, val = split_val(check.usable, config.val_split, config.seed)
+    return RunData(train, val, check, data_hash(check.usable))
+
+
+def default_run_dir(method: str) -> Path:
+    return Path("runs") / f"{method.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(config: RefineConfig) -> Path:
+    run_dir = Path(config.out) if config.out else default_run_dir(config.method)
+    if config.resume:
+        if not (run_dir / RUN_JSON).is_file():
+            raise UsageError(f"{run_dir}: nothing to resume (no {RUN_JSON}); run without --resume")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not config.overwrite:
+            raise UsageError(f"{run_dir}: run folder exists; pass --overwrite to replace it or --resume to continue it")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{run_dir}: cannot write to the run folder ({e.strerror or e})") from None
+    return run_dir
+
+
+def check_free_space(run_dir: Path, parameter_bytes: int, trainable_bytes: int, keep: int) -> None:
+    """Model + `keep` checkpoints (weights and two AdamW moments per trainable weight)."""
+    needed = parameter_bytes + keep * (parameter_bytes + 2 * trainable_bytes)
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise OutputError(f"{run_dir}: {free / 2**20:.0f} MiB free, the run needs about {needed / 2**20:.0f} MiB "
+                          "(model and checkpoints); free space, use another --out or --keep-checkpoints 1")
+
+
+def compare_with_saved(run_dir: Path, config: RefineConfig, pairs_path: str) -> dict[str, Any]:
+    saved = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
+    old, new = saved["config"], config.to_dict()
+    changed = [k for k in new if k not in RESULT_NEUTRAL and old.get(k) != new[k]]
+    if saved.get("pairs") != str(Path(pairs_path).resolve()):
+        changed.append("PAIRS")
+    if changed:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3] if k != "PAIRS")
+        raise UsageError(f"--resume refused: settings that change the result differ from the saved run "
+                         f"({', '.join(changed)}{'; ' + detail if detail else ''})")
+    return saved
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("clipfit", "torch", "torchvision", "open_clip_torch", "peft", "faiss-cpu", "safetensors"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+def peak_memory(device) -> dict[str, float]:
+    import resource
+
+    import torch
+
+    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
+def resume_command(argv: list[str]) -> str:
+    import shlex
+
+    args = [a for a in argv if a != "--resume"]
+    return shlex.join(["clipfit", *args, "--resume"])
+
+
+def prepare_model(loaded, config: RefineConfig, device):
+    """Move to device, lock towers or add LoRA adapters, as the flags say."""
+    from clipfit import models
+
+    model = loaded.model.to(device)
+    if config.lock_image:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    if config.lock_text:
+        model.lock_text_tower(unlocked_layers=0)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if config.lora:
+        targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+        model = models.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, targets)
+    return model
+
+
+def evaluate_split(model, pairs: list[Pair], loaded, device, batch_size: int) -> dict[str, float]:
+    """Validation yardsticks every method is judged by: CLIP loss, R@1 both ways, modality gap."""
+    import torch
+
+    from clipfit.eval.metrics import modality_gap, paired_retrieval
+    from clipfit.features import encode_pairs
+    from clipfit.losses import clip_loss
+    from clipfit.train import base_logit_scale
+
+    image, text = encode_pairs(model, pairs, loaded.preprocess_val, loaded.tokenizer, device, batch_size)
+    retrieval = paired_retrieval(image, text, ks=(1,))
+    with torch.no_grad():
+        loss = clip_loss(image, text, base_logit_scale(model).exp().float().cpu()).item()
+    return {"clip_loss": loss, "image_to_text_R@1": retrieval["image_to_text_R@1"],
+            "text_to_image_R@1": retrieval["text_to_image_R@1"], "modality_gap": modality_gap(image, text)}
+
+
+def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> dict[str, Any]:
+    import torch
+
+    from clipfit import models
+    from clipfit.data.dataset import PairDataset
+    from clipfit.methods import build_methods, parse_weights
+    from clipfit.methods.base import MethodContext
+    from clipfit.report import write_report
+    from clipfit.teacher import FrozenTeacher
+    from clipfit.train import LoopSettings, Trainer, build_optimizer, lr_factor, steps_per_epoch
+
+    started = time.time()
+    composite = build_methods(config.method, config, parse_weights(config.weight))
+    run_dir = prepare_run_dir(config)
+    saved = compare_with_saved(run_dir, config, pairs_path) if config.resume else None
+    data = load_data(pairs_path, config, run_dir, progress)
+    if saved and saved.get("data_hash") != data.data_hash:
+        raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
+    device = models.resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    loaded = models.load_model(config.model, config.pretrained)
+    model = prepare_model(loaded, config, device)
+    counts = models.count_parameters(model)
+    if counts["trainable"] == 0:
+        raise UsageError("nothing to train: every parameter is frozen (check --lock-image/--lock-text)")
+    check_free_space(run_dir, counts["total"] * 4, counts["trainable"] * 4, config.keep_checkpoints)
+
+    transform = loaded.preprocess_train if config.augment else loaded.preprocess_val
+    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels,
+                          config.cache_images)
+    settings = LoopSettings(
+        epochs=config.epochs, total_steps=0, grad_accum=config.grad_accum, batch_size=config.batch_size,
+        seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
+        nan_limit=config.nan_limit, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
+        log_every=config.log_every, workers=config.workers,
+    )
+    total = config.epochs * steps_per_epoch(len(dataset), settings)
+    settings.total_steps = min(total, config.max_steps) if config.max_steps else total
+
+    run_info = {
+        "clipfit": "run", "run_dir": str(run_dir), "pairs": str(Path(pairs_path).resolve()), "config": config.to_dict(),
+        "resolved": {"lr": config.resolved_lr(), "device": str(device), "total_steps": settings.total_steps,
+                     "train_pairs": len(data.train), "val_pairs": len(data.val), "layout": data.check.layout,
+                     "weights": composite.weights, "parameters": counts},
+        "model": models.describe(loaded), "data_hash": data.data_hash, "skipped": len(data.check.skipped),
+        "environment": environment(), "argv": argv,
+    }
+    if not config.resume:
+        write_json(run_dir / RUN_JSON, run_info)
+
+    autocast = Trainer.autocast_for(device, config.precision)
+    teacher = FrozenTeacher(model, device, autocast) if composite.needs_teacher else None
+    if teacher is not None and not config.augment:
+        progress.info("encoding the training pairs once with the frozen teacher")
+        teacher.precompute(dataset, config.batch_size)
+    ctx = MethodContext(model=model, loaded=loaded, config=config, pairs=data.train, device=device,
+                        run_dir=run_dir, cache_dir=cache_dir(config), log=progress.info)
+    for method in composite.methods:
+        method.prepare(ctx)
+    for param in composite.parameters():
+        param.data = param.data.to(device)
+
+    named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(composite.parameters())]
+    optimizer = build_optimizer(named, config.resolved_lr(), config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config.warmup_steps, settings.total_steps, config.schedule))
+    eval_pairs = data.val or data.train[:256]
+    eval_name = "validation" if data.val else "training subset"
+
+    def on_epoch_end(epoch: int) -> dict:
+        return {f"val_{k}": v for k, v in evaluate_split(model, data.val, loaded, device, config.batch_size).items()} if data.val else {}
+
+    trainer = Trainer(model=model, methods=composite, dataset=dataset, settings=settings, device=device,
+                      run_dir=run_dir, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
+                      progress=progress, resume_command=resume_command(argv), on_epoch_end=on_epoch_end,
+                      scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None)
+    resumed = trainer.restore() if config.resume else False
+    before = saved.get("before") if saved and saved.get("before") else evaluate_split(model, eval_pairs, loaded, device, config.batch_size)
+    run_info["before"] = before
+    write_json(run_dir / RUN_JSON, run_info)
+    progress.info(f"training {config.method} on {len(data.train)} pairs for {settings.total_steps} steps"
+                  + (f" (resumed at step {trainer.position.step})" if resumed else ""))
+    train_started = time.time()
+    with progress:
+        trainer.run()
+    train_seconds = time.time() - train_started
+    after = evaluate_split(model, eval_pairs, loaded, device, config.batch_size)
+
+    models.save_model(loaded, model, run_dir)
+    for method in composite.methods:
+        method.save(run_dir)
+    run_info.update({
+        "after": after, "eval_split": eval_name, "wall_seconds": time.time() - started,
+        "train_seconds": train_seconds, "steps": trainer.position.step, "peak_memory": peak_memory(device),
+        "teacher_forward_passes": teacher.forward_passes if teacher else 0,
+        "methods": {m.name: m.report() for m in composite.methods},
+    })
+    write_json(run_dir / RUN_JSON, run_info)
+    write_report(run_dir, run_info)
+    return run_info
+
+
+def cache_dir(config: RefineConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clipfit"

@@ -1,0 +1,316 @@
+"""The one training loop. It knows models, batches, optimisers and checkpoints; what the
+loss is comes from the methods (clipfit.methods.Composite)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from clipfit.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from clipfit.data.dataset import EpochBatches, batches_per_epoch
+from clipfit.errors import Interrupted, TrainingError
+from clipfit.io import append_jsonl, truncate_jsonl
+from clipfit.methods.base import StepInputs
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    batch: int = 0  # micro-batches of this epoch already consumed
+    nan_skipped: int = 0
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    total_steps: int
+    grad_accum: int
+    batch_size: int
+    seed: int
+    precision: str
+    grad_clip: float | None
+    nan_policy: str
+    nan_limit: int
+    save_every: int
+    keep_checkpoints: int
+    log_every: int
+    workers: int
+    rank: int = 0
+    world_size: int = 1
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """open_clip's rule: biases, norms, gains and the logit scale get no weight decay."""
+    return param.ndim < 2 or "bias" in name or "logit_scale" in name or ".ln" in name or "norm" in name
+
+
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float):
+    trainable = [(n, p) for n, p in named_params if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in trainable if not no_decay(n, p)], "weight_decay": weight_decay},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def steps_per_epoch(n_items: int, s: LoopSettings) -> int:
+    return max(1, batches_per_epoch(n_items, s.batch_size, s.world_size) // s.grad_accum)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Small post-training batches would corrupt BatchNorm running statistics: keep them fixed."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop finishes the current step, checkpoints and stops."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __bool__(self):
+        return self.signal is not None
+
+    @contextmanager
+    def installed(self):
+        def handler(signum, _frame):
+            self.signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+@dataclass
+class Trainer:
+    model: nn.Module
+    methods: Any  # clipfit.methods.Composite
+    dataset: Any
+    settings: LoopSettings
+    device: torch.device
+    run_dir: Path
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    teacher: Callable[[dict], tuple[torch.Tensor, torch.Tensor]] | None
+    progress: Any  # clipfit.progress.Progress
+    resume_command: str = ""
+    position: Position = field(default_factory=Position)
+    stop: StopFlag = field(default_factory=StopFlag)
+    on_epoch_end: Callable[[int], dict] | None = None
+    scaler: Any = None
+    is_main: bool = True
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": {k: v for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "methods": {m.name: m.state_dict() for m in self.methods.methods},
+            "position": vars(self.position).copy(),
+            "rng": rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+        }
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.run_dir, self.position.step, self.state(), self.settings.keep_checkpoints)
+
+    def restore(self) -> bool:
+        found = load_latest(self.run_dir)
+        if found is None:
+            return False
+        _path, state = found
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for method in self.methods.methods:
+            method.load_state_dict(state["methods"].get(method.name, {}))
+        self.position = Position(**state["position"])
+        set_rng_state(state["rng"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        step = self.position.step
+        truncate_jsonl(self.run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= step)
+        return True
+
+    # --- one step -------------------------------------------------------------------------
+    @staticmethod
+    def autocast_for(device: torch.device, precision: str) -> Callable:
+        dtype = AUTOCAST[precision]
+        return lambda: torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def autocast(self):
+        return self.autocast_for(self.device, self.settings.precision)()
+
+    def step_inputs(self, batch: dict) -> StepInputs:
+        images = batch["image"].to(self.device, non_blocking=True)
+        texts = batch["text"].to(self.device, non_blocking=True)
+        image_raw = self.model.encode_image(images, normalize=False)
+        text_raw = self.model.encode_text(texts, normalize=False)
+        cached: list = []
+
+        def teacher():
+            if not cached:
+                cached.append(self.teacher(batch))
+            return cached[0]
+
+        generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.position.step)
+        return StepInputs(
+            images=images, texts=texts, indices=batch["index"], image_raw=image_raw, text_raw=text_raw,
+            image=nn.functional.normalize(image_raw, dim=-1), text=nn.functional.normalize(text_raw, dim=-1),
+            logit_scale=base_logit_scale(self.model).exp(), generator=generator, step=self.position.step,
+            teacher=teacher,
+        )
+
+    def micro_step(self, batch: dict) -> dict[str, float]:
+        with self.autocast():
+            parts = self.methods.losses(self.step_inputs(batch))
+            total = self.methods.total(parts)
+        if not torch.isfinite(total):
+            bad = [name for name, value in parts.items() if not torch.isfinite(value)] or ["total"]
+            raise NonFinite(", ".join(bad))
+        scaled = total.float() / self.settings.grad_accum
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        values = {name: value.detach().float().item() for name, value in parts.items()}
+        values["loss"] = total.detach().float().item()
+        return values
+
+    def optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.settings.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():  # CLIP's logit-scale clamp at ln(100)
+            base_logit_scale(self.model).clamp_(0, math.log(100))
+
+    # --- the loop -------------------------------------------------------------------------
+    def loader(self, epoch: int, start_batch: int) -> DataLoader:
+        s = self.settings
+        sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def run(self) -> Position:
+        s = self.settings
+        per_epoch = steps_per_epoch(len(self.dataset), s)
+        self.model.train()
+        freeze_batchnorm(self.model)
+        with self.stop.installed():
+            while self.position.step < s.total_steps and self.position.epoch < s.epochs:
+                self.run_epoch(per_epoch)
+                if self.position.batch >= per_epoch * s.grad_accum:
+                    self.end_epoch()
+        return self.position
+
+    def run_epoch(self, per_epoch: int) -> None:
+        s = self.settings
+        accumulated: list[dict[str, float]] = []
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for batch in self.loader(self.position.epoch, self.position.batch):
+            if self.position.batch >= per_epoch * s.grad_accum:
+                break
+            self.position.batch += 1
+            try:
+                accumulated.append(self.micro_step(batch))
+            except NonFinite as e:
+                self.handle_non_finite(str(e))
+                accumulated.clear()
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
+            if len(accumulated) < s.grad_accum:
+                continue
+            self.optimizer_step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.position.step += 1
+            self.log_step(accumulated, len(batch["index"]) * s.grad_accum * s.world_size, time.perf_counter() - started)
+            accumulated.clear()
+            started = time.perf_counter()
+            if s.save_every and self.position.step % s.save_every == 0:
+                self.save()
+            if self.stop:
+                self.interrupt()
+            if self.position.step >= s.total_steps:
+                return
+
+    def end_epoch(self) -> None:
+        finished = self.position.epoch
+        self.position.epoch += 1
+        self.position.batch = 0
+        summary = self.on_epoch_end(finished) if self.on_epoch_end else {}
+        if summary and self.is_main:
+            append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.position.step, "epoch": finished, **summary})
+        self.save()
+        if self.stop:
+            self.interrupt()
+
+    def handle_non_finite(self, terms: str) -> None:
+        s = self.settings
+        self.position.nan_skipped += 1
+        where = f"step {self.position.step + 1}, term(s) {terms}"
+        if s.nan_policy == "skip" and self.position.nan_skipped <= s.nan_limit:
+            self.progress.warn(f"non-finite loss at {where}: step skipped ({self.position.nan_skipped}/{s.nan_limit})")
+            return
+        reason = "too many skipped steps" if s.nan_policy == "skip" else "non-finite loss"
+        raise TrainingError(f"{reason} at {where}; the last good checkpoint is kept in {self.run_dir}/checkpoints. "
+                            "Try a lower --lr, --precision fp32, or --grad-clip 1.0")
+
+    def interrupt(self) -> None:
+        self.save()
+        name = signal.Signals(self.stop.signal).name
+        raise Interrupted(f"stopped by {name} after step {self.position.step}; checkpoint saved. Resume with: "
+                          f"{self.resume_command}")
+
+    def log_step(self, micro: list[dict[str, float]], pairs: int, seconds: float) -> None:
+        s, step = self.settings, self.position.step
+        values = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
+        row = {"step": step, "epoch": self.position.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+               "pairs_per_s": pairs / max(seconds, 1e-9), **values}
+        self.progress.step(row, s.total_steps)
+        if self.is_main and (step % s.log_every == 0 or step == s.total_steps or step == 1):
+            append_jsonl(self.run_dir / "metrics.jsonl", row)
+
+
+class NonFinite(Exception):
+    pass
+
+
+def base_logit_scale(model: nn.Module) -> torch.Tensor:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(inner, "module", inner)  # DistributedDataParallel
+    return inner.logit_scale
