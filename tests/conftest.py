@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny randomly initialised open_clip config and generated pairs folders.
+
+Nothing here downloads anything; every model is random and a few hundred kB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(1)  # CI has 2 cores; threads fight more than they help for tiny models
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory) -> Path:
+    """Path of an open_clip model-config JSON for a 2-layer ViT/text transformer with 32-d embeddings."""
+    path = tmp_path_factory.mktemp("configs") / "tiny-test.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return path
+
+
+def write_pairs(folder: Path, n: int = 16, size: int = 40, captions_per_image: int = 1, seed: int = 0) -> Path:
+    """A sidecar pairs folder: coloured noise images whose captions name the colour."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        base = np.array(Image.new("RGB", (1, 1), colour).getpixel((0, 0)), dtype=np.float32)
+        noise = rng.normal(0, 30, (size, size, 3))
+        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(folder / f"img{i:03d}.png")
+        lines = [f"a {colour} picture number {i}"] + [f"caption {k} of a {colour} image" for k in range(1, captions_per_image)]
+        (folder / f"img{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def pairs_dir(tmp_path) -> Path:
+    return write_pairs(tmp_path / "pairs")
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m clipfit ARGS` in a subprocess, as a user would."""
+    result = subprocess.run([sys.executable, "-m", "clipfit", *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd, env=cli_env(), timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"clipfit {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def tiny_refine_args(pairs: Path, out: Path, config: Path, *extra: str) -> list[str]:
+    """A refine command line that finishes in seconds on a tiny model."""
+    return ["refine", str(pairs), "--model", str(config), "--pretrained", "none", "--out", str(out),
+            "--batch-size", "8", "--workers", "0", "--quiet", *extra]
