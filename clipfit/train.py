@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clipfit.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from clipfit.checkpoint import CHECKPOINT_DIR, checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
-from clipfit.errors import Interrupted, TrainingError
+from clipfit.errors import Interrupted, OutputError, TrainingError
 from clipfit.io import append_jsonl, truncate_jsonl
 from clipfit.methods.base import StepInputs
 
@@ -141,11 +141,16 @@ class Trainer:
     def save(self) -> Path | None:
         if not self.is_main:
             return None
-        return save_checkpoint(self.run_dir, self.position.step, self.state(), self.settings.keep_checkpoints)
+        try:
+            return save_checkpoint(self.run_dir, self.position.step, self.state(), self.settings.keep_checkpoints)
+        except OutputError as e:
+            raise OutputError(f"{e}; free space, then resume from the last good checkpoint with: "
+                              f"{self.resume_command}") from None
 
     def restore(self) -> bool:
-        found = load_latest(self.run_dir)
-        if found is None:
+        found = load_latest(self.run_dir, self.progress.warn)
+        if found is None:  # nothing to continue from: start over, without the old run's metrics rows
+            truncate_jsonl(self.run_dir / "metrics.jsonl", lambda row: False)
             return False
         _path, state = found
         self.model.load_state_dict(state["model"])
@@ -222,8 +227,12 @@ class Trainer:
     def loader(self, epoch: int, start_batch: int) -> DataLoader:
         s = self.settings
         sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size)
-        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
+        # and a resumed run, which creates one more loader, would drift from the uninterrupted one.
+        generator = torch.Generator().manual_seed(s.seed * 1_000_033 + epoch)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers, generator=generator,
+                          worker_init_fn=ignore_stop_signals, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
 
     def run(self) -> Position:
         s = self.settings
@@ -287,8 +296,10 @@ class Trainer:
             self.progress.warn(f"non-finite loss at {where}: step skipped ({self.position.nan_skipped}/{s.nan_limit})")
             return
         reason = "too many skipped steps" if s.nan_policy == "skip" else "non-finite loss"
-        raise TrainingError(f"{reason} at {where}; the last good checkpoint is kept in {self.run_dir}/checkpoints. "
-                            "Try a lower --lr, --precision fp32, or --grad-clip 1.0")
+        kept = (f"the last good checkpoint is kept in {self.run_dir / CHECKPOINT_DIR}" if checkpoint_paths(self.run_dir)
+                else "no checkpoint was written yet")
+        raise TrainingError(f"{reason} at {where}; {kept}. Try a lower --lr, --precision fp32, --grad-clip 1.0, "
+                            "or --nan-policy skip")
 
     def interrupt(self) -> None:
         self.save()
@@ -308,6 +319,13 @@ class Trainer:
 
 class NonFinite(Exception):
     pass
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes the step and
+    checkpoints; a worker killed by a signal sent to the whole process group would crash the run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def base_logit_scale(model: nn.Module) -> torch.Tensor:
