@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -61,11 +61,11 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     return path
 
 
-def load_latest(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+def load_latest(run_dir: Path, warn: Callable[[str], None] = lambda message: None) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that loads; a damaged newest one falls back to the one before."""
     for path in reversed(checkpoint_paths(run_dir)):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            continue
+        except Exception as e:  # truncated zip, bad pickle, unreadable file: all mean "damaged"
+            warn(f"{path}: damaged checkpoint ({type(e).__name__}), trying the one before")
     return None

@@ -9,23 +9,36 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from clipfit.errors import OutputError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync and rename it over `path`."""
+    """Yield a temporary path beside `path`; on success fsync and rename it over `path`.
+
+    A failed write (disk full, permissions) leaves the old `path` untouched and raises
+    OutputError, so it reaches the user as one line with exit status 7.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as e:
+        raise write_failed(path, e) from e
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_failed(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"{path}: could not write ({error.strerror or error}); the previous version, if any, is unchanged")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -44,10 +57,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one line and flush it to disk, so a crash loses at most the line being written."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_failed(Path(path), e) from e
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
