@@ -90,7 +90,7 @@ def refine_command(**values: Any) -> None:
         raise typer.BadParameter("missing PAIRS (a folder of image-caption pairs), on the command line or as pairs = in --config")
     config = build_config(values, explicit_parameters(values.pop("ctx")), toml)
     progress = make_progress(config.quiet or config.json)
-    info = refine(str(pairs), config, sys.argv[1:], progress)
+    info = refine(str(pairs), config, STATE.get("argv", sys.argv[1:]), progress)
     print_refine_summary(info, config.json)
 
 
@@ -196,6 +196,7 @@ def is_usage_error(error: Exception) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; expected failures print one line and exit with their documented status."""
     args = list(sys.argv[1:] if argv is None else argv)
+    STATE["argv"] = list(args)  # as typed: the resume command repeats it
     if "--debug" in args:  # accepted anywhere, not only before the command
         args = ["--debug"] + [a for a in args if a != "--debug"]
         STATE["debug"] = True

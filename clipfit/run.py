@@ -19,11 +19,13 @@ from typing import Any
 
 from clipfit.config import RESULT_NEUTRAL, RefineConfig
 from clipfit.data.check import CheckReport, check_pairset
+from clipfit.data.images import DEFAULT_MAX_PIXELS
 from clipfit.data.layouts import Pair, load_pairs
 from clipfit.errors import DataError, OutputError, UsageError
 from clipfit.io import write_json, write_text
 
 RUN_JSON = "run.json"
+SKIPPED_TXT = "skipped.txt"
 
 
 @dataclass
@@ -66,13 +68,19 @@ def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) ->
         if config.strict:
             raise DataError(f"{first.path}: {first.reason} ({len(check.skipped)} bad item(s); "
                             "`clipfit data check` lists them; drop --strict to skip them)")
-        write_text(run_dir / "skipped.txt", "".join(f"{p.path}\t{p.reason}\n" for p in check.skipped))
-        progress.warn(f"skipping {len(check.skipped)} bad item(s), listed in {run_dir / 'skipped.txt'}")
+        progress.warn(f"skipping {len(check.skipped)} bad item(s), listed in {run_dir / SKIPPED_TXT}")
     if not check.usable:
         raise DataError(f"{pairs_path}: no usable pairs ({len(check.skipped)} bad item(s), e.g. "
                         f"{check.skipped[0].path}: {check.skipped[0].reason})" if check.skipped else f"{pairs_path}: no usable pairs")
     train, val = split_val(check.usable, config.val_split, config.seed)
     return RunData(train, val, check, data_hash(check.usable))
+
+
+def write_skipped(run_dir: Path, check: CheckReport) -> None:
+    """Written with run.json, not earlier: a run that fails while setting up leaves an empty
+    folder, which the corrected command may reuse without --overwrite."""
+    if check.skipped:
+        write_text(run_dir / SKIPPED_TXT, "".join(f"{p.path}\t{p.reason}\n" for p in check.skipped))
 
 
 def default_run_dir(method: str) -> Path:
@@ -147,7 +155,7 @@ def peak_memory(device) -> dict[str, float]:
 def resume_command(argv: list[str]) -> str:
     import shlex
 
-    args = [a for a in argv if a != "--resume"]
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]  # --overwrite would delete what we resume
     return shlex.join(["clipfit", *args, "--resume"])
 
 
@@ -168,7 +176,8 @@ def prepare_model(loaded, config: RefineConfig, device):
     return model
 
 
-def evaluate_split(model, pairs: list[Pair], loaded, device, batch_size: int) -> dict[str, float]:
+def evaluate_split(model, pairs: list[Pair], loaded, device, batch_size: int,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, float]:
     """Validation yardsticks every method is judged by: CLIP loss, R@1 both ways, modality gap."""
     import torch
 
@@ -177,7 +186,8 @@ def evaluate_split(model, pairs: list[Pair], loaded, device, batch_size: int) ->
     from clipfit.losses import clip_loss
     from clipfit.train import base_logit_scale
 
-    image, text = encode_pairs(model, pairs, loaded.preprocess_val, loaded.tokenizer, device, batch_size)
+    image, text = encode_pairs(model, pairs, loaded.preprocess_val, loaded.tokenizer, device, batch_size,
+                               max_pixels=max_pixels)
     retrieval = paired_retrieval(image, text, ks=(1,))
     with torch.no_grad():
         loss = clip_loss(image, text, base_logit_scale(model).exp().float().cpu()).item()
@@ -233,6 +243,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
         "model": models.describe(loaded), "data_hash": data.data_hash, "skipped": len(data.check.skipped),
         "environment": environment(), "argv": argv,
     }
+    write_skipped(run_dir, data.check)
     if not config.resume:
         write_json(run_dir / RUN_JSON, run_info)
 
@@ -256,14 +267,16 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     eval_name = "validation" if data.val else "training subset"
 
     def on_epoch_end(epoch: int) -> dict:
-        return {f"val_{k}": v for k, v in evaluate_split(model, data.val, loaded, device, config.batch_size).items()} if data.val else {}
+        return {f"val_{k}": v for k, v in evaluate_split(model, data.val, loaded, device, config.batch_size,
+                                                           config.max_image_pixels).items()} if data.val else {}
 
     trainer = Trainer(model=model, methods=composite, dataset=dataset, settings=settings, device=device,
                       run_dir=run_dir, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                       progress=progress, resume_command=resume_command(argv), on_epoch_end=on_epoch_end,
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None)
     resumed = trainer.restore() if config.resume else False
-    before = saved.get("before") if saved and saved.get("before") else evaluate_split(model, eval_pairs, loaded, device, config.batch_size)
+    before = saved.get("before") if saved and saved.get("before") else evaluate_split(
+        model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
     run_info["before"] = before
     write_json(run_dir / RUN_JSON, run_info)
     progress.info(f"training {config.method} on {len(data.train)} pairs for {settings.total_steps} steps"
@@ -272,7 +285,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     with progress:
         trainer.run()
     train_seconds = time.time() - train_started
-    after = evaluate_split(model, eval_pairs, loaded, device, config.batch_size)
+    after = evaluate_split(model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
 
     models.save_model(loaded, model, run_dir)
     for method in composite.methods:
