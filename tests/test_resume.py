@@ -1,0 +1,247 @@
+"""Interruption and resume: checkpoints, signals, bitwise-identical continuation.
+
+The interrupted runs are real subprocesses stopped by a signal sent from the test. Run as a
+script, this file is also the driver for a test-only method that uses the frozen teacher and
+random draws (both the per-step generator and the global torch RNG), so resuming is tested
+with every source of state a method can have.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli_env, tiny_refine_args, write_pairs
+from clipfit.cli import main
+from clipfit.io import read_jsonl
+from clipfit.losses import clip_loss
+from clipfit.methods import REGISTRY
+from clipfit.methods.base import Method
+
+PAUSE_FILE = "CLIPFIT_TEST_PAUSE_FILE"  # the driver pauses at step PAUSE_AT until the test removes it
+PAUSE_AT = 7
+
+
+class TeacherNoise(Method):
+    """Contrastive + pull towards the frozen teacher's image embedding, jittered by random draws."""
+
+    name = "teacher-noise"
+    summary = "test only: clip + anchor to the teacher with random jitter"
+    terms = {"clip": 1.0, "anchor": 0.5}
+    needs_teacher = True
+
+    def losses(self, step, wanted):
+        pause_if_asked(step.step + 1)
+        teacher_image, _ = step.teacher()
+        jitter = 0.1 * torch.randn(teacher_image.shape, generator=step.generator) + 0.1 * torch.rand(())
+        anchor = (step.image_raw.float() - teacher_image - jitter).pow(2).mean()
+        return {"clip": clip_loss(step.image, step.text, step.logit_scale), "anchor": anchor}
+
+
+def pause_if_asked(step: int) -> None:
+    marker = os.environ.get(PAUSE_FILE)
+    if marker and step == PAUSE_AT and not Path(marker + ".done").exists():
+        Path(marker).write_text("paused")
+        while Path(marker).exists():  # the test signals us, then removes the marker
+            time.sleep(0.02)
+        Path(marker + ".done").write_text("")
+
+
+def register_test_method() -> None:
+    REGISTRY["teacher-noise"] = (f"{__name__}:TeacherNoise", TeacherNoise.summary)
+
+
+def run_main(argv: list[str]) -> int:
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def many_pairs(tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("data") / "pairs", n=80, size=24)
+
+
+def long_run_args(pairs: Path, out: Path, config: Path, method: str) -> list[str]:
+    """3 epochs of 16 steps: enough steps that a signal sent after step 2 lands mid-run."""
+    return tiny_refine_args(pairs, out, config, "--method", method, "--batch-size", "4", "--epochs", "3",
+                            "--val-split", "0.2", "--save-every", "5", "--log-every", "1", "--seed", "3")
+
+
+def start(argv: list[str], env: dict, driver: bool) -> subprocess.Popen:
+    program = [sys.executable, __file__] if driver else [sys.executable, "-m", "clipfit"]
+    return subprocess.Popen(program + [str(a) for a in argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended (exit {process.returncode}) before {what}:\n{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def interrupt_run(argv: list[str], out: Path, sig: signal.Signals, driver: bool, tmp_path: Path) -> str:
+    """Start the run, signal it mid-training, return its stderr (after checking exit 130)."""
+    env = cli_env()
+    if driver:  # deterministic: the method waits inside step PAUSE_AT for our signal
+        marker = tmp_path / "paused"
+        env[PAUSE_FILE] = str(marker)
+        process = start(argv, env, driver)
+        wait_for(marker.exists, process, f"step {PAUSE_AT}")
+        process.send_signal(sig)
+        marker.unlink()
+    else:  # as a user would: signal once training is visibly under way
+        process = start(argv, env, driver)
+        metrics = out / "metrics.jsonl"
+        wait_for(lambda: len(read_jsonl(metrics)) >= 2, process, "the second metrics line")
+        process.send_signal(sig)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr[-3000:]
+    return stderr
+
+
+def printed_resume_command(stderr: str) -> list[str]:
+    line = next(line for line in stderr.splitlines() if "Resume with: " in line)
+    words = shlex.split(line.split("Resume with: ", 1)[1])
+    assert words[0] == "clipfit" and words[-1] == "--resume"
+    return words[1:]
+
+
+def losses(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the one column that measures speed, not training."""
+    return [{k: v for k, v in row.items() if k != "pairs_per_s"} for row in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    different = [k for k in left if not torch.equal(left[k], right[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+
+
+@pytest.mark.parametrize("method, sig, driver", [
+    ("contrastive", signal.SIGINT, False),
+    ("teacher-noise", signal.SIGTERM, True),
+])
+def test_interrupted_run_resumes_bitwise_identical(method, sig, driver, many_pairs, tiny_config, tmp_path):
+    register_test_method()
+    reference = tmp_path / "reference"
+    assert run_main(long_run_args(many_pairs, reference, tiny_config, method)) == 0
+
+    interrupted = tmp_path / "interrupted"
+    argv = long_run_args(many_pairs, interrupted, tiny_config, method) + ["--overwrite"]
+    stderr = interrupt_run(argv, interrupted, sig, driver, tmp_path)
+    assert f"stopped by {sig.name}" in stderr
+    stopped_at = max(checkpoint_steps(interrupted))
+    assert 1 <= stopped_at < 48 and not (interrupted / "model.safetensors").exists()
+    if driver:
+        assert stopped_at == PAUSE_AT
+
+    # the printed command, as printed (--overwrite dropped: it would delete the run being resumed)
+    resume_args = printed_resume_command(stderr)
+    assert "--overwrite" not in resume_args
+    assert run_main(resume_args) == 0
+
+    assert_same_weights(reference, interrupted)
+    assert losses(interrupted) == losses(reference)
+    assert len(losses(reference)) == 48 + 3  # a row per step and a validation row per epoch
+
+
+def test_checkpoints_every_n_steps_and_epoch_end_keeping_the_last(pairs_dir, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    # 16 pairs, batch 4: 4 steps per epoch, 2 epochs; --save-every 3 saves at 3 and 6, epoch ends at 4 and 8
+    argv = tiny_refine_args(pairs_dir, out, tiny_config, "--batch-size", "4", "--epochs", "2", "--save-every", "3",
+                            "--keep-checkpoints", "3")
+    assert run_main(argv) == 0
+    assert checkpoint_steps(out) == [4, 6, 8]  # step 3 was saved, then pruned to the last 3
+    assert not [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("step-")]  # no temp files
+    state = torch.load(out / "checkpoints" / "step-00000006.pt", weights_only=True)
+    assert state["position"] == {"step": 6, "epoch": 1, "batch": 2, "nan_skipped": 0}
+    assert {"model", "optimizer", "scheduler", "rng", "methods"} <= set(state)
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(pairs_dir, tiny_config, tmp_path, capsys):
+    reference, damaged = tmp_path / "reference", tmp_path / "damaged"
+    args = ("--batch-size", "4", "--epochs", "2", "--save-every", "3", "--log-every", "1")
+    assert run_main(tiny_refine_args(pairs_dir, reference, tiny_config, *args)) == 0
+    # the same run stopped after step 6, as if it had been killed there
+    assert run_main(tiny_refine_args(pairs_dir, damaged, tiny_config, *args, "--max-steps", "6")) == 0
+    newest = damaged / "checkpoints" / "step-00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn write, e.g. power loss
+    (damaged / "model.safetensors").unlink()
+    capsys.readouterr()
+
+    assert run_main(tiny_refine_args(pairs_dir, damaged, tiny_config, *args, "--resume")) == 0
+    assert "step-00000006.pt: damaged checkpoint" in capsys.readouterr().err
+    assert_same_weights(reference, damaged)
+    assert losses(damaged) == losses(reference)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_config) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("finished")
+    pairs, out = write_pairs(root / "pairs"), root / "run"
+    assert run_main(tiny_refine_args(pairs, out, tiny_config, "--max-steps", "1")) == 0
+    return pairs, out
+
+
+@pytest.mark.parametrize("change", [("--lr", "1e-3"), ("--batch-size", "4"), ("--seed", "1"), ("--epochs", "2")])
+def test_resume_with_settings_that_change_the_result_is_refused(change, finished_run, tiny_config, capsys):
+    pairs, out = finished_run
+    code = run_main(tiny_refine_args(pairs, out, tiny_config, *change, "--resume"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("clipfit: error: --resume refused") and change[0].lstrip("-").replace("-", "_") in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_resume_refuses_changed_pairs(finished_run, tiny_config, capsys):
+    pairs, out = finished_run
+    caption = pairs / "img000.txt"
+    original = caption.read_text()
+    caption.write_text("a different caption")
+    try:
+        code = run_main(tiny_refine_args(pairs, out, tiny_config, "--resume"))
+    finally:
+        caption.write_text(original)
+    assert code == 2 and "pairs in" in capsys.readouterr().err
+
+
+def test_resume_with_result_neutral_changes_is_accepted(pairs_dir, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "1", "--save-every", "1")) == 0
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--resume", "--log-every", "5",
+                                     "--keep-checkpoints", "1")) == 0
+    assert checkpoint_steps(out) == [2]
+
+
+def test_resume_without_a_run_is_a_usage_error(pairs_dir, tiny_config, tmp_path, capsys):
+    assert run_main(tiny_refine_args(pairs_dir, tmp_path / "none", tiny_config, "--resume")) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+if __name__ == "__main__":  # the subprocess driver: clipfit's CLI with the test method registered
+    register_test_method()
+    main(sys.argv[1:])
