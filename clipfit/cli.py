@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except ClipfitError as e:
-        if STATE["debug"]:
-            raise
+        if STATE["debug"]:  # the traceback, but the documented exit status all the same
+            traceback.print_exc()
         print(f"clipfit: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
