@@ -293,6 +293,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     run_info.update({
         "after": after, "eval_split": eval_name, "wall_seconds": time.time() - started,
         "train_seconds": train_seconds, "steps": trainer.position.step, "peak_memory": peak_memory(device),
+        "nan_skipped_steps": trainer.position.nan_skipped,
         "teacher_forward_passes": teacher.forward_passes if teacher else 0,
         "methods": {m.name: m.report() for m in composite.methods},
     })

@@ -141,6 +141,7 @@ class Trainer:
     def save(self) -> Path | None:
         if not self.is_main:
             return None
+        self.check_finite_weights()  # a checkpoint of NaN weights would replace a good one
         try:
             return save_checkpoint(self.run_dir, self.position.step, self.state(), self.settings.keep_checkpoints)
         except OutputError as e:
@@ -295,11 +296,22 @@ class Trainer:
         if s.nan_policy == "skip" and self.position.nan_skipped <= s.nan_limit:
             self.progress.warn(f"non-finite loss at {where}: step skipped ({self.position.nan_skipped}/{s.nan_limit})")
             return
-        reason = "too many skipped steps" if s.nan_policy == "skip" else "non-finite loss"
+        if s.nan_policy == "skip":
+            raise self.training_failed(f"too many skipped steps ({s.nan_limit}, --nan-limit) at {where}")
+        raise self.training_failed(f"non-finite loss at {where}", "or --nan-policy skip")
+
+    def check_finite_weights(self) -> None:
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise self.training_failed(f"non-finite weights after step {self.position.step} ({len(bad)} tensor(s), "
+                                       f"e.g. {bad[0]}): a gradient was NaN or infinite")
+
+    def training_failed(self, what: str, also: str = "") -> TrainingError:
+        """Where it broke, what was kept, and what to change."""
         kept = (f"the last good checkpoint is kept in {self.run_dir / CHECKPOINT_DIR}" if checkpoint_paths(self.run_dir)
                 else "no checkpoint was written yet")
-        raise TrainingError(f"{reason} at {where}; {kept}. Try a lower --lr, --precision fp32, --grad-clip 1.0, "
-                            "or --nan-policy skip")
+        return TrainingError(f"{what}; {kept}. Start again (new --out, or --overwrite) with a lower --lr, "
+                             f"--precision fp32 or --grad-clip 1.0{' ' + also if also else ''}")
 
     def interrupt(self) -> None:
         self.save()
