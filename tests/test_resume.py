@@ -141,8 +141,8 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("method, sig, driver", [
-    ("contrastive", signal.SIGINT, False),
-    ("teacher-noise", signal.SIGTERM, True),
+    pytest.param("contrastive", signal.SIGINT, False, id="contrastive-SIGINT"),
+    pytest.param("teacher-noise", signal.SIGTERM, True, id="teacher-and-random-draws-SIGTERM"),
 ])
 def test_interrupted_run_resumes_bitwise_identical(method, sig, driver, many_pairs, tiny_config, tmp_path):
     register_test_method()
@@ -166,6 +166,19 @@ def test_interrupted_run_resumes_bitwise_identical(method, sig, driver, many_pai
     assert_same_weights(reference, interrupted)
     assert losses(interrupted) == losses(reference)
     assert len(losses(reference)) == 48 + 3  # a row per step and a validation row per epoch
+
+
+def test_signal_to_the_whole_process_group_spares_dataloader_workers(many_pairs, tiny_config, tmp_path):
+    """docker stop, Slurm and a terminal's Ctrl-C signal every process of the job, workers included."""
+    out = tmp_path / "run"
+    argv = long_run_args(many_pairs, out, tiny_config, "contrastive") + ["--workers", "2"]
+    process = subprocess.Popen([sys.executable, "-m", "clipfit", *map(str, argv)], env=cli_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for(lambda: len(read_jsonl(out / "metrics.jsonl")) >= 2, process, "the second metrics line")
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and checkpoint_steps(out)
 
 
 def test_checkpoints_every_n_steps_and_epoch_end_keeping_the_last(pairs_dir, tiny_config, tmp_path):
