@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         STATE["debug"] = True
     command = typer.main.get_command(app)
     try:
-        command.main(args, prog_name="clipfit", standalone_mode=False)
+        code = command.main(args, prog_name="clipfit", standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except ClipfitError as e:
@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"clipfit: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(EXIT_INTERNAL)
-    sys.exit(0)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a *returned* 130 outside standalone mode
+        print("clipfit: interrupted", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main", "EXIT_USAGE"]

@@ -86,7 +86,8 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes the current step, checkpoints and stops."""
+    """Set by SIGINT/SIGTERM; the loop finishes the current step, checkpoints and stops.
+    A second signal stops at once, without a new checkpoint."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -97,6 +98,8 @@ class StopFlag:
     @contextmanager
     def installed(self):
         def handler(signum, _frame):
+            if self.signal is not None:  # asked twice: stop now; atomic writes keep the last checkpoint whole
+                raise KeyboardInterrupt
             self.signal = signum
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

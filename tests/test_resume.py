@@ -181,6 +181,33 @@ def test_signal_to_the_whole_process_group_spares_dataloader_workers(many_pairs,
     assert "stopped by SIGTERM" in stderr and checkpoint_steps(out)
 
 
+def test_second_signal_stops_at_once_keeping_the_last_checkpoint(many_pairs, tiny_config, tmp_path):
+    register_test_method()
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    env = {**cli_env(), PAUSE_FILE: str(marker)}
+    process = start(long_run_args(many_pairs, out, tiny_config, "teacher-noise"), env, driver=True)
+    wait_for(marker.exists, process, f"step {PAUSE_AT}")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # two separate key presses
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "clipfit: interrupted" in stderr
+    assert checkpoint_steps(out) == [5]  # the periodic one; step 7 was abandoned, not half-written
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000005.pt"]
+
+
+def test_ctrl_c_before_training_exits_130(pairs_dir, tiny_config, tmp_path, capsys, monkeypatch):
+    from clipfit import models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "load_model", interrupted)  # Ctrl-C while the model loads
+    assert run_main(tiny_refine_args(pairs_dir, tmp_path / "run", tiny_config)) == 130
+    assert "clipfit: interrupted" in capsys.readouterr().err
+
+
 def test_checkpoints_every_n_steps_and_epoch_end_keeping_the_last(pairs_dir, tiny_config, tmp_path):
     out = tmp_path / "run"
     # 16 pairs, batch 4: 4 steps per epoch, 2 epochs; --save-every 3 saves at 3 and 6, epoch ends at 4 and 8
