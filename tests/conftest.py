@@ -74,3 +74,20 @@ def tiny_refine_args(pairs: Path, out: Path, config: Path, *extra: str) -> list[
     """A refine command line that finishes in seconds on a tiny model."""
     return ["refine", str(pairs), "--model", str(config), "--pretrained", "none", "--out", str(out),
             "--batch-size", "8", "--workers", "0", "--quiet", *extra]
+
+
+def run_main(argv: list) -> int:
+    """Run clipfit in this process (no import cost) and return its exit status."""
+    from clipfit.cli import main
+
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints in a run folder, oldest first."""
+    folder = run_dir / "checkpoints"
+    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.pt")) if folder.is_dir() else []

@@ -17,19 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_refine_args, write_pairs
-from clipfit.cli import main
+from conftest import run_main, tiny_refine_args, write_pairs
 from clipfit.data.images import open_rgb
 from clipfit.data.layouts import load_pairs
 from clipfit.errors import UsageError
-
-
-def run_main(argv: list) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def caption(root: Path, stem: str, text: str = "a caption") -> None:

@@ -12,18 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_refine_args
-from clipfit.cli import main
+from conftest import checkpoint_steps, run_main, tiny_refine_args
 from clipfit.losses import clip_loss
 from clipfit.methods.contrastive import Contrastive
-
-
-def run_main(argv: list) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def one_error_line(capsys) -> str:
@@ -31,11 +22,6 @@ def one_error_line(capsys) -> str:
     assert lines and lines[-1].startswith("clipfit: error: "), lines
     assert not any("Traceback" in line for line in lines)
     return lines[-1]
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    folder = run_dir / "checkpoints"
-    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.pt")) if folder.is_dir() else []
 
 
 def nothing_trained(run_dir: Path) -> bool:

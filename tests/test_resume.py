@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, tiny_refine_args, write_pairs
+from conftest import checkpoint_steps, cli_env, run_main, tiny_refine_args, write_pairs
 from clipfit.cli import main
 from clipfit.io import read_jsonl
 from clipfit.losses import clip_loss
@@ -59,14 +59,6 @@ def pause_if_asked(step: int) -> None:
 
 def register_test_method() -> None:
     REGISTRY["teacher-noise"] = (f"{__name__}:TeacherNoise", TeacherNoise.summary)
-
-
-def run_main(argv: list[str]) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +126,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert left.keys() == right.keys()
     different = [k for k in left if not torch.equal(left[k], right[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
 
 
 @pytest.mark.parametrize("method, sig, driver", [

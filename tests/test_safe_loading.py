@@ -11,20 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_refine_args
+from conftest import run_main, tiny_refine_args
 from clipfit import models
 from clipfit.checkpoint import load_latest, save_checkpoint
-from clipfit.cli import main
 from clipfit.config import load_toml
 from clipfit.errors import ModelError, UsageError
-
-
-def run_main(argv: list) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def last_error_line(capsys) -> str:
