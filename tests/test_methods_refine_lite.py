@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clipfit import run as run_module
 from clipfit import teacher as teacher_module
@@ -63,6 +65,45 @@ def test_learned_critic_starts_at_one_over_0_07_and_restores_in_place():
     other_param = other.parameters()[0]
     other.load_state_dict(method.state_dict())
     assert other.parameters()[0] is other_param and other_param.item() == 1.25
+
+
+def prepared_lite_with_prior(dim=8):
+    method = Lite(config(lite_prior_weight=0.1))
+    ctx = SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": dim}), model=None, pairs=[0, 1, 2],
+                          device=torch.device("cpu"))
+    method.prepare(ctx)
+    return method
+
+
+def lite_step(seed):
+    image_raw, text_raw = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    return SimpleNamespace(image_raw=image_raw, text_raw=text_raw, image=F.normalize(image_raw, dim=-1),
+                           text=F.normalize(text_raw, dim=-1), logit_scale=torch.tensor(10.0),
+                           generator=torch.Generator().manual_seed(seed))
+
+
+def test_lite_prior_trains_two_discriminators_and_the_features_reproducibly():
+    method = prepared_lite_with_prior()
+    assert set(method.prior) == {"image", "text"} and len(method.parameters()) == 12
+    step = lite_step(5)
+    parts = method.losses(step, {"lite", "lite_prior"})
+    parts["lite_prior"].backward()
+    assert all(p.grad is not None for p in method.parameters())
+    assert step.image_raw.grad is not None and step.text_raw.grad is not None
+    again = method.losses(SimpleNamespace(**{**vars(step), "generator": torch.Generator().manual_seed(5)}),
+                          {"lite_prior"})
+    assert again["lite_prior"].item() == parts["lite_prior"].item()
+
+
+def test_lite_prior_state_restores_in_place():
+    trained, fresh = prepared_lite_with_prior(), prepared_lite_with_prior()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    kept = fresh.parameters()
+    fresh.load_state_dict(trained.state_dict())
+    assert all(a is b for a, b in zip(fresh.parameters(), kept))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), trained.parameters()))
 
 
 def test_lite_with_model_logit_scale_has_no_parameters():

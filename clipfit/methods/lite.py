@@ -22,6 +22,11 @@ def prior_discriminator(dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, 1000), nn.ReLU(), nn.Linear(1000, 200), nn.ReLU(), nn.Linear(200, 1))
 
 
+def prior_term(discriminator: nn.Module, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    uniform = torch.rand(features.shape, generator=generator).to(features.device)
+    return prior_matching_loss(discriminator(uniform), discriminator(features))
+
+
 def embedding_dim(ctx) -> int:
     from clipfit.models import base_model
 
@@ -56,7 +61,10 @@ class Lite(Method):
         if self.prior_wanted():
             with torch.random.fork_rng(devices=[]):  # seeded init without moving the global RNG
                 torch.manual_seed(self.config.seed)
-                self.prior = prior_discriminator(embedding_dim(ctx)).to(ctx.device)
+                dim = embedding_dim(ctx)
+                # The authors' configuration matches both modalities to the prior, each with its own discriminator.
+                self.prior = nn.ModuleDict({"image": prior_discriminator(dim), "text": prior_discriminator(dim)})
+                self.prior.to(ctx.device)
 
     def parameters(self):
         own = [self.log_scale] if self.log_scale is not None else []
@@ -71,9 +79,9 @@ class Lite(Method):
             parts["lite"] = lite_loss(step.image, step.text, self.critic_scale(step),
                                       negatives=self.config.lite_negatives, generator=step.generator)
         if "lite_prior" in wanted:
-            # As in the authors' code: image features only, the raw (unnormalised) embedding.
-            uniform = torch.rand(step.image_raw.shape, generator=step.generator).to(step.image_raw.device)
-            parts["lite_prior"] = prior_matching_loss(self.prior(uniform), self.prior(step.image_raw))
+            # On the raw (unnormalised) embeddings, as the authors feed the encoders' outputs.
+            parts["lite_prior"] = (prior_term(self.prior["image"], step.image_raw, step.generator)
+                                   + prior_term(self.prior["text"], step.text_raw, step.generator))
         return parts
 
     def state_dict(self):
@@ -96,5 +104,5 @@ class Lite(Method):
         if self.log_scale is not None:
             facts["learned_critic_scale"] = float(self.log_scale.exp())
         if self.prior is not None:
-            facts["prior_discriminator_parameters"] = sum(p.numel() for p in self.prior.parameters())
+            facts["prior_discriminators_parameters"] = sum(p.numel() for p in self.prior.parameters())
         return facts
