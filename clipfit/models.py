@@ -163,20 +163,17 @@ def load_pretrained_tag(arch: str, tag: str):
         raise UsageError(f"unknown pretrained tag {tag!r} for {arch} ({hint}), and no file of that name exists")
     try:
         return create(arch, pretrained=tag)
-    except Exception as e:
-        raise ModelError(f"could not fetch {arch}/{tag} weights (no network? {first_line(e)}); {OFFLINE_HINT}") from None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    except Exception:
+        raise ModelError(f"could not download the {arch}/{tag} weights (no network, or the hub is unreachable; "
+                         f"--debug shows why); {OFFLINE_HINT}") from None
 
 
 def load_hub(spec: str):
     try:
         return create(spec)
-    except Exception as e:
-        raise ModelError(f"could not load {spec} from the Hugging Face hub (no network? {first_line(e)}); {OFFLINE_HINT}") from None
+    except Exception:
+        raise ModelError(f"could not load {spec} from the Hugging Face hub (no network, or no such repository; "
+                         f"--debug shows why); {OFFLINE_HINT}") from None
 
 
 def is_run_dir(path: Path) -> bool:
