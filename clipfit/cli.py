@@ -92,20 +92,20 @@ def refine_command(**values: Any) -> None:
     config = build_config(values, explicit_parameters(values.pop("ctx")), toml)
     progress = make_progress(config.quiet or config.json)
     info = refine(str(pairs), config, STATE.get("argv", sys.argv[1:]), progress)
-    print_refine_summary(info, config.json)
+    print_refine_summary(info, config.json, config.quiet)
 
 
 refine_command.__signature__ = inspect.Signature(refine_parameters())
 app.command("refine", no_args_is_help=True)(refine_command)
 
 
-def print_refine_summary(info: dict, as_json: bool) -> None:
+def print_refine_summary(info: dict, as_json: bool, quiet: bool) -> None:
     if as_json:
         print_json({k: info.get(k) for k in ("run_dir", "before", "after", "steps", "wall_seconds", "eval_split",
                                               "gate", "zeroshot")})
         return
     before, after = info.get("before", {}), info.get("after", {})
-    for name in after:
+    for name in [] if quiet else after:
         typer.echo(f"{name:>20}: {before.get(name, float('nan')):.4f} -> {after[name]:.4f}")
     typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
 
@@ -190,6 +190,20 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print as 
 
 # --- entry point --------------------------------------------------------------------------
 
+def configure_logging(debug: bool) -> None:
+    """clipfit's own warnings always show; libraries' log lines only with --debug."""
+    import logging
+
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    ours = logging.getLogger("clipfit")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
 def is_usage_error(error: Exception) -> bool:
     return callable(getattr(error, "show", None)) and isinstance(getattr(error, "exit_code", None), int)
 
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in args:  # accepted anywhere, not only before the command
         args = ["--debug"] + [a for a in args if a != "--debug"]
         STATE["debug"] = True
+    configure_logging(STATE["debug"])
     command = typer.main.get_command(app)
     try:
         code = command.main(args, prog_name="clipfit", standalone_mode=False)

@@ -163,20 +163,17 @@ def load_pretrained_tag(arch: str, tag: str):
         raise UsageError(f"unknown pretrained tag {tag!r} for {arch} ({hint}), and no file of that name exists")
     try:
         return create(arch, pretrained=tag)
-    except Exception as e:
-        raise ModelError(f"could not fetch {arch}/{tag} weights (no network? {first_line(e)}); {OFFLINE_HINT}") from None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    except Exception:
+        raise ModelError(f"could not download the {arch}/{tag} weights (no network, or the hub is unreachable; "
+                         f"--debug shows why); {OFFLINE_HINT}") from None
 
 
 def load_hub(spec: str):
     try:
         return create(spec)
-    except Exception as e:
-        raise ModelError(f"could not load {spec} from the Hugging Face hub (no network? {first_line(e)}); {OFFLINE_HINT}") from None
+    except Exception:
+        raise ModelError(f"could not load {spec} from the Hugging Face hub (no network, or no such repository; "
+                         f"--debug shows why); {OFFLINE_HINT}") from None
 
 
 def is_run_dir(path: Path) -> bool:
@@ -268,7 +265,12 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain open_clip model with LoRA deltas folded in; the trained wrapper is left intact."""
+    """A plain open_clip model with LoRA deltas folded in; the trained wrapper is left intact.
+
+    peft 0.21 adds an nn.MultiheadAttention adapter's out_proj delta twice, but in the training
+    forward as well as here, so the merged model is the trained one and needs no correction
+    (tests/test_lora_merge.py; peft PR #3774).
+    """
     import copy
 
     if not hasattr(model, "merge_and_unload"):
