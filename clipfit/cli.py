@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import sys
 import traceback
 import typing
@@ -190,6 +191,19 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print as 
 
 # --- entry point --------------------------------------------------------------------------
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is now: in-process callers (tests) replace it between runs,
+    and a handler holding the old, closed stream would fail."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(debug: bool) -> None:
     """clipfit's own warnings always show; libraries' log lines only with --debug."""
     import logging
@@ -197,7 +211,7 @@ def configure_logging(debug: bool) -> None:
     logging.getLogger().setLevel(logging.DEBUG if debug else logging.CRITICAL)
     ours = logging.getLogger("clipfit")
     if not ours.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         ours.addHandler(handler)
     ours.setLevel(logging.INFO)

@@ -20,7 +20,7 @@ from clipfit.methods.contrastive import Contrastive
 def one_error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and lines[-1].startswith("clipfit: error: "), lines
-    assert not any("Traceback" in line for line in lines)
+    assert not any("Traceback" in line for line in lines), lines
     return lines[-1]
 
 

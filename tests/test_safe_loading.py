@@ -174,4 +174,4 @@ def test_pretrained_tag_fails_offline_with_one_line(offline, pairs_dir, tmp_path
                      "--workers", "0", "--quiet"])
     line = last_error_line(capsys)
     assert code == 4, line
-    assert offline and "could not fetch RN50/openai weights" in line
+    assert offline and "RN50/openai weights" in line and "--pretrained none" in line
