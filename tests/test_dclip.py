@@ -14,8 +14,8 @@ from torch import nn
 from clipfit import models
 from clipfit.data.tokens import count_tokens
 from clipfit.dclip.embed import encode_tokens, token_states
-from clipfit.dclip.teacher import (CrossModalTeacher, RegionTokenBank, TeacherTraining, attention_pool, load_teacher,
-                                   save_teacher, teacher_heads, train_teacher)
+from clipfit.dclip.teacher import (CrossModalTeacher, RegionTokenBank, TeacherTraining, attention_pool,
+                                   check_teacher_dim, load_teacher, save_teacher, teacher_heads, train_teacher)
 from clipfit.errors import ModelError, UsageError
 from clipfit.io import read_jsonl
 from clipfit.losses import dclip_loss, dclip_loss_parts
@@ -101,16 +101,22 @@ def test_teacher_reload_gives_identical_outputs(tmp_path):
             p.add_(0.1 * torch.randn_like(p))  # not the fresh-init values a reload could fall back to
     path = tmp_path / "teacher.safetensors"
     save_teacher(teacher, path, TeacherTraining(2, 1e-5, 8, 0, loss_per_epoch=[2.5, 2.25]))
-    loaded, metadata = load_teacher(path, 32)
+    loaded, metadata = load_teacher(path)
     inputs = random_inputs(seed=3)
     with torch.no_grad():
         assert torch.equal(loaded(*inputs), teacher(*inputs))
     assert json.loads(metadata["loss_per_epoch"]) == [2.5, 2.25]
     with pytest.raises(UsageError, match="32-d embeddings, this model's are 64-d"):
-        load_teacher(path, 64)
+        check_teacher_dim(loaded, 64, path)
+    with pytest.raises(UsageError, match="--dclip-teacher .*missing.safetensors: file not found"):
+        load_teacher(tmp_path / "missing.safetensors")
     models.save_state_dict({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ModelError, match="not a clipfit DCLIP teacher"):
-        load_teacher(tmp_path / "other.safetensors", 32)
+        load_teacher(tmp_path / "other.safetensors")
+
+
+def unit_rows(n, dim, generator):
+    return F.normalize(torch.randn(n, dim, generator=generator), dim=-1)
 
 
 def toy_bank(pairs=8, dim=16, seed=0):
@@ -119,9 +125,9 @@ def toy_bank(pairs=8, dim=16, seed=0):
     caption_counts = torch.tensor([1 + i % 2 for i in range(pairs)])
     token_counts = torch.tensor([2 + j % 4 for j in range(int(caption_counts.sum()))])
     return RegionTokenBank(
-        regions=F.normalize(torch.randn(int(region_counts.sum()), dim, generator=g), dim=-1), region_counts=region_counts,
-        tokens=F.normalize(torch.randn(int(token_counts.sum()), dim, generator=g), dim=-1), token_counts=token_counts,
-        sentences=F.normalize(torch.randn(len(token_counts), dim, generator=g), dim=-1), caption_counts=caption_counts)
+        regions=unit_rows(int(region_counts.sum()), dim, g), region_counts=region_counts,
+        tokens=unit_rows(int(token_counts.sum()), dim, g), token_counts=token_counts,
+        sentences=unit_rows(len(token_counts), dim, g), caption_counts=caption_counts)
 
 
 def test_bank_cuts_the_flat_tables_into_each_pairs_segments():
@@ -141,7 +147,8 @@ def test_teacher_training_lowers_the_infonce_and_changes_only_the_teacher():
     before = bank.tokens.clone()
     torch.manual_seed(0)
     teacher = CrossModalTeacher(16)
-    plan = train_teacher(teacher, bank, TeacherTraining(epochs=30, lr=1e-2, batch_size=8, seed=0), "cpu", lambda _: None)
+    plan = TeacherTraining(epochs=30, lr=1e-2, batch_size=8, seed=0)
+    train_teacher(teacher, bank, plan, "cpu", lambda _: None)
     assert len(plan.loss_per_epoch) == 30
     assert plan.loss_per_epoch[-1] < plan.loss_per_epoch[0] - 0.1
     assert torch.equal(bank.tokens, before)

@@ -175,8 +175,8 @@ def save_teacher(teacher: CrossModalTeacher, path: Path, plan: TeacherTraining) 
     })
 
 
-def load_teacher(path: str | Path, dim: int) -> tuple[CrossModalTeacher, dict]:
-    """A saved teacher and its metadata; it must fit this model's embedding size."""
+def load_teacher(path: str | Path) -> tuple[CrossModalTeacher, dict]:
+    """A saved teacher (eval mode) and its metadata."""
     from safetensors import safe_open
 
     from clipfit.models import read_state_dict
@@ -189,12 +189,15 @@ def load_teacher(path: str | Path, dim: int) -> tuple[CrossModalTeacher, dict]:
         metadata = f.metadata() or {}
     if metadata.get("clipfit") != "dclip-teacher":
         raise ModelError(f"{path}: not a clipfit DCLIP teacher (no dclip-teacher metadata)")
-    if int(metadata["dim"]) != dim:
-        raise UsageError(f"--dclip-teacher {path}: the teacher works on {metadata['dim']}-d embeddings, "
-                         f"this model's are {dim}-d")
-    teacher = CrossModalTeacher(dim, float(metadata["pool_temperature"]))
+    teacher = CrossModalTeacher(int(metadata["dim"]), float(metadata["pool_temperature"]))
     try:
         teacher.load_state_dict(state)
     except RuntimeError as e:
         raise ModelError(f"{path}: teacher weights do not fit ({str(e).splitlines()[0][:160]})") from None
     return teacher.eval(), metadata
+
+
+def check_teacher_dim(teacher: CrossModalTeacher, dim: int, path: Path) -> None:
+    if teacher.dim != dim:
+        raise UsageError(f"--dclip-teacher {path}: the teacher works on {teacher.dim}-d embeddings, "
+                         f"this model's are {dim}-d")

@@ -42,30 +42,37 @@ class DCLIP(Method):
     def prepare(self, ctx) -> None:
         from clipfit.dclip.embed import cached_inputs
         from clipfit.dclip.regions import Regions
-        from clipfit.dclip.teacher import RegionTokenBank, teacher_image_embeddings
+        from clipfit.dclip.teacher import RegionTokenBank, TEACHER_FILE, load_teacher, teacher_image_embeddings
 
         regions = Regions.from_config(self.config)
         unused = regions.unused_names([p.key for p in ctx.pairs])
         if unused:
             ctx.log(f"dclip: {len(unused)} name(s) in {regions.boxes_file} match no training pair, e.g. {unused[0]}")
+        source = self.saved_teacher(ctx.run_dir / TEACHER_FILE)
+        saved = load_teacher(source) if source else None  # before encoding: a bad path fails fast
         inputs = {name: t.float() if t.is_floating_point() else t for name, t in cached_inputs(ctx, regions).items()}
         bank = RegionTokenBank(caption_counts=torch.tensor([len(p.captions) for p in ctx.pairs]), **inputs)
-        teacher = self.obtain_teacher(ctx, bank).to(ctx.device)
+        if saved:
+            teacher = self.reuse_teacher(ctx, source, *saved, bank.regions.shape[1])
+        else:
+            teacher = self.train_new_teacher(ctx, bank, bank.regions.shape[1], ctx.run_dir / TEACHER_FILE)
+        teacher = teacher.to(ctx.device)
         self.targets = teacher_image_embeddings(teacher, bank, ctx.device, self.config.batch_size).to(ctx.device)
         self.caption_starts = bank.caption_starts.to(ctx.device)
         self.facts.update({"regions": self.describe_regions(bank), "tokens per caption (mean)":
                            float(bank.token_counts.float().mean())})
 
-    def obtain_teacher(self, ctx, bank):
-        """Stage 1, or a saved teacher: --dclip-teacher, or this run's own when resuming."""
-        from clipfit.dclip.teacher import TEACHER_FILE, load_teacher
+    def saved_teacher(self, own: Path) -> Path | None:
+        """--dclip-teacher, or this run's own teacher when resuming; None means stage 1 runs."""
+        if self.config.dclip_teacher:
+            return Path(self.config.dclip_teacher)
+        return own if self.config.resume and own.is_file() else None
 
-        c, own = self.config, ctx.run_dir / TEACHER_FILE
-        source = Path(c.dclip_teacher) if c.dclip_teacher else (own if c.resume and own.is_file() else None)
-        dim = bank.regions.shape[1]
-        if source is None:
-            return self.train_new_teacher(ctx, bank, dim, own)
-        teacher, metadata = load_teacher(source, dim)
+    def reuse_teacher(self, ctx, source: Path, teacher, metadata: dict, dim: int):
+        from clipfit.dclip.teacher import TEACHER_FILE, check_teacher_dim
+
+        check_teacher_dim(teacher, dim, source)
+        own = ctx.run_dir / TEACHER_FILE
         if source.resolve() != own.resolve():
             shutil.copyfile(source, own)  # the run folder stays self-contained
         ctx.log(f"dclip: stage 1 skipped, teacher loaded from {source}")
