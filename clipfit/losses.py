@@ -133,3 +133,32 @@ def prior_matching_loss(prior_logits: Tensor, feature_logits: Tensor) -> Tensor:
     written with logits a for numerical stability (identical values).
     """
     return jsd_bound(prior_logits, feature_logits)
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean cosine distance of matched rows: L = (1/B) Σ_i (1 − cos(a_i, b_i)); inputs need not be normalised."""
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+def dclip_loss_parts(student_image: Tensor, student_text: Tensor, teacher_image: Tensor, frozen_text: Tensor,
+                     temperature: float = 0.05) -> dict[str, Tensor]:
+    """The three unweighted terms of DCLIP's student loss (Csizmadia et al., arXiv 2505.21549):
+
+    img = (1/B) Σ_i (1 − cos(s_img,i, t_img,i))     (towards the cross-modal teacher's image embedding)
+    txt = (1/B) Σ_i (1 − cos(s_txt,i, g_txt,i))     (stay near the frozen model's text embedding)
+    con = info_nce(s_img, s_txt, τ)                   (symmetric InfoNCE at a fixed temperature)
+
+    Inputs may be unnormalised; every term normalises.
+    """
+    return {
+        "img": cosine_distance(student_image, teacher_image),
+        "txt": cosine_distance(student_text, frozen_text),
+        "con": info_nce(student_image, student_text, temperature),
+    }
+
+
+def dclip_loss(student_image: Tensor, student_text: Tensor, teacher_image: Tensor, frozen_text: Tensor,
+               temperature: float = 0.05, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Tensor:
+    """DCLIP's student loss L = w_img·img + w_txt·txt + w_con·con, the terms of `dclip_loss_parts`."""
+    parts = dclip_loss_parts(student_image, student_text, teacher_image, frozen_text, temperature)
+    return sum(w * parts[name] for w, name in zip(weights, ("img", "txt", "con")))

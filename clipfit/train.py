@@ -196,7 +196,7 @@ class Trainer:
             images=images, texts=texts, indices=batch["index"], image_raw=image_raw, text_raw=text_raw,
             image=nn.functional.normalize(image_raw, dim=-1), text=nn.functional.normalize(text_raw, dim=-1),
             logit_scale=base_logit_scale(self.model).exp(), generator=generator, step=self.position.step,
-            teacher=teacher,
+            teacher=teacher, captions=batch["caption"],
         )
 
     def micro_step(self, batch: dict) -> dict[str, float]:

@@ -169,8 +169,9 @@ def collect_rows(root: Path, rows: list[tuple[str, object]], manifest: str) -> P
     return PairSet(root, "", pairs, problems, warnings)
 
 
-def read_jsonl_rows(path: Path, file_key: str, text_key: str) -> list[tuple[str, object]]:
-    rows = []
+def jsonl_objects(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line is a DataError naming file:line."""
+    objects = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
@@ -180,8 +181,12 @@ def read_jsonl_rows(path: Path, file_key: str, text_key: str) -> list[tuple[str,
             raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{line_no}: each line must be a JSON object")
-        rows.append((str(record.get(file_key, "") or ""), record.get(text_key)))
-    return rows
+        objects.append((line_no, record))
+    return objects
+
+
+def read_jsonl_rows(path: Path, file_key: str, text_key: str) -> list[tuple[str, object]]:
+    return [(str(record.get(file_key, "") or ""), record.get(text_key)) for _, record in jsonl_objects(path)]
 
 
 def read_csv_rows(path: Path, file_key: str, text_key: str) -> list[tuple[str, object]]:

@@ -36,6 +36,7 @@ class StepInputs:
     generator: torch.Generator
     step: int
     teacher: Callable[[], tuple[Tensor, Tensor]]
+    captions: Tensor | None = None  # which of each image's captions this row trains on
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""DCLIP, Distill CLIP (Csizmadia et al., arXiv 2505.21549): a cross-modal teacher, then distillation.
+
+Stage 1 (in `prepare`) trains a one-layer region/token cross-attention teacher on the user's
+pairs, or loads one with --dclip-teacher, and computes its image embedding t_img for every
+caption. Stage 2 is the training loop: the student's image embedding is pulled towards t_img,
+its text embedding kept near the frozen model's, plus InfoNCE at τ = 0.05. See docs/methods.md.
+
+Regions are cropped from the original image and never augmented, so t_img is computed once
+even with --augment: the student then sees augmented views and is pulled towards the same t_img.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from clipfit.losses import dclip_loss_parts
+from clipfit.methods.base import Method
+
+STUDENT_TEMPERATURE = 0.05
+
+
+def describe_curve(losses: list[float]) -> str:
+    return ", ".join(f"{epoch}: {loss:.4f}" for epoch, loss in enumerate(losses, start=1)) or "no epochs"
+
+
+class DCLIP(Method):
+    name = "dclip"
+    summary = "Distill CLIP: a region/token cross-attention teacher trained on your pairs, then distillation."
+    terms = {"dclip_img": 1.0, "dclip_txt": 1.0, "dclip_con": 1.0}
+    needs_teacher = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.targets: torch.Tensor | None = None  # t_img per caption row
+        self.caption_starts: torch.Tensor | None = None
+        self.facts: dict = {}
+
+    def prepare(self, ctx) -> None:
+        from clipfit.dclip.embed import cached_inputs
+        from clipfit.dclip.regions import Regions
+        from clipfit.dclip.teacher import RegionTokenBank, TEACHER_FILE, load_teacher, teacher_image_embeddings
+
+        regions = Regions.from_config(self.config)
+        unused = regions.unused_names([p.key for p in ctx.pairs])
+        if unused:
+            ctx.log(f"dclip: {len(unused)} name(s) in {regions.boxes_file} match no training pair, e.g. {unused[0]}")
+        source = self.saved_teacher(ctx.run_dir / TEACHER_FILE)
+        saved = load_teacher(source) if source else None  # before encoding: a bad path fails fast
+        inputs = {name: t.float() if t.is_floating_point() else t for name, t in cached_inputs(ctx, regions).items()}
+        bank = RegionTokenBank(caption_counts=torch.tensor([len(p.captions) for p in ctx.pairs]), **inputs)
+        if saved:
+            teacher = self.reuse_teacher(ctx, source, *saved, bank.regions.shape[1])
+        else:
+            teacher = self.train_new_teacher(ctx, bank, bank.regions.shape[1], ctx.run_dir / TEACHER_FILE)
+        teacher = teacher.to(ctx.device)
+        self.targets = teacher_image_embeddings(teacher, bank, ctx.device, self.config.batch_size).to(ctx.device)
+        self.caption_starts = bank.caption_starts.to(ctx.device)
+        self.facts.update({"regions": self.describe_regions(bank), "tokens per caption (mean)":
+                           float(bank.token_counts.float().mean())})
+
+    def saved_teacher(self, own: Path) -> Path | None:
+        """--dclip-teacher, or this run's own teacher when resuming; None means stage 1 runs."""
+        if self.config.dclip_teacher:
+            return Path(self.config.dclip_teacher)
+        return own if self.config.resume and own.is_file() else None
+
+    def reuse_teacher(self, ctx, source: Path, teacher, metadata: dict, dim: int):
+        from clipfit.dclip.teacher import TEACHER_FILE, check_teacher_dim
+
+        check_teacher_dim(teacher, dim, source)
+        own = ctx.run_dir / TEACHER_FILE
+        if source.resolve() != own.resolve():
+            shutil.copyfile(source, own)  # the run folder stays self-contained
+        ctx.log(f"dclip: stage 1 skipped, teacher loaded from {source}")
+        self.facts.update({"stage 1": f"skipped: teacher loaded from {source}",
+                           "teacher InfoNCE per epoch (when it was trained)":
+                           describe_curve(json.loads(metadata.get("loss_per_epoch", "[]")))})
+        return teacher
+
+    def train_new_teacher(self, ctx, bank, dim: int, path: Path):
+        from clipfit.dclip.teacher import CrossModalTeacher, TeacherTraining, save_teacher, train_teacher
+
+        c = self.config
+        with torch.random.fork_rng(devices=[]):  # the student's random stream stays as without DCLIP
+            torch.manual_seed(c.seed)
+            teacher = CrossModalTeacher(dim)
+        ctx.log(f"dclip stage 1: training the cross-modal teacher for {c.dclip_teacher_epochs} epoch(s)")
+        plan = TeacherTraining(c.dclip_teacher_epochs, c.dclip_teacher_lr, c.batch_size, c.seed)
+        train_teacher(teacher.to(ctx.device), bank, plan, ctx.device, ctx.log)
+        save_teacher(teacher, path, plan)
+        self.facts.update({"stage 1": f"teacher trained {plan.epochs} epoch(s), Adam lr {plan.lr:g}, saved to {path}",
+                           "stage 1 seconds": plan.seconds,
+                           "teacher InfoNCE per epoch": describe_curve(plan.loss_per_epoch)})
+        return teacher
+
+    def describe_regions(self, bank) -> str:
+        c = self.config
+        how = f"grid {c.dclip_grid}x{c.dclip_grid} + full + centre" if c.dclip_regions == "grid" else \
+            f"full + boxes from {c.dclip_boxes}"
+        return f"{how}, {float(bank.region_counts.float().mean()):.1f} per image"
+
+    def losses(self, step, wanted):
+        device = step.image_raw.device
+        rows = self.caption_starts[step.indices.to(device)] + step.captions.to(device)
+        _, frozen_text = step.teacher()
+        # Cosines and a τ = 0.05 softmax: keep them in float32 under bf16/fp16 autocast.
+        with torch.autocast(device.type, enabled=False):
+            parts = dclip_loss_parts(step.image_raw.float(), step.text_raw.float(), self.targets[rows],
+                                     frozen_text.float(), STUDENT_TEMPERATURE)
+        return {f"dclip_{name}": value for name, value in parts.items() if f"dclip_{name}" in wanted}
+
+    def report(self):
+        return dict(self.facts)
