@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate pairs folders.")
 app.add_typer(data_app, name="data")
+cache_app = typer.Typer(no_args_is_help=True, help="List or delete cached frozen-feature banks.")
+app.add_typer(cache_app, name="cache")
 
 STATE = {"debug": False}
 
@@ -187,6 +189,44 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print as 
         return
     for name, tags in listing.items():
         typer.echo(f"{name:<32} {', '.join(tags)}")
+
+
+# --- cache --------------------------------------------------------------------------------
+
+CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="Cache folder [default: the user cache dir, as refine uses].")
+
+
+def feature_cache(cache_dir: Optional[str]):
+    from clipfit.config import RefineConfig
+    from clipfit.features import FeatureCache
+    from clipfit.run import cache_dir as resolve_cache_dir
+
+    return FeatureCache(resolve_cache_dir(RefineConfig(cache_dir=cache_dir)))
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: Optional[str] = CACHE_DIR_OPTION,
+             as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List cached feature banks: kind, shapes, size, age."""
+    cache = feature_cache(cache_dir)
+    entries = cache.entries()
+    if as_json:
+        print_json({"cache_dir": str(cache.root), "entries": [e.to_json() for e in entries]})
+        return
+    for e in entries:
+        shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in e.shapes.items())
+        typer.echo(f"{e.kind:<18} {e.key}  {e.bytes / 2**20:8.2f} MiB  {e.created}  {shapes}")
+    typer.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+               f"{sum(e.bytes for e in entries) / 2**20:.2f} MiB in {cache.folder}")
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Optional[str] = CACHE_DIR_OPTION,
+                kind: Optional[str] = typer.Option(None, "--kind", help="Only entries of this kind (see `clipfit cache ls`).")) -> None:
+    """Delete cached feature banks (all, or one --kind); later runs re-encode what they need."""
+    cache = feature_cache(cache_dir)
+    files, size = cache.clear(kind)
+    typer.echo(f"removed {files} entr{'y' if files == 1 else 'ies'} ({size / 2**20:.2f} MiB) from {cache.folder}")
 
 
 # --- entry point --------------------------------------------------------------------------

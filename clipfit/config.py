@@ -84,7 +84,7 @@ class RefineConfig:
     ping_text_encoder: Optional[str] = opt(None, "ping: frozen text encoder (open_clip spec or local HF/sentence-transformers folder).", PANEL_METHOD)
     ping_k: int = opt(1, "ping: sample the neighbour from the top k.", PANEL_METHOD)
     ping_temperature: float = opt(0.07, "ping: InfoNCE temperature of the neighbour terms.", PANEL_METHOD)
-    ping_index: str = opt("auto", "ping: faiss index: flat (exact), ivf, or auto (ivf above 200k items).", PANEL_METHOD)
+    ping_index: str = opt("auto", "ping: faiss index: flat (exact), ivf, or auto (ivf above 100k items).", PANEL_METHOD)
     # method options: DCLIP
     dclip_regions: str = opt("grid", "dclip: regions: grid (full + grid + centre crop) or boxes (--dclip-boxes).", PANEL_METHOD)
     dclip_grid: int = opt(2, "dclip: grid size for --dclip-regions grid.", PANEL_METHOD)

@@ -135,6 +135,20 @@ def prior_matching_loss(prior_logits: Tensor, feature_logits: Tensor) -> Tensor:
     return jsd_bound(prior_logits, feature_logits)
 
 
+def ping_loss(image_projection: Tensor, text_projection: Tensor, image_target: Tensor, text_target: Tensor,
+              temperature: float) -> Tensor:
+    """One neighbour-guidance term of CLIP-PING (our reconstruction of Thwal et al. 2024).
+
+    With InfoNCE(a, b) the symmetric in-batch loss of `info_nce` at temperature τ:
+        L = ½ [ InfoNCE(image_projection, image_target) + InfoNCE(text_projection, text_target) ]
+    Row i of each target is the frozen-bank embedding of pair i's neighbour. The method calls it twice:
+        L_NN  = ping_loss(h_I(f_v), h_T(f_t), u_NN_I(i), w_NN_T(i), τ)   (intra-modal neighbours)
+        L_XNN = ping_loss(x_I(f_v), x_T(f_t), w_NN_T(i), u_NN_I(i), τ)   (cross-modal neighbours)
+    where f_v, f_t are the student's normalised embeddings, h_·, x_· learnable linear heads, u the
+    frozen image bank and w the frozen text bank. Targets are constants: no gradient reaches them.
+    """
+    return 0.5 * (info_nce(image_projection, image_target.detach(), temperature)
+                  + info_nce(text_projection, text_target.detach(), temperature))
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     """Mean cosine distance of matched rows: L = (1/B) Σ_i (1 − cos(a_i, b_i)); inputs need not be normalised."""
     return (1 - F.cosine_similarity(a, b, dim=-1)).mean()

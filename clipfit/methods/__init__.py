@@ -18,6 +18,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
                "CLIP-Refine: random feature alignment (RaFA) + hybrid contrastive distillation (HyCD)."),
     "lite": ("clipfit.methods.lite:Lite",
              "CLIP-Lite: Jensen-Shannon mutual-information bound with one negative per pair."),
+    "ping": ("clipfit.methods.ping:Ping",
+             "CLIP-PING: nearest neighbours from frozen encoders' cached feature banks as extra contrastive targets."),
     "dclip": ("clipfit.methods.dclip:DCLIP",
               "Distill CLIP: a region/token cross-attention teacher trained on your pairs, then distillation."),
 }

@@ -1,0 +1,212 @@
+"""CLIP-PING (Thwal et al. 2024), reconstructed: nearest neighbours in frozen encoders' feature
+spaces as extra contrastive targets.
+
+Before training every pair is encoded once by a frozen image encoder (bank U, N×d_I) and a
+frozen text encoder (bank W, N×d_T), cached on disk, and each item's nearest other items are
+found with faiss. A step then only looks targets up: learnable linear heads map the student's
+embeddings into the frozen spaces and `ping_loss` pulls them towards the neighbours' embeddings
+(intra-modal: NN, cross-modal: XNN). The formulation is ours; see docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from clipfit.errors import UsageError
+from clipfit.features import FeatureCache, captions_hash, cache_key, image_bank, images_hash, text_bank
+from clipfit.losses import clip_loss, ping_loss
+from clipfit.methods.base import Method
+from clipfit.neighbours import index_kind, nearest_neighbours
+
+HEADS_FILE = "ping_heads.safetensors"
+BANK_FORMAT = 1
+HEAD_NAMES = ("h_I", "h_T", "x_I", "x_T")
+
+
+class PingHeads(nn.Module):
+    """h_I: f_v→d_I, h_T: f_t→d_T (NN); x_I: f_v→d_T, x_T: f_t→d_I (XNN); linear, no bias."""
+
+    def __init__(self, student_dim: int, image_dim: int, text_dim: int, identity: dict[str, bool], seed: int):
+        super().__init__()
+        out_dims = {"h_I": image_dim, "h_T": text_dim, "x_I": text_dim, "x_T": image_dim}
+        generator = torch.Generator().manual_seed(seed)
+        for name in HEAD_NAMES:
+            head = nn.Linear(student_dim, out_dims[name], bias=False)
+            with torch.no_grad():
+                if identity[name] and out_dims[name] == student_dim:
+                    head.weight.copy_(torch.eye(student_dim))
+                else:  # nn.Linear's default scale, drawn from our own generator so the run's RNG is untouched
+                    bound = student_dim ** -0.5
+                    head.weight.copy_(torch.rand(head.weight.shape, generator=generator) * 2 * bound - bound)
+            self.add_module(name, head)
+
+
+class Ping(Method):
+    name = "ping"
+    summary = "CLIP-PING: nearest neighbours from frozen encoders' cached feature banks as extra contrastive targets."
+    terms = {"clip": 1.0, "nn": 0.5, "xnn": 0.5}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.heads: PingHeads | None = None
+        self.image_bank = self.text_bank = None
+        self.image_neighbours = self.text_neighbours = None
+        self.facts: dict = {}
+        self.term_seconds: list[float] = []
+        self.step_seconds: list[float] = []
+        self.last_call: float | None = None
+
+    # --- before training ------------------------------------------------------------------
+    def prepare(self, ctx) -> None:
+        from clipfit.encoders import image_encoder, text_encoder
+
+        n = len(ctx.pairs)
+        if self.config.ping_k >= n:
+            raise UsageError(f"--ping-k {self.config.ping_k} needs more than {self.config.ping_k} training pairs "
+                             f"(there are {n}): each pair's neighbours exclude the pair itself")
+        cache = FeatureCache(ctx.cache_dir, log=ctx.log)
+        encoders = {"image": image_encoder(self.config.ping_image_encoder, ctx),
+                    "text": text_encoder(self.config.ping_text_encoder, ctx)}
+        started = time.perf_counter()
+        keys = {tower: self.bank_key(tower, encoder, ctx.pairs) for tower, encoder in encoders.items()}
+        self.image_bank = cache.get_or_build(keys["image"], lambda: self.build_bank("image", encoders["image"], ctx))["bank"]
+        image_hit = cache.hits
+        self.text_bank = cache.get_or_build(keys["text"], lambda: self.build_bank("text", encoders["text"], ctx))["bank"]
+        bank_seconds = time.perf_counter() - started
+        self.find_neighbours(cache, keys, ctx.log)
+        self.heads = self.make_heads(ctx, encoders)
+        self.facts = {
+            "image_encoder": encoders["image"].label, "text_encoder": encoders["text"].label,
+            "bank_items": n, "image_dim": self.image_bank.shape[1], "text_dim": self.text_bank.shape[1],
+            "bank_cache_image": "hit" if image_hit else "built",
+            "bank_cache_text": "hit" if cache.hits > image_hit else "built",
+            "bank_build_seconds": round(bank_seconds, 3),
+            "bank_bytes_fp16": 2 * n * (self.image_bank.shape[1] + self.text_bank.shape[1]),
+            **self.facts,
+        }
+
+    def bank_key(self, tower: str, encoder, pairs) -> dict:
+        data = images_hash(pairs) if tower == "image" else captions_hash(pairs)
+        recipe = ("encoder's evaluation transform, no augmentation" if tower == "image"
+                  else "normalised mean of the normalised embeddings of every caption")
+        return {"kind": f"ping-{tower}", "format": BANK_FORMAT, "encoder": encoder.identity, "data": data,
+                "items": len(pairs), "preprocessing": recipe}
+
+    def build_bank(self, tower: str, encoder, ctx) -> dict:
+        ctx.log(f"ping: encoding the {tower} bank of {len(ctx.pairs)} pairs with the frozen {encoder.label}")
+        loaded = encoder.load()
+        batch, workers = self.config.batch_size, self.config.workers
+        if tower == "image":
+            bank = image_bank(ctx.pairs, loaded.encode, loaded.preprocess, batch, workers,
+                              self.config.max_image_pixels, ctx.log)
+        else:
+            bank = text_bank(ctx.pairs, loaded.encode, batch, ctx.log)
+        return {"bank": bank}
+
+    def find_neighbours(self, cache: FeatureCache, bank_keys: dict, log) -> None:
+        """Top-k neighbours in each bank, computed once (the banks are frozen) and cached with them."""
+        k, kind = self.config.ping_k, index_kind(self.image_bank.shape[0], self.config.ping_index)
+        key = {"kind": "ping-neighbours", "format": BANK_FORMAT, "k": k, "index": kind,
+               "image_bank": cache_key(bank_keys["image"]), "text_bank": cache_key(bank_keys["text"])}
+        started = time.perf_counter()
+
+        def search() -> dict:
+            log(f"ping: searching {k} neighbour(s) per item ({kind} index)")
+            return {"image": nearest_neighbours(self.image_bank, k, kind),
+                    "text": nearest_neighbours(self.text_bank, k, kind)}
+
+        found = cache.get_or_build(key, search)
+        self.image_neighbours, self.text_neighbours = found["image"].long(), found["text"].long()
+        self.facts = {"index": kind, "k": k, "neighbour_seconds": round(time.perf_counter() - started, 3)}
+
+    def make_heads(self, ctx, encoders) -> PingHeads:
+        with torch.no_grad():
+            probe = ctx.model.encode_text(ctx.loaded.tokenizer(["a"]).to(ctx.device), normalize=False)
+        identity = {"h_I": encoders["image"].is_starting_model, "h_T": encoders["text"].is_starting_model,
+                    "x_I": encoders["text"].is_starting_model, "x_T": encoders["image"].is_starting_model}
+        heads = PingHeads(probe.shape[-1], self.image_bank.shape[1], self.text_bank.shape[1], identity,
+                          self.config.seed)
+        return heads.to(ctx.device)
+
+    # --- each step ------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.heads.parameters()) if self.heads is not None else []
+
+    def neighbour_targets(self, step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen-bank embeddings of each pair's image- and text-space neighbour (one of the top k)."""
+        indices = step.indices.cpu().long()
+        k = self.config.ping_k
+        image_pick = torch.randint(0, k, (len(indices),), generator=step.generator) if k > 1 else torch.zeros_like(indices)
+        text_pick = torch.randint(0, k, (len(indices),), generator=step.generator) if k > 1 else torch.zeros_like(indices)
+        image_nn = self.image_neighbours[indices, image_pick]
+        text_nn = self.text_neighbours[indices, text_pick]
+        device = step.image.device
+        return self.image_bank[image_nn].to(device).float(), self.text_bank[text_nn].to(device).float()
+
+    def losses(self, step, wanted):
+        started = self.clock(step.image.device)
+        parts = {}
+        if "nn" in wanted or "xnn" in wanted:
+            image_target, text_target = self.neighbour_targets(step)
+            image, text, h = step.image.float(), step.text.float(), self.heads
+            # small heads and unit-norm targets: float32 keeps the τ=0.07 logits exact under autocast
+            with torch.autocast(step.image.device.type, enabled=False):
+                if "nn" in wanted:
+                    parts["nn"] = ping_loss(h.h_I(image), h.h_T(text), image_target, text_target,
+                                            self.config.ping_temperature)
+                if "xnn" in wanted:
+                    parts["xnn"] = ping_loss(h.x_I(image), h.x_T(text), text_target, image_target,
+                                             self.config.ping_temperature)
+        self.record_time(started, self.clock(step.image.device))
+        if "clip" in wanted:
+            parts["clip"] = clip_loss(step.image, step.text, step.logit_scale)
+        return parts
+
+    @staticmethod
+    def clock(device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def record_time(self, started: float, ended: float) -> None:
+        """Time of the neighbour terms, and the time between calls (one training micro-step)."""
+        self.term_seconds.append(ended - started)
+        if self.last_call is not None:
+            self.step_seconds.append(started - self.last_call)
+        self.last_call = started
+
+    # --- state and outputs ----------------------------------------------------------------
+    def state_dict(self):
+        return {k: v.detach().clone() for k, v in self.heads.state_dict().items()} if self.heads is not None else {}
+
+    def load_state_dict(self, state):
+        if state and self.heads is not None:
+            self.heads.load_state_dict(state)
+
+    def save(self, run_dir):
+        from clipfit.models import save_state_dict
+
+        save_state_dict(self.heads.state_dict(), run_dir / HEADS_FILE, {
+            "image_encoder": self.facts.get("image_encoder"), "text_encoder": self.facts.get("text_encoder"),
+            "temperature": self.config.ping_temperature})
+
+    def report(self):
+        facts = dict(self.facts)
+        if self.term_seconds:
+            facts["neighbour_terms_ms_per_step_median"] = round(1000 * statistics.median(self.term_seconds), 3)
+        if self.step_seconds:
+            step = statistics.median(self.step_seconds)
+            facts["step_ms_median"] = round(1000 * step, 3)
+            facts["neighbour_terms_share_of_step"] = round(statistics.median(self.term_seconds) / step, 4) if step else None
+        return facts
+
+
+def load_heads(path) -> dict[str, torch.Tensor]:
+    """The head weights a run saved (h_I, h_T, x_I, x_T), e.g. to keep training them."""
+    from clipfit.models import read_state_dict
+
+    return read_state_dict(path)
