@@ -116,13 +116,17 @@ def uniformity(embeddings: Tensor) -> float:
     return (torch.logsumexp(-2 * squared, dim=0) - math.log(len(squared))).item()
 
 
-def geometry(image: Tensor, text: Tensor, text_image: Tensor | None = None) -> dict[str, float]:
-    """Embedding-space geometry; `text_image[j]` names caption j's image (default: row j)."""
-    matched = image if text_image is None else image[text_image.long()]
+def geometry(image: Tensor, text: Tensor, matched: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+    """Embedding-space geometry of an image set and a text set.
+
+    `matched` holds the aligned (image, text) rows alignment is measured on; by default row i
+    of `image` matches row i of `text`.
+    """
+    matched_image, matched_text = matched if matched is not None else (image, text)
     return {
         "modality_gap": modality_gap(image, text),
         "modality_gap_mse": modality_gap_mse(image, text),
-        "alignment": alignment(matched, text),
+        "alignment": alignment(matched_image, matched_text),
         "uniformity_image": uniformity(image),
         "uniformity_text": uniformity(text),
     }
