@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "geometry")
-RATE = re.compile(r"(^|_)(acc\d+|mean_per_class_recall)$|_recall@\d+$")
+RATE = re.compile(r"(^|[_/])(acc\d+|mean_per_class_recall)$|(_recall|_R)@\d+$")
 
 
 def is_rate(name: str) -> bool:
