@@ -57,7 +57,7 @@ def print_comparison(table: dict[str, Any]) -> None:
     from rich.table import Table
 
     view = Table(title="after (change from each run's own before)")
-    view.add_column("")
+    view.add_column("", overflow="fold")
     for run in table["runs"]:
         view.add_column(Path(run["run_dir"]).name, justify="right")
     for label in ("method", "model", "pretrained", "steps"):
