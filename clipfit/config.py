@@ -201,6 +201,8 @@ def validate(c: RefineConfig) -> None:
             raise UsageError(f"{flag(name)} must be positive (got {getattr(c, name)})")
     if not 0 <= c.hycd_alpha <= 1:
         raise UsageError(f"--hycd-alpha must be in [0, 1] (got {c.hycd_alpha})")
+    if not 0 <= c.lite_prior_weight < 1:
+        raise UsageError(f"--lite-prior-weight must be in [0, 1): the lite term gets 1 - w (got {c.lite_prior_weight})")
     validate_combinations(c)
 
 

@@ -32,3 +32,104 @@ def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
     a = F.normalize(a, dim=-1)
     b = F.normalize(b, dim=-1)
     return clip_loss(a, b, 1.0 / temperature)
+
+
+def rafa_loss(image_features: Tensor, text_features: Tensor, reference: Tensor) -> Tensor:
+    """CLIP-Refine's random feature alignment (RaFA, Yamaguchi et al. 2025).
+
+    With z_i the reference drawn by the caller (z_i ~ N(0, σ²I), one per pair, shared by the
+    image and its caption), on UNNORMALISED features f_v, f_t of shape (B, d):
+        L = 1/(B·d) Σ_i ‖f_v,i − z_i‖² + 1/(B·d) Σ_i ‖f_t,i − z_i‖²
+    i.e. mse(f_v, z) + mse(f_t, z) with mean reduction, as in the authors' code.
+    """
+    reference = reference.to(image_features.dtype)
+    return F.mse_loss(image_features, reference) + F.mse_loss(text_features, reference)
+
+
+def soft_target_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float, temperature: float) -> Tensor:
+    """T² · KL(Q ‖ softmax(S/T)) row-wise, batch-mean, with Q = α·I + (1−α)·softmax(G/T)."""
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    identity = torch.eye(student_logits.shape[0], device=student_logits.device, dtype=log_p.dtype)
+    target = alpha * identity + (1 - alpha) * F.softmax(teacher_logits.to(log_p.dtype) / temperature, dim=1)
+    return F.kl_div(log_p, target, reduction="batchmean") * temperature**2
+
+
+def hycd_loss(image_features: Tensor, text_features: Tensor, teacher_image_features: Tensor,
+              teacher_text_features: Tensor, alpha: float = 0.5, temperature: float = 1.0,
+              logits: str = "raw-dot", logit_scale: Tensor | float | None = None) -> Tensor:
+    """CLIP-Refine's hybrid contrastive-distillation (HyCD, Yamaguchi et al. 2025).
+
+    logits="raw-dot" (the authors'): S = f_v f_tᵀ and G = g_v g_tᵀ on UNNORMALISED student (f)
+    and frozen-teacher (g) features, no logit scale. logits="scaled-cos": S = s·f̂_v f̂_tᵀ and
+    G = s·ĝ_v ĝ_tᵀ on L2-normalised features with s = logit_scale (exponentiated).
+    Target Q = α·I + (1−α)·softmax(G/T) row-wise, then
+        L = ½ [ T²·KL(Q ‖ softmax(S/T)) + T²·KL(Qᵀ-side ‖ softmax(Sᵀ/T)) ]
+    where the second term uses Sᵀ and Gᵀ (text→image), and KL(Q‖P) = (1/B) Σ_i Σ_j Q_ij log(Q_ij / P_ij).
+    The teacher logits are a target: no gradient flows into them.
+    """
+    if logits == "scaled-cos":
+        if logit_scale is None:
+            raise ValueError("hycd_loss(logits='scaled-cos') needs logit_scale")
+        image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+        teacher_image_features = F.normalize(teacher_image_features, dim=-1)
+        teacher_text_features = F.normalize(teacher_text_features, dim=-1)
+    elif logits == "raw-dot":
+        logit_scale = 1.0
+    else:
+        raise ValueError(f"hycd_loss: logits must be 'raw-dot' or 'scaled-cos', not {logits!r}")
+    student = logit_scale * image_features @ text_features.T
+    teacher = (logit_scale * teacher_image_features @ teacher_text_features.T).detach()
+    return 0.5 * (soft_target_kl(student, teacher, alpha, temperature)
+                  + soft_target_kl(student.T, teacher.T, alpha, temperature))
+
+
+def jsd_bound(positive_scores: Tensor, negative_scores: Tensor) -> Tensor:
+    """Negated Jensen-Shannon MI estimator of Deep InfoMax (Hjelm et al. 2019):
+        L = mean softplus(−T_pos) + mean softplus(T_neg),
+    the binary cross-entropy of a critic telling positives (label 1) from negatives (label 0).
+    """
+    return F.softplus(-positive_scores).mean() + F.softplus(negative_scores).mean()
+
+
+def derangement(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random permutation of range(n) with no fixed point (rejection sampling, n ≥ 2)."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items (got {n})")
+    while True:
+        permutation = torch.randperm(n, generator=generator)
+        if not (permutation == torch.arange(n)).any():
+            return permutation
+
+
+def lite_loss(image_features: Tensor, text_features: Tensor, scale: Tensor | float, negatives: str = "roll",
+              generator: torch.Generator | None = None) -> Tensor:
+    """CLIP-Lite's JSD lower bound on image-text mutual information with one negative per pair
+    (Shrivastava et al. 2023).
+
+    Critic T(x, y) = s·cos(f_v(x), f_t(y)) (features are L2-normalised here), s = `scale`.
+    The negative caption of image i is y_π(i), π the roll i ↦ (i+1) mod B (`negatives="roll"`,
+    the authors') or a random derangement drawn from `generator` (`"shuffle"`). Then
+        L = (1/B) Σ_i softplus(−T(x_i, y_i)) + (1/B) Σ_i softplus(T(x_i, y_π(i))).
+    """
+    batch = image_features.shape[0]
+    if batch < 2:
+        raise ValueError(f"lite_loss needs at least 2 pairs to form a negative (got {batch})")
+    image, text = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+    if negatives == "roll":
+        partner = torch.roll(torch.arange(batch), -1)
+    elif negatives == "shuffle":
+        partner = derangement(batch, generator)
+    else:
+        raise ValueError(f"lite_loss: negatives must be 'roll' or 'shuffle', not {negatives!r}")
+    positive = scale * (image * text).sum(-1)
+    negative = scale * (image * text[partner.to(text.device)]).sum(-1)
+    return jsd_bound(positive, negative)
+
+
+def prior_matching_loss(prior_logits: Tensor, feature_logits: Tensor) -> Tensor:
+    """Deep InfoMax prior matching as in CLIP-Lite's code: a discriminator D = σ(logit) scores
+    samples u ~ U[0,1)^d (label 1) against the model's features (label 0):
+        L = −[ mean log D(u) + mean log(1 − D(f)) ] = mean softplus(−a_u) + mean softplus(a_f),
+    written with logits a for numerical stability (identical values).
+    """
+    return jsd_bound(prior_logits, feature_logits)

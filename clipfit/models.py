@@ -265,7 +265,12 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain open_clip model with LoRA deltas folded in; the trained wrapper is left intact."""
+    """A plain open_clip model with LoRA deltas folded in; the trained wrapper is left intact.
+
+    peft 0.21 adds an nn.MultiheadAttention adapter's out_proj delta twice, but in the training
+    forward as well as here, so the merged model is the trained one and needs no correction
+    (tests/test_lora_merge.py; peft PR #3774).
+    """
     import copy
 
     if not hasattr(model, "merge_and_unload"):

@@ -20,7 +20,7 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> lis
         if name not in after:
             continue
         delta = after[name] - before[name]
-        better = (delta < 0) if name.rpartition("/")[2] in LOWER_IS_BETTER else (delta > 0)
+        better = (delta < 0) if name in LOWER_IS_BETTER else (delta > 0)
         mark = "" if abs(delta) < 1e-12 else (" (better)" if better else " (worse)")
         lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | {delta:+.4f}{mark} |")
     return lines

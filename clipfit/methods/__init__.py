@@ -14,6 +14,10 @@ from clipfit.errors import UsageError
 REGISTRY: dict[str, tuple[str, str]] = {
     "contrastive": ("clipfit.methods.contrastive:Contrastive",
                     "CLIP's symmetric InfoNCE with the learnable logit scale (plain fine-tuning)."),
+    "refine": ("clipfit.methods.refine:Refine",
+               "CLIP-Refine: random feature alignment (RaFA) + hybrid contrastive distillation (HyCD)."),
+    "lite": ("clipfit.methods.lite:Lite",
+             "CLIP-Lite: Jensen-Shannon mutual-information bound with one negative per pair."),
 }
 
 

@@ -1,0 +1,108 @@
+"""CLIP-Lite (Shrivastava et al., AISTATS 2023): a Jensen-Shannon lower bound on image-text
+mutual information with one negative per pair, optionally with Deep InfoMax prior matching.
+See docs/methods.md for what follows the authors' code and what differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from clipfit.errors import ModelError, UsageError
+from clipfit.losses import lite_loss, prior_matching_loss
+from clipfit.methods.base import Method
+
+INITIAL_TEMPERATURE = 0.07  # the authors' critic temperature: log-scale starts at ln(1/0.07)
+
+
+def prior_discriminator(dim: int) -> nn.Module:
+    """The authors' prior discriminator shape (d → 1000 → 200 → 1); outputs a logit, σ is in the loss."""
+    return nn.Sequential(nn.Linear(dim, 1000), nn.ReLU(), nn.Linear(1000, 200), nn.ReLU(), nn.Linear(200, 1))
+
+
+def prior_term(discriminator: nn.Module, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    uniform = torch.rand(features.shape, generator=generator).to(features.device)
+    return prior_matching_loss(discriminator(uniform), discriminator(features))
+
+
+def embedding_dim(ctx) -> int:
+    from clipfit.models import base_model
+
+    dim = ctx.loaded.model_cfg.get("embed_dim") or getattr(base_model(ctx.model).visual, "output_dim", None)
+    if not dim:
+        raise ModelError(f"{ctx.loaded.arch}: cannot tell the embedding size, needed by --lite-prior-weight")
+    return int(dim)
+
+
+class Lite(Method):
+    name = "lite"
+    summary = "CLIP-Lite: Jensen-Shannon mutual-information bound with one negative per pair."
+    needs_teacher = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        prior = config.lite_prior_weight
+        # The authors' total is (1 - w)·JSD + w·prior; --weight overrides either term.
+        self.terms = {"lite": 1.0 - prior, "lite_prior": prior}
+        self.log_scale = (nn.Parameter(torch.tensor(math.log(1 / INITIAL_TEMPERATURE)))
+                          if config.lite_critic == "learned" else None)
+        self.prior: nn.Module | None = None
+
+    def prior_wanted(self) -> bool:
+        from clipfit.methods import parse_weights
+
+        return parse_weights(self.config.weight).get("lite_prior", self.terms["lite_prior"]) != 0
+
+    def prepare(self, ctx):
+        if min(self.config.batch_size, len(ctx.pairs)) < 2:
+            raise UsageError("--method lite needs at least 2 pairs per batch to form a negative (--batch-size)")
+        if self.prior_wanted():
+            with torch.random.fork_rng(devices=[]):  # seeded init without moving the global RNG
+                torch.manual_seed(self.config.seed)
+                dim = embedding_dim(ctx)
+                # The authors' configuration matches both modalities to the prior, each with its own discriminator.
+                self.prior = nn.ModuleDict({"image": prior_discriminator(dim), "text": prior_discriminator(dim)})
+                self.prior.to(ctx.device)
+
+    def parameters(self):
+        own = [self.log_scale] if self.log_scale is not None else []
+        return own + (list(self.prior.parameters()) if self.prior is not None else [])
+
+    def critic_scale(self, step) -> torch.Tensor:
+        return self.log_scale.exp() if self.log_scale is not None else step.logit_scale
+
+    def losses(self, step, wanted):
+        parts = {}
+        if "lite" in wanted:
+            parts["lite"] = lite_loss(step.image, step.text, self.critic_scale(step),
+                                      negatives=self.config.lite_negatives, generator=step.generator)
+        if "lite_prior" in wanted:
+            # On the raw (unnormalised) embeddings, as the authors feed the encoders' outputs.
+            parts["lite_prior"] = (prior_term(self.prior["image"], step.image_raw, step.generator)
+                                   + prior_term(self.prior["text"], step.text_raw, step.generator))
+        return parts
+
+    def state_dict(self):
+        state = {"log_scale": self.log_scale.detach()} if self.log_scale is not None else {}
+        if self.prior is not None:
+            state.update({f"prior.{k}": v for k, v in self.prior.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state):
+        # Copy in place: the optimiser holds references to these very tensors.
+        with torch.no_grad():
+            if self.log_scale is not None and "log_scale" in state:
+                self.log_scale.copy_(state["log_scale"])
+            if self.prior is not None:
+                self.prior.load_state_dict({k.removeprefix("prior."): v for k, v in state.items()
+                                            if k.startswith("prior.")})
+
+    def report(self):
+        facts = {"critic": self.config.lite_critic, "negatives": self.config.lite_negatives}
+        if self.log_scale is not None:
+            facts["learned_critic_scale"] = float(self.log_scale.exp())
+        if self.prior is not None:
+            facts["prior_discriminators_parameters"] = sum(p.numel() for p in self.prior.parameters())
+        return facts
