@@ -62,9 +62,10 @@ class Encoder:
     def batches(self, loader, description: str):
         if not show_progress(self.quiet):
             return loader
+        from rich.console import Console
         from rich.progress import track
 
-        return track(loader, description=description, console=None, transient=True)
+        return track(loader, description=description, console=Console(stderr=True), transient=True)
 
     @torch.no_grad()
     def run(self, encode: Callable, loader, description: str) -> torch.Tensor:
