@@ -16,6 +16,7 @@ import typer
 
 from clipfit import __version__
 from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitError
+from clipfit.eval.cli import compare_command, eval_app
 
 EXIT_CODES_HELP = ("Exit status: 0 ok, 1 internal error, 2 usage error, 3 data error, 4 model could not be "
                    "loaded, 5 training failed (non-finite loss), 6 regression gate failed, 7 output folder "
@@ -29,6 +30,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate pairs fo
 app.add_typer(data_app, name="data")
 cache_app = typer.Typer(no_args_is_help=True, help="List or delete cached frozen-feature banks.")
 app.add_typer(cache_app, name="cache")
+app.add_typer(eval_app, name="eval")
+app.command("compare", no_args_is_help=True)(compare_command)
 
 STATE = {"debug": False}
 
@@ -96,6 +99,9 @@ def refine_command(**values: Any) -> None:
     progress = make_progress(config.quiet or config.json)
     info = refine(str(pairs), config, STATE.get("argv", sys.argv[1:]), progress)
     print_refine_summary(info, config.json, config.quiet)
+    from clipfit.eval.suite import enforce_gate
+
+    enforce_gate(info)  # after everything is saved and printed: exit 6 on a failed gate
 
 
 refine_command.__signature__ = inspect.Signature(refine_parameters())

@@ -7,7 +7,7 @@ from typing import Any
 
 from clipfit.io import read_jsonl, write_text
 
-LOWER_IS_BETTER = {"clip_loss", "modality_gap"}
+LOWER_IS_BETTER = {"clip_loss", "modality_gap", "modality_gap_mse", "alignment", "uniformity_image", "uniformity_text"}
 
 
 def fmt(value: Any) -> str:
@@ -24,6 +24,36 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> lis
         mark = "" if abs(delta) < 1e-12 else (" (better)" if better else " (worse)")
         lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | {delta:+.4f}{mark} |")
     return lines
+
+
+def grouped_before_after(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """The split's own yardsticks first, then one table per evaluation set (`group/set/metric` keys)."""
+    groups: dict[str, list[str]] = {}
+    for name in before:
+        groups.setdefault(name.rpartition("/")[0], []).append(name)
+    lines = before_after_table({k: before[k] for k in groups.pop("", [])}, after)
+    for group, names in groups.items():
+        lines += ["", f"### {group.replace('/', ' · ')}", ""]
+        lines += before_after_table({k.rpartition("/")[2]: before[k] for k in names},
+                                    {k.rpartition("/")[2]: after[k] for k in names if k in after})
+    if any(name in after for names in groups.values() for name in names):
+        lines += ["", "Rates (acc, recall) are percentages; their change is in points."]
+    return lines
+
+
+def picture_lines(pictures: list[tuple[str, str]]) -> list[str]:
+    lines = ["## Pictures", ""] if pictures else []
+    for caption, file in pictures:
+        lines += [f"![{caption}]({file})", ""]
+    return lines
+
+
+def gate_lines(gate: dict[str, Any] | None) -> list[str]:
+    if not gate:
+        return []
+    verdict = "passed" if gate["passed"] else "FAILED (exit status 6)"
+    drops = ", ".join(f"{name} {s['drop']:+.2f}" for name, s in gate["sets"].items())
+    return ["", f"Regression gate `--fail-on-zeroshot-drop {gate['max_drop']:g}`: {verdict}; top-1 drop in points: {drops}."]
 
 
 def loss_summary(rows: list[dict]) -> list[str]:
@@ -50,7 +80,7 @@ def method_sections(methods: dict[str, dict]) -> list[str]:
     return lines
 
 
-def render(run_info: dict[str, Any], rows: list[dict]) -> str:
+def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str, str]] = ()) -> str:
     c, r = run_info["config"], run_info["resolved"]
     lines = [
         f"# clipfit run: {c['method']}", "",
@@ -65,8 +95,10 @@ def render(run_info: dict[str, Any], rows: list[dict]) -> str:
         f"wall time {run_info.get('wall_seconds', 0):.1f} s (training {run_info.get('train_seconds', 0):.1f} s)",
         "", f"## Before → after ({run_info.get('eval_split', 'validation')})", "",
     ]
-    lines += before_after_table(run_info.get("before", {}), run_info.get("after", {}))
+    lines += grouped_before_after(run_info.get("before", {}), run_info.get("after", {}))
+    lines += gate_lines(run_info.get("gate"))
     lines += ["", "## Loss", ""] + loss_summary(rows) + [""]
+    lines += picture_lines(list(pictures))
     sections = method_sections(run_info.get("methods", {}))
     if sections:
         lines += ["## Methods", ""] + sections
@@ -74,6 +106,12 @@ def render(run_info: dict[str, Any], rows: list[dict]) -> str:
 
 
 def write_report(run_dir: Path, run_info: dict[str, Any]) -> Path:
+    from clipfit.report_figures import write_figures
+    from clipfit.report_html import markdown_to_html
+
     path = run_dir / "report.md"
-    write_text(path, render(run_info, read_jsonl(run_dir / "metrics.jsonl")))
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    markdown = render(run_info, rows, write_figures(run_dir, run_info, rows))
+    write_text(path, markdown)
+    write_text(run_dir / "report.html", markdown_to_html(markdown, run_dir, f"clipfit run {run_dir.name}"))
     return path

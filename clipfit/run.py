@@ -200,6 +200,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
 
     from clipfit import models
     from clipfit.data.dataset import PairDataset
+    from clipfit.eval.suite import deltas, evaluate_suite, gate, load_suite
     from clipfit.methods import build_methods, parse_weights
     from clipfit.methods.base import MethodContext
     from clipfit.report import write_report
@@ -265,6 +266,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
         optimizer, lambda step: lr_factor(step, config.warmup_steps, settings.total_steps, config.schedule))
     eval_pairs = data.val or data.train[:256]
     eval_name = "validation" if data.val else "training subset"
+    suite = load_suite(config, data.val, progress.warn)
 
     def on_epoch_end(epoch: int) -> dict:
         return {f"val_{k}": v for k, v in evaluate_split(model, data.val, loaded, device, config.batch_size,
@@ -277,6 +279,8 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     resumed = trainer.restore() if config.resume else False
     before = saved.get("before") if saved and saved.get("before") else evaluate_split(
         model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
+    if not (saved and saved.get("before")):
+        before.update(evaluate_suite(suite, model, loaded, device, config))
     run_info["before"] = before
     write_json(run_dir / RUN_JSON, run_info)
     progress.info(f"training {config.method} on {len(data.train)} pairs for {settings.total_steps} steps"
@@ -286,6 +290,8 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
         trainer.run()
     train_seconds = time.time() - train_started
     after = evaluate_split(model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
+    after.update(evaluate_suite(suite, model, loaded, device, config))
+    run_info.update({"delta": deltas(before, after), "gate": gate(config.fail_on_zeroshot_drop, before, after)})
 
     models.save_model(loaded, model, run_dir)
     for method in composite.methods:

@@ -1,12 +1,50 @@
 """Metrics on embeddings: pure functions of tensors.
 
-Each takes L2-normalised embeddings unless its docstring says otherwise.
+Each takes L2-normalised embeddings unless its docstring says otherwise. Rates (recall,
+accuracy) are percentages; CLIP_benchmark's JSON wants fractions, which clipfit.eval.results
+converts to when it writes one.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 from torch import Tensor
+
+NO_POSITIVE = math.inf
+UNIFORMITY_SAMPLE = 4096  # a seeded subsample keeps the pairwise distances at 8M
+CHUNK = 1024  # query rows scored at a time: a (CHUNK x keys) matrix instead of (queries x keys)
+
+
+def ranks_of_first_positive(similarity: Tensor, positives: Tensor) -> Tensor:
+    """0-based rank of each row's best-scoring positive column (inf when a row has none).
+
+    Ties count against the query: a negative scoring the same as the best positive ranks
+    above it, so a collapsed model (all scores equal) gets recall 0, never 100.
+    """
+    best = similarity.masked_fill(~positives, -math.inf).max(dim=1, keepdim=True).values
+    above = ((similarity >= best) & ~positives).sum(dim=1).float()
+    return torch.where(positives.any(dim=1), above, torch.full_like(above, NO_POSITIVE))
+
+
+def chunked_ranks(queries: Tensor, keys: Tensor, positives_of: Callable[[int, int], Tensor]) -> Tensor:
+    """ranks_of_first_positive for queries @ keys.T, a chunk of rows at a time.
+
+    `positives_of(start, stop)` returns the boolean positives of query rows start:stop.
+    """
+    ranks = [ranks_of_first_positive(queries[start:start + CHUNK] @ keys.T, positives_of(start, min(start + CHUNK, len(queries))))
+             for start in range(0, len(queries), CHUNK)]
+    return torch.cat(ranks) if ranks else torch.zeros(0)
+
+
+def recall_from_ranks(ranks: Tensor, ks=(1, 5, 10)) -> dict[int, float]:
+    return {k: 100.0 * (ranks < k).float().mean().item() for k in ks}
+
+
+def mrr_from_ranks(ranks: Tensor) -> float:
+    return (1.0 / (ranks + 1)).mean().item()
 
 
 def recall_at_k(similarity: Tensor, positives: Tensor, ks=(1, 5, 10)) -> dict[int, float]:
@@ -14,32 +52,81 @@ def recall_at_k(similarity: Tensor, positives: Tensor, ks=(1, 5, 10)) -> dict[in
 
     `positives` is a boolean matrix of the same shape marking the correct columns.
     """
-    order = similarity.argsort(dim=1, descending=True)
-    hits = positives.gather(1, order)
-    first_hit = torch.where(hits.any(1), hits.float().argmax(1), torch.full_like(hits[:, 0], hits.shape[1], dtype=torch.long))
-    return {k: 100.0 * (first_hit < k).float().mean().item() for k in ks}
+    return recall_from_ranks(ranks_of_first_positive(similarity, positives), ks)
 
 
 def mean_reciprocal_rank(similarity: Tensor, positives: Tensor) -> float:
     """Mean over queries of 1 / (rank of the first positive), ranks starting at 1."""
-    order = similarity.argsort(dim=1, descending=True)
-    hits = positives.gather(1, order)
-    first_hit = hits.float().argmax(1)
-    return (1.0 / (first_hit + 1).float()).mean().item()
+    return mrr_from_ranks(ranks_of_first_positive(similarity, positives))
 
 
 def paired_retrieval(image: Tensor, text: Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     """Image→text and text→image Recall@k and MRR when row i of each is the only match."""
-    similarity = image @ text.T
-    positives = torch.eye(len(image), dtype=torch.bool)
-    i2t, t2i = recall_at_k(similarity, positives, ks), recall_at_k(similarity.T, positives, ks)
-    metrics = {f"image_to_text_R@{k}": v for k, v in i2t.items()}
-    metrics.update({f"text_to_image_R@{k}": v for k, v in t2i.items()})
-    metrics["image_to_text_mrr"] = mean_reciprocal_rank(similarity, positives)
-    metrics["text_to_image_mrr"] = mean_reciprocal_rank(similarity.T, positives)
+    metrics = caption_retrieval(image, text, torch.arange(len(text)), ks)
+    renamed = {}
+    for benchmark_name, direction in (("text_retrieval", "image_to_text"), ("image_retrieval", "text_to_image")):
+        renamed.update({f"{direction}_R@{k}": metrics[f"{benchmark_name}_recall@{k}"] for k in ks})
+        renamed[f"{direction}_mrr"] = metrics[f"{benchmark_name}_mrr"]
+    return renamed
+
+
+def caption_retrieval(image: Tensor, text: Tensor, text_image: Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """Retrieval when an image may have several captions; names as in CLIP_benchmark.
+
+    `text_image[j]` is the index of caption j's image. image_retrieval (text→image): each
+    caption must find its image. text_retrieval (image→text): an image counts as found when
+    any of its captions is in the top k.
+    """
+    text_image = text_image.long()
+    image_ids = torch.arange(len(image))
+    t2i = chunked_ranks(text, image, lambda a, b: text_image[a:b, None] == image_ids[None, :])
+    i2t = chunked_ranks(image, text, lambda a, b: image_ids[a:b, None] == text_image[None, :])
+    metrics = {f"image_retrieval_recall@{k}": v for k, v in recall_from_ranks(t2i, ks).items()}
+    metrics.update({f"text_retrieval_recall@{k}": v for k, v in recall_from_ranks(i2t, ks).items()})
+    metrics["image_retrieval_mrr"] = mrr_from_ranks(t2i)
+    metrics["text_retrieval_mrr"] = mrr_from_ranks(i2t)
     return metrics
 
 
 def modality_gap(image: Tensor, text: Tensor) -> float:
     """‖mean(image) − mean(text)‖₂, the distance of the modality centroids (Liang et al. 2022)."""
     return (image.mean(0) - text.mean(0)).norm().item()
+
+
+def modality_gap_mse(image: Tensor, text: Tensor) -> float:
+    """CLIP-Refine's variant: mean squared difference of the centroids, per dimension."""
+    return (image.mean(0) - text.mean(0)).pow(2).mean().item()
+
+
+def alignment(image: Tensor, text: Tensor) -> float:
+    """Mean squared distance of matched pairs, row i with row i (Wang & Isola 2020); lower is closer."""
+    return (image - text).pow(2).sum(dim=1).mean().item()
+
+
+def uniformity(embeddings: Tensor) -> float:
+    """log mean over distinct pairs of exp(−2‖x − y‖²) (Wang & Isola 2020); lower is more uniform.
+
+    Above UNIFORMITY_SAMPLE rows, a fixed random subsample of them is used."""
+    if len(embeddings) < 2:
+        return math.nan
+    if len(embeddings) > UNIFORMITY_SAMPLE:  # all pairs of 25k captions would be 312M distances
+        keep = torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(0))[:UNIFORMITY_SAMPLE]
+        embeddings = embeddings[keep]
+    squared = torch.pdist(embeddings.double()).pow(2)
+    return (torch.logsumexp(-2 * squared, dim=0) - math.log(len(squared))).item()
+
+
+def geometry(image: Tensor, text: Tensor, matched: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+    """Embedding-space geometry of an image set and a text set.
+
+    `matched` holds the aligned (image, text) rows alignment is measured on; by default row i
+    of `image` matches row i of `text`.
+    """
+    matched_image, matched_text = matched if matched is not None else (image, text)
+    return {
+        "modality_gap": modality_gap(image, text),
+        "modality_gap_mse": modality_gap_mse(image, text),
+        "alignment": alignment(matched_image, matched_text),
+        "uniformity_image": uniformity(image),
+        "uniformity_text": uniformity(text),
+    }

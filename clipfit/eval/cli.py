@@ -1,0 +1,179 @@
+"""`clipfit eval ...` and `clipfit compare`: parse, call, print. Heavy imports inside commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate any model clipfit can load: zero-shot classification, "
+                                                  "retrieval, embedding geometry, linear probe.")
+
+
+def model_option() -> Any:
+    return typer.Option("ViT-B-32", "--model", help="open_clip architecture, hf-hub:org/name, model-config JSON, "
+                                                    "clipfit run folder, or lite0-minilm.")
+
+
+def pretrained_option() -> Any:
+    return typer.Option("openai", "--pretrained", help="open_clip tag, weights file, or 'none' (ignored for a run folder).")
+
+
+def batch_size_option() -> Any:
+    return typer.Option(64, "--batch-size", min=1, help="Images or texts per forward pass.")
+
+
+def workers_option() -> Any:
+    return typer.Option(2, "--workers", min=0, help="DataLoader worker processes.")
+
+
+def precision_option() -> Any:
+    return typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast).")
+
+
+def device_option() -> Any:
+    return typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+
+
+def json_option() -> Any:
+    return typer.Option(False, "--json", help="Print CLIP_benchmark-shaped JSON instead of a table.")
+
+
+def out_option() -> Any:
+    return typer.Option(None, "--out", help="Also write the CLIP_benchmark-shaped JSON to this file.")
+
+
+def quiet_option() -> Any:
+    return typer.Option(False, "--quiet", help="No progress bar.")
+
+
+class Session:
+    """One loaded model on one device, with the feature cache of one command."""
+
+    def __init__(self, model: str, pretrained: str, batch_size: int, workers: int, precision: str, device: str,
+                 quiet: bool):
+        from clipfit.errors import UsageError
+        from clipfit.eval.encode import AUTOCAST, encoder_for
+        from clipfit.models import load_model, resolve_device
+
+        if precision not in AUTOCAST:
+            raise UsageError(f"--precision {precision!r}: choose one of {', '.join(AUTOCAST)}")
+        torch_device = resolve_device(device)
+        if precision == "fp16" and torch_device.type == "cpu":
+            raise UsageError("--precision fp16 is not supported on CPU; use bf16")
+        self.loaded = load_model(model, pretrained)
+        self.model_name, self.pretrained = self.names(model, pretrained)
+        network = self.loaded.model.to(torch_device).eval()
+        self.encoder = encoder_for(self.loaded, network, torch_device, batch_size, workers, precision, quiet)
+
+    def names(self, model: str, pretrained: str) -> tuple[str, str]:
+        """What CLIP_benchmark's `model` and `pretrained` fields should say."""
+        if self.loaded.source.get("kind") == "run":
+            return self.loaded.arch, self.loaded.source["path"]
+        return self.loaded.arch, pretrained
+
+    def report(self, dataset: str, task: str, metrics: dict[str, float], as_json: bool, out: Optional[Path],
+               extra: dict | None = None) -> None:
+        from clipfit.eval.results import benchmark_json, print_table
+        from clipfit.io import write_json
+
+        record = benchmark_json(dataset, self.model_name, self.pretrained, task, metrics, extra)
+        if out is not None:
+            write_json(out, record)
+        if as_json:
+            typer.echo(json.dumps(record, indent=2, sort_keys=True))
+        else:
+            print_table(f"{task} · {dataset} · {self.model_name} ({self.pretrained})", metrics)
+
+
+@eval_app.command("zeroshot")
+def zeroshot_command(
+    dataset: str = typer.Argument(..., help="imagenet, cifar10, cifar100 or folder."),
+    data: Path = typer.Option(..., "--data", help="The dataset's folder (see docs/evaluation.md for layouts)."),
+    classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, JSON list or one per line, in folder order."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates with {c} for the class name, JSON list or one per line."),
+    model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
+    workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
+    as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
+) -> None:
+    """Zero-shot classification: top-1, top-5 (more than 5 classes), mean per-class recall."""
+    from clipfit.eval.datasets import load_labelled
+    from clipfit.eval.zeroshot import zeroshot
+
+    labelled = load_labelled(dataset, data, classnames, templates)
+    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
+    metrics = zeroshot(session.encoder, labelled)
+    session.report(labelled.name, "zeroshot_classification", metrics, as_json, out,
+                   {"images": len(labelled.images), "classes": len(labelled.classes), "templates": len(labelled.templates)})
+
+
+def pairs_command(pairs: str, task: str, model: str, pretrained: str, batch_size: int, workers: int, precision: str,
+                  device: str, as_json: bool, out: Optional[Path], quiet: bool) -> None:
+    from clipfit.eval.retrieval import encode_pairs_all_captions, geometry_metrics, load_eval_pairs, retrieval_metrics
+
+    items = load_eval_pairs(pairs, workers, warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
+    features = encode_pairs_all_captions(session.encoder, items, str(Path(pairs).resolve()))
+    metrics = geometry_metrics(features) if task == "geometry" else {**retrieval_metrics(features), **geometry_metrics(features)}
+    session.report(Path(pairs).resolve().name, task, metrics, as_json, out,
+                   {"images": len(features.image), "captions": len(features.text)})
+
+
+@eval_app.command("retrieval")
+def retrieval_command(
+    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs, any clipfit layout."),
+    model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
+    workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
+    as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
+) -> None:
+    """Image↔text Recall@1/5/10 and MRR (every caption counts), plus embedding geometry."""
+    pairs_command(pairs, "zeroshot_retrieval", model, pretrained, batch_size, workers, precision, device, as_json, out, quiet)
+
+
+@eval_app.command("geometry")
+def geometry_command(
+    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs, any clipfit layout."),
+    model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
+    workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
+    as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
+) -> None:
+    """Modality gap (L2 and CLIP-Refine's MSE), alignment and uniformity of the embeddings."""
+    pairs_command(pairs, "geometry", model, pretrained, batch_size, workers, precision, device, as_json, out, quiet)
+
+
+@eval_app.command("linear-probe")
+def linear_probe_command(
+    data: Path = typer.Option(..., "--data", help="ImageFolder with train/ and test/, or one ImageFolder split by --seed."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/validation/test split."),
+    optimizer: str = typer.Option("lbfgs", "--optimizer", help="lbfgs (full batch) or adam."),
+    model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
+    workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
+    as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
+) -> None:
+    """Logistic regression on frozen image features; L2 strength chosen on a validation split."""
+    from clipfit.errors import UsageError
+    from clipfit.eval.linear_probe import linear_probe, probe_splits
+
+    if optimizer not in ("lbfgs", "adam"):
+        raise UsageError(f"--optimizer {optimizer!r}: choose lbfgs or adam")
+    splits = probe_splits(data, seed)
+    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
+    metrics = linear_probe(session.encoder, splits, optimizer)
+    session.report(splits.test.name, "linear_probe", metrics, as_json, out,
+                   {"train": len(splits.train.images), "val": len(splits.val.images), "test": len(splits.test.images)})
+
+
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders (each with a run.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show the before/after metrics of several runs side by side."""
+    from clipfit.eval.compare import compare_runs, print_comparison
+
+    table = compare_runs(runs)
+    if as_json:
+        typer.echo(json.dumps(table, indent=2, sort_keys=True))
+    else:
+        print_comparison(table)

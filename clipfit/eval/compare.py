@@ -1,0 +1,67 @@
+"""`clipfit compare RUN_DIR...`: the metrics of several runs, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from clipfit.errors import UsageError
+from clipfit.eval.suite import deltas
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir}: not a clipfit run folder (no run.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    info = read_run(run_dir)
+    config, model = info.get("config", {}), info.get("model", {})
+    before, after = info.get("before", {}), info.get("after", {})
+    return {
+        "run_dir": str(run_dir), "method": config.get("method"), "model": model.get("arch"),
+        "pretrained": model.get("pretrained"), "steps": info.get("steps"), "finished": bool(after),
+        "before": before, "after": after,
+        "delta": info.get("delta") or deltas(before, after),
+        "gate": info.get("gate"),
+    }
+
+
+def compare_runs(run_dirs: list[Path]) -> dict[str, Any]:
+    runs = [run_summary(Path(d)) for d in run_dirs]
+    metrics: list[str] = []
+    for run in runs:
+        metrics += [name for name in {**run["before"], **run["after"]} if name not in metrics]
+    return {"runs": runs, "metrics": metrics}
+
+
+def cell(run: dict[str, Any], metric: str) -> str:
+    from clipfit.eval.results import format_value
+
+    after, before = run["after"].get(metric), run["before"].get(metric)
+    if after is None:
+        return "" if before is None else f"{format_value(metric, before)} (before)"
+    if before is None:
+        return format_value(metric, after)
+    return f"{format_value(metric, after)} ({after - before:+.3g})"
+
+
+def print_comparison(table: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(title="after (change from each run's own before)")
+    view.add_column("", overflow="fold")
+    for run in table["runs"]:
+        view.add_column(Path(run["run_dir"]).name, justify="right")
+    for label in ("method", "model", "pretrained", "steps"):
+        view.add_row(label, *[str(run[label]) for run in table["runs"]])
+    for metric in table["metrics"]:
+        view.add_row(metric, *[cell(run, metric) for run in table["runs"]])
+    Console().print(view)

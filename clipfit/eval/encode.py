@@ -1,0 +1,99 @@
+"""Encode images and texts for evaluation: batched, eval mode, no gradients, cached per data.
+
+One `Encoder` serves one model state: a command makes one, and refine makes one for the
+starting model and another for the result, so a cache never outlives the weights it holds.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from clipfit.errors import DataError
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ImageFiles(Dataset):
+    """Preprocessed images from a list of paths, decoded by `load` (a path → PIL image)."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Callable, load: Callable):
+        self.paths, self.preprocess, self.load = list(paths), preprocess, load
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from clipfit.data.images import BadImage
+
+        try:
+            return self.preprocess(self.load(self.paths[i]))
+        except (BadImage, OSError) as e:
+            raise DataError(f"{self.paths[i]}: cannot decode image ({e})") from None
+
+
+def show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@dataclass
+class Encoder:
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: torch.device
+    batch_size: int = 64
+    workers: int = 0
+    precision: str = "fp32"
+    quiet: bool = True
+    cache: dict = field(default_factory=dict)
+
+    def autocast(self):
+        dtype = AUTOCAST[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def batches(self, loader, description: str):
+        if not show_progress(self.quiet):
+            return loader
+        from rich.console import Console
+        from rich.progress import track
+
+        return track(loader, description=description, console=Console(stderr=True), transient=True)
+
+    @torch.no_grad()
+    def run(self, encode: Callable, loader, description: str) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        outputs = []
+        try:
+            for batch in self.batches(loader, description):
+                with self.autocast():
+                    outputs.append(encode(batch.to(self.device), normalize=False).float().cpu())
+        finally:
+            self.model.train(was_training)
+        return F.normalize(torch.cat(outputs), dim=-1)
+
+    def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
+        """Normalised embeddings of the images at `paths`, computed once per `key`."""
+        if ("images", key) not in self.cache:
+            loader = DataLoader(ImageFiles(paths, self.preprocess, load), batch_size=self.batch_size,
+                                num_workers=self.workers, shuffle=False)
+            self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
+        return self.cache["images", key]
+
+    def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:
+        """Normalised embeddings of `texts`, in order."""
+        chunks = [self.tokenizer(list(texts[i:i + self.batch_size])) for i in range(0, len(texts), self.batch_size)]
+        return self.run(self.model.encode_text, chunks, description)
+
+
+def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,
+                quiet: bool = True) -> Encoder:
+    return Encoder(model, loaded.preprocess_val, loaded.tokenizer, device, batch_size, workers, precision, quiet)

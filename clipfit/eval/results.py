@@ -1,0 +1,46 @@
+"""Results as CLIP_benchmark writes them, and as a table on the terminal.
+
+clipfit keeps rates in percent (points) everywhere people read them; the JSON follows
+CLIP_benchmark, whose rates are fractions in [0, 1], so `clip_benchmark build` can aggregate
+clipfit's files with its own.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "geometry")
+RATE = re.compile(r"(^|[_/])(acc\d+|mean_per_class_recall)$|(_recall|_R)@\d+$")
+
+
+def is_rate(name: str) -> bool:
+    """Accuracies and recalls: percentages in clipfit, fractions in CLIP_benchmark's JSON."""
+    return bool(RATE.search(name))
+
+
+def benchmark_json(dataset: str, model: str, pretrained: str, task: str, metrics: dict[str, float],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    assert task in TASKS, task
+    return {
+        "dataset": dataset, "model": model, "pretrained": pretrained, "task": task,
+        "metrics": {name: value / 100.0 if is_rate(name) else value for name, value in metrics.items()},
+        "language": "en",
+        **({"clipfit": extra} if extra else {}),
+    }
+
+
+def format_value(name: str, value: float) -> str:
+    return f"{value:.2f}%" if is_rate(name) else f"{value:.4g}"
+
+
+def print_table(title: str, metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, format_value(name, value))
+    Console().print(table)

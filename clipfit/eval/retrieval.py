@@ -1,0 +1,56 @@
+"""Image↔text retrieval and embedding geometry on a pairs folder (any clipfit layout).
+
+Every caption of an image is a query and a target: text→image asks each caption to find its
+image; image→text counts an image as found when any of its captions is in the top k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from clipfit.data.layouts import Pair
+from clipfit.eval.encode import Encoder
+from clipfit.eval.metrics import caption_retrieval, geometry
+
+
+@dataclass
+class PairFeatures:
+    image: Tensor  # (images, dim)
+    text: Tensor  # (captions, dim)
+    text_image: Tensor  # caption j belongs to image text_image[j]
+
+
+def encode_pairs_all_captions(encoder: Encoder, pairs: list[Pair], key: str) -> PairFeatures:
+    from clipfit.data.images import open_rgb
+
+    image = encoder.images([p.image for p in pairs], open_rgb, key)
+    captions = [c for p in pairs for c in p.captions]
+    text_image = torch.tensor([i for i, p in enumerate(pairs) for _ in p.captions], dtype=torch.long)
+    return PairFeatures(image, encoder.texts(captions, "captions"), text_image)
+
+
+def retrieval_metrics(features: PairFeatures) -> dict[str, float]:
+    return caption_retrieval(features.image, features.text, features.text_image)
+
+
+def geometry_metrics(features: PairFeatures) -> dict[str, float]:
+    return geometry(features.image, features.text, (features.image[features.text_image], features.text))
+
+
+def load_eval_pairs(path: str | Path, workers: int = 4, warn=None) -> list[Pair]:
+    """Usable pairs of a folder; unreadable images are left out with one warning."""
+    from clipfit.data.check import check_pairset
+    from clipfit.data.layouts import load_pairs
+    from clipfit.errors import DataError
+
+    report = check_pairset(load_pairs(path), find_duplicates=False, workers=max(1, workers))
+    if not report.usable:
+        raise DataError(f"{path}: no readable image-caption pairs")
+    if report.bad_images and warn:
+        warn(f"{path}: left out {len(report.bad_images)} unreadable image(s), e.g. "
+             f"{report.bad_images[0].path}: {report.bad_images[0].reason}")
+    return report.usable

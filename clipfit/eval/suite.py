@@ -1,0 +1,108 @@
+"""Before/after evaluation inside `clipfit refine`, with the same code as `clipfit eval`.
+
+Results are flat `group/name/metric` keys in run.json's `before` and `after` (rates in
+points), next to the validation yardsticks of clipfit.run.evaluate_split:
+  zeroshot/<dataset>/acc1 ...      one group per --eval-zeroshot DATASET=PATH
+  retrieval/<folder>/... and       one group per --eval-retrieval PAIRS
+  retrieval/validation/...         the run's own validation split, when --val-split > 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipfit.errors import GateFailed, UsageError
+
+ZEROSHOT_METRIC = "acc1"
+
+
+@dataclass
+class Suite:
+    zeroshot: dict[str, Any] = field(default_factory=dict)  # name → LabelledImages
+    retrieval: dict[str, list] = field(default_factory=dict)  # name → pairs
+
+    def __bool__(self) -> bool:
+        return bool(self.zeroshot or self.retrieval)
+
+
+def parse_zeroshot_spec(spec: str) -> tuple[str, str]:
+    from clipfit.eval.datasets import DATASETS
+
+    dataset, sep, path = spec.partition("=")
+    if not sep or dataset not in DATASETS or not path:
+        raise UsageError(f"--eval-zeroshot {spec!r}: expected DATASET=PATH with DATASET one of {', '.join(DATASETS)}")
+    return dataset, path
+
+
+def unique_name(name: str, taken: dict) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def load_suite(config, val_pairs: list, warn) -> Suite:
+    """Read every set once; before and after evaluate the same data."""
+    from clipfit.eval.datasets import load_labelled
+    from clipfit.eval.retrieval import load_eval_pairs
+
+    suite = Suite()
+    for spec in config.eval_zeroshot:
+        dataset, path = parse_zeroshot_spec(spec)
+        name = dataset if dataset != "folder" else Path(path).resolve().name
+        suite.zeroshot[unique_name(name, suite.zeroshot)] = load_labelled(dataset, path)
+    if val_pairs:
+        suite.retrieval["validation"] = val_pairs
+    for path in config.eval_retrieval:
+        suite.retrieval[unique_name(Path(path).resolve().name, suite.retrieval)] = load_eval_pairs(path, config.workers, warn)
+    return suite
+
+
+def evaluate_suite(suite: Suite, model, loaded, device, config) -> dict[str, float]:
+    from clipfit.eval.encode import encoder_for
+    from clipfit.eval.retrieval import encode_pairs_all_captions, geometry_metrics, retrieval_metrics
+    from clipfit.eval.zeroshot import zeroshot
+
+    encoder = encoder_for(loaded, model, device, config.batch_size, config.workers, config.precision)
+    results: dict[str, float] = {}
+    for name, data in suite.zeroshot.items():
+        results.update({f"zeroshot/{name}/{k}": v for k, v in zeroshot(encoder, data).items()})
+    for name, pairs in suite.retrieval.items():
+        features = encode_pairs_all_captions(encoder, pairs, f"retrieval:{name}")
+        metrics = {**retrieval_metrics(features), **geometry_metrics(features)}
+        results.update({f"retrieval/{name}/{k}": v for k, v in metrics.items()})
+    return results
+
+
+def gate(points: float | None, before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
+    """--fail-on-zeroshot-drop: every zero-shot set's top-1 may drop by at most `points`
+    (a negative value demands a rise of at least −points)."""
+    if points is None:
+        return None
+    sets = {}
+    for key in after:
+        group, _, metric = key.rpartition("/")
+        if key.startswith("zeroshot/") and metric == ZEROSHOT_METRIC and key in before:
+            drop = before[key] - after[key]
+            sets[group.removeprefix("zeroshot/")] = {"before": before[key], "after": after[key], "drop": drop,
+                                                     "passed": drop <= points}
+    return {"max_drop": points, "sets": sets, "passed": all(s["passed"] for s in sets.values())}
+
+
+def enforce_gate(info: dict[str, Any]) -> None:
+    """Raise GateFailed (exit 6) when the run's recorded gate failed; call after saving everything."""
+    result = info.get("gate")
+    if not result or result["passed"]:
+        return
+    failed = [f"{name} top-1 {s['before']:.2f} -> {s['after']:.2f} (drop {s['drop']:+.2f} points)"
+              for name, s in result["sets"].items() if not s["passed"]]
+    limit = result["max_drop"]
+    rule = f"at most {limit:g} points" if limit >= 0 else f"a rise of at least {-limit:g} points"
+    raise GateFailed(f"--fail-on-zeroshot-drop {limit:g}: {'; '.join(failed)}; allowed {rule} "
+                     f"(run saved in {info['run_dir']})")
+
+
+def deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after if k in before}

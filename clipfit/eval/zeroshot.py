@@ -1,0 +1,50 @@
+"""Zero-shot classification, computed as CLIP_benchmark does.
+
+Class embedding = mean of the L2-normalised embeddings of the class name in every template,
+renormalised. Logits = 100 · cos(image, class). Top-1, top-5 (with more than 5 classes) and
+mean per-class recall (sklearn's balanced accuracy: classes without images are left out).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clipfit.eval.datasets import LabelledImages, fill
+from clipfit.eval.encode import Encoder
+from clipfit.eval.metrics import geometry
+
+
+def class_embeddings(encoder: Encoder, classnames: list[str], templates: list[str]) -> Tensor:
+    """(classes, dim): each class's template embeddings averaged and renormalised."""
+    texts = [fill(template, name) for name in classnames for template in templates]
+    embedded = encoder.texts(texts, "class prompts")  # already normalised, class-major order
+    return F.normalize(embedded.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+
+
+def top_k_accuracy(logits: Tensor, targets: Tensor, k: int) -> float:
+    top = logits.topk(k, dim=1).indices
+    return 100.0 * (top == targets[:, None]).any(dim=1).float().mean().item()
+
+
+def mean_per_class_recall(predictions: Tensor, targets: Tensor) -> float:
+    recalls = [(predictions[targets == c] == c).float().mean() for c in targets.unique()]
+    return 100.0 * torch.stack(recalls).mean().item()
+
+
+def classification_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
+    metrics = {"acc1": top_k_accuracy(logits, targets, 1)}
+    if logits.shape[1] > 5:
+        metrics["acc5"] = top_k_accuracy(logits, targets, 5)
+    metrics["mean_per_class_recall"] = mean_per_class_recall(logits.argmax(dim=1), targets)
+    return metrics
+
+
+def zeroshot(encoder: Encoder, data: LabelledImages) -> dict[str, float]:
+    """Classification metrics (percent), then geometry with the class embeddings as the text side."""
+    classifier = class_embeddings(encoder, data.classes, data.templates)
+    images = encoder.images(data.images, data.load, data.key)
+    labels = torch.tensor(data.labels)
+    logits = 100.0 * images @ classifier.T
+    return {**classification_metrics(logits, labels), **geometry(images, classifier, (images, classifier[labels]))}

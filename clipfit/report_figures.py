@@ -1,0 +1,94 @@
+"""The pictures beside report.md: loss curves and a before/after bar chart (PNG, Agg).
+
+matplotlib's object API with an Agg canvas: no pyplot, no global backend, no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LOSS_CURVES = "loss_curves.png"
+BEFORE_AFTER = "before_after.png"
+NOT_TERMS = ("step", "epoch", "lr", "pairs_per_s")
+HEADLINE_MEASURES = ("clip_loss", "modality_gap", "alignment")  # charted beside the rates; the tables hold the rest
+
+
+def new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save(figure, path: Path) -> None:
+    from clipfit.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", metadata={"Software": None})
+
+
+def loss_curves(rows: list[dict[str, Any]], path: Path) -> bool:
+    steps = [r for r in rows if "loss" in r]
+    validation = [r for r in rows if "val_clip_loss" in r]
+    if not steps:
+        return False
+    figure = new_figure(7, 3.5)
+    axes = figure.add_subplot()
+    terms = [k for k in steps[0] if k not in NOT_TERMS and isinstance(steps[0][k], (int, float))]
+    if len(terms) == 2:  # one method term: it is the loss, no need to draw it twice
+        terms = ["loss"]
+    for term in terms:
+        points = [(r["step"], r[term]) for r in steps if term in r]
+        axes.plot(*zip(*points), label=term, linewidth=2 if term == "loss" else 1)
+    if validation:
+        axes.plot([r["step"] for r in validation], [r["val_clip_loss"] for r in validation], "o--",
+                  label="validation clip_loss")
+    axes.set_xlabel("optimiser step")
+    axes.set_ylabel("loss")
+    axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
+    save(figure, path)
+    return True
+
+
+def before_after_bars(before: dict[str, float], after: dict[str, float], path: Path) -> bool:
+    """Horizontal bars: rates (percent) on one axis, the headline measures on another."""
+    from clipfit.eval.results import is_rate
+
+    names = [k for k in after if k in before and isinstance(after[k], (int, float))]
+    measures = [n for n in names if n.rpartition("/")[2] in HEADLINE_MEASURES]
+    panels = [("percent", [n for n in names if is_rate(n)]), ("lower is better", measures)]
+    panels = [(unit, group) for unit, group in panels if group]
+    if not panels:
+        return False
+    figure = new_figure(8, 1 + 0.32 * sum(len(group) for _, group in panels) + 0.6 * len(panels))
+    grid = figure.add_gridspec(len(panels), 1, height_ratios=[len(group) for _, group in panels])
+    for row, (unit, group) in enumerate(panels):
+        axes = figure.add_subplot(grid[row])
+        positions = range(len(group))
+        axes.barh([p + 0.2 for p in positions], [before[n] for n in group], height=0.4, label="before")
+        axes.barh([p - 0.2 for p in positions], [after[n] for n in group], height=0.4, label="after")
+        axes.set_yticks(list(positions), group, fontsize="small")
+        axes.invert_yaxis()
+        axes.set_xlabel(unit)
+        axes.grid(axis="x", alpha=0.3)
+        axes.legend(fontsize="small")
+    save(figure, path)
+    return True
+
+
+def write_figures(run_dir: Path, run_info: dict[str, Any], rows: list[dict]) -> list[tuple[str, str]]:
+    """(caption, file name) of each picture written; none without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    pictures = []
+    if loss_curves(rows, run_dir / LOSS_CURVES):
+        pictures.append(("Loss curves", LOSS_CURVES))
+    if before_after_bars(run_info.get("before", {}), run_info.get("after", {}), run_dir / BEFORE_AFTER):
+        pictures.append(("Before and after", BEFORE_AFTER))
+    return pictures

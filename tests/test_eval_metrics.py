@@ -1,0 +1,116 @@
+"""Evaluation metrics against hand-built cases, and the before/after gate's arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfit.eval.metrics import (caption_retrieval, geometry, mean_reciprocal_rank, modality_gap_mse, paired_retrieval,
+                                  recall_at_k, uniformity)
+from clipfit.eval.results import benchmark_json, is_rate
+from clipfit.eval.suite import gate, parse_zeroshot_spec
+from clipfit.errors import GateFailed, UsageError
+
+
+def unit(n: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_perfectly_aligned_embeddings_give_full_recall_and_mrr_one():
+    x = unit(64)
+    metrics = paired_retrieval(x, x)
+    assert metrics["image_to_text_R@1"] == metrics["text_to_image_R@1"] == 100.0
+    assert metrics["image_to_text_mrr"] == pytest.approx(1.0)
+
+
+def test_shuffled_embeddings_retrieve_at_about_chance():
+    n = 400
+    image, text = unit(n, 64, seed=1), unit(n, 64, seed=2)  # unrelated: any match is luck
+    metrics = caption_retrieval(image, text, torch.arange(n))
+    assert metrics["image_retrieval_recall@1"] < 2.0  # chance is 0.25%
+    assert 0.5 < metrics["text_retrieval_recall@10"] < 6.0  # chance is 2.5%
+    assert metrics["image_retrieval_mrr"] < 0.05
+
+
+def test_ranks_by_hand():
+    similarity = torch.tensor([[0.9, 0.5, 0.1],   # positive col 0: rank 1
+                               [0.8, 0.7, 0.1],   # positive col 1: rank 2
+                               [0.8, 0.7, 0.1]])  # positive col 2: rank 3
+    positives = torch.eye(3, dtype=torch.bool)
+    assert recall_at_k(similarity, positives, ks=(1, 2, 3)) == pytest.approx({1: 100 / 3, 2: 200 / 3, 3: 100.0})
+    assert mean_reciprocal_rank(similarity, positives) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+
+
+def test_ties_count_against_the_query_so_a_collapsed_model_scores_zero():
+    same = F.normalize(torch.ones(10, 4), dim=-1)
+    assert paired_retrieval(same, same)["image_to_text_R@1"] == 0.0
+
+
+def test_an_image_is_found_when_any_of_its_captions_is_in_the_top_k():
+    image = torch.eye(3)
+    # captions 0,1 belong to image 0 (caption 1 points elsewhere), caption 2 to image 1, caption 3 to image 2
+    text = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0], [0, 0.6, 0.8]])
+    text_image = torch.tensor([0, 0, 1, 2])
+    metrics = caption_retrieval(image, text, text_image, ks=(1,))
+    assert metrics["text_retrieval_recall@1"] == pytest.approx(100 * 2 / 3)  # image 2 ranks caption 1, not its own, first
+    assert metrics["image_retrieval_recall@1"] == pytest.approx(100 * 3 / 4)  # caption 1 finds image 2, not its own image 0
+
+
+def test_geometry_by_hand():
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    text = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    result = geometry(image, text)
+    assert result["modality_gap"] == pytest.approx(math.sqrt(2))
+    assert result["modality_gap_mse"] == pytest.approx(1.0)  # centroid difference (1, -1): squares average to 1
+    assert result["alignment"] == pytest.approx(2.0)
+    assert geometry(text, text)["modality_gap"] == 0.0
+    antipodal = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert uniformity(antipodal) == pytest.approx(-8.0)  # squared distance 4: log exp(-8)
+    assert modality_gap_mse(image, image) == 0.0
+
+
+def test_alignment_uses_each_captions_own_image():
+    image = torch.eye(2)
+    text = torch.eye(2)[[1, 1, 0]]  # captions of images 1, 1, 0: all on their own image
+    result = geometry(image, text, (image[torch.tensor([1, 1, 0])], text))
+    assert result["alignment"] == 0.0
+
+
+def test_benchmark_json_has_clip_benchmark_shape_and_fractions():
+    record = benchmark_json("cifar10", "ViT-B-32", "openai", "zeroshot_classification",
+                            {"acc1": 50.0, "acc5": 90.0, "mean_per_class_recall": 40.0, "modality_gap": 0.8})
+    assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert record["metrics"] == {"acc1": 0.5, "acc5": 0.9, "mean_per_class_recall": 0.4, "modality_gap": 0.8}
+    assert is_rate("image_retrieval_recall@5") and is_rate("lp_acc1") and not is_rate("text_retrieval_mrr")
+
+
+def zeroshot_results(before: float, after: float) -> tuple[dict, dict]:
+    return {"zeroshot/cifar10/acc1": before, "clip_loss": 1.0}, {"zeroshot/cifar10/acc1": after, "clip_loss": 0.5}
+
+
+@pytest.mark.parametrize("points, before, after, passed", [
+    (1.0, 50.0, 49.5, True),    # dropped 0.5 ≤ 1
+    (1.0, 50.0, 48.0, False),   # dropped 2 > 1
+    (0.0, 50.0, 50.0, True),    # no drop allowed, none happened
+    (-2.0, 50.0, 53.0, True),   # a rise of at least 2 demanded, 3 came
+    (-2.0, 50.0, 51.0, False),  # a rise of 1 is not enough
+])
+def test_gate_direction(points, before, after, passed):
+    result = gate(points, *zeroshot_results(before, after))
+    assert result["passed"] is passed
+    assert result["sets"]["cifar10"]["drop"] == pytest.approx(before - after)
+
+
+def test_gate_off_without_points():
+    assert gate(None, *zeroshot_results(50, 0)) is None
+
+
+def test_zeroshot_spec_parsing():
+    assert parse_zeroshot_spec("imagenet=/data/val") == ("imagenet", "/data/val")
+    for bad in ("imagenet", "mnist=/x", "folder="):
+        with pytest.raises(UsageError):
+            parse_zeroshot_spec(bad)
+    assert GateFailed.exit_code == 6
