@@ -22,6 +22,7 @@ from torch import nn
 
 from clipfit.errors import ModelError, UsageError
 from clipfit.features import encoder_identity
+from clipfit.models import evaluating
 
 
 @dataclass
@@ -136,12 +137,8 @@ def starting_model_encoder(model: nn.Module, loaded, config, tower: str, device:
 
         @torch.no_grad()
         def encode(batch):
-            was_training = model.training
-            model.eval()
-            try:
+            with evaluating(model):
                 return forward(batch).float().cpu()
-            finally:
-                model.train(was_training)
 
         return LoadedEncoder(encode, preprocess)
 

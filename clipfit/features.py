@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from clipfit.data.images import DEFAULT_MAX_PIXELS, open_rgb
+from clipfit.models import evaluating
 
 
 class _ImagesAndCaptions(Dataset):
@@ -44,21 +45,17 @@ def encode_pairs(model: nn.Module, pairs, preprocess: Callable, tokenizer: Calla
     """Image and (first-)caption embeddings of every pair, as float32 on the CPU, in pair order.
 
     `max_pixels` is the decompression-bomb limit the pairs were checked under (--max-image-pixels)."""
-    was_training = model.training
-    model.eval()
     dataset = _ImagesAndCaptions(pairs, preprocess, tokenizer, max_pixels=max_pixels)
     loader = DataLoader(dataset, batch_size=batch_size,
                         num_workers=workers, shuffle=False)
     images, texts = [], []
-    try:
+    with evaluating(model):
         for pixels, tokens in loader:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 image = model.encode_image(pixels.to(device), normalize=False)
                 text = model.encode_text(tokens.to(device), normalize=False)
             images.append(image.float().cpu())
             texts.append(text.float().cpu())
-    finally:
-        model.train(was_training)
     image, text = torch.cat(images), torch.cat(texts)
     if normalize:
         image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)

@@ -12,9 +12,10 @@ import logging
 import os
 import pickle
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -239,6 +240,21 @@ def load_model(spec: str, pretrained: str | None = "none") -> LoadedModel:
     return LoadedModel(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(arch), arch,
                        open_clip.get_model_config(arch) or {}, dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
                        pretrained, source)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for a while, then every submodule back to its own mode.
+
+    model.train(True) afterwards would also put frozen BatchNorm layers back into training mode,
+    where a small batch overwrites their running statistics."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 # --- LoRA -----------------------------------------------------------------------------------

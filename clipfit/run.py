@@ -165,7 +165,10 @@ def prepare_model(loaded, config: RefineConfig, device):
 
     model = loaded.model.to(device)
     if config.lock_image:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+        # freeze_bn_stats would swap timm's BatchNormAct2d for a FrozenBatchNorm2d without its
+        # activation, which silently breaks EfficientNet-style towers; the loop keeps every
+        # BatchNorm in eval mode instead (clipfit.train.freeze_batchnorm).
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
     if config.lock_text:
         model.lock_text_tower(unlocked_layers=0)
     if config.grad_checkpointing:

@@ -20,7 +20,7 @@ from clipfit.data.images import open_rgb
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
 from clipfit.features import FeatureCache, captions_hash, images_hash, starting_model_identity
-from clipfit.models import base_model
+from clipfit.models import base_model, evaluating
 
 CACHE_FORMAT = 1
 
@@ -141,9 +141,7 @@ def cached_inputs(ctx, regions: Regions) -> dict[str, Tensor]:
     c, loaded, model = ctx.config, ctx.loaded, ctx.model
     cache = FeatureCache(ctx.cache_dir, log=ctx.log)
     encoder = starting_model_identity(c)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         region_part = cache.get_or_build(
             {"kind": "dclip-regions", "encoder": encoder, "images": images_hash(ctx.pairs),
              "keys": keys_hash(ctx.pairs), "regions": regions.identity(),
@@ -155,6 +153,4 @@ def cached_inputs(ctx, regions: Regions) -> dict[str, Tensor]:
             {"kind": "dclip-tokens", "encoder": encoder, "captions": captions_hash(ctx.pairs),
              "context_length": loaded.context_length, "format": CACHE_FORMAT},
             lambda: encode_tokens(model, captions, loaded.tokenizer, ctx.device, c.batch_size))
-    finally:
-        model.train(was_training)
     return {**region_part, **token_part}

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from clipfit.errors import DataError
+from clipfit.models import evaluating
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,15 +70,11 @@ class Encoder:
 
     @torch.no_grad()
     def run(self, encode: Callable, loader, description: str) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
         outputs = []
-        try:
+        with evaluating(self.model):
             for batch in self.batches(loader, description):
                 with self.autocast():
                     outputs.append(encode(batch.to(self.device), normalize=False).float().cpu())
-        finally:
-            self.model.train(was_training)
         return F.normalize(torch.cat(outputs), dim=-1)
 
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
