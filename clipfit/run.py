@@ -12,6 +12,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,8 @@ def peak_memory(device) -> dict[str, float]:
 
     import torch
 
-    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20}
     if device.type == "cuda":
         peak["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
@@ -192,6 +194,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     from clipfit.data.dataset import PairDataset
     from clipfit.methods import build_methods, parse_weights
     from clipfit.methods.base import MethodContext
+    from clipfit.parallel import build_encoder
     from clipfit.report import write_report
     from clipfit.teacher import FrozenTeacher
     from clipfit.train import LoopSettings, Trainer, build_optimizer, lr_factor, steps_per_epoch
@@ -214,8 +217,10 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     check_free_space(run_dir, counts["total"] * 4, counts["trainable"] * 4, config.keep_checkpoints)
 
     transform = loaded.preprocess_train if config.augment else loaded.preprocess_val
-    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels,
-                          config.cache_images)
+    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
+    if config.cache_images:
+        dataset.preload(threads=max(1, config.workers))
+        progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
     settings = LoopSettings(
         epochs=config.epochs, total_steps=0, grad_accum=config.grad_accum, batch_size=config.batch_size,
         seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
@@ -261,7 +266,8 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     trainer = Trainer(model=model, methods=composite, dataset=dataset, settings=settings, device=device,
                       run_dir=run_dir, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                       progress=progress, resume_command=resume_command(argv), on_epoch_end=on_epoch_end,
-                      scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None)
+                      scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
+                      encoder=build_encoder(model, config.compile))
     resumed = trainer.restore() if config.resume else False
     before = saved.get("before") if saved and saved.get("before") else evaluate_split(model, eval_pairs, loaded, device, config.batch_size)
     run_info["before"] = before

@@ -125,6 +125,14 @@ class Trainer:
     on_epoch_end: Callable[[int], dict] | None = None
     scaler: Any = None
     is_main: bool = True
+    encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
+    data_loader: DataLoader | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.encoder is None:
+            from clipfit.parallel import PairEncoder
+
+            self.encoder = PairEncoder(self.model)
 
     # --- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -173,8 +181,7 @@ class Trainer:
     def step_inputs(self, batch: dict) -> StepInputs:
         images = batch["image"].to(self.device, non_blocking=True)
         texts = batch["text"].to(self.device, non_blocking=True)
-        image_raw = self.model.encode_image(images, normalize=False)
-        text_raw = self.model.encode_text(texts, normalize=False)
+        image_raw, text_raw = self.encoder(images, texts)
         cached: list = []
 
         def teacher():
@@ -220,10 +227,15 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
     def loader(self, epoch: int, start_batch: int) -> DataLoader:
+        """One DataLoader for the whole run, so worker processes persist across epochs; its
+        sampler is moved to each epoch (items carry their epoch, see PairDataset)."""
         s = self.settings
-        sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size)
-        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        if self.data_loader is None:
+            sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size)
+            self.data_loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
+                                          pin_memory=self.device.type == "cuda", persistent_workers=s.workers > 0)
+        self.data_loader.batch_sampler.move_to(epoch, start_batch)
+        return self.data_loader
 
     def run(self) -> Position:
         s = self.settings
