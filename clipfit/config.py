@@ -40,7 +40,7 @@ class RefineConfig:
     resume: bool = opt(False, "Continue an interrupted run in --out from its last checkpoint.", PANEL_OUTPUT)
     weight: list[str] = opt(list, "Loss-term weight NAME=VALUE (repeatable), e.g. --weight rafa=0.5.", PANEL_RUN)
     # data
-    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv.", PANEL_DATA)
+    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, or webdataset (streamed .tar shards).", PANEL_DATA)
     csv_img_key: str = opt("filepath", "Image-path column of a CSV/TSV layout.", PANEL_DATA)
     csv_caption_key: str = opt("title", "Caption column of a CSV/TSV layout.", PANEL_DATA)
     strict: bool = opt(False, "Stop before training if any item is bad, instead of skipping it.", PANEL_DATA)
@@ -220,5 +220,8 @@ def validate_combinations(c: RefineConfig) -> None:
     if c.cache_images and c.augment:
         raise UsageError("--cache-images keeps each image transformed once, which would freeze --augment's "
                          "random crops; use one or the other")
+    if c.layout == "webdataset" and (c.val_split or c.cache_images):
+        raise UsageError("--layout webdataset streams its shards: hold validation pairs out as their own shards "
+                         "instead of --val-split, and drop --cache-images")
     if c.precision == "fp16" and c.device == "cpu":
         raise UsageError("--precision fp16 is not supported on CPU; use bf16")

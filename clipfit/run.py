@@ -33,6 +33,7 @@ class RunData:
     val: list[Pair]
     check: CheckReport
     data_hash: str
+    stream: Any = None  # clipfit.data.shards.ShardSet for --layout webdataset; train is then a sample
 
 
 def data_hash(pairs: list[Pair]) -> str:
@@ -57,6 +58,8 @@ def split_val(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair]
 
 
 def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) -> RunData:
+    if config.layout == "webdataset":
+        return load_stream(pairs_path, run_dir)
     pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key)
     check = check_pairset(pairset, max_pixels=config.max_image_pixels, find_duplicates=False,
                           workers=max(1, config.workers))
@@ -74,6 +77,31 @@ def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) ->
                         f"{check.skipped[0].path}: {check.skipped[0].reason})" if check.skipped else f"{pairs_path}: no usable pairs")
     train, val = split_val(check.usable, config.val_split, config.seed)
     return RunData(train, val, check, data_hash(check.usable))
+
+
+def load_stream(pairs_path: str, run_dir: Path) -> RunData:
+    """Shards are streamed, never listed or checked up front; the first pairs are copied to
+    eval-sample/ to measure the model on before and after training."""
+    from clipfit.data.shards import extract_sample, find_shards
+
+    shards = find_shards(pairs_path)
+    sample = extract_sample(shards, run_dir / "eval-sample", limit=256)
+    check = CheckReport(root=str(shards.root), layout="webdataset", usable=sample)
+    return RunData(sample, [], check, shards.identity, stream=shards)
+
+
+def make_dataset(data: RunData, config: RefineConfig, loaded, transform, progress):
+    from clipfit.data.dataset import PairDataset
+    from clipfit.data.shards import ShardStream
+
+    if data.stream is not None:
+        return ShardStream(data.stream, transform, loaded.tokenizer, config.seed, config.batch_size,
+                           config.max_image_pixels)
+    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
+    if config.cache_images:
+        dataset.preload(threads=max(1, config.workers))
+        progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
+    return dataset
 
 
 def default_run_dir(method: str) -> Path:
@@ -191,7 +219,6 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     import torch
 
     from clipfit import models
-    from clipfit.data.dataset import PairDataset
     from clipfit.methods import build_methods, parse_weights
     from clipfit.methods.base import MethodContext
     from clipfit.parallel import build_encoder
@@ -217,10 +244,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     check_free_space(run_dir, counts["total"] * 4, counts["trainable"] * 4, config.keep_checkpoints)
 
     transform = loaded.preprocess_train if config.augment else loaded.preprocess_val
-    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
-    if config.cache_images:
-        dataset.preload(threads=max(1, config.workers))
-        progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
+    dataset = make_dataset(data, config, loaded, transform, progress)
     settings = LoopSettings(
         epochs=config.epochs, total_steps=0, grad_accum=config.grad_accum, batch_size=config.batch_size,
         seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
@@ -233,7 +257,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     run_info = {
         "clipfit": "run", "run_dir": str(run_dir), "pairs": str(Path(pairs_path).resolve()), "config": config.to_dict(),
         "resolved": {"lr": config.resolved_lr(), "device": str(device), "total_steps": settings.total_steps,
-                     "train_pairs": len(data.train), "val_pairs": len(data.val), "layout": data.check.layout,
+                     "train_pairs": len(dataset), "val_pairs": len(data.val), "layout": data.check.layout,
                      "weights": composite.weights, "parameters": counts},
         "model": models.describe(loaded), "data_hash": data.data_hash, "skipped": len(data.check.skipped),
         "environment": environment(), "argv": argv,
@@ -243,7 +267,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
 
     autocast = Trainer.autocast_for(device, config.precision)
     teacher = FrozenTeacher(model, device, autocast) if composite.needs_teacher else None
-    if teacher is not None and not config.augment:
+    if teacher is not None and not config.augment and data.stream is None:
         progress.info("encoding the training pairs once with the frozen teacher")
         teacher.precompute(dataset, config.batch_size)
     ctx = MethodContext(model=model, loaded=loaded, config=config, pairs=data.train, device=device,
@@ -272,7 +296,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     before = saved.get("before") if saved and saved.get("before") else evaluate_split(model, eval_pairs, loaded, device, config.batch_size)
     run_info["before"] = before
     write_json(run_dir / RUN_JSON, run_info)
-    progress.info(f"training {config.method} on {len(data.train)} pairs for {settings.total_steps} steps"
+    progress.info(f"training {config.method} on {len(dataset)} pairs for {settings.total_steps} steps"
                   + (f" (resumed at step {trainer.position.step})" if resumed else ""))
     train_started = time.time()
     with progress:

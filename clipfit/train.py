@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from clipfit.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
@@ -230,6 +230,10 @@ class Trainer:
         """One DataLoader for the whole run, so worker processes persist across epochs; its
         sampler is moved to each epoch (items carry their epoch, see PairDataset)."""
         s = self.settings
+        if isinstance(self.dataset, IterableDataset):  # a stream: workers copy it, so one loader per epoch
+            self.dataset.move_to(epoch, start_batch)
+            return DataLoader(self.dataset, batch_size=None, num_workers=s.workers,
+                              pin_memory=self.device.type == "cuda")
         if self.data_loader is None:
             sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size)
             self.data_loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
