@@ -20,6 +20,7 @@ from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.errors import Interrupted, TrainingError
 from clipfit.io import append_jsonl, truncate_jsonl
 from clipfit.methods.base import StepInputs
+from clipfit.parallel import Distributed, PairEncoder, average_gradients, gather_features
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -128,10 +129,12 @@ class Trainer:
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
     data_loader: DataLoader | None = field(default=None, init=False, repr=False)
 
+    @property
+    def distributed(self) -> Distributed:
+        return Distributed(self.settings.rank, self.settings.world_size)
+
     def __post_init__(self):
         if self.encoder is None:
-            from clipfit.parallel import PairEncoder
-
             self.encoder = PairEncoder(self.model)
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -181,7 +184,7 @@ class Trainer:
     def step_inputs(self, batch: dict) -> StepInputs:
         images = batch["image"].to(self.device, non_blocking=True)
         texts = batch["text"].to(self.device, non_blocking=True)
-        image_raw, text_raw = self.encoder(images, texts)
+        image_raw, text_raw, logit_scale = self.encoder(images, texts)
         cached: list = []
 
         def teacher():
@@ -193,8 +196,8 @@ class Trainer:
         return StepInputs(
             images=images, texts=texts, indices=batch["index"], image_raw=image_raw, text_raw=text_raw,
             image=nn.functional.normalize(image_raw, dim=-1), text=nn.functional.normalize(text_raw, dim=-1),
-            logit_scale=base_logit_scale(self.model).exp(), generator=generator, step=self.position.step,
-            teacher=teacher,
+            logit_scale=logit_scale, generator=generator, step=self.position.step, teacher=teacher,
+            gather=lambda t: gather_features(t, self.distributed),
         )
 
     def micro_step(self, batch: dict) -> dict[str, float]:
@@ -211,6 +214,7 @@ class Trainer:
         return values
 
     def optimizer_step(self) -> None:
+        average_gradients(self.methods.parameters(), self.distributed)  # DDP holds only the model's
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.settings.grad_clip:

@@ -22,7 +22,9 @@ class StepInputs:
     `image`/`text` their L2-normalised versions. `teacher()` returns the frozen starting
     model's unnormalised (image, text) embeddings for this batch, computed at most once per
     step however many methods ask. `generator` is seeded from (seed, step) so random draws
-    are reproducible across interruption and resume.
+    are reproducible across interruption and resume. `gather(t)` returns the rows of `t` from
+    every process of a distributed run (this process's rows keep their gradient): a loss over the
+    batch computed on gathered features sees the global batch; alone, `t` itself.
     """
 
     images: Tensor
@@ -36,6 +38,7 @@ class StepInputs:
     generator: torch.Generator
     step: int
     teacher: Callable[[], tuple[Tensor, Tensor]]
+    gather: Callable[[Tensor], Tensor] = lambda t: t
 
 
 @dataclass
