@@ -142,6 +142,34 @@ def data_check(
     print_check_report(report)
 
 
+@data_app.command("shard")
+def data_shard(
+    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs."),
+    out: Path = typer.Argument(..., help="Folder to write the .tar shards and sizes.json into (new or empty)."),
+    pairs_per_shard: int = typer.Option(1000, min=1, help="Pairs per .tar shard."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf or csv."),
+    csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
+    csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
+    max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are left out."),
+) -> None:
+    """Write WebDataset tar shards (img2dataset's KEY.jpg + KEY.txt members) for --layout webdataset.
+
+    Every image is decoded once first; unreadable ones are left out and counted. Image bytes are
+    copied as they are, never re-encoded.
+    """
+    from clipfit.data.check import check_folder
+    from clipfit.data.shards import write_shards
+    from clipfit.errors import UsageError
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: exists and is not an empty folder; choose a new OUT")
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
+                          find_duplicates=False)
+    written = write_shards(report.usable, out, pairs_per_shard)
+    left_out = f"; {len(report.skipped)} unusable item(s) left out (`clipfit data check` lists them)" if report.skipped else ""
+    typer.echo(f"wrote {len(report.usable)} pairs in {len(written)} shard(s) to {out}{left_out}")
+
+
 def count_clip_tokens(text: str) -> int:
     """Tokens open_clip's default tokenizer makes of `text`, start and end tokens included."""
     from clipfit.data.tokens import count_tokens

@@ -40,7 +40,7 @@ class RefineConfig:
     resume: bool = opt(False, "Continue an interrupted run in --out from its last checkpoint.", PANEL_OUTPUT)
     weight: list[str] = opt(list, "Loss-term weight NAME=VALUE (repeatable), e.g. --weight rafa=0.5.", PANEL_RUN)
     # data
-    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv.", PANEL_DATA)
+    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, or webdataset (streamed .tar shards).", PANEL_DATA)
     csv_img_key: str = opt("filepath", "Image-path column of a CSV/TSV layout.", PANEL_DATA)
     csv_caption_key: str = opt("title", "Caption column of a CSV/TSV layout.", PANEL_DATA)
     strict: bool = opt(False, "Stop before training if any item is bad, instead of skipping it.", PANEL_DATA)
@@ -98,7 +98,7 @@ class RefineConfig:
     fail_on_zeroshot_drop: Optional[float] = opt(None, "Exit 6 if zero-shot top-1 drops by more than this many points.", PANEL_EVAL)
     # performance and output
     workers: int = opt(2, "DataLoader worker processes.", PANEL_PERF)
-    cache_images: bool = opt(False, "Keep decoded, resized image tensors in memory (small folders).", PANEL_PERF)
+    cache_images: bool = opt(False, "Decode and resize every image once, into one in-memory tensor shared with the workers (small folders; not with --augment).", PANEL_PERF)
     grad_checkpointing: bool = opt(False, "open_clip gradient checkpointing (less memory, more compute).", PANEL_PERF)
     compile: bool = opt(False, "torch.compile the model.", PANEL_PERF)
     cache_dir: Optional[str] = opt(None, "Feature-bank cache folder [default: user cache dir].", PANEL_PERF)
@@ -217,5 +217,11 @@ def validate_combinations(c: RefineConfig) -> None:
         raise UsageError("--dclip-boxes is only read with --dclip-regions boxes")
     if c.fail_on_zeroshot_drop is not None and not c.eval_zeroshot:
         raise UsageError("--fail-on-zeroshot-drop needs --eval-zeroshot DATASET=PATH to measure the drop")
+    if c.cache_images and c.augment:
+        raise UsageError("--cache-images keeps each image transformed once, which would freeze --augment's "
+                         "random crops; use one or the other")
+    if c.layout == "webdataset" and (c.val_split or c.cache_images):
+        raise UsageError("--layout webdataset streams its shards: hold validation pairs out as their own shards "
+                         "instead of --val-split, and drop --cache-images")
     if c.precision == "fp16" and c.device == "cpu":
         raise UsageError("--precision fp16 is not supported on CPU; use bf16")

@@ -23,8 +23,9 @@ def format_row(row: dict[str, Any]) -> str:
 class Progress:
     """Interface used by the loop and the recipe; this base class prints nothing but warnings."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, silent: bool = False):
         self.stream = stream or sys.stderr
+        self.silent = silent  # distributed ranks other than 0: rank 0 speaks for the run
 
     def __enter__(self):
         return self
@@ -36,7 +37,8 @@ class Progress:
         pass
 
     def warn(self, message: str) -> None:
-        print(f"warning: {message}", file=self.stream, flush=True)
+        if not self.silent:
+            print(f"warning: {message}", file=self.stream, flush=True)
 
     def step(self, row: dict[str, Any], total: int) -> None:
         pass

@@ -12,6 +12,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class RunData:
     val: list[Pair]
     check: CheckReport
     data_hash: str
+    stream: Any = None  # clipfit.data.shards.ShardSet for --layout webdataset; train is then a sample
 
 
 def data_hash(pairs: list[Pair]) -> str:
@@ -58,6 +60,8 @@ def split_val(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair]
 
 
 def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) -> RunData:
+    if config.layout == "webdataset":
+        return load_stream(pairs_path, run_dir)
     pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key)
     check = check_pairset(pairset, max_pixels=config.max_image_pixels, find_duplicates=False,
                           workers=max(1, config.workers))
@@ -81,6 +85,31 @@ def write_skipped(run_dir: Path, check: CheckReport) -> None:
     folder, which the corrected command may reuse without --overwrite."""
     if check.skipped:
         write_text(run_dir / SKIPPED_TXT, "".join(f"{p.path}\t{p.reason}\n" for p in check.skipped))
+
+
+def load_stream(pairs_path: str, run_dir: Path) -> RunData:
+    """Shards are streamed, never listed or checked up front; the first pairs are copied to
+    eval-sample/ to measure the model on before and after training."""
+    from clipfit.data.shards import extract_sample, find_shards
+
+    shards = find_shards(pairs_path)
+    sample = extract_sample(shards, run_dir / "eval-sample", limit=256)
+    check = CheckReport(root=str(shards.root), layout="webdataset", usable=sample)
+    return RunData(sample, [], check, shards.identity, stream=shards)
+
+
+def make_dataset(data: RunData, config: RefineConfig, loaded, transform, progress, rank: int = 0, world_size: int = 1):
+    from clipfit.data.dataset import PairDataset
+    from clipfit.data.shards import ShardStream
+
+    if data.stream is not None:
+        return ShardStream(data.stream, transform, loaded.tokenizer, config.seed, config.batch_size,
+                           config.max_image_pixels, rank, world_size)
+    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
+    if config.cache_images:
+        dataset.preload(threads=max(1, config.workers))
+        progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
+    return dataset
 
 
 def default_run_dir(method: str) -> Path:
@@ -146,7 +175,8 @@ def peak_memory(device) -> dict[str, float]:
 
     import torch
 
-    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20}
     if device.type == "cuda":
         peak["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
@@ -202,22 +232,29 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     import torch
 
     from clipfit import models
-    from clipfit.data.dataset import PairDataset
     from clipfit.eval.suite import deltas, evaluate_suite, gate, load_suite
     from clipfit.methods import build_methods, parse_weights
     from clipfit.methods.base import MethodContext
+    from clipfit.parallel import build_encoder, local_device, start_distributed
+    from clipfit.progress import Progress
     from clipfit.report import write_report
     from clipfit.teacher import FrozenTeacher
     from clipfit.train import LoopSettings, Trainer, build_optimizer, lr_factor, steps_per_epoch
 
     started = time.time()
     composite = build_methods(config.method, config, parse_weights(config.weight))
-    run_dir = prepare_run_dir(config)
+    device = models.resolve_device(config.device)
+    dist = start_distributed(device)  # under torchrun: rank 0 prepares the folder and the data, and writes
+    progress = progress if dist.is_main else Progress(silent=True)
+    run_dir = dist.from_main(lambda: prepare_run_dir(config))
     saved = compare_with_saved(run_dir, config, pairs_path) if config.resume else None
-    data = load_data(pairs_path, config, run_dir, progress)
+    data = dist.from_main(lambda: load_data(pairs_path, config, run_dir, progress))
     if saved and saved.get("data_hash") != data.data_hash:
         raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
-    device = models.resolve_device(config.device)
+    if saved and saved["resolved"].get("world_size", 1) != dist.world_size:
+        raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "
+                         f"this is {dist.world_size}; the global batch and data order depend on it")
+    device = local_device(device, dist)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     loaded = models.load_model(config.model, config.pretrained)
@@ -228,13 +265,12 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     check_free_space(run_dir, counts["total"] * 4, counts["trainable"] * 4, config.keep_checkpoints)
 
     transform = loaded.preprocess_train if config.augment else loaded.preprocess_val
-    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels,
-                          config.cache_images)
+    dataset = make_dataset(data, config, loaded, transform, progress, dist.rank, dist.world_size)
     settings = LoopSettings(
         epochs=config.epochs, total_steps=0, grad_accum=config.grad_accum, batch_size=config.batch_size,
         seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
         nan_limit=config.nan_limit, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
-        log_every=config.log_every, workers=config.workers,
+        log_every=config.log_every, workers=config.workers, rank=dist.rank, world_size=dist.world_size,
     )
     total = config.epochs * steps_per_epoch(len(dataset), settings)
     settings.total_steps = min(total, config.max_steps) if config.max_steps else total
@@ -242,18 +278,20 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     run_info = {
         "clipfit": "run", "run_dir": str(run_dir), "pairs": str(Path(pairs_path).resolve()), "config": config.to_dict(),
         "resolved": {"lr": config.resolved_lr(), "device": str(device), "total_steps": settings.total_steps,
-                     "train_pairs": len(data.train), "val_pairs": len(data.val), "layout": data.check.layout,
+                     "world_size": dist.world_size,
+                     "train_pairs": len(dataset), "val_pairs": len(data.val), "layout": data.check.layout,
                      "weights": composite.weights, "parameters": counts},
         "model": models.describe(loaded), "data_hash": data.data_hash, "skipped": len(data.check.skipped),
         "environment": environment(), "argv": argv,
     }
-    write_skipped(run_dir, data.check)
-    if not config.resume:
+    if dist.is_main:
+        write_skipped(run_dir, data.check)
+    if not config.resume and dist.is_main:
         write_json(run_dir / RUN_JSON, run_info)
 
     autocast = Trainer.autocast_for(device, config.precision)
     teacher = FrozenTeacher(model, device, autocast) if composite.needs_teacher else None
-    if teacher is not None and not config.augment:
+    if teacher is not None and not config.augment and data.stream is None:
         progress.info("encoding the training pairs once with the frozen teacher")
         teacher.precompute(dataset, config.batch_size)
     ctx = MethodContext(model=model, loaded=loaded, config=config, pairs=data.train, device=device,
@@ -278,20 +316,25 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     trainer = Trainer(model=model, methods=composite, dataset=dataset, settings=settings, device=device,
                       run_dir=run_dir, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                       progress=progress, resume_command=resume_command(argv), on_epoch_end=on_epoch_end,
-                      scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None)
+                      scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
+                      encoder=build_encoder(model, config.compile, dist, device), is_main=dist.is_main)
     resumed = trainer.restore() if config.resume else False
-    before = saved.get("before") if saved and saved.get("before") else evaluate_split(
-        model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
-    if not (saved and saved.get("before")):
-        before.update(evaluate_suite(suite, model, loaded, device, config))
-    run_info["before"] = before
-    write_json(run_dir / RUN_JSON, run_info)
-    progress.info(f"training {config.method} on {len(data.train)} pairs for {settings.total_steps} steps"
+    if dist.is_main:
+        before = saved.get("before") if saved and saved.get("before") else evaluate_split(
+            model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
+        if not (saved and saved.get("before")):
+            before.update(evaluate_suite(suite, model, loaded, device, config))
+        run_info["before"] = before
+        write_json(run_dir / RUN_JSON, run_info)
+    progress.info(f"training {config.method} on {len(dataset)} pairs for {settings.total_steps} steps"
                   + (f" (resumed at step {trainer.position.step})" if resumed else ""))
     train_started = time.time()
     with progress:
         trainer.run()
     train_seconds = time.time() - train_started
+    if not dist.is_main:
+        dist.stop()
+        return run_info
     after = evaluate_split(model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
     after.update(evaluate_suite(suite, model, loaded, device, config))
     run_info.update({"delta": deltas(before, after), "gate": gate(config.fail_on_zeroshot_drop, before, after)})
@@ -308,6 +351,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     })
     write_json(run_dir / RUN_JSON, run_info)
     write_report(run_dir, run_info)
+    dist.stop()
     return run_info
 
 

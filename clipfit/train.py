@@ -13,13 +13,14 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from clipfit.checkpoint import CHECKPOINT_DIR, checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.errors import Interrupted, OutputError, TrainingError
 from clipfit.io import append_jsonl, truncate_jsonl
 from clipfit.methods.base import StepInputs
+from clipfit.parallel import Distributed, PairEncoder, average_gradients, gather_features
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -128,6 +129,16 @@ class Trainer:
     on_epoch_end: Callable[[int], dict] | None = None
     scaler: Any = None
     is_main: bool = True
+    encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
+    data_loader: DataLoader | None = field(default=None, init=False, repr=False)
+
+    @property
+    def distributed(self) -> Distributed:
+        return Distributed(self.settings.rank, self.settings.world_size)
+
+    def __post_init__(self):
+        if self.encoder is None:
+            self.encoder = PairEncoder(self.model)
 
     # --- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -182,8 +193,7 @@ class Trainer:
     def step_inputs(self, batch: dict) -> StepInputs:
         images = batch["image"].to(self.device, non_blocking=True)
         texts = batch["text"].to(self.device, non_blocking=True)
-        image_raw = self.model.encode_image(images, normalize=False)
-        text_raw = self.model.encode_text(texts, normalize=False)
+        image_raw, text_raw, logit_scale = self.encoder(images, texts)
         cached: list = []
 
         def teacher():
@@ -195,8 +205,8 @@ class Trainer:
         return StepInputs(
             images=images, texts=texts, indices=batch["index"], image_raw=image_raw, text_raw=text_raw,
             image=nn.functional.normalize(image_raw, dim=-1), text=nn.functional.normalize(text_raw, dim=-1),
-            logit_scale=base_logit_scale(self.model).exp(), generator=generator, step=self.position.step,
-            teacher=teacher, captions=batch["caption"],
+            logit_scale=logit_scale, generator=generator, step=self.position.step, teacher=teacher,
+            captions=batch.get("caption"), gather=lambda t: gather_features(t, self.distributed),
         )
 
     def micro_step(self, batch: dict) -> dict[str, float]:
@@ -213,6 +223,7 @@ class Trainer:
         return values
 
     def optimizer_step(self) -> None:
+        average_gradients(self.methods.parameters(), self.distributed)  # DDP holds only the model's
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.settings.grad_clip:
@@ -229,14 +240,25 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
     def loader(self, epoch: int, start_batch: int) -> DataLoader:
+        """One DataLoader for the whole run, so worker processes persist across epochs; its
+        sampler is moved to each epoch (items carry their epoch, see PairDataset)."""
         s = self.settings
-        sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size)
-        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
-        # and a resumed run, which creates one more loader, would drift from the uninterrupted one.
-        generator = torch.Generator().manual_seed(s.seed * 1_000_033 + epoch)
-        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers, generator=generator,
-                          worker_init_fn=ignore_stop_signals, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        if isinstance(self.dataset, IterableDataset):  # a stream: workers copy it, so one loader per epoch
+            self.dataset.move_to(epoch, start_batch)
+            return DataLoader(self.dataset, batch_size=None, num_workers=s.workers, generator=self.loader_generator(),
+                              worker_init_fn=ignore_stop_signals, pin_memory=self.device.type == "cuda")
+        if self.data_loader is None:
+            sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size)
+            self.data_loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
+                                          generator=self.loader_generator(), worker_init_fn=ignore_stop_signals,
+                                          pin_memory=self.device.type == "cuda", persistent_workers=s.workers > 0)
+        self.data_loader.batch_sampler.move_to(epoch, start_batch)
+        return self.data_loader
+
+    def loader_generator(self) -> torch.Generator:
+        # A DataLoader otherwise draws its worker seed from the global RNG each time it is iterated,
+        # and a resumed run, which starts one more iteration, would drift from the uninterrupted one.
+        return torch.Generator().manual_seed(self.settings.seed * 1_000_033)
 
     def run(self) -> Position:
         s = self.settings

@@ -25,7 +25,7 @@ DEFAULT_WORK = Path.home() / ".cache" / "clipfit" / "starter-align"
 ALIGN_SETS = ("openclipart", "emoji")
 RECIPE = {  # the alignment run: everything else is clipfit's default
     "method": "contrastive", "lock-image": None, "lock-text": None, "lr": "2e-3", "batch-size": "128",
-    "epochs": "4", "warmup-steps": "10", "schedule": "cosine", "seed": "0", "weight-decay": "0.1",
+    "epochs": "2", "warmup-steps": "10", "schedule": "cosine", "seed": "0", "weight-decay": "0.1",
 }
 
 

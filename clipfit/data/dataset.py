@@ -7,6 +7,7 @@ timing, so an interrupted run resumed from a checkpoint reads exactly what it wo
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -23,32 +24,55 @@ def caption_index(seed: int, epoch: int, index: int, count: int) -> int:
     return random.Random(f"{seed}:{epoch}:{index}").randrange(count)
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    return random.Random(f"augment:{seed}:{epoch}:{index}").getrandbits(63)
+
+
 class PairDataset(Dataset):
-    """Items are addressed as (epoch, index) so the caption choice travels with the request."""
+    """Items are addressed as (epoch, index) so the caption choice travels with the request.
+
+    Random augmentation is seeded per item from (seed, epoch, index) too, so what an item looks
+    like does not depend on the worker that loads it, on persistent workers' RNG history, or on
+    whether the run was resumed.
+    """
 
     def __init__(self, pairs: list[Pair], transform: Callable, tokenizer: Callable, seed: int,
-                 max_pixels: int, cache_images: bool = False):
+                 max_pixels: int):
         self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
         self.seed, self.max_pixels = seed, max_pixels
-        self.image_cache: dict[int, torch.Tensor] | None = {} if cache_images else None
+        self.pixels: torch.Tensor | None = None  # every image, transformed, once preload() ran
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def image(self, index: int) -> torch.Tensor:
-        if self.image_cache is not None and index in self.image_cache:
-            return self.image_cache[index]
-        pixels = self.transform(open_rgb(self.pairs[index].image, self.max_pixels))
-        if self.image_cache is not None:
-            self.image_cache[index] = pixels
-        return pixels
+    def decode(self, index: int, epoch: int = 0) -> torch.Tensor:
+        image = open_rgb(self.pairs[index].image, self.max_pixels)
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream untouched
+            torch.manual_seed(item_seed(self.seed, epoch, index))
+            return self.transform(image)
+
+    def image(self, index: int, epoch: int = 0) -> torch.Tensor:
+        if self.pixels is not None:
+            return self.pixels[index]
+        return self.decode(index, epoch)
+
+    def preload(self, threads: int = 1) -> None:
+        """Decode and transform every image once, into one shared-memory tensor (--cache-images).
+
+        Done in the main process before any DataLoader exists: workers, forked or spawned, then
+        read this one copy instead of each decoding (and caching) its own. Only for a
+        deterministic transform; the caller refuses it together with augmentation.
+        """
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # Pillow releases the GIL
+            images = list(pool.map(self.decode, range(len(self))))
+        self.pixels = torch.stack(images).share_memory_()
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         pair = self.pairs[index]
         which = caption_index(self.seed, epoch, index, len(pair.captions))
         return {
-            "image": self.image(index),
+            "image": self.image(index, epoch),
             "text": self.tokenizer([pair.captions[which]])[0],
             "index": index,
             "caption": which,
@@ -72,6 +96,10 @@ class EpochBatches(Sampler):
                  rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
         self.rank, self.world_size = rank, world_size
+
+    def move_to(self, epoch: int, start: int = 0) -> None:
+        """Point a sampler owned by a long-lived (persistent-worker) DataLoader at another epoch."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.batch_size, self.world_size) - self.start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -48,15 +49,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decode `path` to RGB, or raise BadImage with a reason a person can act on."""
-    path = Path(path)
+def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode `source` (a path, or an image file's bytes, e.g. a tar shard member) to RGB,
+    or raise BadImage with a reason a person can act on."""
+    in_memory = isinstance(source, bytes)
     try:
-        if path.stat().st_size == 0:
+        if (len(source) if in_memory else Path(source).stat().st_size) == 0:
             raise BadImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(source) if in_memory else Path(source)) as image:
                 check_size(image, max_pixels)
                 image.seek(0)
                 image.load()

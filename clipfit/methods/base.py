@@ -22,7 +22,9 @@ class StepInputs:
     `image`/`text` their L2-normalised versions. `teacher()` returns the frozen starting
     model's unnormalised (image, text) embeddings for this batch, computed at most once per
     step however many methods ask. `generator` is seeded from (seed, step) so random draws
-    are reproducible across interruption and resume.
+    are reproducible across interruption and resume. `gather(t)` returns the rows of `t` from
+    every process of a distributed run (this process's rows keep their gradient): a loss over the
+    batch computed on gathered features sees the global batch; alone, `t` itself.
     """
 
     images: Tensor
@@ -37,6 +39,7 @@ class StepInputs:
     step: int
     teacher: Callable[[], tuple[Tensor, Tensor]]
     captions: Tensor | None = None  # which of each image's captions this row trains on
+    gather: Callable[[Tensor], Tensor] = lambda t: t
 
 
 @dataclass

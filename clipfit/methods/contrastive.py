@@ -12,4 +12,4 @@ class Contrastive(Method):
     terms = {"clip": 1.0}
 
     def losses(self, step, wanted):
-        return {"clip": clip_loss(step.image, step.text, step.logit_scale)}
+        return {"clip": clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)}

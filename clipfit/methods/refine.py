@@ -30,11 +30,13 @@ class Refine(Method):
             # Raw dot products of unnormalised embeddings reach the hundreds, where bf16/fp16
             # rounding would blur the soft targets: compute the logits in float32.
             with torch.autocast(step.image_raw.device.type, enabled=False):
-                parts["hycd"] = hycd_loss(step.image_raw.float(), step.text_raw.float(), teacher_image.float(),
-                                          teacher_text.float(), alpha=c.hycd_alpha, temperature=c.hycd_temperature,
-                                          logits=c.hycd_logits, logit_scale=step.logit_scale.float())
+                image, text, teacher_image, teacher_text = (step.gather(t.float()) for t in (
+                    step.image_raw, step.text_raw, teacher_image, teacher_text))
+                parts["hycd"] = hycd_loss(image, text, teacher_image, teacher_text, alpha=c.hycd_alpha,
+                                          temperature=c.hycd_temperature, logits=c.hycd_logits,
+                                          logit_scale=step.logit_scale.float())
         if "clip" in wanted:
-            parts["clip"] = clip_loss(step.image, step.text, step.logit_scale)
+            parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)
         return parts
 
     def random_reference(self, step) -> torch.Tensor:

@@ -1,0 +1,212 @@
+"""Training throughput: clipfit against open_clip's own trainer, and each method against contrastive.
+
+    python benchmarks/throughput.py [--repeats 3] [--steps 20] [--batch-size 32] [--workers 1]
+
+Both trainers get the same random-init model (a reduced ViT, below), batch size, precision,
+steps, DataLoader workers and data (generated JPEGs, as a sidecar folder for clipfit and a CSV
+for `python -m open_clip_train.main`). Contenders run alternately, in a rotating order, and
+the medians over repeats are compared, because a shared machine's load drifts during a run.
+
+What is compared is the median per-step training throughput (pairs/s) each trainer logs for
+every step after the first two (warm-up): both measure the time from one step's end to the
+next, data waiting included. Wall time per process (start-up, data check, evaluation) is
+printed too but is not the comparison. clipfit runs with --augment here because open_clip's
+trainer always applies its training augmentation.
+
+Methods are whatever clipfit.methods.REGISTRY holds at run time, run with clipfit's defaults
+(no augmentation, so a frozen teacher's features are precomputed once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CFG = {  # a reduced ViT-B/32: same structure, small enough for a CPU benchmark
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 192, "patch_size": 16, "head_width": 64},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
+}
+WARMUP_STEPS = 2
+OPEN_CLIP_RATE = re.compile(r"Batch \(t\): [\d.]+, ([\d.]+)/s,")
+
+
+def write_data(folder: Path, n: int, size: int = 96) -> tuple[Path, Path]:
+    """n JPEG/caption pairs as a sidecar folder, and the same pairs as an open_clip CSV."""
+    rng = np.random.default_rng(0)
+    pairs = folder / "pairs"
+    pairs.mkdir(parents=True)
+    rows = ["filepath,title"]
+    for i in range(n):
+        image = pairs / f"{i:05d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(image, quality=90)
+        caption = f"photo number {i} of a random texture"
+        (pairs / f"{i:05d}.txt").write_text(caption + "\n")
+        rows.append(f"{image},{caption}")
+    csv = folder / "train.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return pairs, csv
+
+
+def write_model(folder: Path) -> tuple[Path, Path]:
+    """The model as a config JSON (clipfit --model) and as an open_clip `local-dir:` folder."""
+    config = folder / "bench-vit.json"
+    config.write_text(json.dumps(MODEL_CFG))
+    local_dir = folder / "bench-vit"
+    local_dir.mkdir()
+    (local_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": {}}))
+    return config, local_dir
+
+
+THREADS = {"value": 1}
+
+
+def environment() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # Same intra-op threads for both trainers; on a loaded machine more threads than free cores
+    # make each step many times slower (OpenMP threads wait on each other).
+    env["OMP_NUM_THREADS"] = str(THREADS["value"])
+    return env
+
+
+def run(command: list[str]) -> tuple[str, float]:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=environment())
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:4])} ... failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr, seconds
+
+
+def steady(rates: list[float]) -> float:
+    return statistics.median(rates[WARMUP_STEPS:] or rates)
+
+
+def clipfit_run(args, work: Path, pairs: Path, config: Path, method: str, *extra: str) -> dict:
+    out = work / f"clipfit-{method}-{time.time_ns()}"
+    command = [sys.executable, "-m", "clipfit", "refine", str(pairs), "--model", str(config), "--pretrained", "none",
+               "--method", method, "--out", str(out), "--batch-size", str(args.batch_size), "--workers",
+               str(args.workers), "--precision", args.precision, "--log-every", "1", "--quiet", *extra]
+    _, seconds = run(command)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    info = json.loads((out / "run.json").read_text())
+    rates = [r["pairs_per_s"] for r in rows if "pairs_per_s" in r]
+    return {"pairs_per_s": steady(rates), "steps": len(rates), "wall_s": seconds,
+            "train_s": info["train_seconds"], "teacher_forward_passes": info.get("teacher_forward_passes", 0),
+            "peak_rss_mib": info["peak_memory"]["rss_mib"]}
+
+
+def open_clip_run(args, work: Path, csv: Path, local_dir: Path) -> dict:
+    precision = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[args.precision]
+    command = [sys.executable, "-m", "open_clip_train.main", "--train-data", str(csv), "--dataset-type", "csv",
+               "--csv-separator", ",", "--model", f"local-dir:{local_dir}", "--batch-size", str(args.batch_size),
+               "--workers", str(args.workers), "--precision", precision, "--epochs", "1", "--lr", "1e-5",
+               "--wd", "0.1", "--warmup", "0", "--log-every-n-steps", "1", "--save-frequency", "0",
+               "--logs", str(work / "open_clip-logs"), "--name", f"run-{time.time_ns()}", "--report-to", ""]
+    output, seconds = run(command)
+    rates = [float(m.group(1)) for m in OPEN_CLIP_RATE.finditer(output)]
+    if not rates:
+        raise SystemExit(f"no throughput lines in open_clip's output:\n{output[-2000:]}")
+    return {"pairs_per_s": steady(rates), "steps": len(rates), "wall_s": seconds}
+
+
+def alternate(contenders: dict, repeats: int) -> dict[str, list[dict]]:
+    """Every contender once per repeat, the order rotated each time; results per contender."""
+    names = list(contenders)
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(contenders[name]())
+            print(f"  repeat {r + 1}: {name:<22} {results[name][-1]['pairs_per_s']:8.1f} pairs/s", flush=True)
+    return results
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def registered_methods() -> list[str]:
+    sys.path.insert(0, str(REPO))
+    from clipfit.methods import REGISTRY
+
+    return list(REGISTRY)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="Training steps per run (one epoch).")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--methods", default="", help="Comma-separated methods [default: all registered].")
+    parser.add_argument("--skip-open-clip", action="store_true")
+    parser.add_argument("--skip-methods", action="store_true")
+    parser.add_argument("--teacher-epochs", type=int, default=3, help="Epochs of the refine teacher-cache run (0: skip).")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every training process.")
+    parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
+    args = parser.parse_args()
+
+    THREADS["value"] = args.threads
+    work = Path(tempfile.mkdtemp(prefix="clipfit-bench-"))
+    pairs, csv = write_data(work, args.steps * args.batch_size)
+    config, local_dir = write_model(work)
+    report: dict = {"settings": vars(args) | {"json": None}, "cpu_count": os.cpu_count(), "model": MODEL_CFG}
+    print(f"{args.steps * args.batch_size} pairs, batch {args.batch_size}, {args.steps} steps, {args.workers} "
+          f"worker(s), {args.precision}, {os.cpu_count()} CPU(s); data in {work}", flush=True)
+
+    if not args.skip_open_clip:
+        print("clipfit contrastive vs open_clip_train.main:", flush=True)
+        results = alternate({
+            "clipfit contrastive": lambda: clipfit_run(args, work, pairs, config, "contrastive", "--augment"),
+            "open_clip_train": lambda: open_clip_run(args, work, csv, local_dir),
+        }, args.repeats)
+        ours, theirs = median_of(results["clipfit contrastive"], "pairs_per_s"), median_of(results["open_clip_train"], "pairs_per_s")
+        print(f"median pairs/s: clipfit {ours:.1f}, open_clip {theirs:.1f}, ratio clipfit/open_clip {ours / theirs:.3f}")
+        print(f"median wall s per process: clipfit {median_of(results['clipfit contrastive'], 'wall_s'):.1f}, "
+              f"open_clip {median_of(results['open_clip_train'], 'wall_s'):.1f}")
+        report["vs_open_clip"] = {"runs": results, "ratio": ours / theirs}
+
+    if not args.skip_methods:
+        methods = [m for m in args.methods.split(",") if m] or registered_methods()
+        print("per-step cost of each method relative to contrastive (no augmentation):", flush=True)
+        results = alternate({m: (lambda m=m: clipfit_run(args, work, pairs, config, m)) for m in methods},
+                            args.repeats)
+        base = median_of(results["contrastive"], "pairs_per_s") if "contrastive" in results else None
+        for method, runs in results.items():
+            rate = median_of(runs, "pairs_per_s")
+            relative = f"{base / rate:.3f}x contrastive" if base else ""
+            print(f"  {method:<14} {rate:8.1f} pairs/s  {relative}")
+        report["methods"] = results
+
+    if args.teacher_epochs and "refine" in registered_methods():
+        print(f"refine, {args.teacher_epochs} epochs: teacher features precomputed (default) vs per step (--augment):")
+        epochs = ["--epochs", str(args.teacher_epochs)]
+        results = alternate({
+            "refine precomputed": lambda: clipfit_run(args, work, pairs, config, "refine", *epochs),
+            "refine per step": lambda: clipfit_run(args, work, pairs, config, "refine", "--augment", *epochs),
+        }, args.repeats)
+        for name, runs in results.items():
+            print(f"  {name:<20} teacher forward passes {runs[0]['teacher_forward_passes']:5d}, "
+                  f"training {median_of(runs, 'train_s'):6.1f} s, {median_of(runs, 'pairs_per_s'):7.1f} pairs/s")
+        report["teacher_cache"] = results
+
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""How the model runs a training step: both towers in one module, optionally compiled
+(--compile) and, under torchrun, wrapped in DistributedDataParallel.
+
+Distributed runs: `torchrun --nproc-per-node N -m clipfit refine ...` sets RANK/WORLD_SIZE/
+LOCAL_RANK; every process trains on its slice of each global batch (EpochBatches, ShardStream),
+only rank 0 writes the run folder and shows progress. Losses over the batch gather features
+from all ranks (`StepInputs.gather`), so a 2-process run with --batch-size B computes what one
+process with --batch-size 2B does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def from_main(self, make: Callable[[], Any]) -> Any:
+        """`make()` run on rank 0 only (it may write files), its result sent to every rank."""
+        box = [make() if self.is_main else None]
+        if self.active:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def stop(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_distributed(device: torch.device) -> Distributed:
+    """Join the process group torchrun describes in the environment (a single process otherwise)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    state = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(state.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return state
+
+
+def local_device(device: torch.device, state: Distributed) -> torch.device:
+    return torch.device("cuda", state.local_rank) if device.type == "cuda" and state.active else device
+
+
+class PairEncoder(nn.Module):
+    """Image and text embeddings (projected, unnormalised) and the exponentiated logit scale
+    in one forward call.
+
+    The loop calls this instead of model.encode_image/encode_text: DistributedDataParallel only
+    synchronises gradients of what runs through its wrapped module's forward, and torch.compile
+    only compiles a module's forward.
+    """
+
+    def __init__(self, model: nn.Module):
+        from clipfit.train import base_logit_scale  # here: clipfit.train imports this module
+
+        super().__init__()
+        self.model = model
+        self.logit_scale_of = base_logit_scale
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = self.model.encode_image(images, normalize=False)
+        text = self.model.encode_text(texts, normalize=False)
+        return image, text, self.logit_scale_of(self.model).exp()
+
+
+def build_encoder(model: nn.Module, compile: bool = False, state: Distributed = Distributed(),
+                  device: torch.device | None = None) -> nn.Module:
+    encoder: nn.Module = PairEncoder(model)
+    if state.active:
+        ids = [state.local_rank] if device is not None and device.type == "cuda" else None
+        encoder = nn.parallel.DistributedDataParallel(encoder, device_ids=ids)
+    if compile:
+        encoder = torch.compile(encoder)
+    return encoder
+
+
+def gather_features(local: torch.Tensor, state: Distributed) -> torch.Tensor:
+    """Rows of every rank, in rank order; gradients flow through this rank's own rows only,
+    as in open_clip's gather_features(gather_with_grad=False).
+
+    Every rank computes the same loss over the gathered rows, so the true gradient of this
+    rank's rows is the sum of all ranks' (identical) gradients, world_size times the local one;
+    DDP then averages over ranks. The local rows carry that factor in their gradient (not their
+    value), which makes a distributed step equal to a one-process step over the global batch.
+    """
+    if not state.active:
+        return local
+    parts = [torch.empty_like(local) for _ in range(state.world_size)]
+    dist.all_gather(parts, local.detach().contiguous())
+    parts[state.rank] = local + (state.world_size - 1) * (local - local.detach())
+    return torch.cat(parts)
+
+
+def average_gradients(parameters: list[nn.Parameter], state: Distributed) -> None:
+    """Average the gradients of trainable tensors DDP does not hold (method heads)."""
+    if not state.active:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= state.world_size
