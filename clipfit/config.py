@@ -69,7 +69,7 @@ class RefineConfig:
     lora_rank: int = opt(8, "LoRA rank r.", PANEL_LORA)
     lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r).", PANEL_LORA)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA input.", PANEL_LORA)
-    lora_targets: str = opt("attn,c_fc,c_proj", "Comma-separated module names to adapt (attn = nn.MultiheadAttention).", PANEL_LORA)
+    lora_targets: str = opt("auto", "Comma-separated module names to adapt (attn = nn.MultiheadAttention); auto: attn,c_fc,c_proj for open_clip towers, query,key,value for Hugging Face text towers.", PANEL_LORA)
     # method options: CLIP-Refine
     rafa_sigma: float = opt(1.0, "refine: std of RaFA's random reference z ~ N(0, sigma^2 I).", PANEL_METHOD)
     hycd_alpha: float = opt(0.5, "refine: HyCD weight of the identity in the target Q = a I + (1-a) softmax(G/T).", PANEL_METHOD)

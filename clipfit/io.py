@@ -12,6 +12,12 @@ from typing import Any, Iterator
 from clipfit.errors import OutputError
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it over `path`.
@@ -25,6 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results should read like any new file
         tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb") as f:

@@ -30,6 +30,9 @@ MODEL_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"
 OFFLINE_HINT = "offline alternatives: --model lite0-minilm, --pretrained PATH/TO/weights.safetensors, or --pretrained none"
 DEFAULT_LORA_TARGETS = ("attn", "c_fc", "c_proj")
+# `--lora-targets auto`: open_clip transformers' attention and MLP, Hugging Face text towers'
+# attention projections; whichever the model has.
+AUTO_LORA_TARGETS = DEFAULT_LORA_TARGETS + ("query", "key", "value")
 
 
 @dataclass
@@ -263,13 +266,25 @@ def matching_modules(model: nn.Module, targets: list[str]) -> list[str]:
     return [name for name, _ in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)]
 
 
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Distinct last names of the Linear and MultiheadAttention modules: what --lora-targets may name."""
+    kinds = (nn.Linear, nn.MultiheadAttention)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, kinds)})
+
+
+def resolve_lora_targets(model: nn.Module, spec: str) -> list[str]:
+    if spec.strip() == "auto":
+        return [t for t in AUTO_LORA_TARGETS if matching_modules(model, [t])]
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
     """Wrap `model` with peft LoRA adapters on the named submodules; only adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    if not matching_modules(model, targets):
-        raise UsageError(f"--lora-targets {','.join(targets)} match no module of this model; "
-                         "name attention/linear submodules (see `clipfit models --modules MODEL`)")
+    if not targets or not matching_modules(model, targets):
+        raise UsageError(f"--lora-targets {','.join(targets) or 'auto'} match no module of this model; "
+                         f"this model's linear/attention modules are named: {', '.join(adaptable_names(model)[:12])}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return get_peft_model(model, config)
 

@@ -204,7 +204,7 @@ def prepare_model(loaded, config: RefineConfig, device):
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if config.lora:
-        targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+        targets = models.resolve_lora_targets(model, config.lora_targets)
         model = models.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, targets)
     return model
 

@@ -74,6 +74,48 @@ def export(run_dir: Path) -> Path:
     return ALIGNED_WEIGHTS
 
 
+EVALUATIONS = [  # (row label, eval sub-command, data folder under WORK, CLIP_benchmark metric)
+    ("openclipart `heldout/` retrieval R@1, image → text", "retrieval", "openclipart/heldout", "text_retrieval_recall@1"),
+    ("openclipart `heldout/` retrieval R@1, text → image", "retrieval", "openclipart/heldout", "image_retrieval_recall@1"),
+    ("emoji `heldout/` retrieval R@1, image → text", "retrieval", "emoji/heldout", "text_retrieval_recall@1"),
+    ("emoji `heldout/` retrieval R@1, text → image", "retrieval", "emoji/heldout", "image_retrieval_recall@1"),
+    ("Fashion-MNIST zero-shot top-1 (1000 test images)", "zeroshot folder", "fashion-mnist", "acc1"),
+    ("foolbox ImageNet samples zero-shot top-1 (20 images; smoke test, not a measurement)", "zeroshot imagenet",
+     "imagenet-samples", "acc1"),
+]
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def evaluate(work: Path, pretrained: str) -> dict[tuple[str, str], dict]:
+    """CLIP_benchmark-shaped metrics of one weight set on every held-out folder, each computed once."""
+    results = {}
+    for _, command, folder, _ in EVALUATIONS:
+        if (command, folder) in results:
+            continue
+        data = [str(work / folder)] if command == "retrieval" else ["--data", str(work / folder)]
+        out = run(sys.executable, "-m", "clipfit", "eval", *command.split(), *data, "--model", "lite0-minilm",
+                  "--pretrained", pretrained, "--json", "--quiet", "--workers", "0")
+        results[(command, folder)] = json.loads(out.stdout)["metrics"]
+    return results
+
+
+def results_table(towers: dict, aligned: dict) -> str:
+    lines = ["| Evaluation | Towers only (random projections) | Aligned |", "|---|---:|---:|"]
+    for label, command, folder, metric in EVALUATIONS:
+        before, after = towers[(command, folder)][metric], aligned[(command, folder)][metric]
+        lines.append(f"| {label} | {100 * before:.1f} | {100 * after:.1f} |")
+    return "\n".join(lines)
+
+
+def write_results(table: str) -> None:
+    from clipfit.io import write_text
+
+    card = REPO / "docs" / "starter-model.md"
+    text = card.read_text(encoding="utf-8")
+    start, end = text.index(RESULTS_START) + len(RESULTS_START), text.index(RESULTS_END)
+    write_text(card, text[:start] + "\n" + table + "\n" + text[end:])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where data and the run go")
@@ -83,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     build_data(args.work)
     run_dir = args.work / "run" if args.skip_align else align(args.work)
     print(f"aligned weights written to {export(run_dir)}")
-    print(json.dumps(json.loads((run_dir / "run.json").read_text())["after"], indent=2))
+    table = results_table(evaluate(args.work, "none"), evaluate(args.work, "aligned"))
+    write_results(table)
+    print(table)
 
 
 if __name__ == "__main__":

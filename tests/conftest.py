@@ -61,13 +61,38 @@ def cli_env() -> dict:
     return env
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m clipfit ARGS` in a subprocess, as a user would."""
-    result = subprocess.run([sys.executable, "-m", "clipfit", *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd, env=cli_env(), timeout=timeout)
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: int = 300,
+            subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run clipfit with ARGS and capture its output and exit status.
+
+    In this process by default (a fresh interpreter pays seconds of imports per call);
+    `subprocess_=True` runs `python -m clipfit` as a user would, for what needs a real process."""
+    argv = [str(a) for a in args]
+    result = run_in_subprocess(argv, cwd, timeout) if subprocess_ else run_in_process(argv, cwd)
     if check and result.returncode != 0:
-        raise AssertionError(f"clipfit {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        raise AssertionError(f"clipfit {' '.join(argv)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+def run_in_subprocess(argv: list[str], cwd: Path | None, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipfit", *argv], capture_output=True, text=True,
+                          cwd=cwd, env=cli_env(), timeout=timeout)
+
+
+def run_in_process(argv: list[str], cwd: Path | None) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_main(argv)
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["clipfit", *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 def tiny_refine_args(pairs: Path, out: Path, config: Path, *extra: str) -> list[str]:

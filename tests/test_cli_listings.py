@@ -26,5 +26,5 @@ def test_data_check_json_reports_bad_images_and_long_captions(tmp_path):
 
 
 def test_python_dash_m_and_version():
-    result = run_cli("--version")
+    result = run_cli("--version", subprocess_=True)
     assert result.returncode == 0 and result.stdout.startswith("clipfit ")

@@ -188,3 +188,17 @@ def test_nan_policy_skip_gives_up_past_the_limit(pairs_dir, tiny_config, tmp_pat
 def test_limits_must_be_positive(flag, pairs_dir, tiny_config, tmp_path, capsys):
     assert run_main(tiny_refine_args(pairs_dir, tmp_path / "run", tiny_config, flag, "0")) == 2
     assert flag in one_error_line(capsys)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from clipfit.io import write_text
+
+    previous = os.umask(0o022)
+    try:
+        write_text(tmp_path / "report.md", "hello")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o644

@@ -11,18 +11,7 @@ from clipfit.data.dataset import PairDataset
 from clipfit.data.layouts import load_pairs
 from clipfit.errors import UsageError
 from clipfit.models import load_model
-from conftest import tiny_refine_args, write_pairs
-
-
-def run_here(argv: list) -> int:
-    """Run clipfit in this process (no interpreter start-up) and return its exit status."""
-    from clipfit.cli import main
-
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
+from conftest import run_main, tiny_refine_args, write_pairs
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +49,8 @@ def test_cached_images_and_persistent_workers_train_the_same_weights(tmp_path, t
 
     pairs = write_pairs(tmp_path / "pairs", n=16, captions_per_image=2)
     common = ["--epochs", "2", "--lr", "1e-3"]
-    assert run_here(tiny_refine_args(pairs, tmp_path / "plain", tiny_config, *common)) == 0
-    assert run_here(tiny_refine_args(pairs, tmp_path / "fast", tiny_config, *common,
+    assert run_main(tiny_refine_args(pairs, tmp_path / "plain", tiny_config, *common)) == 0
+    assert run_main(tiny_refine_args(pairs, tmp_path / "fast", tiny_config, *common,
                                      "--workers", "2", "--cache-images")) == 0
     plain, fast = load_file(str(tmp_path / "plain/model.safetensors")), load_file(str(tmp_path / "fast/model.safetensors"))
     assert all(torch.equal(plain[k], fast[k]) for k in plain)
@@ -69,7 +58,7 @@ def test_cached_images_and_persistent_workers_train_the_same_weights(tmp_path, t
 
 def test_bf16_and_gradient_checkpointing_train_and_report_peak_memory(tmp_path, tiny_config, pairs_dir):
     out = tmp_path / "run"
-    assert run_here(tiny_refine_args(pairs_dir, out, tiny_config, "--precision", "bf16", "--grad-checkpointing",
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--precision", "bf16", "--grad-checkpointing",
                                      "--max-steps", "2", "--log-every", "1")) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["steps"] == 2 and run["peak_memory"]["rss_mib"] > 10

@@ -11,8 +11,8 @@ from clipfit.data.shards import ShardStream, find_shards
 from clipfit.errors import UsageError
 from clipfit.config import RefineConfig, validate
 from clipfit.models import load_model
-from conftest import run_cli, tiny_refine_args, write_pairs
-from test_performance import run_here
+from conftest import run_cli, run_main, tiny_refine_args, write_pairs
+
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_streaming_refuses_val_split_and_image_cache():
 
 def test_refine_trains_on_streamed_shards(shards, tmp_path, tiny_config):
     out = tmp_path / "run"
-    assert run_here(tiny_refine_args(shards, out, tiny_config, "--layout", "webdataset", "--method", "refine",
+    assert run_main(tiny_refine_args(shards, out, tiny_config, "--layout", "webdataset", "--method", "refine",
                                      "--epochs", "2")) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["resolved"]["train_pairs"] == 20 and run["steps"] == 4

@@ -102,7 +102,7 @@ class Lite(Method):
     def report(self):
         facts = {"critic": self.config.lite_critic, "negatives": self.config.lite_negatives}
         if self.log_scale is not None:
-            facts["learned_critic_scale"] = float(self.log_scale.exp())
+            facts["learned_critic_scale"] = float(self.log_scale.detach().exp())
         if self.prior is not None:
             facts["prior_discriminators_parameters"] = sum(p.numel() for p in self.prior.parameters())
         return facts
