@@ -92,8 +92,9 @@ def count_images(folder: Path) -> int:
 
 def zeroshot_sets(args: argparse.Namespace) -> dict[str, str]:
     """run.json group name → --eval-zeroshot spec."""
-    subset = balanced_subset(args.data / ZEROSHOT, args.work / f"{ZEROSHOT}-{args.zeroshot_per_class}-per-class",
-                             args.zeroshot_per_class, SEED)
+    subset = args.work / f"{ZEROSHOT}-{args.zeroshot_per_class}-per-class"
+    if not args.reuse:  # the runs being reused were evaluated on the folder as it is
+        balanced_subset(args.data / ZEROSHOT, subset, args.zeroshot_per_class, SEED)
     sets = {subset.name: f"folder={subset}"}
     if args.imagenet:
         sets["imagenet"] = f"imagenet={args.data / 'imagenet-samples'}"
@@ -271,7 +272,9 @@ def document(args: argparse.Namespace, runs: dict[str, dict], sizes: dict[str, i
     legend = ("R@1 and top-1 in %, higher is better; modality gap = ‖mean image − mean text embedding‖ on the "
               "validation pairs, lower is narrower; train s = training loop only, wall s = the whole run "
               "(loading, feature banks or teachers, before and after evaluation).")
-    return "\n".join([header(args, runs, sizes), "", "## Before → after", "", table(runs), "", legend,
+    missing = [f"`{m}`" for m in METHODS if m not in runs]
+    partial = [f"> Partial table: no runs of {', '.join(missing)} yet.", ""] if missing else []
+    return "\n".join([header(args, runs, sizes), "", "## Before → after", "", *partial, table(runs), "", legend,
                       "", "## Reading", "", reading(runs, sizes), ""])
 
 
