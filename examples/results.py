@@ -252,7 +252,8 @@ def header(args: argparse.Namespace, runs: dict[str, dict], sizes: dict[str, int
         f"- **Model**: `--model {args.model} --pretrained {args.pretrained}` (docs/starter-model.md).",
         f"- **Data**: {data}. The Fashion-MNIST subset is {args.zeroshot_per_class} images per class, picked "
         f"with seed {SEED} from the builder's 1000-image test folder; every run evaluates it before and after.",
-        f"- **Scale**: cut down for 2 shared CPU cores (the aim was about 25 minutes for all runs): {first['steps']} optimiser steps per run "
+        "- **Scale**: cut down for 2 shared CPU cores (the aim was about 25 minutes for all runs): "
+        f"{first['steps']} optimiser steps per run "
         "and a zero-shot subset; the reading says which changes exceed their noise.",
         f"- **Seed**: {SEED} for every run (data order, split, random draws). Settings shared by every run: "
         f"`{shlex.join(flags(SETTINGS))}`: the image trunk is frozen (its projection trains; its backward "
