@@ -14,7 +14,7 @@ starter's recipe, examples/align_starter.py, builds the same folders under the s
     python examples/datasets/fashion_mnist.py ~/.cache/clipfit/starter-align/fashion-mnist
     python examples/datasets/imagenet_samples.py ~/.cache/clipfit/starter-align/imagenet-samples  # --imagenet only
 
-Then, from the repository root (about 25 minutes on 2 CPU cores):
+Then, from the repository root (about 6 minutes a run on 2 shared CPU cores; longer for ping and dclip):
 
     python examples/results.py                      # writes docs/results.md
     python examples/results.py --pretrained none --methods refine --out /tmp/results.md -- --max-steps 2
