@@ -68,25 +68,33 @@ class PairEncoder(nn.Module):
 
     The loop calls this instead of model.encode_image/encode_text: DistributedDataParallel only
     synchronises gradients of what runs through its wrapped module's forward, and torch.compile
-    only compiles a module's forward.
+    only compiles a module's forward. For a tower named in `rests` the input is a locked tower's
+    precomputed output (clipfit.towers), and only the trainable remainder runs (None: nothing).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, rests: dict[str, nn.Module | None] | None = None):
         from clipfit.train import base_logit_scale  # here: clipfit.train imports this module
 
         super().__init__()
         self.model = model
         self.logit_scale_of = base_logit_scale
+        self.rests = dict(rests or {})  # a plain dict: these modules belong to, and are saved with, the model
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = self.model.encode_image(images, normalize=False)
-        text = self.model.encode_text(texts, normalize=False)
+        image = self.embed("image", images, self.model.encode_image)
+        text = self.embed("text", texts, self.model.encode_text)
         return image, text, self.logit_scale_of(self.model).exp()
+
+    def embed(self, tower: str, inputs: torch.Tensor, encode) -> torch.Tensor:
+        if tower not in self.rests:
+            return encode(inputs, normalize=False)
+        rest = self.rests[tower]
+        return inputs if rest is None else rest(inputs)
 
 
 def build_encoder(model: nn.Module, compile: bool = False, state: Distributed = Distributed(),
-                  device: torch.device | None = None) -> nn.Module:
-    encoder: nn.Module = PairEncoder(model)
+                  device: torch.device | None = None, rests: dict[str, nn.Module | None] | None = None) -> nn.Module:
+    encoder: nn.Module = PairEncoder(model, rests)
     if state.active:
         ids = [state.local_rank] if device is not None and device.type == "cuda" else None
         encoder = nn.parallel.DistributedDataParallel(encoder, device_ids=ids)

@@ -98,15 +98,20 @@ def load_stream(pairs_path: str, run_dir: Path) -> RunData:
     return RunData(sample, [], check, shards.identity, stream=shards)
 
 
-def make_dataset(data: RunData, config: RefineConfig, loaded, transform, progress, rank: int = 0, world_size: int = 1):
+def make_dataset(data: RunData, config: RefineConfig, loaded, model, progress, rank: int = 0, world_size: int = 1):
     from clipfit.data.dataset import PairDataset
     from clipfit.data.shards import ShardStream
+    from clipfit.towers import frozen_parts
 
+    transform = loaded.preprocess_train if config.augment else loaded.preprocess_val
     if data.stream is not None:
         return ShardStream(data.stream, transform, loaded.tokenizer, config.seed, config.batch_size,
                            config.max_image_pixels, rank, world_size)
-    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
-    if config.cache_images:
+    # Steps of a cached locked image tower never look at pixels: the loader need not decode them.
+    pixels_needed = not ("image" in frozen_parts(model) and "image" in cacheable_towers(config))
+    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels,
+                          with_images=pixels_needed)
+    if config.cache_images and pixels_needed:
         dataset.preload(threads=max(1, config.workers))
         progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
     return dataset
@@ -228,20 +233,57 @@ def evaluate_split(model, pairs: list[Pair], loaded, device, batch_size: int,
             "text_to_image_R@1": retrieval["text_to_image_R@1"], "modality_gap": modality_gap(image, text)}
 
 
+@dataclass
+class Setup:
+    """A run once its folder, data, model and methods are ready (see `set_up`)."""
+
+    config: RefineConfig
+    progress: Any
+    dist: Any  # clipfit.parallel.Distributed
+    device: Any
+    run_dir: Path
+    saved: dict | None  # run.json of the run being resumed
+    data: RunData
+    loaded: Any  # clipfit.models.LoadedModel
+    model: Any
+    composite: Any  # clipfit.methods.Composite
+    dataset: Any
+    settings: Any  # clipfit.train.LoopSettings
+    info: dict  # run.json as it grows
+
+
 def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> dict[str, Any]:
+    from clipfit.eval.suite import load_suite
+
+    started = time.time()
+    setup = set_up(pairs_path, config, argv, progress)
+    teacher, locked = precompute_frozen(setup)
+    prepare_methods(setup)
+    trainer = make_trainer(setup, argv, teacher, locked)
+    suite = load_suite(config, setup.data.val, setup.progress.warn)
+    measure_before(setup, trainer, suite)
+    train_started = time.time()
+    with setup.progress:
+        trainer.run()
+    train_seconds = time.time() - train_started
+    if setup.dist.is_main:
+        finish(setup, trainer, suite, {
+            "wall_seconds": time.time() - started, "train_seconds": train_seconds,
+            "teacher_forward_passes": teacher.forward_passes if teacher else 0,
+            "locked_towers": locked.facts if locked else None})
+    setup.dist.stop()
+    return setup.info
+
+
+def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> Setup:
+    """Methods, device, process group, run folder, data, model and dataset; run.json written."""
     import torch
 
     from clipfit import models
-    from clipfit.eval.suite import deltas, evaluate_suite, gate, load_suite
     from clipfit.methods import build_methods, parse_weights
-    from clipfit.methods.base import MethodContext
-    from clipfit.parallel import build_encoder, local_device, start_distributed
+    from clipfit.parallel import local_device, start_distributed
     from clipfit.progress import Progress
-    from clipfit.report import write_report
-    from clipfit.teacher import FrozenTeacher
-    from clipfit.train import LoopSettings, Trainer, build_optimizer, lr_factor, steps_per_epoch
 
-    started = time.time()
     composite = build_methods(config.method, config, parse_weights(config.weight))
     device = models.resolve_device(config.device)
     dist = start_distributed(device)  # under torchrun: rank 0 prepares the folder and the data, and writes
@@ -249,11 +291,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     run_dir = dist.from_main(lambda: prepare_run_dir(config))
     saved = compare_with_saved(run_dir, config, pairs_path) if config.resume else None
     data = dist.from_main(lambda: load_data(pairs_path, config, run_dir, progress))
-    if saved and saved.get("data_hash") != data.data_hash:
-        raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
-    if saved and saved["resolved"].get("world_size", 1) != dist.world_size:
-        raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "
-                         f"this is {dist.world_size}; the global batch and data order depend on it")
+    check_resumable(saved, data, dist.world_size, pairs_path)
     device = local_device(device, dist)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -263,19 +301,9 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     if counts["trainable"] == 0:
         raise UsageError("nothing to train: every parameter is frozen (check --lock-image/--lock-text)")
     check_free_space(run_dir, counts["total"] * 4, counts["trainable"] * 4, config.keep_checkpoints)
-
-    transform = loaded.preprocess_train if config.augment else loaded.preprocess_val
-    dataset = make_dataset(data, config, loaded, transform, progress, dist.rank, dist.world_size)
-    settings = LoopSettings(
-        epochs=config.epochs, total_steps=0, grad_accum=config.grad_accum, batch_size=config.batch_size,
-        seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
-        nan_limit=config.nan_limit, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
-        log_every=config.log_every, workers=config.workers, rank=dist.rank, world_size=dist.world_size,
-    )
-    total = config.epochs * steps_per_epoch(len(dataset), settings)
-    settings.total_steps = min(total, config.max_steps) if config.max_steps else total
-
-    run_info = {
+    dataset = make_dataset(data, config, loaded, model, progress, dist.rank, dist.world_size)
+    settings = loop_settings(config, len(dataset), dist)
+    info = {
         "clipfit": "run", "run_dir": str(run_dir), "pairs": str(Path(pairs_path).resolve()), "config": config.to_dict(),
         "resolved": {"lr": config.resolved_lr(), "device": str(device), "total_steps": settings.total_steps,
                      "world_size": dist.world_size,
@@ -287,72 +315,150 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     if dist.is_main:
         write_skipped(run_dir, data.check)
     if not config.resume and dist.is_main:
-        write_json(run_dir / RUN_JSON, run_info)
+        write_json(run_dir / RUN_JSON, info)
+    return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info)
 
-    autocast = Trainer.autocast_for(device, config.precision)
-    teacher = FrozenTeacher(model, device, autocast) if composite.needs_teacher else None
-    if teacher is not None and not config.augment and data.stream is None:
+
+def check_resumable(saved: dict | None, data: RunData, world_size: int, pairs_path: str) -> None:
+    if saved and saved.get("data_hash") != data.data_hash:
+        raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
+    if saved and saved["resolved"].get("world_size", 1) != world_size:
+        raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "
+                         f"this is {world_size}; the global batch and data order depend on it")
+
+
+def loop_settings(config: RefineConfig, n_items: int, dist):
+    from clipfit.train import LoopSettings, steps_per_epoch
+
+    settings = LoopSettings(
+        epochs=config.epochs, total_steps=0, grad_accum=config.grad_accum, batch_size=config.batch_size,
+        seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
+        nan_limit=config.nan_limit, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
+        log_every=config.log_every, workers=config.workers, rank=dist.rank, world_size=dist.world_size,
+    )
+    total = config.epochs * steps_per_epoch(n_items, settings)
+    settings.total_steps = min(total, config.max_steps) if config.max_steps else total
+    return settings
+
+
+def precompute_frozen(setup: Setup):
+    """The frozen teacher's outputs and the locked towers' outputs, once per training item,
+    wherever the input is the same every epoch (no augmentation for images; never for streams)."""
+    from clipfit.teacher import FrozenTeacher
+    from clipfit.towers import precompute_locked
+    from clipfit.train import Trainer
+
+    config, progress = setup.config, setup.progress
+    autocast = Trainer.autocast_for(setup.device, config.precision)
+    teacher = FrozenTeacher(setup.model, setup.device, autocast) if setup.composite.needs_teacher else None
+    if setup.data.stream is not None or config.no_precompute:
+        return teacher, None
+    if teacher is not None and not config.augment:
         progress.info("encoding the training pairs once with the frozen teacher")
-        teacher.precompute(dataset, config.batch_size)
-    ctx = MethodContext(model=model, loaded=loaded, config=config, pairs=data.train, device=device,
-                        run_dir=run_dir, cache_dir=cache_dir(config), log=progress.info)
-    for method in composite.methods:
-        method.prepare(ctx)
-    for param in composite.parameters():
-        param.data = param.data.to(device)
+        teacher.precompute(setup.dataset, config.batch_size, config.workers)
+    locked = precompute_locked(setup.model, setup.dataset, cacheable_towers(config), config.batch_size,
+                               config.workers, setup.device, autocast)
+    if locked is not None:
+        progress.info(f"locked {' and '.join(locked.parts)} tower: frozen outputs of every training item computed "
+                      f"once ({locked.seconds:.1f} s, {locked.facts['mib']:.1f} MiB)")
+    return teacher, locked
 
-    named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(composite.parameters())]
+
+def cacheable_towers(config: RefineConfig) -> set[str]:
+    """Towers whose input is the same every epoch (captions always, images unless augmented),
+    unless --no-precompute."""
+    if config.no_precompute:
+        return set()
+    return {"text"} | (set() if config.augment else {"image"})
+
+
+def prepare_methods(setup: Setup) -> None:
+    from clipfit.methods.base import MethodContext
+
+    ctx = MethodContext(model=setup.model, loaded=setup.loaded, config=setup.config, pairs=setup.data.train,
+                        device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
+                        log=setup.progress.info)
+    for method in setup.composite.methods:
+        method.prepare(ctx)
+    for param in setup.composite.parameters():
+        param.data = param.data.to(setup.device)
+
+
+def make_trainer(setup: Setup, argv: list[str], teacher, locked):
+    import torch
+
+    from clipfit.parallel import build_encoder
+    from clipfit.towers import frozen_parts
+    from clipfit.train import Trainer, build_optimizer, lr_factor
+
+    config, model = setup.config, setup.model
+    named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(setup.composite.parameters())]
     optimizer = build_optimizer(named, config.resolved_lr(), config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, settings.total_steps, config.schedule))
-    eval_pairs = data.val or data.train[:256]
-    eval_name = "validation" if data.val else "training subset"
-    suite = load_suite(config, data.val, progress.warn)
+        optimizer, lambda step: lr_factor(step, config.warmup_steps, setup.settings.total_steps, config.schedule))
 
     def on_epoch_end(epoch: int) -> dict:
-        return {f"val_{k}": v for k, v in evaluate_split(model, data.val, loaded, device, config.batch_size,
-                                                           config.max_image_pixels).items()} if data.val else {}
+        return {f"val_{k}": v for k, v in evaluate_split(model, setup.data.val, setup.loaded, setup.device,
+                                                           config.batch_size, config.max_image_pixels).items()} \
+            if setup.data.val else {}
 
-    trainer = Trainer(model=model, methods=composite, dataset=dataset, settings=settings, device=device,
-                      run_dir=run_dir, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
-                      progress=progress, resume_command=resume_command(argv), on_epoch_end=on_epoch_end,
+    rests = {tower: part.rest for tower, part in locked.parts.items()} if locked else {}
+    trainer = Trainer(model=model, methods=setup.composite, dataset=setup.dataset, settings=setup.settings,
+                      device=setup.device, run_dir=setup.run_dir, optimizer=optimizer, scheduler=scheduler,
+                      teacher=teacher, progress=setup.progress, resume_command=resume_command(argv),
+                      on_epoch_end=on_epoch_end,
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
-                      encoder=build_encoder(model, config.compile, dist, device), is_main=dist.is_main)
+                      encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
+                      is_main=setup.dist.is_main, locked=locked,
+                      frozen_modules=[m for part in frozen_parts(model).values() for m in part.modules])
     resumed = trainer.restore() if config.resume else False
-    if dist.is_main:
-        before = saved.get("before") if saved and saved.get("before") else evaluate_split(
-            model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
-        if not (saved and saved.get("before")):
-            before.update(evaluate_suite(suite, model, loaded, device, config))
-        run_info["before"] = before
-        write_json(run_dir / RUN_JSON, run_info)
-    progress.info(f"training {config.method} on {len(dataset)} pairs for {settings.total_steps} steps"
-                  + (f" (resumed at step {trainer.position.step})" if resumed else ""))
-    train_started = time.time()
-    with progress:
-        trainer.run()
-    train_seconds = time.time() - train_started
-    if not dist.is_main:
-        dist.stop()
-        return run_info
-    after = evaluate_split(model, eval_pairs, loaded, device, config.batch_size, config.max_image_pixels)
-    after.update(evaluate_suite(suite, model, loaded, device, config))
-    run_info.update({"delta": deltas(before, after), "gate": gate(config.fail_on_zeroshot_drop, before, after)})
+    setup.progress.info(f"training {config.method} on {len(setup.dataset)} pairs for {setup.settings.total_steps} "
+                        f"steps" + (f" (resumed at step {trainer.position.step})" if resumed else ""))
+    return trainer
 
-    models.save_model(loaded, model, run_dir)
-    for method in composite.methods:
-        method.save(run_dir)
-    run_info.update({
-        "after": after, "eval_split": eval_name, "wall_seconds": time.time() - started,
-        "train_seconds": train_seconds, "steps": trainer.position.step, "peak_memory": peak_memory(device),
-        "nan_skipped_steps": trainer.position.nan_skipped,
-        "teacher_forward_passes": teacher.forward_passes if teacher else 0,
-        "methods": {m.name: m.report() for m in composite.methods},
+
+def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
+    return (data.val, "validation") if data.val else (data.train[:256], "training subset")
+
+
+def measure(setup: Setup, suite) -> dict[str, float]:
+    from clipfit.eval.suite import evaluate_suite
+
+    c = setup.config
+    results = evaluate_split(setup.model, eval_pairs(setup.data)[0], setup.loaded, setup.device, c.batch_size,
+                             c.max_image_pixels)
+    results.update(evaluate_suite(suite, setup.model, setup.loaded, setup.device, c))
+    return results
+
+
+def measure_before(setup: Setup, trainer, suite) -> None:
+    """The starting model's numbers (kept from the first start when resuming)."""
+    if not setup.dist.is_main:
+        return
+    saved = setup.saved
+    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(setup, suite)
+    write_json(setup.run_dir / RUN_JSON, setup.info)
+
+
+def finish(setup: Setup, trainer, suite, timings: dict) -> None:
+    """Measure after, save the model and the methods' artefacts, write run.json and the report."""
+    from clipfit import models
+    from clipfit.eval.suite import deltas, gate
+    from clipfit.report import write_report
+
+    info, config = setup.info, setup.config
+    after = measure(setup, suite)
+    info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
+    models.save_model(setup.loaded, setup.model, setup.run_dir)
+    for method in setup.composite.methods:
+        method.save(setup.run_dir)
+    info.update({
+        "after": after, "eval_split": eval_pairs(setup.data)[1], **timings, "steps": trainer.position.step,
+        "peak_memory": peak_memory(setup.device), "nan_skipped_steps": trainer.position.nan_skipped,
+        "methods": {m.name: m.report() for m in setup.composite.methods},
     })
-    write_json(run_dir / RUN_JSON, run_info)
-    write_report(run_dir, run_info)
-    dist.stop()
-    return run_info
+    write_json(setup.run_dir / RUN_JSON, info)
+    write_report(setup.run_dir, info)
 
 
 def cache_dir(config: RefineConfig) -> Path:

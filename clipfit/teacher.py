@@ -13,7 +13,8 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+
+from clipfit.precompute import ItemRows, encode_items
 
 
 class FrozenTeacher:
@@ -22,8 +23,7 @@ class FrozenTeacher:
         self.student = model
         self.copy = None if self.uses_adapters else frozen_copy(model)
         self.device, self.autocast = device, autocast
-        self.images: dict[int, torch.Tensor] | None = None
-        self.texts: dict[tuple[int, int], torch.Tensor] | None = None
+        self.rows: ItemRows | None = None
         self.forward_passes = 0
 
     def model_and_context(self):
@@ -41,26 +41,14 @@ class FrozenTeacher:
 
     def precompute(self, dataset, batch_size: int, workers: int = 0) -> None:
         """Encode every image and every caption once, in dataset order."""
-        self.images, self.texts = {}, {}
-        for batch in DataLoader(range(len(dataset)), batch_size=batch_size):
-            indices = batch.tolist()
-            pixels = torch.stack([dataset.image(i) for i in indices])
-            image, _ = self.encode(pixels, None)
-            self.images.update({i: image[row].cpu() for row, i in enumerate(indices)})
-        captions = [(i, c) for i, pair in enumerate(dataset.pairs) for c in range(len(pair.captions))]
-        for start in range(0, len(captions), batch_size):
-            keys = captions[start:start + batch_size]
-            tokens = dataset.tokenizer([dataset.pairs[i].captions[c] for i, c in keys])
-            _, text = self.encode(None, tokens)
-            self.texts.update({key: text[row].cpu() for row, key in enumerate(keys)})
+        self.rows = encode_items(dataset, lambda pixels: self.encode(pixels, None)[0],
+                                 lambda tokens: self.encode(None, tokens)[1], batch_size, workers)
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.images is None:
+        if self.rows is None:
             return self.encode(batch["image"], batch["text"])
-        indices, captions = batch["index"].tolist(), batch["caption"].tolist()
-        image = torch.stack([self.images[i] for i in indices]).to(self.device)
-        text = torch.stack([self.texts[(i, c)] for i, c in zip(indices, captions)]).to(self.device)
-        return image, text
+        return (self.rows.image_rows(batch["index"]).to(self.device),
+                self.rows.text_rows(batch["index"], batch["caption"]).to(self.device))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -130,6 +130,8 @@ class Trainer:
     scaler: Any = None
     is_main: bool = True
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
+    locked: Any = None  # clipfit.towers.LockedInputs: precomputed inputs of the encoder's cached towers
+    frozen_modules: list[nn.Module] = field(default_factory=list)  # kept in eval mode while training
     data_loader: DataLoader | None = field(default=None, init=False, repr=False)
 
     @property
@@ -191,8 +193,11 @@ class Trainer:
         return self.autocast_for(self.device, self.settings.precision)()
 
     def step_inputs(self, batch: dict) -> StepInputs:
-        images = batch["image"].to(self.device, non_blocking=True)
-        texts = batch["text"].to(self.device, non_blocking=True)
+        inputs = {"image": batch.get("image"), "text": batch["text"]}
+        if self.locked is not None:
+            inputs.update(self.locked.step_inputs(batch, self.device))
+        images = inputs["image"].to(self.device, non_blocking=True)
+        texts = inputs["text"].to(self.device, non_blocking=True)
         image_raw, text_raw, logit_scale = self.encoder(images, texts)
         cached: list = []
 
@@ -265,6 +270,8 @@ class Trainer:
         per_epoch = steps_per_epoch(len(self.dataset), s)
         self.model.train()
         freeze_batchnorm(self.model)
+        for module in self.frozen_modules:
+            module.eval()
         with self.stop.installed():
             while self.position.step < s.total_steps and self.position.epoch < s.epochs:
                 self.run_epoch(per_epoch)

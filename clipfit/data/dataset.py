@@ -37,8 +37,9 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, pairs: list[Pair], transform: Callable, tokenizer: Callable, seed: int,
-                 max_pixels: int):
+                 max_pixels: int, with_images: bool = True):
         self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
+        self.with_images = with_images  # False: items carry no pixels (a locked image tower is precomputed)
         self.seed, self.max_pixels = seed, max_pixels
         self.pixels: torch.Tensor | None = None  # every image, transformed, once preload() ran
 
@@ -71,12 +72,10 @@ class PairDataset(Dataset):
         epoch, index = key
         pair = self.pairs[index]
         which = caption_index(self.seed, epoch, index, len(pair.captions))
-        return {
-            "image": self.image(index, epoch),
-            "text": self.tokenizer([pair.captions[which]])[0],
-            "index": index,
-            "caption": which,
-        }
+        item = {"text": self.tokenizer([pair.captions[which]])[0], "index": index, "caption": which}
+        if self.with_images:
+            item["image"] = self.image(index, epoch)
+        return item
 
 
 def batches_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:

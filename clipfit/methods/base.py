@@ -18,7 +18,8 @@ from torch import Tensor, nn
 class StepInputs:
     """Everything a method may look at in one training step.
 
-    `image_raw`/`text_raw` are the projected, unnormalised embeddings (encode_*(normalize=False));
+    `images`/`texts` are what the encoder was given: pixels and tokens, or a locked tower's
+    precomputed outputs (clipfit.towers). `image_raw`/`text_raw` are the projected, unnormalised embeddings (encode_*(normalize=False));
     `image`/`text` their L2-normalised versions. `teacher()` returns the frozen starting
     model's unnormalised (image, text) embeddings for this batch, computed at most once per
     step however many methods ask. `generator` is seeded from (seed, step) so random draws

@@ -1,0 +1,75 @@
+"""Per-item outputs of frozen computations, computed once before training.
+
+A frozen computation (the starting model as a teacher, a locked tower) that sees the same input
+every epoch gives the same output every epoch: `encode_items` runs it once per image and once
+per caption, in dataset order, and training steps look rows up by (index, caption) instead of
+running it again. Lookups return the very same numbers in a resumed run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+Encode = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class ItemRows:
+    """`images[i]`: row of image i; `texts[caption_starts[i] + c]`: row of caption c of image i."""
+
+    images: Tensor | None
+    texts: Tensor | None
+    caption_starts: Tensor
+
+    def image_rows(self, indices: Tensor) -> Tensor:
+        return self.images[indices.long()]
+
+    def text_rows(self, indices: Tensor, captions: Tensor) -> Tensor:
+        return self.texts[self.caption_starts[indices.long()] + captions.long()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.images, self.texts) if t is not None)
+
+
+class _DatasetImages(Dataset):
+    """The dataset's images (epoch 0's view), in order."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.dataset.image(index)
+
+
+def caption_starts(dataset) -> Tensor:
+    counts = torch.tensor([len(pair.captions) for pair in dataset.pairs])
+    return torch.cumsum(counts, 0) - counts
+
+
+@torch.no_grad()
+def encode_items(dataset, encode_images: Encode | None, encode_texts: Encode | None, batch_size: int,
+                 workers: int = 0) -> ItemRows:
+    """Every image through `encode_images` and every caption's tokens through `encode_texts`
+    (either may be None), as float32 CPU rows in dataset order.
+
+    Images are decoded in `workers` DataLoader processes; only use this for inputs without
+    random augmentation, or the rows would stand for one random view forever.
+    """
+    images = texts = None
+    if encode_images is not None:
+        loader = DataLoader(_DatasetImages(dataset), batch_size=batch_size, num_workers=workers)
+        images = torch.cat([encode_images(pixels).float().cpu() for pixels in loader])
+    if encode_texts is not None:
+        captions = [caption for pair in dataset.pairs for caption in pair.captions]
+        texts = torch.cat([encode_texts(dataset.tokenizer(captions[start:start + batch_size])).float().cpu()
+                           for start in range(0, len(captions), batch_size)])
+    return ItemRows(images, texts, caption_starts(dataset))
