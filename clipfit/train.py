@@ -133,6 +133,7 @@ class Trainer:
     locked: Any = None  # clipfit.towers.LockedInputs: precomputed inputs of the encoder's cached towers
     frozen_modules: list[nn.Module] = field(default_factory=list)  # kept in eval mode while training
     data_loader: DataLoader | None = field(default=None, init=False, repr=False)
+    saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
 
     @property
     def distributed(self) -> Distributed:
@@ -159,10 +160,12 @@ class Trainer:
             return None
         self.check_finite_weights()  # a checkpoint of NaN weights would replace a good one
         try:
-            return save_checkpoint(self.run_dir, self.position.step, self.state(), self.settings.keep_checkpoints)
+            path = save_checkpoint(self.run_dir, self.position.step, self.state(), self.settings.keep_checkpoints)
         except OutputError as e:
             raise OutputError(f"{e}; free space, then resume from the last good checkpoint with: "
                               f"{self.resume_command}") from None
+        self.saved_step = self.position.step
+        return path
 
     def restore(self) -> bool:
         found = load_latest(self.run_dir, self.progress.warn)
@@ -176,6 +179,7 @@ class Trainer:
         for method in self.methods.methods:
             method.load_state_dict(state["methods"].get(method.name, {}))
         self.position = Position(**state["position"])
+        self.saved_step = self.position.step
         set_rng_state(state["rng"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -277,6 +281,8 @@ class Trainer:
                 self.run_epoch(per_epoch)
                 if self.position.batch >= per_epoch * s.grad_accum:
                     self.end_epoch()
+        if self.saved_step != self.position.step:  # stopped mid-epoch by --max-steps: --resume continues here
+            self.save()
         return self.position
 
     def run_epoch(self, per_epoch: int) -> None:

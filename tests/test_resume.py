@@ -271,3 +271,18 @@ def test_resume_without_a_run_is_a_usage_error(pairs_dir, tiny_config, tmp_path,
 if __name__ == "__main__":  # the subprocess driver: clipfit's CLI with the test method registered
     register_test_method()
     main(sys.argv[1:])
+
+
+def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(tmp_path, tiny_config):
+    pairs = write_pairs(tmp_path / "pairs", n=16)
+    args = ["--batch-size", "4", "--log-every", "1", "--lr", "1e-3"]
+    assert run_main(tiny_refine_args(pairs, tmp_path / "whole", tiny_config, *args)) == 0
+    assert run_main(tiny_refine_args(pairs, tmp_path / "parts", tiny_config, *args, "--max-steps", "2")) == 0
+    assert checkpoint_steps(tmp_path / "parts") == [2]  # mid-epoch: the epoch has 4 steps
+    assert run_main(tiny_refine_args(pairs, tmp_path / "parts", tiny_config, *args, "--resume")) == 0
+
+    losses = [[row["loss"] for row in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in row]
+              for run in ("whole", "parts")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    whole, parts = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("whole", "parts"))
+    assert all(torch.equal(whole[name], parts[name]) for name in whole)
