@@ -214,18 +214,24 @@ def prepare_model(loaded, config: RefineConfig, device):
     return model
 
 
+VALIDATION_KEY = "retrieval:validation"  # the suite's name for the validation split: encoded once for both
+
+
 def evaluate_split(model, pairs: list[Pair], loaded, device, batch_size: int,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, float]:
-    """Validation yardsticks every method is judged by: CLIP loss, R@1 both ways, modality gap."""
+                   max_pixels: int = DEFAULT_MAX_PIXELS, encoder=None, key: str = VALIDATION_KEY) -> dict[str, float]:
+    """Validation yardsticks every method is judged by: CLIP loss, R@1 both ways, modality gap,
+    on each image with its first caption. `key` names the pairs in `encoder`'s cache."""
     import torch
 
+    from clipfit.eval.encode import encoder_for
     from clipfit.eval.metrics import modality_gap, paired_retrieval
-    from clipfit.features import encode_pairs
+    from clipfit.eval.retrieval import encode_pairs_all_captions, first_captions
     from clipfit.losses import clip_loss
     from clipfit.train import base_logit_scale
 
-    image, text = encode_pairs(model, pairs, loaded.preprocess_val, loaded.tokenizer, device, batch_size,
-                               max_pixels=max_pixels)
+    encoder = encoder or encoder_for(loaded, model, device, batch_size, 0, "fp32")
+    features = encode_pairs_all_captions(encoder, pairs, key, max_pixels)
+    image, text = features.image, first_captions(features)
     retrieval = paired_retrieval(image, text, ks=(1,))
     with torch.no_grad():
         loss = clip_loss(image, text, base_logit_scale(model).exp().float().cpu()).item()
@@ -422,12 +428,16 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
 
 
 def measure(setup: Setup, suite) -> dict[str, float]:
+    """Yardsticks and suite through one encoder, so the validation pairs are encoded once."""
+    from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
 
     c = setup.config
-    results = evaluate_split(setup.model, eval_pairs(setup.data)[0], setup.loaded, setup.device, c.batch_size,
-                             c.max_image_pixels)
-    results.update(evaluate_suite(suite, setup.model, setup.loaded, setup.device, c))
+    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision)
+    pairs, name = eval_pairs(setup.data)
+    results = evaluate_split(setup.model, pairs, setup.loaded, setup.device, c.batch_size, c.max_image_pixels,
+                             encoder, VALIDATION_KEY if setup.data.val else name)
+    results.update(evaluate_suite(suite, encoder, c.max_image_pixels))
     return results
 
 

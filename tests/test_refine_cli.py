@@ -113,3 +113,15 @@ def test_unknown_toml_setting_is_a_usage_error(tmp_path):
     result = run_cli("refine", "somewhere", "--config", config)
     assert result.returncode == 2
     assert "epochz" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_validation_images_are_encoded_once_per_measurement(tmp_path, tiny_config, monkeypatch):
+    from clipfit.eval import encode
+
+    pairs = write_pairs(tmp_path / "pairs", n=20)
+    seen = []
+    original = encode.ImageFiles.__getitem__
+    monkeypatch.setattr(encode.ImageFiles, "__getitem__", lambda self, i: seen.append(self.paths[i]) or original(self, i))
+    run_cli(*tiny_refine_args(pairs, tmp_path / "run", tiny_config, "--val-split", "0.2", "--epochs", "2"), check=True)
+    # Before training, after each of the two epochs, after training: yardsticks and suite share one pass.
+    assert len(seen) == 4 * 4 and len(set(seen)) == 4

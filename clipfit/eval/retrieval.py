@@ -24,13 +24,26 @@ class PairFeatures:
     text_image: Tensor  # caption j belongs to image text_image[j]
 
 
-def encode_pairs_all_captions(encoder: Encoder, pairs: list[Pair], key: str) -> PairFeatures:
-    from clipfit.data.images import open_rgb
+def encode_pairs_all_captions(encoder: Encoder, pairs: list[Pair], key: str, max_pixels: int | None = None) -> PairFeatures:
+    """Every image and every caption of `pairs`, encoded once per `key` and Encoder."""
+    from functools import partial
 
-    image = encoder.images([p.image for p in pairs], open_rgb, key)
-    captions = [c for p in pairs for c in p.captions]
-    text_image = torch.tensor([i for i, p in enumerate(pairs) for _ in p.captions], dtype=torch.long)
-    return PairFeatures(image, encoder.texts(captions, "captions"), text_image)
+    from clipfit.data.images import DEFAULT_MAX_PIXELS, open_rgb
+
+    if ("pairs", key) not in encoder.cache:
+        load = partial(open_rgb, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+        image = encoder.images([p.image for p in pairs], load, key)
+        captions = [c for p in pairs for c in p.captions]
+        text_image = torch.tensor([i for i, p in enumerate(pairs) for _ in p.captions], dtype=torch.long)
+        encoder.cache["pairs", key] = PairFeatures(image, encoder.texts(captions, "captions"), text_image)
+    return encoder.cache["pairs", key]
+
+
+def first_captions(features: PairFeatures) -> Tensor:
+    """Each image's first caption embedding, one row per image."""
+    starts = torch.ones_like(features.text_image, dtype=torch.bool)
+    starts[1:] = features.text_image[1:] != features.text_image[:-1]
+    return features.text[starts]
 
 
 def retrieval_metrics(features: PairFeatures) -> dict[str, float]:

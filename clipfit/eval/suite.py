@@ -60,17 +60,17 @@ def load_suite(config, val_pairs: list, warn) -> Suite:
     return suite
 
 
-def evaluate_suite(suite: Suite, model, loaded, device, config) -> dict[str, float]:
-    from clipfit.eval.encode import encoder_for
+def evaluate_suite(suite: Suite, encoder, max_pixels: int | None = None) -> dict[str, float]:
+    """Every set of the suite through `encoder` (clipfit.eval.encode.Encoder); pairs already
+    encoded by this encoder under the same name are not encoded again."""
     from clipfit.eval.retrieval import encode_pairs_all_captions, geometry_metrics, retrieval_metrics
     from clipfit.eval.zeroshot import zeroshot
 
-    encoder = encoder_for(loaded, model, device, config.batch_size, config.workers, config.precision)
     results: dict[str, float] = {}
     for name, data in suite.zeroshot.items():
         results.update({f"zeroshot/{name}/{k}": v for k, v in zeroshot(encoder, data).items()})
     for name, pairs in suite.retrieval.items():
-        features = encode_pairs_all_captions(encoder, pairs, f"retrieval:{name}")
+        features = encode_pairs_all_captions(encoder, pairs, f"retrieval:{name}", max_pixels)
         metrics = {**retrieval_metrics(features), **geometry_metrics(features)}
         results.update({f"retrieval/{name}/{k}": v for k, v in metrics.items()})
     return results
