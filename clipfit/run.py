@@ -359,14 +359,14 @@ def precompute_frozen(setup: Setup):
     teacher = FrozenTeacher(setup.model, setup.device, autocast) if setup.composite.needs_teacher else None
     if setup.data.stream is not None or config.no_precompute:
         return teacher, None
-    if teacher is not None and not config.augment:
-        progress.info("encoding the training pairs once with the frozen teacher")
-        teacher.precompute(setup.dataset, config.batch_size, config.workers)
     locked = precompute_locked(setup.model, setup.dataset, cacheable_towers(config), config.batch_size,
                                config.workers, setup.device, autocast)
     if locked is not None:
         progress.info(f"locked {' and '.join(locked.parts)} tower: frozen outputs of every training item computed "
                       f"once ({locked.seconds:.1f} s, {locked.facts['mib']:.1f} MiB)")
+    if teacher is not None and not config.augment:
+        progress.info("encoding the training pairs once with the frozen teacher")
+        teacher.precompute(setup.dataset, config.batch_size, config.workers, locked)
     return teacher, locked
 
 

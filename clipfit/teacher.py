@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from clipfit.models import evaluating
 from clipfit.precompute import ItemRows, encode_items
 
 
@@ -39,10 +40,31 @@ class FrozenTeacher:
             text = model.encode_text(texts.to(self.device), normalize=False).float() if texts is not None else None
         return image, text
 
-    def precompute(self, dataset, batch_size: int, workers: int = 0) -> None:
-        """Encode every image and every caption once, in dataset order."""
-        self.rows = encode_items(dataset, lambda pixels: self.encode(pixels, None)[0],
-                                 lambda tokens: self.encode(None, tokens)[1], batch_size, workers)
+    def precompute(self, dataset, batch_size: int, workers: int = 0, locked=None) -> None:
+        """Encode every image and every caption once, in dataset order.
+
+        A tower whose frozen part `locked` (clipfit.towers.LockedInputs) already holds starts from
+        those rows: only the teacher's copy of the trainable remainder runs on them."""
+        parts = locked.parts if locked is not None else {}
+        self.rows = encode_items(dataset, None if "image" in parts else lambda pixels: self.encode(pixels, None)[0],
+                                 None if "text" in parts else lambda tokens: self.encode(None, tokens)[1],
+                                 batch_size, workers)
+        if "image" in parts:
+            self.rows.images = self.remainder(parts["image"], locked.rows.images, batch_size)
+        if "text" in parts:
+            self.rows.texts = self.remainder(parts["text"], locked.rows.texts, batch_size)
+
+    @torch.no_grad()
+    def remainder(self, part, frozen_rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The teacher's output from a tower's frozen-part rows (they are the output when nothing remains)."""
+        if part.rest is None:
+            return frozen_rows
+        name = next(name for name, module in self.student.named_modules() if module is part.rest)
+        model, adapters_off = self.model_and_context()
+        rest = model.get_submodule(name)
+        with adapters_off, self.autocast(), evaluating(rest):
+            return torch.cat([rest(frozen_rows[start:start + batch_size].to(self.device)).float().cpu()
+                              for start in range(0, len(frozen_rows), batch_size)])
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rows is None:

@@ -64,12 +64,12 @@ def decodes(monkeypatch):
     return count
 
 
-def timm_run(tmp_path, name, *extra):
+def timm_run(tmp_path, name, *extra, lock=("--lock-image", "--lock-text")):
     config = tmp_path / "timm-tiny-test.json"
     config.write_text(json.dumps(TIMM_TINY))
     out = tmp_path / name
-    run_cli(*tiny_refine_args(tmp_path / "pairs", out, config, "--epochs", "2", "--lr", "1e-3",
-                              "--lock-image", "--lock-text", "--log-every", "1", *extra), check=True)
+    run_cli(*tiny_refine_args(tmp_path / "pairs", out, config, "--epochs", "2", "--lr", "1e-3", "--log-every", "1",
+                              *lock, *extra), check=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [row["loss"] for row in rows if "loss" in row], json.loads((out / "run.json").read_text())
 
@@ -85,11 +85,21 @@ def test_cached_locked_towers_train_as_recomputed_ones(tmp_path, decodes):
     assert towers["image"] == {"part": "image trunk (timm)", "rows": 16, "dim": 1280}
     assert towers["text"]["part"] == "text tower" and recomputed["locked_towers"] is None
     assert recomputed["teacher_forward_passes"] == 4  # one per step: nothing was precomputed
-    # Once for the teacher and once for the trunk, against once per epoch.
-    assert cached_decodes == 16 + 16 and decodes["n"] - cached_decodes == 2 * 16
+    # Once, for the trunk (the teacher starts from its rows), against once per epoch.
+    assert cached_decodes == 16 and decodes["n"] - cached_decodes == 2 * 16
+    assert info["teacher_forward_passes"] == 0  # only the teacher's projection head ran, on the trunk rows
 
 
 def test_augmented_images_are_not_cached(tmp_path):
     write_pairs(tmp_path / "pairs", n=16)
     _, info = timm_run(tmp_path, "augmented", "--augment")
     assert set(info["locked_towers"]["towers"]) == {"text"}
+
+
+def test_a_tower_without_lora_adapters_is_cached_whole(tmp_path):
+    # peft freezes every base weight; the timm image tower has no adapter targets, so all of it is frozen.
+    write_pairs(tmp_path / "pairs", n=16)
+    cached, info = timm_run(tmp_path, "cached", "--method", "refine", "--lora", lock=())
+    recomputed, _ = timm_run(tmp_path, "recomputed", "--method", "refine", "--lora", "--no-precompute", lock=())
+    assert info["locked_towers"]["towers"] == {"image": {"part": "image tower", "rows": 16, "dim": 16}}
+    assert cached == pytest.approx(recomputed, abs=1e-5)
