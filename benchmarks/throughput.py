@@ -39,6 +39,12 @@ MODEL_CFG = {  # a reduced ViT-B/32: same structure, small enough for a CPU benc
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 192, "patch_size": 16, "head_width": 64},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
 }
+LOCKED_MODEL_CFG = {  # the starter's shape, small: a timm EfficientNet-Lite0 trunk with a projection head
+    "embed_dim": 128,
+    "vision_cfg": {"timm_model_name": "tf_efficientnet_lite0", "timm_model_pretrained": False,
+                   "timm_pool": "avg", "timm_proj": "linear", "image_size": 64},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
+}
 WARMUP_STEPS = 2
 OPEN_CLIP_RATE = re.compile(r"Batch \(t\): [\d.]+, ([\d.]+)/s,")
 
@@ -58,6 +64,12 @@ def write_data(folder: Path, n: int, size: int = 96) -> tuple[Path, Path]:
     csv = folder / "train.csv"
     csv.write_text("\n".join(rows) + "\n")
     return pairs, csv
+
+
+def write_locked_model(folder: Path) -> Path:
+    config = folder / "bench-lite0.json"
+    config.write_text(json.dumps(LOCKED_MODEL_CFG))
+    return config
 
 
 def write_model(folder: Path) -> tuple[Path, Path]:
@@ -156,6 +168,8 @@ def main() -> None:
     parser.add_argument("--skip-open-clip", action="store_true")
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--teacher-epochs", type=int, default=3, help="Epochs of the refine teacher-cache run (0: skip).")
+    parser.add_argument("--locked-epochs", type=int, default=3,
+                        help="Epochs of the locked-towers run, precomputed vs --no-precompute (0: skip).")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every training process.")
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     args = parser.parse_args()
@@ -193,16 +207,30 @@ def main() -> None:
         report["methods"] = results
 
     if args.teacher_epochs and "refine" in registered_methods():
-        print(f"refine, {args.teacher_epochs} epochs: teacher features precomputed (default) vs per step (--augment):")
+        print(f"refine, {args.teacher_epochs} epochs: teacher features precomputed (default) vs per step (--no-precompute):")
         epochs = ["--epochs", str(args.teacher_epochs)]
         results = alternate({
             "refine precomputed": lambda: clipfit_run(args, work, pairs, config, "refine", *epochs),
-            "refine per step": lambda: clipfit_run(args, work, pairs, config, "refine", "--augment", *epochs),
+            "refine per step": lambda: clipfit_run(args, work, pairs, config, "refine", "--no-precompute", *epochs),
         }, args.repeats)
         for name, runs in results.items():
             print(f"  {name:<20} teacher forward passes {runs[0]['teacher_forward_passes']:5d}, "
                   f"training {median_of(runs, 'train_s'):6.1f} s, {median_of(runs, 'pairs_per_s'):7.1f} pairs/s")
         report["teacher_cache"] = results
+
+    if args.locked_epochs:
+        locked_config = write_locked_model(work)
+        print(f"refine, {args.locked_epochs} epochs, --lock-image --lock-text on an EfficientNet-Lite0 trunk: "
+              "locked towers and teacher precomputed (default) vs per step (--no-precompute):")
+        flags = ["--epochs", str(args.locked_epochs), "--lock-image", "--lock-text"]
+        results = alternate({
+            "locked precomputed": lambda: clipfit_run(args, work, pairs, locked_config, "refine", *flags),
+            "locked per step": lambda: clipfit_run(args, work, pairs, locked_config, "refine", "--no-precompute", *flags),
+        }, args.repeats)
+        for name, runs in results.items():
+            print(f"  {name:<20} training {median_of(runs, 'train_s'):6.1f} s, {median_of(runs, 'pairs_per_s'):7.1f} "
+                  f"pairs/s, wall {median_of(runs, 'wall_s'):6.1f} s")
+        report["locked_towers"] = results
 
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
