@@ -35,7 +35,8 @@ class FrozenTeacher:
     def encode(self, images: torch.Tensor | None, texts: torch.Tensor | None):
         self.forward_passes += 1
         model, adapters_off = self.model_and_context()
-        with torch.no_grad(), adapters_off, self.autocast():
+        # Evaluation mode: the student's dropout (e.g. a Hugging Face text tower's) must not jitter the teacher.
+        with torch.no_grad(), adapters_off, evaluating(model), self.autocast():
             image = model.encode_image(images.to(self.device), normalize=False).float() if images is not None else None
             text = model.encode_text(texts.to(self.device), normalize=False).float() if texts is not None else None
         return image, text

@@ -229,3 +229,19 @@ def test_cli_refine_plus_lite_sums_weighted_terms(pairs_dir, tmp_path, tiny_conf
     report = (out / "report.md").read_text()
     assert all(f"| {term} |" in report for term in ("rafa", "hycd", "lite", "clip"))
     assert "rafa=2" in report and "clip=0.5" in report
+
+
+def test_lora_teacher_is_deterministic_while_the_student_trains():
+    """The starter's MiniLM has dropout: the teacher (student with adapters off) must run without it."""
+    from clipfit.models import apply_lora, evaluating, load_model, resolve_lora_targets
+
+    loaded = load_model("lite0-minilm", None)
+    tokens = loaded.tokenizer(["a red bicycle", "two cats asleep on a sofa"])
+    with evaluating(loaded.model), torch.no_grad():
+        start = loaded.model.encode_text(tokens)
+    model = apply_lora(loaded.model, 4, 8.0, 0.0, resolve_lora_targets(loaded.model, "auto"))
+    model.train()
+    teacher = teacher_module.FrozenTeacher(model, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    first, second = teacher.encode(None, tokens)[1], teacher.encode(None, tokens)[1]
+    assert torch.equal(first, second) and torch.allclose(first, start, atol=1e-5)
+    assert model.training  # the student is left in training mode
