@@ -295,7 +295,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
         progress.info("encoding the training pairs once with the frozen teacher")
         teacher.precompute(dataset, config.batch_size)
     ctx = MethodContext(model=model, loaded=loaded, config=config, pairs=data.train, device=device,
-                        run_dir=run_dir, cache_dir=cache_dir(config), log=progress.info)
+                        run_dir=run_dir, cache_dir=cache_dir(config), log=progress.info, dist=dist)
     for method in composite.methods:
         method.prepare(ctx)
     for param in composite.parameters():
