@@ -1,7 +1,8 @@
 """Encoding pair lists with a frozen model: batched, eval mode, no gradients.
 
 Feature banks for methods (PING, DCLIP) and evaluation build on `encode_pairs`; `FeatureCache`
-keeps such features on disk between runs.
+keeps such features on disk between runs and, under torchrun, builds each entry once for all
+ranks (each rank encoding its share of the items).
 """
 
 from __future__ import annotations
