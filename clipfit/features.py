@@ -1,7 +1,8 @@
 """Encoding pair lists with a frozen model: batched, eval mode, no gradients.
 
 Feature banks for methods (PING, DCLIP) and evaluation build on `encode_pairs`; `FeatureCache`
-keeps such features on disk between runs.
+keeps such features on disk between runs and, under torchrun, builds each entry once for all
+ranks (each rank encoding its share of the items).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from clipfit.data.images import DEFAULT_MAX_PIXELS, open_rgb
+from clipfit.errors import OutputError
 from clipfit.models import evaluating
+from clipfit.parallel import Distributed, gather_rows, shard_range
 
 
 class _ImagesAndCaptions(Dataset):
@@ -221,20 +224,33 @@ class FeatureCache:
     part is a different key, hence a miss and a rebuild; the stale entry stays until
     `clipfit cache clear`. Anything left out of `key_parts` will NOT invalidate the entry.
 
-    How PING uses it (clipfit.methods.ping), and how DCLIP should cache region and token embeddings
-    (reuse this class, do not write a second cache):
+    How PING and DCLIP use it (clipfit.methods.ping, clipfit.dclip.embed; reuse this class, do not
+    write a second cache):
 
         cache = FeatureCache(ctx.cache_dir, log=ctx.log)
         tensors = cache.get_or_build(
             {"kind": "dclip-regions", "encoder": encoder_identity(...), "images": images_hash(ctx.pairs),
              "regions": "grid 2 + full + centre", "format": 1},
-            build=lambda: {"regions": region_embeddings, "owner": owner_index})   # called on a miss only
+            build=lambda part: encode_regions([ctx.pairs[i] for i in part]),  # called on a miss only
+            shards=ctx.dist, items=len(ctx.pairs))
         tensors["regions"]            # memory-mapped float16; .float() before use in a loss
         cache.hits, cache.builds      # counters; each call also logs "feature cache hit ..." or
                                       # "encoded N items for KIND ..." through `log`
 
     `key_parts["kind"]` (required) names the entry in `clipfit cache ls`. `build` must return a
     dict of CPU tensors; the first dimension of the first tensor is reported as the item count.
+    Without `items`, `build()` takes no argument (and without `shards` it runs in this process).
+
+    Under torchrun every rank calls `get_or_build` with `shards=ctx.dist` and the entry is built
+    once for all of them. With `items=N` the work is split by item: `build(part)` gets this
+    rank's `range` of the N items (`clipfit.parallel.shard_range`; the whole range in a single
+    process) and returns the rows of those items only, in order; every tensor is concatenated
+    over the ranks' parts, so per-item tensors of variable length (regions per image, tokens
+    per caption, with per-item counts) keep their layout. Without `items` rank 0 alone calls
+    `build()` (e.g. a faiss search over finished banks). Either way rank 0 decides hit or miss
+    for everyone, writes the entry, and every rank maps the same file; `built_items[kind]` says
+    how many items this process built (`items_built_by_rank` collects them from all ranks).
+    The cache folder must be one every rank sees (a shared file system across nodes).
     """
 
     def __init__(self, root: str | Path, log: Callable[[str], None] | None = None):
@@ -242,6 +258,7 @@ class FeatureCache:
         self.log = log or (lambda message: None)
         self.hits = 0
         self.builds = 0
+        self.built_items: dict[str, int] = {}
 
     @property
     def folder(self) -> Path:
@@ -277,22 +294,52 @@ class FeatureCache:
                                        "key_parts": json.dumps(key_parts, sort_keys=True, default=str)})
         return path
 
-    def get_or_build(self, key_parts: dict, build: Callable[[], dict[str, Tensor]],
-                     float_dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
-        """Cached tensors for `key_parts`, calling `build()` and storing its result on a miss.
+    def get_or_build(self, key_parts: dict, build: Callable[..., dict[str, Tensor]],
+                     float_dtype: torch.dtype = torch.float16, shards: Distributed | None = None,
+                     items: int | None = None) -> dict[str, Tensor]:
+        """Cached tensors for `key_parts`, calling `build` and storing its result on a miss.
 
+        `build()`, or `build(part)` for this process's share of `items` (see the class docstring);
+        with `shards`, every rank of the run must make the same call.
         The result is always read back from disk, so a first run and a cache hit see the same numbers.
         """
-        cached = self.get(key_parts)
-        if cached is not None:
-            return cached
+        shards, path = shards or Distributed(), self.path_for(key_parts)
+        cached = self.get(key_parts) if shards.is_main else None
+        if shards.from_main(lambda: cached is not None):  # one verdict, or ranks would wait on different calls
+            if shards.is_main:
+                return cached
+            self.hits += 1
+            return self.shared(path)
         started = time.perf_counter()
-        tensors = build()
-        path = self.put(key_parts, tensors, float_dtype)
+        tensors, share = self.build_share(build, shards, items)
+        if shards.is_main:
+            self.put(key_parts, tensors, float_dtype)
+        shards.barrier()  # the entry is complete before any rank maps it
         self.builds += 1
-        items = next(iter(tensors.values())).shape[0] if tensors else 0
-        self.log(f"encoded {items} items for {key_parts['kind']} in {time.perf_counter() - started:.1f} s, "
-                 f"cached at {path}")
+        self.built_items[key_parts["kind"]] = share
+        if share or shards.is_main:  # a rank that only waited for rank 0's build has nothing to report
+            what = f"{share} of {items} items (this process's share)" if items is not None and shards.active \
+                else f"{first_rows(tensors)} items"
+            self.log(f"encoded {what} for {key_parts['kind']} in {time.perf_counter() - started:.1f} s, "
+                     f"cached at {path}")
+        return self.shared(path)
+
+    @staticmethod
+    def build_share(build: Callable, shards: Distributed, items: int | None) -> tuple[dict[str, Tensor], int]:
+        """Every rank's part gathered (with `items`), or rank 0's whole build; and this process's item count."""
+        if items is None:
+            tensors = build() if shards.is_main else {}
+            return tensors, first_rows(tensors)
+        part = shard_range(items, shards)
+        mine = build(part) if len(part) or not shards.active else {}  # an empty share adds no rows
+        return gather_rows(mine, shards), len(part)
+
+    @staticmethod
+    def shared(path: Path) -> dict[str, Tensor]:
+        """An entry rank 0 found or wrote, mapped by this rank."""
+        if not path.is_file():
+            raise OutputError(f"{path}: rank 0 has this feature cache entry but this process cannot see it; "
+                              "under torchrun --cache-dir must be a folder every node shares")
         return load_mapped(path)
 
     def entries(self) -> list[CacheEntry]:
@@ -318,6 +365,19 @@ class FeatureCache:
         for entry in removed:
             entry.path.unlink(missing_ok=True)
         return len(removed), sum(e.bytes for e in removed)
+
+
+def first_rows(tensors: dict[str, Tensor]) -> int:
+    """The item count a build reports: the first dimension of its first tensor."""
+    return next(iter(tensors.values())).shape[0] if tensors else 0
+
+
+def items_built_by_rank(cache: FeatureCache, kinds: list[str], shards: Distributed) -> dict[str, list[int]]:
+    """How many items of each kind every rank built in `cache`, in rank order (0 for a hit).
+
+    A collective: every rank calls it. With one process, one number per kind."""
+    mine = {kind: torch.tensor([cache.built_items.get(kind, 0)]) for kind in kinds}
+    return {kind: counts.tolist() for kind, counts in gather_rows(mine, shards).items()}
 
 
 def read_header(path: Path) -> dict:

@@ -6,6 +6,12 @@ LOCAL_RANK; every process trains on its slice of each global batch (EpochBatches
 only rank 0 writes the run folder and shows progress. Losses over the batch gather features
 from all ranks (`StepInputs.gather`), so a 2-process run with --batch-size B computes what one
 process with --batch-size 2B does.
+
+Work done once per run rather than once per process uses `Distributed.from_main` (rank 0 does
+it, the others receive the result) or, for encoding many items with a frozen model, the sharded
+pattern: each rank takes `shard_range(n, state)`, encodes it, and `gather_rows` puts the rows
+of every rank back together in item order (clipfit.features.FeatureCache.get_or_build does this
+for feature banks).
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ class Distributed:
         if self.active:
             dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing to wait for in a single process)."""
+        if self.active:
+            dist.barrier()
 
     def stop(self) -> None:
         if self.active and dist.is_initialized():
@@ -128,3 +139,32 @@ def average_gradients(parameters: list[nn.Parameter], state: Distributed) -> Non
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= state.world_size
+
+
+def shard_range(n: int, state: Distributed) -> range:
+    """This rank's contiguous share of n items: the ranks, in order, cover 0..n-1 exactly once.
+
+    Shares differ by at most one item; with more ranks than items some shares are empty.
+    Contiguous shares keep per-item outputs of variable length (several rows per item)
+    in item order when `gather_rows` concatenates them rank by rank.
+    """
+    return range(n * state.rank // state.world_size, n * (state.rank + 1) // state.world_size)
+
+
+def gather_rows(tensors: dict[str, torch.Tensor], state: Distributed) -> dict[str, torch.Tensor]:
+    """Every rank's `tensors`, concatenated along dim 0 in rank order, on every rank.
+
+    Ranks may contribute different numbers of rows under each name, or leave a name out (no
+    rows). Meant for CPU tensors computed without gradients, e.g. each rank's share of a feature
+    bank; all of them pass through memory on every rank. With one process `tensors` is returned
+    as it is.
+    """
+    if not state.active:
+        return tensors
+    # all_gather_object rather than all_gather: it takes different row counts (gloo's all_gather
+    # needs equal sizes) and CPU tensors under NCCL. It pickles, but only between this run's own
+    # processes, as torch's own transport; no file or user input is unpickled.
+    shares: list = [None] * state.world_size
+    dist.all_gather_object(shares, tensors)
+    names = dict.fromkeys(name for share in shares for name in share)
+    return {name: torch.cat([share[name] for share in shares if name in share]) for name in names}

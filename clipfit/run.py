@@ -383,7 +383,7 @@ def prepare_methods(setup: Setup) -> None:
 
     ctx = MethodContext(model=setup.model, loaded=setup.loaded, config=setup.config, pairs=setup.data.train,
                         device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
-                        log=setup.progress.info)
+                        log=setup.progress.info, dist=setup.dist)
     for method in setup.composite.methods:
         method.prepare(ctx)
     for param in setup.composite.parameters():

@@ -1,5 +1,6 @@
 """Distributed data parallel on CPU (gloo): two processes with batch 4 each train what one
-process with batch 8 does, because the contrastive loss gathers features across ranks."""
+process with batch 8 does, because the losses gather features across ranks; PING's and DCLIP's
+frozen banks are encoded once, half by each process, and DCLIP's teacher is trained once."""
 
 import json
 import subprocess
@@ -12,6 +13,15 @@ from safetensors.torch import load_file
 from conftest import cli_env, run_cli, tiny_refine_args, write_pairs
 
 
+def torchrun_two(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "clipfit", *args], capture_output=True, text=True, env=cli_env(), timeout=600)
+
+
+def cache_entries(folder):
+    return {path.name: load_file(str(path)) for path in sorted((folder / "features").iterdir())}
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_config):
     pairs = write_pairs(tmp_path / "pairs", n=16)
     common = ["--epochs", "1", "--lr", "1e-3", "--log-every", "1"]
@@ -19,8 +29,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_confi
     assert one.returncode == 0, one.stderr
     two_args = tiny_refine_args(pairs, tmp_path / "two", tiny_config, *common)
     two_args[two_args.index("--batch-size") + 1] = "4"
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "clipfit", *two_args], capture_output=True, text=True, env=cli_env(), timeout=600)
+    two = torchrun_two(two_args)
     assert two.returncode == 0, two.stderr[-3000:]
 
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
@@ -32,3 +41,39 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_confi
     # turns rounding noise into steps of up to lr: weights agree to 1e-4 (lr 1e-3, 2 steps), not bitwise.
     for name in single:
         assert torch.allclose(single[name], parallel[name], atol=1e-4, rtol=0), name
+
+
+def test_ping_and_dclip_banks_are_encoded_once_in_shares_and_train_as_one_process(tmp_path, tiny_config):
+    pairs = write_pairs(tmp_path / "pairs", n=16, captions_per_image=2)
+    common = ["--method", "ping+dclip", "--epochs", "1", "--lr", "1e-3", "--log-every", "1",
+              "--dclip-teacher-epochs", "2", "--ping-k", "2"]  # k 2: neighbour picks are drawn per step
+    one = run_cli(*tiny_refine_args(pairs, tmp_path / "one", tiny_config, *common, "--cache-dir", tmp_path / "cache1"))
+    assert one.returncode == 0, one.stderr
+    two_args = tiny_refine_args(pairs, tmp_path / "two", tiny_config, *common, "--cache-dir", str(tmp_path / "cache2"))
+    two_args[two_args.index("--batch-size") + 1] = "4"
+    two = torchrun_two(two_args)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    facts = [json.loads((tmp_path / run / "run.json").read_text())["methods"] for run in ("one", "two")]
+    assert facts[0]["ping"]["bank_items_encoded_by_rank"] == {"ping-image": [16], "ping-text": [16]}
+    assert facts[1]["ping"]["bank_items_encoded_by_rank"] == {"ping-image": [8, 8], "ping-text": [8, 8]}
+    assert facts[1]["dclip"]["pairs encoded by rank"] == {"dclip-regions": [8, 8], "dclip-tokens": [8, 8]}
+    assert facts[1]["dclip"]["stage 1"].startswith("teacher trained 2 epoch(s)")
+
+    # the same entries (same keys), holding the same numbers: one file per bank, written by rank 0
+    single, parallel = cache_entries(tmp_path / "cache1"), cache_entries(tmp_path / "cache2")
+    assert sorted(single) == sorted(parallel) and len(single) == 5
+    for name, tensors in single.items():
+        for key, value in tensors.items():
+            assert torch.allclose(value.float(), parallel[name][key].float(), atol=2e-3, rtol=0), (name, key)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    teachers = [load_file(str(tmp_path / run / "teacher.safetensors")) for run in ("one", "two")]
+    for name in teachers[0]:
+        assert torch.allclose(teachers[0][name], teachers[1][name], atol=1e-6, rtol=0), name  # global batch
+
+    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    terms = ("loss", "clip", "nn", "xnn", "dclip_img", "dclip_txt", "dclip_con")
+    assert len(rows[0]) == 2
+    for single_row, parallel_row in zip(*rows):
+        assert {t: parallel_row[t] for t in terms} == pytest.approx({t: single_row[t] for t in terms}, abs=1e-5)

@@ -3,7 +3,8 @@
 Regions: each crop through the image tower (projected, L2-normalised). Tokens: the text
 tower's per-token final states, start/end/padding dropped, through the text projection
 (L2-normalised, like the regions, so neither side dominates the attention). Both are cached
-with clipfit.features.FeatureCache, keyed by everything they depend on.
+with clipfit.features.FeatureCache, keyed by everything they depend on, and built once per run
+under torchrun (each rank encodes its share of the pairs).
 """
 
 from __future__ import annotations
@@ -136,21 +137,27 @@ def keys_hash(pairs) -> str:
     return hashlib.sha256("\n".join(p.key for p in pairs).encode()).hexdigest()[:16]
 
 
-def cached_inputs(ctx, regions: Regions) -> dict[str, Tensor]:
-    """Region and token embeddings of the training pairs, from the feature cache or encoded now."""
+def cached_inputs(ctx, regions: Regions, cache: FeatureCache) -> dict[str, Tensor]:
+    """Region and token embeddings of the training pairs, from the feature cache or encoded now;
+    under torchrun each rank encodes its share of the pairs (contiguous, so the flat tables and
+    their per-pair counts concatenate in pair order) and all ranks map the same entries."""
     c, loaded, model = ctx.config, ctx.loaded, ctx.model
-    cache = FeatureCache(ctx.cache_dir, log=ctx.log)
     encoder = starting_model_identity(c)
+
+    def captions_of(part: range) -> list[str]:
+        return [caption for i in part for caption in ctx.pairs[i].captions]
+
     with evaluating(model):
         region_part = cache.get_or_build(
             {"kind": "dclip-regions", "encoder": encoder, "images": images_hash(ctx.pairs),
              "keys": keys_hash(ctx.pairs), "regions": regions.identity(),
              "preprocess": loaded.preprocess_cfg, "format": CACHE_FORMAT},
-            lambda: encode_regions(model, ctx.pairs, regions, loaded.preprocess_val, ctx.device, c.batch_size,
-                                   c.workers, c.max_image_pixels))
-        captions = [caption for pair in ctx.pairs for caption in pair.captions]
+            lambda part: encode_regions(model, [ctx.pairs[i] for i in part], regions, loaded.preprocess_val,
+                                        ctx.device, c.batch_size, c.workers, c.max_image_pixels),
+            shards=ctx.dist, items=len(ctx.pairs))
         token_part = cache.get_or_build(
             {"kind": "dclip-tokens", "encoder": encoder, "captions": captions_hash(ctx.pairs),
              "context_length": loaded.context_length, "format": CACHE_FORMAT},
-            lambda: encode_tokens(model, captions, loaded.tokenizer, ctx.device, c.batch_size))
+            lambda part: encode_tokens(model, captions_of(part), loaded.tokenizer, ctx.device, c.batch_size),
+            shards=ctx.dist, items=len(ctx.pairs))
     return {**region_part, **token_part}

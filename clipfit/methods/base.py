@@ -13,6 +13,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
+from clipfit.parallel import Distributed
+
 
 @dataclass
 class StepInputs:
@@ -57,6 +59,10 @@ class MethodContext:
     log: Callable[[str], None]
     frozen_features: Callable[..., Any] = None  # encodes a pair list with the frozen model
     extra: dict = field(default_factory=dict)  # timings and facts for the report
+    # The processes of a torchrun run: every rank prepares, so work done once (feature banks,
+    # a teacher) must be shared (FeatureCache.get_or_build(shards=dist), dist.from_main), and
+    # only rank 0 may write the run folder.
+    dist: Distributed = Distributed()
 
 
 class Method:

@@ -7,6 +7,10 @@ its text embedding kept near the frozen model's, plus InfoNCE at τ = 0.05. See 
 
 Regions are cropped from the original image and never augmented, so t_img is computed once
 even with --augment: the student then sees augmented views and is pulled towards the same t_img.
+
+Under torchrun the region and token embeddings are encoded once (each rank its share of the
+pairs, clipfit.dclip.embed), stage 1 runs on rank 0 alone and the other ranks load the teacher
+it saved, and the loss terms see the global batch.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class DCLIP(Method):
         from clipfit.dclip.embed import cached_inputs
         from clipfit.dclip.regions import Regions
         from clipfit.dclip.teacher import RegionTokenBank, TEACHER_FILE, load_teacher, teacher_image_embeddings
+        from clipfit.features import FeatureCache, items_built_by_rank
 
         regions = Regions.from_config(self.config)
         unused = regions.unused_names([p.key for p in ctx.pairs])
@@ -50,17 +55,21 @@ class DCLIP(Method):
             ctx.log(f"dclip: {len(unused)} name(s) in {regions.boxes_file} match no training pair, e.g. {unused[0]}")
         source = self.saved_teacher(ctx.run_dir / TEACHER_FILE)
         saved = load_teacher(source) if source else None  # before encoding: a bad path fails fast
-        inputs = {name: t.float() if t.is_floating_point() else t for name, t in cached_inputs(ctx, regions).items()}
+        cache = FeatureCache(ctx.cache_dir, log=ctx.log)
+        inputs = {name: t.float() if t.is_floating_point() else t
+                  for name, t in cached_inputs(ctx, regions, cache).items()}
         bank = RegionTokenBank(caption_counts=torch.tensor([len(p.captions) for p in ctx.pairs]), **inputs)
         if saved:
             teacher = self.reuse_teacher(ctx, source, *saved, bank.regions.shape[1])
         else:
-            teacher = self.train_new_teacher(ctx, bank, bank.regions.shape[1], ctx.run_dir / TEACHER_FILE)
+            teacher = self.teacher_trained_once(ctx, bank, bank.regions.shape[1], ctx.run_dir / TEACHER_FILE)
         teacher = teacher.to(ctx.device)
         self.targets = teacher_image_embeddings(teacher, bank, ctx.device, self.config.batch_size).to(ctx.device)
         self.caption_starts = bank.caption_starts.to(ctx.device)
         self.facts.update({"regions": self.describe_regions(bank), "tokens per caption (mean)":
-                           float(bank.token_counts.float().mean())})
+                           float(bank.token_counts.float().mean()),
+                           "pairs encoded by rank": items_built_by_rank(cache, ["dclip-regions", "dclip-tokens"],
+                                                                        ctx.dist)})
 
     def saved_teacher(self, own: Path) -> Path | None:
         """--dclip-teacher, or this run's own teacher when resuming; None means stage 1 runs."""
@@ -73,13 +82,21 @@ class DCLIP(Method):
 
         check_teacher_dim(teacher, dim, source)
         own = ctx.run_dir / TEACHER_FILE
-        if source.resolve() != own.resolve():
+        if ctx.dist.is_main and source.resolve() != own.resolve():
             shutil.copyfile(source, own)  # the run folder stays self-contained
         ctx.log(f"dclip: stage 1 skipped, teacher loaded from {source}")
         self.facts.update({"stage 1": f"skipped: teacher loaded from {source}",
                            "teacher InfoNCE per epoch (when it was trained)":
                            describe_curve(json.loads(metadata.get("loss_per_epoch", "[]")))})
         return teacher
+
+    def teacher_trained_once(self, ctx, bank, dim: int, path: Path):
+        """Stage 1 on rank 0 alone (it writes the run folder); the other ranks load what it saved."""
+        from clipfit.dclip.teacher import load_teacher
+
+        teacher = self.train_new_teacher(ctx, bank, dim, path) if ctx.dist.is_main else None
+        ctx.dist.barrier()  # the other ranks wait for the whole of stage 1 here
+        return teacher if teacher is not None else load_teacher(path)[0]
 
     def train_new_teacher(self, ctx, bank, dim: int, path: Path):
         from clipfit.dclip.teacher import CrossModalTeacher, TeacherTraining, save_teacher, train_teacher
@@ -89,7 +106,8 @@ class DCLIP(Method):
             torch.manual_seed(c.seed)
             teacher = CrossModalTeacher(dim)
         ctx.log(f"dclip stage 1: training the cross-modal teacher for {c.dclip_teacher_epochs} epoch(s)")
-        plan = TeacherTraining(c.dclip_teacher_epochs, c.dclip_teacher_lr, c.batch_size, c.seed)
+        # the run's global batch: under torchrun this one process trains what a single-process run would
+        plan = TeacherTraining(c.dclip_teacher_epochs, c.dclip_teacher_lr, c.batch_size * ctx.dist.world_size, c.seed)
         train_teacher(teacher.to(ctx.device), bank, plan, ctx.device, ctx.log)
         save_teacher(teacher, path, plan)
         self.facts.update({"stage 1": f"teacher trained {plan.epochs} epoch(s), Adam lr {plan.lr:g}, saved to {path}",
@@ -107,10 +125,12 @@ class DCLIP(Method):
         device = step.image_raw.device
         rows = self.caption_starts[step.indices.to(device)] + step.captions.to(device)
         _, frozen_text = step.teacher()
+        # Over the global batch (rows of every rank): a distributed step equals a one-process step.
+        rows, image, text, frozen_text = (step.gather(t) for t in (rows, step.image_raw.float(),
+                                                                  step.text_raw.float(), frozen_text.float()))
         # Cosines and a τ = 0.05 softmax: keep them in float32 under bf16/fp16 autocast.
         with torch.autocast(device.type, enabled=False):
-            parts = dclip_loss_parts(step.image_raw.float(), step.text_raw.float(), self.targets[rows],
-                                     frozen_text.float(), STUDENT_TEMPERATURE)
+            parts = dclip_loss_parts(image, text, self.targets[rows], frozen_text, STUDENT_TEMPERATURE)
         return {f"dclip_{name}": value for name, value in parts.items() if f"dclip_{name}" in wanted}
 
     def report(self):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch import nn
 
 from clipfit.errors import UsageError
-from clipfit.features import FeatureCache, captions_hash, cache_key, image_bank, images_hash, text_bank
+from clipfit.features import (FeatureCache, cache_key, captions_hash, image_bank, images_hash,
+                              items_built_by_rank, text_bank)
 from clipfit.losses import clip_loss, ping_loss
 from clipfit.methods.base import Method
 from clipfit.neighbours import index_kind, nearest_neighbours
@@ -73,17 +75,20 @@ class Ping(Method):
                     "text": text_encoder(self.config.ping_text_encoder, ctx)}
         started = time.perf_counter()
         keys = {tower: self.bank_key(tower, encoder, ctx.pairs) for tower, encoder in encoders.items()}
-        self.image_bank = cache.get_or_build(keys["image"], lambda: self.build_bank("image", encoders["image"], ctx))["bank"]
-        image_hit = cache.hits
-        self.text_bank = cache.get_or_build(keys["text"], lambda: self.build_bank("text", encoders["text"], ctx))["bank"]
+        self.image_bank, self.text_bank = (
+            cache.get_or_build(keys[tower], partial(self.build_bank, tower, encoders[tower], ctx),
+                               shards=ctx.dist, items=n)["bank"]
+            for tower in ("image", "text"))
         bank_seconds = time.perf_counter() - started
-        self.find_neighbours(cache, keys, ctx.log)
+        self.find_neighbours(cache, keys, ctx)
         self.heads = self.make_heads(ctx, encoders)
+        encoded = items_built_by_rank(cache, [key["kind"] for key in keys.values()], ctx.dist)
         self.facts = {
             "image_encoder": encoders["image"].label, "text_encoder": encoders["text"].label,
             "bank_items": n, "image_dim": self.image_bank.shape[1], "text_dim": self.text_bank.shape[1],
-            "bank_cache_image": "hit" if image_hit else "built",
-            "bank_cache_text": "hit" if cache.hits > image_hit else "built",
+            "bank_cache_image": "built" if any(encoded["ping-image"]) else "hit",
+            "bank_cache_text": "built" if any(encoded["ping-text"]) else "hit",
+            "bank_items_encoded_by_rank": encoded,
             "bank_build_seconds": round(bank_seconds, 3),
             "bank_bytes_fp16": 2 * n * (self.image_bank.shape[1] + self.text_bank.shape[1]),
             **self.facts,
@@ -96,30 +101,34 @@ class Ping(Method):
         return {"kind": f"ping-{tower}", "format": BANK_FORMAT, "encoder": encoder.identity, "data": data,
                 "items": len(pairs), "preprocessing": recipe}
 
-    def build_bank(self, tower: str, encoder, ctx) -> dict:
-        ctx.log(f"ping: encoding the {tower} bank of {len(ctx.pairs)} pairs with the frozen {encoder.label}")
+    def build_bank(self, tower: str, encoder, ctx, part: range) -> dict:
+        """The `tower` bank rows of the pairs in `part` (all of them in a single process)."""
+        pairs = [ctx.pairs[i] for i in part]
+        share = f" (pairs {part.start}-{part.stop - 1} on this process)" if len(pairs) < len(ctx.pairs) else ""
+        ctx.log(f"ping: encoding the {tower} bank of {len(ctx.pairs)} pairs{share} with the frozen {encoder.label}")
         loaded = encoder.load()
         batch, workers = self.config.batch_size, self.config.workers
         if tower == "image":
-            bank = image_bank(ctx.pairs, loaded.encode, loaded.preprocess, batch, workers,
+            bank = image_bank(pairs, loaded.encode, loaded.preprocess, batch, workers,
                               self.config.max_image_pixels, ctx.log)
         else:
-            bank = text_bank(ctx.pairs, loaded.encode, batch, ctx.log)
+            bank = text_bank(pairs, loaded.encode, batch, ctx.log)
         return {"bank": bank}
 
-    def find_neighbours(self, cache: FeatureCache, bank_keys: dict, log) -> None:
-        """Top-k neighbours in each bank, computed once (the banks are frozen) and cached with them."""
+    def find_neighbours(self, cache: FeatureCache, bank_keys: dict, ctx) -> None:
+        """Top-k neighbours in each bank, computed once (the banks are frozen; under torchrun by
+        rank 0 alone) and cached with them."""
         k, kind = self.config.ping_k, index_kind(self.image_bank.shape[0], self.config.ping_index)
         key = {"kind": "ping-neighbours", "format": BANK_FORMAT, "k": k, "index": kind,
                "image_bank": cache_key(bank_keys["image"]), "text_bank": cache_key(bank_keys["text"])}
         started = time.perf_counter()
 
         def search() -> dict:
-            log(f"ping: searching {k} neighbour(s) per item ({kind} index)")
+            ctx.log(f"ping: searching {k} neighbour(s) per item ({kind} index)")
             return {"image": nearest_neighbours(self.image_bank, k, kind),
                     "text": nearest_neighbours(self.text_bank, k, kind)}
 
-        found = cache.get_or_build(key, search)
+        found = cache.get_or_build(key, search, shards=ctx.dist)
         self.image_neighbours, self.text_neighbours = found["image"].long(), found["text"].long()
         self.facts = {"index": kind, "k": k, "neighbour_seconds": round(time.perf_counter() - started, 3)}
 
@@ -137,22 +146,26 @@ class Ping(Method):
         return list(self.heads.parameters()) if self.heads is not None else []
 
     def neighbour_targets(self, step) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen-bank embeddings of each pair's image- and text-space neighbour (one of the top k)."""
-        indices = step.indices.cpu().long()
+        """Frozen-bank embeddings of each pair's image- and text-space neighbour (one of the top k),
+        for every pair of the global batch: each rank draws the picks a single process would."""
+        device = step.image.device
+        indices = step.gather(step.indices.to(device)).cpu().long()
         k = self.config.ping_k
         image_pick = torch.randint(0, k, (len(indices),), generator=step.generator) if k > 1 else torch.zeros_like(indices)
         text_pick = torch.randint(0, k, (len(indices),), generator=step.generator) if k > 1 else torch.zeros_like(indices)
         image_nn = self.image_neighbours[indices, image_pick]
         text_nn = self.text_neighbours[indices, text_pick]
-        device = step.image.device
         return self.image_bank[image_nn].to(device).float(), self.text_bank[text_nn].to(device).float()
 
     def losses(self, step, wanted):
         started = self.clock(step.image.device)
         parts = {}
         if "nn" in wanted or "xnn" in wanted:
+            # Over the global batch (rows of every rank), as the contrastive loss: a distributed
+            # step then equals a single-process step over the same pairs.
+            image, text = step.gather(step.image.float()), step.gather(step.text.float())
             image_target, text_target = self.neighbour_targets(step)
-            image, text, h = step.image.float(), step.text.float(), self.heads
+            h = self.heads
             # small heads and unit-norm targets: float32 keeps the τ=0.07 logits exact under autocast
             with torch.autocast(step.image.device.type, enabled=False):
                 if "nn" in wanted:
@@ -163,7 +176,7 @@ class Ping(Method):
                                              self.config.ping_temperature)
         self.record_time(started, self.clock(step.image.device))
         if "clip" in wanted:
-            parts["clip"] = clip_loss(step.image, step.text, step.logit_scale)
+            parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)
         return parts
 
     @staticmethod
