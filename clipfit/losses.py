@@ -42,7 +42,7 @@ def rafa_loss(image_features: Tensor, text_features: Tensor, reference: Tensor) 
         L = 1/(B·d) Σ_i ‖f_v,i − z_i‖² + 1/(B·d) Σ_i ‖f_t,i − z_i‖²
     i.e. mse(f_v, z) + mse(f_t, z) with mean reduction, as in the authors' code.
     """
-    reference = reference.to(image_features.dtype)
+    reference = reference.to(image_features.device, image_features.dtype)
     return F.mse_loss(image_features, reference) + F.mse_loss(text_features, reference)
 
 

@@ -108,7 +108,9 @@ def build_encoder(model: nn.Module, compile: bool = False, state: Distributed = 
     encoder: nn.Module = PairEncoder(model, rests)
     if state.active:
         ids = [state.local_rank] if device is not None and device.type == "cuda" else None
-        encoder = nn.parallel.DistributedDataParallel(encoder, device_ids=ids)
+        # Some methods leave a trainable tensor out of the loss (refine's default terms never use the
+        # logit scale): DDP must be told, or its gradient reduction waits for it forever.
+        encoder = nn.parallel.DistributedDataParallel(encoder, device_ids=ids, find_unused_parameters=True)
     if compile:
         encoder = torch.compile(encoder)
     return encoder

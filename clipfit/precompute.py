@@ -13,7 +13,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from clipfit.parallel import Distributed, gather_rows, shard_range
 
 Encode = Callable[[Tensor], Tensor]
 
@@ -25,6 +27,7 @@ class ItemRows:
     images: Tensor | None
     texts: Tensor | None
     caption_starts: Tensor
+    encoded_here: int = 0  # items this process encoded (its share under torchrun)
 
     def image_rows(self, indices: Tensor) -> Tensor:
         return self.images[indices.long()]
@@ -57,19 +60,23 @@ def caption_starts(dataset) -> Tensor:
 
 @torch.no_grad()
 def encode_items(dataset, encode_images: Encode | None, encode_texts: Encode | None, batch_size: int,
-                 workers: int = 0) -> ItemRows:
+                 workers: int = 0, shards: Distributed | None = None) -> ItemRows:
     """Every image through `encode_images` and every caption's tokens through `encode_texts`
     (either may be None), as float32 CPU rows in dataset order.
 
-    Images are decoded in `workers` DataLoader processes; only use this for inputs without
-    random augmentation, or the rows would stand for one random view forever.
+    Under torchrun (`shards`) each rank encodes its contiguous share of the items and every rank
+    gets all rows. Images are decoded in `workers` DataLoader processes; only use this for inputs
+    without random augmentation, or the rows would stand for one random view forever.
     """
-    images = texts = None
-    if encode_images is not None:
-        loader = DataLoader(_DatasetImages(dataset), batch_size=batch_size, num_workers=workers)
-        images = torch.cat([encode_images(pixels).float().cpu() for pixels in loader])
-    if encode_texts is not None:
-        captions = [caption for pair in dataset.pairs for caption in pair.captions]
-        texts = torch.cat([encode_texts(dataset.tokenizer(captions[start:start + batch_size])).float().cpu()
-                           for start in range(0, len(captions), batch_size)])
-    return ItemRows(images, texts, caption_starts(dataset))
+    shards = shards or Distributed()
+    part = shard_range(len(dataset), shards)
+    mine = {}
+    if encode_images is not None and len(part):
+        loader = DataLoader(Subset(_DatasetImages(dataset), part), batch_size=batch_size, num_workers=workers)
+        mine["images"] = torch.cat([encode_images(pixels).float().cpu() for pixels in loader])
+    if encode_texts is not None and len(part):
+        captions = [caption for i in part for caption in dataset.pairs[i].captions]
+        mine["texts"] = torch.cat([encode_texts(dataset.tokenizer(captions[start:start + batch_size])).float().cpu()
+                                   for start in range(0, len(captions), batch_size)])
+    rows = gather_rows(mine, shards)
+    return ItemRows(rows.get("images"), rows.get("texts"), caption_starts(dataset), len(part))

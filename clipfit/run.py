@@ -360,13 +360,13 @@ def precompute_frozen(setup: Setup):
     if setup.data.stream is not None or config.no_precompute:
         return teacher, None
     locked = precompute_locked(setup.model, setup.dataset, cacheable_towers(config), config.batch_size,
-                               config.workers, setup.device, autocast)
+                               config.workers, setup.device, autocast, setup.dist)
     if locked is not None:
         progress.info(f"locked {' and '.join(locked.parts)} tower: frozen outputs of every training item computed "
                       f"once ({locked.seconds:.1f} s, {locked.facts['mib']:.1f} MiB)")
     if teacher is not None and not config.augment:
         progress.info("encoding the training pairs once with the frozen teacher")
-        teacher.precompute(setup.dataset, config.batch_size, config.workers, locked)
+        teacher.precompute(setup.dataset, config.batch_size, config.workers, locked, setup.dist)
     return teacher, locked
 
 

@@ -41,15 +41,16 @@ class FrozenTeacher:
             text = model.encode_text(texts.to(self.device), normalize=False).float() if texts is not None else None
         return image, text
 
-    def precompute(self, dataset, batch_size: int, workers: int = 0, locked=None) -> None:
-        """Encode every image and every caption once, in dataset order.
+    def precompute(self, dataset, batch_size: int, workers: int = 0, locked=None, shards=None) -> None:
+        """Encode every image and every caption once, in dataset order (under torchrun, `shards`:
+        each rank its share).
 
         A tower whose frozen part `locked` (clipfit.towers.LockedInputs) already holds starts from
         those rows: only the teacher's copy of the trainable remainder runs on them."""
         parts = locked.parts if locked is not None else {}
         self.rows = encode_items(dataset, None if "image" in parts else lambda pixels: self.encode(pixels, None)[0],
                                  None if "text" in parts else lambda tokens: self.encode(None, tokens)[1],
-                                 batch_size, workers)
+                                 batch_size, workers, shards)
         if "image" in parts:
             self.rows.images = self.remainder(parts["image"], locked.rows.images, batch_size)
         if "text" in parts:

@@ -99,8 +99,9 @@ class LockedInputs:
 
 
 def precompute_locked(model: nn.Module, dataset, cacheable: set[str], batch_size: int, workers: int,
-                      device: torch.device, autocast) -> LockedInputs | None:
-    """Outputs of every frozen part whose tower is in `cacheable`, for every training item."""
+                      device: torch.device, autocast, shards=None) -> LockedInputs | None:
+    """Outputs of every frozen part whose tower is in `cacheable`, for every training item
+    (under torchrun, `shards`: each rank encodes its share)."""
     import time
 
     parts = {tower: part for tower, part in frozen_parts(model).items() if tower in cacheable}
@@ -118,10 +119,11 @@ def precompute_locked(model: nn.Module, dataset, cacheable: set[str], batch_size
 
     started = time.perf_counter()
     with evaluating(model):
-        rows = encode_items(dataset, encoder("image"), encoder("text"), batch_size, workers)
+        rows = encode_items(dataset, encoder("image"), encoder("text"), batch_size, workers, shards)
     seconds = time.perf_counter() - started
     facts = {tower: {"part": part.name, "rows": len(rows.images if tower == "image" else rows.texts),
                      "dim": (rows.images if tower == "image" else rows.texts).shape[1]}
              for tower, part in parts.items()}
     return LockedInputs(parts, rows, seconds, {"towers": facts, "seconds": round(seconds, 3),
-                                               "mib": round(rows.nbytes / 2**20, 2)})
+                                               "mib": round(rows.nbytes / 2**20, 2),
+                                               "items_encoded_by_rank_0": rows.encoded_here})

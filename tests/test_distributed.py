@@ -23,8 +23,12 @@ def cache_entries(folder):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_config):
+    # The frozen teacher's and the locked text tower's rows are precomputed, each rank its half;
+    # no term uses the model's logit scale (refine's clip weight is 0, lite's critic is its own),
+    # and lite's negatives, prior draws and critic are over the global batch.
     pairs = write_pairs(tmp_path / "pairs", n=16)
-    common = ["--epochs", "1", "--lr", "1e-3", "--log-every", "1"]
+    common = ["--method", "refine+lite", "--lite-critic", "learned", "--lite-negatives", "shuffle",
+              "--lite-prior-weight", "0.1", "--lock-text", "--epochs", "1", "--lr", "1e-3", "--log-every", "1"]
     one = run_cli(*tiny_refine_args(pairs, tmp_path / "one", tiny_config, *common))
     assert one.returncode == 0, one.stderr
     two_args = tiny_refine_args(pairs, tmp_path / "two", tiny_config, *common)
@@ -36,6 +40,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_confi
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-5)  # rank 0 alone logs
+    locked = [json.loads((tmp_path / run / "run.json").read_text())["locked_towers"] for run in ("one", "two")]
+    assert [facts["items_encoded_by_rank_0"] for facts in locked] == [16, 8] and locked[1]["towers"]["text"]["rows"] == 16
     single, parallel = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "two/model.safetensors"))
     # Attention key biases get no gradient in exact arithmetic (softmax ignores a shift), so Adam
     # turns rounding noise into steps of up to lr: weights agree to 1e-4 (lr 1e-3, 2 steps), not bitwise.

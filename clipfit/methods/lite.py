@@ -75,13 +75,14 @@ class Lite(Method):
 
     def losses(self, step, wanted):
         parts = {}
+        # Over the global batch: negatives and prior draws then do not depend on the process count.
         if "lite" in wanted:
-            parts["lite"] = lite_loss(step.image, step.text, self.critic_scale(step),
+            parts["lite"] = lite_loss(step.gather(step.image), step.gather(step.text), self.critic_scale(step),
                                       negatives=self.config.lite_negatives, generator=step.generator)
         if "lite_prior" in wanted:
             # On the raw (unnormalised) embeddings, as the authors feed the encoders' outputs.
-            parts["lite_prior"] = (prior_term(self.prior["image"], step.image_raw, step.generator)
-                                   + prior_term(self.prior["text"], step.text_raw, step.generator))
+            parts["lite_prior"] = (prior_term(self.prior["image"], step.gather(step.image_raw), step.generator)
+                                   + prior_term(self.prior["text"], step.gather(step.text_raw), step.generator))
         return parts
 
     def state_dict(self):

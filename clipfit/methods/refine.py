@@ -23,8 +23,9 @@ class Refine(Method):
     def losses(self, step, wanted):
         c = self.config
         parts = {}
-        if "rafa" in wanted:
-            parts["rafa"] = rafa_loss(step.image_raw, step.text_raw, self.random_reference(step))
+        if "rafa" in wanted:  # over the global batch, so the draws of z do not depend on the process count
+            image, text = step.gather(step.image_raw), step.gather(step.text_raw)
+            parts["rafa"] = rafa_loss(image, text, self.random_reference(image.shape, step.generator))
         if "hycd" in wanted:
             teacher_image, teacher_text = step.teacher()
             # Raw dot products of unnormalised embeddings reach the hundreds, where bf16/fp16
@@ -39,7 +40,7 @@ class Refine(Method):
             parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)
         return parts
 
-    def random_reference(self, step) -> torch.Tensor:
-        """z ~ N(0, σ²I), one row per pair; drawn on the CPU so the numbers do not depend on the device."""
-        z = torch.randn(step.image_raw.shape, generator=step.generator) * self.config.rafa_sigma
-        return z.to(step.image_raw.device)
+    def random_reference(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """z ~ N(0, σ²I), one row per pair; drawn on the CPU (the loss moves it to the features'
+        device) so the numbers do not depend on the device."""
+        return torch.randn(shape, generator=generator) * self.config.rafa_sigma
