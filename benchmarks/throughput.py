@@ -157,6 +157,19 @@ def registered_methods() -> list[str]:
     return list(REGISTRY)
 
 
+def precomputed_vs_per_step(args, work: Path, pairs: Path, config: Path, label: str, flags: list[str]) -> dict:
+    """refine with FLAGS, frozen outputs precomputed (default) against --no-precompute."""
+    results = alternate({
+        f"{label} precomputed": lambda: clipfit_run(args, work, pairs, config, "refine", *flags),
+        f"{label} per step": lambda: clipfit_run(args, work, pairs, config, "refine", "--no-precompute", *flags),
+    }, args.repeats)
+    for name, runs in results.items():
+        print(f"  {name:<20} teacher forward passes {runs[0]['teacher_forward_passes']:5d}, "
+              f"training {median_of(runs, 'train_s'):6.1f} s, {median_of(runs, 'pairs_per_s'):7.1f} pairs/s, "
+              f"wall {median_of(runs, 'wall_s'):6.1f} s")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -208,29 +221,15 @@ def main() -> None:
 
     if args.teacher_epochs and "refine" in registered_methods():
         print(f"refine, {args.teacher_epochs} epochs: teacher features precomputed (default) vs per step (--no-precompute):")
-        epochs = ["--epochs", str(args.teacher_epochs)]
-        results = alternate({
-            "refine precomputed": lambda: clipfit_run(args, work, pairs, config, "refine", *epochs),
-            "refine per step": lambda: clipfit_run(args, work, pairs, config, "refine", "--no-precompute", *epochs),
-        }, args.repeats)
-        for name, runs in results.items():
-            print(f"  {name:<20} teacher forward passes {runs[0]['teacher_forward_passes']:5d}, "
-                  f"training {median_of(runs, 'train_s'):6.1f} s, {median_of(runs, 'pairs_per_s'):7.1f} pairs/s")
-        report["teacher_cache"] = results
+        report["teacher_cache"] = precomputed_vs_per_step(args, work, pairs, config, "refine",
+                                                          ["--epochs", str(args.teacher_epochs)])
 
     if args.locked_epochs:
-        locked_config = write_locked_model(work)
         print(f"refine, {args.locked_epochs} epochs, --lock-image --lock-text on an EfficientNet-Lite0 trunk: "
               "locked towers and teacher precomputed (default) vs per step (--no-precompute):")
-        flags = ["--epochs", str(args.locked_epochs), "--lock-image", "--lock-text"]
-        results = alternate({
-            "locked precomputed": lambda: clipfit_run(args, work, pairs, locked_config, "refine", *flags),
-            "locked per step": lambda: clipfit_run(args, work, pairs, locked_config, "refine", "--no-precompute", *flags),
-        }, args.repeats)
-        for name, runs in results.items():
-            print(f"  {name:<20} training {median_of(runs, 'train_s'):6.1f} s, {median_of(runs, 'pairs_per_s'):7.1f} "
-                  f"pairs/s, wall {median_of(runs, 'wall_s'):6.1f} s")
-        report["locked_towers"] = results
+        report["locked_towers"] = precomputed_vs_per_step(
+            args, work, pairs, write_locked_model(work), "locked",
+            ["--epochs", str(args.locked_epochs), "--lock-image", "--lock-text"])
 
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
