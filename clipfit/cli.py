@@ -135,7 +135,7 @@ def data_check(
     from clipfit.data.check import check_folder
 
     report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
-                          count_tokens=count_clip_tokens, context_length=context_length)
+                          context_length=context_length)
     if as_json:
         print_json(report.to_json())
         return
@@ -168,13 +168,6 @@ def data_shard(
     written = write_shards(report.usable, out, pairs_per_shard)
     left_out = f"; {len(report.skipped)} unusable item(s) left out (`clipfit data check` lists them)" if report.skipped else ""
     typer.echo(f"wrote {len(report.usable)} pairs in {len(written)} shard(s) to {out}{left_out}")
-
-
-def count_clip_tokens(text: str) -> int:
-    """Tokens open_clip's default tokenizer makes of `text`, start and end tokens included."""
-    from clipfit.data.tokens import count_tokens
-
-    return count_tokens(text)
 
 
 def print_check_report(report) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from clipfit.errors import ModelError, UsageError
+from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, first_line, hub_source
 from clipfit.io import atomic_path, write_json
 
 log = logging.getLogger("clipfit")
@@ -28,7 +29,6 @@ log = logging.getLogger("clipfit")
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's own `local-dir:` format
 MODEL_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"
-OFFLINE_HINT = "offline alternatives: --model lite0-minilm, --pretrained PATH/TO/weights.safetensors, or --pretrained none"
 DEFAULT_LORA_TARGETS = ("attn", "c_fc", "c_proj")
 # `--lora-targets auto`: open_clip transformers' attention and MLP, Hugging Face text towers'
 # attention projections; whichever the model has.
@@ -172,12 +172,19 @@ def load_pretrained_tag(arch: str, tag: str):
                          f"--debug shows why); {OFFLINE_HINT}") from None
 
 
-def load_hub(spec: str):
-    try:
-        return create(spec)
-    except Exception:
-        raise ModelError(f"could not load {spec} from the Hugging Face hub (no network, or no such repository; "
-                         f"--debug shows why); {OFFLINE_HINT}") from None
+def load_hub(spec: str) -> LoadedModel:
+    import open_clip
+
+    with hub_source(spec):  # the tokenizer's config comes from the hub too
+        try:
+            model, preprocess_train, preprocess_val = create(spec)
+            tokenizer = open_clip.get_tokenizer(spec)
+        except Exception as e:
+            raise ModelError(f"could not load {spec} from the Hugging Face hub ({first_line(e)}; "
+                             f"--debug shows more); {OFFLINE_HINT}") from e
+    return LoadedModel(model, preprocess_train, preprocess_val, tokenizer, spec,
+                       getattr(model, "model_cfg", {}) or {}, dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
+                       "hub", {"kind": "hf-hub"})
 
 
 def is_run_dir(path: Path) -> bool:
@@ -224,11 +231,8 @@ def load_model(spec: str, pretrained: str | None = "none") -> LoadedModel:
         return load_starter(aligned=pretrained != "none")
     if is_run_dir(Path(spec)):
         return load_run_dir(Path(spec))
-    if spec.startswith("hf-hub:"):
-        model, preprocess_train, preprocess_val = load_hub(spec)
-        return LoadedModel(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(spec), spec,
-                           getattr(model, "model_cfg", {}) or {}, dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
-                           "hub", {"kind": "hf-hub"})
+    if spec.startswith(HUB_PREFIX):
+        return load_hub(spec)
     arch, source = resolve_arch(spec)
     if pretrained == "none":
         log.warning("--pretrained none: %s starts from RANDOM weights; this is only useful for tests", arch)

@@ -132,11 +132,15 @@ def test_model_config_json_is_data(tmp_path):
 # --- the network --------------------------------------------------------------------------------
 
 @pytest.fixture
-def offline(monkeypatch) -> list:
-    """No sockets, and a hub download that fails at once; returns the downloads attempted."""
+def offline(monkeypatch, tmp_path) -> list:
+    """No sockets, a hub download that fails at once and an empty hub cache; returns the
+    connections and downloads attempted."""
+    from huggingface_hub import constants
+
     attempts = []
 
     def no_network(*args, **kwargs):
+        attempts.append(args)
         raise OSError("network access in a test")
 
     def failing_download(*args, **kwargs):
@@ -145,7 +149,9 @@ def offline(monkeypatch) -> list:
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", failing_download)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     return attempts
 
 
@@ -164,8 +170,8 @@ def test_hub_model_fails_offline_with_one_line(offline, pairs_dir, tmp_path, cap
                      "--workers", "0", "--quiet"])
     line = last_error_line(capsys)
     assert code == 4, line
-    assert offline, "the hub path must really try to download"
-    assert "could not load hf-hub:someone/some-clip from the Hugging Face hub" in line
+    assert offline, "the hub path must really try the network"
+    assert "could not load hf-hub:someone/some-clip: cannot reach" in line
     assert "--pretrained none" in line  # names the offline alternatives
 
 

@@ -37,3 +37,8 @@ def test_help_imports_no_heavy_module():
 
 def test_data_check_help_imports_no_heavy_module():
     assert heavy_modules_after(["data", "check", "--help"]) == []
+
+
+def test_data_check_of_short_captions_imports_no_heavy_module(pairs_dir):
+    # every caption is provably within the context, so the tokenizer (and torch) stays unloaded
+    assert heavy_modules_after(["data", "check", str(pairs_dir)]) == []

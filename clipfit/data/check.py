@@ -11,10 +11,10 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from clipfit.data.layouts import Pair, PairSet, Problem, load_pairs
+from clipfit.data.tokens import exceeds_context
 
 
 @dataclass
@@ -90,14 +90,13 @@ def duplicate_groups(pairs: list[Pair]) -> list[list[str]]:
     return [keys for keys in by_digest.values() if len(keys) > 1]
 
 
-def count_long_captions(pairs: list[Pair], count_tokens: Callable[[str], int], context_length: int) -> int:
-    return sum(count_tokens(c) > context_length for p in pairs for c in p.captions)
+def count_long_captions(pairs: list[Pair], context_length: int) -> int:
+    return sum(exceeds_context(c, context_length) for p in pairs for c in p.captions)
 
 
 def check_pairset(
     pairset: PairSet,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    count_tokens: Callable[[str], int] | None = None,
     context_length: int | None = None,
     find_duplicates: bool = True,
     workers: int = 4,
@@ -116,8 +115,8 @@ def check_pairset(
     )
     if find_duplicates:
         report.duplicate_images = duplicate_groups(good)
-    if count_tokens is not None and context_length:
-        report.long_captions = count_long_captions(good, count_tokens, context_length)
+    if context_length:
+        report.long_captions = count_long_captions(good, context_length)
     return report
 
 
