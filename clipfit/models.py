@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from clipfit.errors import ModelError, UsageError
-from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, first_line, hub_source
+from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, first_line, hub_source, model_files, tag_files
 from clipfit.io import atomic_path, write_json
 
 log = logging.getLogger("clipfit")
@@ -166,7 +166,10 @@ def load_pretrained_tag(arch: str, tag: str):
         hint = f"known tags for {arch}: {', '.join(tags)}" if tags else f"{arch} has no published tags"
         raise UsageError(f"unknown pretrained tag {tag!r} for {arch} ({hint}), and no file of that name exists")
     try:
-        return create(arch, pretrained=tag)
+        with hub_source(tag_files(arch, tag)):
+            return create(arch, pretrained=tag)
+    except ModelError:
+        raise
     except Exception:
         raise ModelError(f"could not download the {arch}/{tag} weights (no network, or the hub is unreachable; "
                          f"--debug shows why); {OFFLINE_HINT}") from None
@@ -175,7 +178,7 @@ def load_pretrained_tag(arch: str, tag: str):
 def load_hub(spec: str) -> LoadedModel:
     import open_clip
 
-    with hub_source(spec):  # the tokenizer's config comes from the hub too
+    with hub_source(model_files(spec)):  # the tokenizer's config comes from the hub too
         try:
             model, preprocess_train, preprocess_val = create(spec)
             tokenizer = open_clip.get_tokenizer(spec)

@@ -29,6 +29,9 @@ class ItemRows:
     caption_starts: Tensor
     encoded_here: int = 0  # items this process encoded (its share under torchrun)
 
+    def of(self, tower: str) -> Tensor | None:
+        return self.images if tower == "image" else self.texts
+
     def image_rows(self, indices: Tensor) -> Tensor:
         return self.images[indices.long()]
 

@@ -12,6 +12,7 @@ is computed once before training and each step only runs the trainable remainder
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -102,8 +103,6 @@ def precompute_locked(model: nn.Module, dataset, cacheable: set[str], batch_size
                       device: torch.device, autocast, shards=None) -> LockedInputs | None:
     """Outputs of every frozen part whose tower is in `cacheable`, for every training item
     (under torchrun, `shards`: each rank encodes its share)."""
-    import time
-
     parts = {tower: part for tower, part in frozen_parts(model).items() if tower in cacheable}
     if not parts:
         return None
@@ -121,8 +120,7 @@ def precompute_locked(model: nn.Module, dataset, cacheable: set[str], batch_size
     with evaluating(model):
         rows = encode_items(dataset, encoder("image"), encoder("text"), batch_size, workers, shards)
     seconds = time.perf_counter() - started
-    facts = {tower: {"part": part.name, "rows": len(rows.images if tower == "image" else rows.texts),
-                     "dim": (rows.images if tower == "image" else rows.texts).shape[1]}
+    facts = {tower: {"part": part.name, "rows": rows.of(tower).shape[0], "dim": rows.of(tower).shape[1]}
              for tower, part in parts.items()}
     return LockedInputs(parts, rows, seconds, {"towers": facts, "seconds": round(seconds, 3),
                                                "mib": round(rows.nbytes / 2**20, 2),

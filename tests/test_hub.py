@@ -38,15 +38,17 @@ def closed_port():
         yield sock.getsockname()[1]
 
 
-def test_unreachable_hub_fails_at_once_with_one_line(closed_port, pairs_dir, tmp_path):
+@pytest.mark.parametrize("model, label", [(["--model", "hf-hub:someone/some-clip"], "hf-hub:someone/some-clip"),
+                                          (["--model", "RN50", "--pretrained", "openai"], "RN50/openai")])
+def test_unreachable_hub_fails_at_once_with_one_line(model, label, closed_port, pairs_dir, tmp_path):
     endpoint = f"http://127.0.0.1:{closed_port}"
-    result = subprocess.run([sys.executable, "-m", "clipfit", "refine", str(pairs_dir), "--model", "hf-hub:someone/some-clip",
+    result = subprocess.run([sys.executable, "-m", "clipfit", "refine", str(pairs_dir), *model,
                              "--out", str(tmp_path / "run"), "--workers", "0", "--quiet"],
                             capture_output=True, text=True, env=hub_env(endpoint, tmp_path / "hf"), timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 4, result.stderr
     assert len(lines) == 1, result.stderr  # no traceback, no retry chatter from huggingface_hub
-    assert "could not load hf-hub:someone/some-clip" in lines[0]
+    assert f"could not load {label}" in lines[0]
     assert f"cannot reach {endpoint}" in lines[0] and "not in the local Hugging Face cache" in lines[0]
 
 

@@ -180,4 +180,4 @@ def test_pretrained_tag_fails_offline_with_one_line(offline, pairs_dir, tmp_path
                      "--workers", "0", "--quiet"])
     line = last_error_line(capsys)
     assert code == 4, line
-    assert offline and "RN50/openai weights" in line and "--pretrained none" in line
+    assert "could not load RN50/openai" in line and "--pretrained none" in line
