@@ -26,6 +26,14 @@ from clipfit.models import evaluating
 from clipfit.parallel import Distributed, gather_rows, shard_range
 
 
+def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> DataLoader:
+    """A DataLoader in item order that leaves the global random stream alone: iterating a plain
+    DataLoader draws a worker seed from it, and whether a feature-cache hit skips a loop must
+    not change what the rest of the run draws."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                      generator=torch.Generator(), **kwargs)
+
+
 class _ImagesAndCaptions(Dataset):
     def __init__(self, pairs, preprocess, tokenizer, caption_index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.pairs, self.preprocess, self.tokenizer, self.caption_index = pairs, preprocess, tokenizer, caption_index
@@ -49,8 +57,7 @@ def encode_pairs(model: nn.Module, pairs, preprocess: Callable, tokenizer: Calla
 
     `max_pixels` is the decompression-bomb limit the pairs were checked under (--max-image-pixels)."""
     dataset = _ImagesAndCaptions(pairs, preprocess, tokenizer, max_pixels=max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        num_workers=workers, shuffle=False)
+    loader = ordered_loader(dataset, batch_size, workers)
     images, texts = [], []
     with evaluating(model):
         for pixels, tokens in loader:
@@ -101,7 +108,7 @@ def image_bank(pairs, encode: Callable[[Tensor], Tensor], preprocess: Callable, 
     `encode` maps a batch of preprocessed pixels to embeddings; `preprocess` is the encoder's
     evaluation transform (no augmentation), so the bank does not depend on the epoch.
     """
-    loader = DataLoader(_Images(pairs, preprocess, max_pixels), batch_size=batch_size, num_workers=workers)
+    loader = ordered_loader(_Images(pairs, preprocess, max_pixels), batch_size, workers)
     counter, rows = CountLog(log, "encoding images", len(pairs)), []
     for pixels in loader:
         rows.append(F.normalize(encode(pixels).float(), dim=-1))
@@ -159,18 +166,20 @@ def encoder_identity(spec: str, pretrained: str | None = None, seed: int | None 
     """What makes an encoder's outputs what they are, without loading it.
 
     The spec and weights names, the size and modification time of any local file or folder they
-    name, the open_clip version (built-in configs and random init live there) and, for random
-    weights (pretrained 'none'), the seed they were drawn with.
+    name, the versions of open_clip (built-in configs and random init live there), torch (its
+    random number generator draws random init) and clipfit (the starter's packaged weights) and,
+    for random weights (pretrained 'none'), the seed they were drawn with.
     """
     import importlib.metadata as md
 
     identity = {"spec": spec, "pretrained": pretrained, "files": files_fingerprint(Path(spec))}
     if pretrained:
         identity["files"] += files_fingerprint(Path(pretrained))
-    try:
-        identity["open_clip"] = md.version("open_clip_torch")
-    except md.PackageNotFoundError:
-        identity["open_clip"] = None
+    for package in ("open_clip_torch", "torch", "clipfit"):
+        try:
+            identity[package.removesuffix("_torch")] = md.version(package)
+        except md.PackageNotFoundError:
+            identity[package.removesuffix("_torch")] = None
     if pretrained in (None, "none"):
         identity["seed"] = seed
     return identity

@@ -9,15 +9,18 @@ running it again. Lookups return the very same numbers in a resumed run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
+from clipfit.features import ordered_loader
 from clipfit.parallel import Distributed, gather_rows, shard_range
 
 Encode = Callable[[Tensor], Tensor]
+ROWS_FORMAT = 1
 
 
 @dataclass
@@ -62,24 +65,59 @@ def caption_starts(dataset) -> Tensor:
 
 
 @torch.no_grad()
+def encode_share(dataset, encode_images: Encode | None, encode_texts: Encode | None, batch_size: int,
+                 workers: int, part: range) -> dict[str, Tensor]:
+    """Rows of the items in `part`: "images" (one per item) and "texts" (one per caption)."""
+    rows = {}
+    if encode_images is not None:
+        loader = ordered_loader(Subset(_DatasetImages(dataset), part), batch_size, workers)
+        rows["images"] = torch.cat([encode_images(pixels).float().cpu() for pixels in loader])
+    if encode_texts is not None:
+        captions = [caption for i in part for caption in dataset.pairs[i].captions]
+        rows["texts"] = torch.cat([encode_texts(dataset.tokenizer(captions[start:start + batch_size])).float().cpu()
+                                   for start in range(0, len(captions), batch_size)])
+    return rows
+
+
+@dataclass
+class RowStore:
+    """Where precomputed rows are kept: a clipfit.features.FeatureCache, and what rows depend on
+    besides the pairs and what is encoded (the starting model's identity; settings such as
+    precision and device type that change the numbers)."""
+
+    cache: Any
+    model: dict
+    settings: dict
+
+    def key(self, kind: str, dataset, what: dict) -> dict:
+        from clipfit.features import captions_hash, images_hash
+
+        return {"kind": kind, "format": ROWS_FORMAT, "model": self.model, "images": images_hash(dataset.pairs),
+                "captions": captions_hash(dataset.pairs), "items": len(dataset), "what": what, **self.settings}
+
+
 def encode_items(dataset, encode_images: Encode | None, encode_texts: Encode | None, batch_size: int,
-                 workers: int = 0, shards: Distributed | None = None) -> ItemRows:
+                 workers: int = 0, shards: Distributed | None = None, store: RowStore | None = None,
+                 kind: str = "rows", what: dict | None = None) -> ItemRows:
     """Every image through `encode_images` and every caption's tokens through `encode_texts`
     (either may be None), as float32 CPU rows in dataset order.
 
-    Under torchrun (`shards`) each rank encodes its contiguous share of the items and every rank
-    gets all rows. Images are decoded in `workers` DataLoader processes; only use this for inputs
-    without random augmentation, or the rows would stand for one random view forever.
+    With a `store` the rows are kept in its feature cache under a key of `kind` that names the
+    pairs, the model, `what` is encoded and the settings, and read back memory-mapped: large data
+    stays on disk, and a later run on the same pairs and starting model reuses them. Under
+    torchrun (`shards`) each rank encodes its contiguous share of the items and every rank gets all
+    rows. Images are decoded in `workers` DataLoader processes; only use this for inputs without
+    random augmentation, or the rows would stand for one random view forever.
     """
+    if encode_images is None and encode_texts is None:  # nothing to encode: no work, no cache entry
+        return ItemRows(None, None, caption_starts(dataset))
     shards = shards or Distributed()
-    part = shard_range(len(dataset), shards)
-    mine = {}
-    if encode_images is not None and len(part):
-        loader = DataLoader(Subset(_DatasetImages(dataset), part), batch_size=batch_size, num_workers=workers)
-        mine["images"] = torch.cat([encode_images(pixels).float().cpu() for pixels in loader])
-    if encode_texts is not None and len(part):
-        captions = [caption for i in part for caption in dataset.pairs[i].captions]
-        mine["texts"] = torch.cat([encode_texts(dataset.tokenizer(captions[start:start + batch_size])).float().cpu()
-                                   for start in range(0, len(captions), batch_size)])
-    rows = gather_rows(mine, shards)
-    return ItemRows(rows.get("images"), rows.get("texts"), caption_starts(dataset), len(part))
+    build = partial(encode_share, dataset, encode_images, encode_texts, batch_size, workers)
+    if store is None:
+        part = shard_range(len(dataset), shards)
+        rows, encoded = gather_rows(build(part) if len(part) else {}, shards), len(part)
+    else:
+        key = store.key(kind, dataset, what or {})
+        rows = store.cache.get_or_build(key, build, float_dtype=torch.float32, shards=shards, items=len(dataset))
+        encoded = store.cache.built_items.get(kind, 0)
+    return ItemRows(rows.get("images"), rows.get("texts"), caption_starts(dataset), encoded)

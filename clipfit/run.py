@@ -359,15 +359,28 @@ def precompute_frozen(setup: Setup):
     teacher = FrozenTeacher(setup.model, setup.device, autocast) if setup.composite.needs_teacher else None
     if setup.data.stream is not None or config.no_precompute:
         return teacher, None
+    store = row_store(setup)
     locked = precompute_locked(setup.model, setup.dataset, cacheable_towers(config), config.batch_size,
-                               config.workers, setup.device, autocast, setup.dist)
+                               config.workers, setup.device, autocast, setup.dist, store)
     if locked is not None:
-        progress.info(f"locked {' and '.join(locked.parts)} tower: frozen outputs of every training item computed "
-                      f"once ({locked.seconds:.1f} s, {locked.facts['mib']:.1f} MiB)")
+        progress.info(f"locked {' and '.join(locked.parts)} tower: frozen outputs of every training item ready "
+                      f"({locked.seconds:.1f} s, {locked.facts['mib']:.1f} MiB)")
     if teacher is not None and not config.augment:
         progress.info("encoding the training pairs once with the frozen teacher")
-        teacher.precompute(setup.dataset, config.batch_size, config.workers, locked, setup.dist)
+        teacher.precompute(setup.dataset, config.batch_size, config.workers, locked, setup.dist, store)
     return teacher, locked
+
+
+def row_store(setup: Setup):
+    """Precomputed rows live in the feature cache, keyed by the starting model and the settings
+    that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
+    from clipfit.features import FeatureCache, starting_model_identity
+    from clipfit.precompute import RowStore
+
+    c = setup.config
+    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info), starting_model_identity(c),
+                    {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
+                     "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
 
 
 def cacheable_towers(config: RefineConfig) -> set[str]:

@@ -41,20 +41,23 @@ class FrozenTeacher:
             text = model.encode_text(texts.to(self.device), normalize=False).float() if texts is not None else None
         return image, text
 
-    def precompute(self, dataset, batch_size: int, workers: int = 0, locked=None, shards=None) -> None:
+    def precompute(self, dataset, batch_size: int, workers: int = 0, locked=None, shards=None, store=None) -> None:
         """Encode every image and every caption once, in dataset order (under torchrun, `shards`:
-        each rank its share).
+        each rank its share; with a `store`, kept in the feature cache for later runs).
 
         A tower whose frozen part `locked` (clipfit.towers.LockedInputs) already holds starts from
         those rows: only the teacher's copy of the trainable remainder runs on them."""
         parts = locked.parts if locked is not None else {}
-        self.rows = encode_items(dataset, None if "image" in parts else lambda pixels: self.encode(pixels, None)[0],
-                                 None if "text" in parts else lambda tokens: self.encode(None, tokens)[1],
-                                 batch_size, workers, shards)
-        if "image" in parts:
-            self.rows.images = self.remainder(parts["image"], locked.rows.images, batch_size)
-        if "text" in parts:
-            self.rows.texts = self.remainder(parts["text"], locked.rows.texts, batch_size)
+        encoders = {"image": lambda pixels: self.encode(pixels, None)[0], "text": lambda tokens: self.encode(None, tokens)[1]}
+        encoders = {tower: None if tower in parts else encode for tower, encode in encoders.items()}
+        self.rows = encode_items(dataset, encoders["image"], encoders["text"], batch_size, workers, shards, store,
+                                 "teacher-rows", {"towers": [t for t, e in encoders.items() if e is not None]})
+        for tower, part in parts.items():
+            rows = self.remainder(part, locked.rows.of(tower), batch_size)
+            if tower == "image":
+                self.rows.images = rows
+            else:
+                self.rows.texts = rows
 
     @torch.no_grad()
     def remainder(self, part, frozen_rows: torch.Tensor, batch_size: int) -> torch.Tensor:

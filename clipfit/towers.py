@@ -100,9 +100,10 @@ class LockedInputs:
 
 
 def precompute_locked(model: nn.Module, dataset, cacheable: set[str], batch_size: int, workers: int,
-                      device: torch.device, autocast, shards=None) -> LockedInputs | None:
+                      device: torch.device, autocast, shards=None, store=None) -> LockedInputs | None:
     """Outputs of every frozen part whose tower is in `cacheable`, for every training item
-    (under torchrun, `shards`: each rank encodes its share)."""
+    (under torchrun, `shards`: each rank encodes its share; with a `store`, kept in the feature
+    cache for later runs)."""
     parts = {tower: part for tower, part in frozen_parts(model).items() if tower in cacheable}
     if not parts:
         return None
@@ -118,7 +119,8 @@ def precompute_locked(model: nn.Module, dataset, cacheable: set[str], batch_size
 
     started = time.perf_counter()
     with evaluating(model):
-        rows = encode_items(dataset, encoder("image"), encoder("text"), batch_size, workers, shards)
+        rows = encode_items(dataset, encoder("image"), encoder("text"), batch_size, workers, shards, store,
+                            "locked-rows", {tower: part.name for tower, part in parts.items()})
     seconds = time.perf_counter() - started
     facts = {tower: {"part": part.name, "rows": rows.of(tower).shape[0], "dim": rows.of(tower).shape[1]}
              for tower, part in parts.items()}

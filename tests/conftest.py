@@ -27,6 +27,19 @@ TINY_CONFIG = {
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_home(tmp_path_factory):
+    """Feature-cache entries of runs without --cache-dir go to a folder of this test session,
+    never into the user's ~/.cache/clipfit."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> Path:
     """Path of an open_clip model-config JSON for a 2-layer ViT/text transformer with 32-d embeddings."""

@@ -234,7 +234,7 @@ def test_dclip_trains_both_stages_and_reuses_a_saved_teacher(tmp_path, pairs_dir
         assert text in report
     assert first_step(first)["dclip_txt"] == pytest.approx(0, abs=1e-6)  # the student starts as the frozen model
     cached = sorted(p.name for p in (cache / "features").iterdir())
-    assert [name.split("-")[1] for name in cached] == ["regions", "tokens"]
+    assert [name.rsplit("-", 1)[0] for name in cached] == ["dclip-regions", "dclip-tokens", "teacher-rows"]
 
     second = tmp_path / "second"
     run_cli(*tiny_refine_args(pairs_dir, second, tiny_config, "--method", "dclip", "--dclip-teacher-epochs", "2",

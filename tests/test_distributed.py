@@ -29,9 +29,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_confi
     pairs = write_pairs(tmp_path / "pairs", n=16)
     common = ["--method", "refine+lite", "--lite-critic", "learned", "--lite-negatives", "shuffle",
               "--lite-prior-weight", "0.1", "--lock-text", "--epochs", "1", "--lr", "1e-3", "--log-every", "1"]
-    one = run_cli(*tiny_refine_args(pairs, tmp_path / "one", tiny_config, *common))
+    one = run_cli(*tiny_refine_args(pairs, tmp_path / "one", tiny_config, *common, "--cache-dir", tmp_path / "cache1"))
     assert one.returncode == 0, one.stderr
-    two_args = tiny_refine_args(pairs, tmp_path / "two", tiny_config, *common)
+    two_args = tiny_refine_args(pairs, tmp_path / "two", tiny_config, *common, "--cache-dir", str(tmp_path / "cache2"))
     two_args[two_args.index("--batch-size") + 1] = "4"
     two = torchrun_two(two_args)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -68,7 +68,7 @@ def test_ping_and_dclip_banks_are_encoded_once_in_shares_and_train_as_one_proces
 
     # the same entries (same keys), holding the same numbers: one file per bank, written by rank 0
     single, parallel = cache_entries(tmp_path / "cache1"), cache_entries(tmp_path / "cache2")
-    assert sorted(single) == sorted(parallel) and len(single) == 5
+    assert sorted(single) == sorted(parallel) and len(single) == 6  # 5 banks and the frozen teacher's rows
     for name, tensors in single.items():
         for key, value in tensors.items():
             assert torch.allclose(value.float(), parallel[name][key].float(), atol=2e-3, rtol=0), (name, key)

@@ -66,7 +66,8 @@ def decodes(monkeypatch):
 
 def timm_run(tmp_path, name, *extra, lock=("--lock-image", "--lock-text")):
     config = tmp_path / "timm-tiny-test.json"
-    config.write_text(json.dumps(TIMM_TINY))
+    if not config.exists():  # a rewritten model file is a new model to the feature cache
+        config.write_text(json.dumps(TIMM_TINY))
     out = tmp_path / name
     run_cli(*tiny_refine_args(tmp_path / "pairs", out, config, "--epochs", "2", "--lr", "1e-3", "--log-every", "1",
                               *lock, *extra), check=True)
@@ -103,3 +104,15 @@ def test_a_tower_without_lora_adapters_is_cached_whole(tmp_path):
     recomputed, _ = timm_run(tmp_path, "recomputed", "--method", "refine", "--lora", "--no-precompute", lock=())
     assert info["locked_towers"]["towers"] == {"image": {"part": "image tower", "rows": 16, "dim": 16}}
     assert cached == pytest.approx(recomputed, abs=1e-5)
+
+
+def test_a_later_run_on_the_same_pairs_reuses_the_rows_from_the_feature_cache(tmp_path, decodes):
+    write_pairs(tmp_path / "pairs", n=16)
+    first, info = timm_run(tmp_path, "first", "--method", "refine", "--cache-dir", str(tmp_path / "cache"))
+    decoded_by_first = decodes["n"]
+    again, reused = timm_run(tmp_path, "again", "--method", "refine", "--cache-dir", str(tmp_path / "cache"))
+    assert info["locked_towers"]["items_encoded_by_rank_0"] == 16
+    assert reused["locked_towers"]["items_encoded_by_rank_0"] == 0 and decodes["n"] == decoded_by_first
+    assert again == first  # the same numbers, read back from the same file
+    kinds = json.loads(run_cli("cache", "ls", "--cache-dir", tmp_path / "cache", "--json", check=True).stdout)
+    assert sorted(entry["kind"] for entry in kinds["entries"]) == ["locked-rows"]

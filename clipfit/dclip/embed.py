@@ -15,12 +15,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from clipfit.data.images import open_rgb
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
-from clipfit.features import FeatureCache, captions_hash, images_hash, starting_model_identity
+from clipfit.features import FeatureCache, captions_hash, images_hash, ordered_loader, starting_model_identity
 from clipfit.models import base_model, evaluating
 
 CACHE_FORMAT = 1
@@ -53,8 +53,8 @@ def frozen(model: nn.Module):
 def encode_regions(model: nn.Module, pairs, regions: Regions, preprocess, device, batch_size: int,
                    workers: int = 0, max_pixels: int = 0) -> dict[str, Tensor]:
     """{"regions": [Σ R_i, d] normalised crop embeddings in pair order, "region_counts": [pairs]}."""
-    loader = DataLoader(_RegionCrops(pairs, regions, preprocess, max_pixels), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_concat_crops)
+    loader = ordered_loader(_RegionCrops(pairs, regions, preprocess, max_pixels), batch_size, workers,
+                            collate_fn=_concat_crops)
     vectors, counts = [], []
     with frozen(model):
         for pixels, per_image in loader:

@@ -14,9 +14,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from clipfit.errors import DataError
+from clipfit.features import ordered_loader
 from clipfit.models import evaluating
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,8 +81,7 @@ class Encoder:
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
         """Normalised embeddings of the images at `paths`, computed once per `key`."""
         if ("images", key) not in self.cache:
-            loader = DataLoader(ImageFiles(paths, self.preprocess, load), batch_size=self.batch_size,
-                                num_workers=self.workers, shuffle=False)
+            loader = ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers)
             self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
         return self.cache["images", key]
 
