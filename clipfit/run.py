@@ -267,7 +267,7 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     prepare_methods(setup)
     trainer = make_trainer(setup, argv, teacher, locked)
     suite = load_suite(config, setup.data.val, setup.progress.warn)
-    measure_before(setup, trainer, suite)
+    measure_before(setup, suite)
     train_started = time.time()
     with setup.progress:
         trainer.run()
@@ -454,7 +454,7 @@ def measure(setup: Setup, suite) -> dict[str, float]:
     return results
 
 
-def measure_before(setup: Setup, trainer, suite) -> None:
+def measure_before(setup: Setup, suite) -> None:
     """The starting model's numbers (kept from the first start when resuming)."""
     if not setup.dist.is_main:
         return
