@@ -406,6 +406,7 @@ def prepare_methods(setup: Setup) -> None:
 def make_trainer(setup: Setup, argv: list[str], teacher, locked):
     import torch
 
+    from clipfit.eval.encode import encoder_for
     from clipfit.parallel import build_encoder
     from clipfit.towers import frozen_parts
     from clipfit.train import Trainer, build_optimizer, lr_factor
@@ -417,9 +418,12 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
         optimizer, lambda step: lr_factor(step, config.warmup_steps, setup.settings.total_steps, config.schedule))
 
     def on_epoch_end(epoch: int) -> dict:
+        if not setup.data.val:
+            return {}
+        # the precision of the before/after measurement, so epoch rows and those numbers compare
+        encoder = encoder_for(setup.loaded, model, setup.device, config.batch_size, 0, config.precision)
         return {f"val_{k}": v for k, v in evaluate_split(model, setup.data.val, setup.loaded, setup.device,
-                                                           config.batch_size, config.max_image_pixels).items()} \
-            if setup.data.val else {}
+                                                           config.batch_size, config.max_image_pixels, encoder).items()}
 
     rests = {tower: part.rest for tower, part in locked.parts.items()} if locked else {}
     trainer = Trainer(model=model, methods=setup.composite, dataset=setup.dataset, settings=setup.settings,
