@@ -35,6 +35,9 @@ class ItemRows:
     def of(self, tower: str) -> Tensor | None:
         return self.images if tower == "image" else self.texts
 
+    def put(self, tower: str, rows: Tensor) -> None:
+        setattr(self, "images" if tower == "image" else "texts", rows)
+
     def image_rows(self, indices: Tensor) -> Tensor:
         return self.images[indices.long()]
 

@@ -53,11 +53,7 @@ class FrozenTeacher:
         self.rows = encode_items(dataset, encoders["image"], encoders["text"], batch_size, workers, shards, store,
                                  "teacher-rows", {"towers": [t for t, e in encoders.items() if e is not None]})
         for tower, part in parts.items():
-            rows = self.remainder(part, locked.rows.of(tower), batch_size)
-            if tower == "image":
-                self.rows.images = rows
-            else:
-                self.rows.texts = rows
+            self.rows.put(tower, self.remainder(part, locked.rows.of(tower), batch_size))
 
     @torch.no_grad()
     def remainder(self, part, frozen_rows: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -4,10 +4,10 @@
 `lock_text_tower`). What stays trainable depends on the tower: nothing for CLIP's own ViT and
 text transformer, the projection head for a timm image tower (`TimmModel.head`) or a Hugging
 Face text tower (`HFTextEncoder.proj`). With --lora, a tower without adapter targets is frozen
-whole the same way. The frozen part is a fixed feature extractor, so it
-runs in evaluation mode (no dropout, BatchNorm statistics fixed), cached or not; and when its
-input is the same every epoch (captions always; images without --augment) its output per item
-is computed once before training and each step only runs the trainable remainder.
+whole the same way. The frozen part is a fixed feature extractor, so it runs in evaluation mode
+(no dropout, BatchNorm statistics fixed), cached or not; and when its input is the same every
+epoch (captions always; images without --augment) its output per item is computed once before
+training and each step only runs the trainable remainder.
 """
 
 from __future__ import annotations

@@ -18,6 +18,17 @@ def torchrun_two(args: list[str]) -> subprocess.CompletedProcess:
                            "-m", "clipfit", *args], capture_output=True, text=True, env=cli_env(), timeout=600)
 
 
+def one_and_two_processes(pairs, tmp_path, tiny_config, common: list[str]) -> None:
+    """Run `common` as 1 process with batch 8 (tmp_path/one) and 2 with batch 4 (tmp_path/two),
+    each with its own feature cache (cache1, cache2)."""
+    one = run_cli(*tiny_refine_args(pairs, tmp_path / "one", tiny_config, *common, "--cache-dir", tmp_path / "cache1"))
+    assert one.returncode == 0, one.stderr
+    two_args = tiny_refine_args(pairs, tmp_path / "two", tiny_config, *common, "--cache-dir", str(tmp_path / "cache2"))
+    two_args[two_args.index("--batch-size") + 1] = "4"
+    two = torchrun_two(two_args)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+
 def cache_entries(folder):
     return {path.name: load_file(str(path)) for path in sorted((folder / "features").iterdir())}
 
@@ -29,12 +40,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_confi
     pairs = write_pairs(tmp_path / "pairs", n=16)
     common = ["--method", "refine+lite", "--lite-critic", "learned", "--lite-negatives", "shuffle",
               "--lite-prior-weight", "0.1", "--lock-text", "--epochs", "1", "--lr", "1e-3", "--log-every", "1"]
-    one = run_cli(*tiny_refine_args(pairs, tmp_path / "one", tiny_config, *common, "--cache-dir", tmp_path / "cache1"))
-    assert one.returncode == 0, one.stderr
-    two_args = tiny_refine_args(pairs, tmp_path / "two", tiny_config, *common, "--cache-dir", str(tmp_path / "cache2"))
-    two_args[two_args.index("--batch-size") + 1] = "4"
-    two = torchrun_two(two_args)
-    assert two.returncode == 0, two.stderr[-3000:]
+    one_and_two_processes(pairs, tmp_path, tiny_config, common)
 
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -53,12 +59,7 @@ def test_ping_and_dclip_banks_are_encoded_once_in_shares_and_train_as_one_proces
     pairs = write_pairs(tmp_path / "pairs", n=16, captions_per_image=2)
     common = ["--method", "ping+dclip", "--epochs", "1", "--lr", "1e-3", "--log-every", "1",
               "--dclip-teacher-epochs", "2", "--ping-k", "2"]  # k 2: neighbour picks are drawn per step
-    one = run_cli(*tiny_refine_args(pairs, tmp_path / "one", tiny_config, *common, "--cache-dir", tmp_path / "cache1"))
-    assert one.returncode == 0, one.stderr
-    two_args = tiny_refine_args(pairs, tmp_path / "two", tiny_config, *common, "--cache-dir", str(tmp_path / "cache2"))
-    two_args[two_args.index("--batch-size") + 1] = "4"
-    two = torchrun_two(two_args)
-    assert two.returncode == 0, two.stderr[-3000:]
+    one_and_two_processes(pairs, tmp_path, tiny_config, common)
 
     facts = [json.loads((tmp_path / run / "run.json").read_text())["methods"] for run in ("one", "two")]
     assert facts[0]["ping"]["bank_items_encoded_by_rank"] == {"ping-image": [16], "ping-text": [16]}
