@@ -153,16 +153,21 @@ def train_teacher(teacher: CrossModalTeacher, bank: RegionTokenBank, plan: Teach
 
 
 @torch.no_grad()
-def teacher_image_embeddings(teacher: CrossModalTeacher, bank: RegionTokenBank, device, batch_size: int) -> Tensor:
-    """t_img for every caption row (float32, CPU): what the student's image side is pulled towards."""
+def teacher_image_embeddings(teacher: CrossModalTeacher, bank: RegionTokenBank, device, batch_size: int,
+                             shards=None) -> Tensor:
+    """t_img for every caption row (float32, CPU): what the student's image side is pulled towards.
+    Under torchrun (`shards`) each rank computes its share of the rows and every rank gets all."""
+    from clipfit.parallel import Distributed, gather_rows, shard_range
+
+    shards = shards or Distributed()
     teacher.eval()
     pairs = [i for i in range(bank.pairs) for _ in range(int(bank.caption_counts[i]))]
+    mine = shard_range(len(pairs), shards)
     out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        rows = list(range(start, start + len(chunk)))
-        out.append(teacher(*bank.teacher_inputs(chunk, rows, device)).float().cpu())
-    return torch.cat(out)
+    for start in range(mine.start, mine.stop, batch_size):
+        rows = list(range(start, min(start + batch_size, mine.stop)))
+        out.append(teacher(*bank.teacher_inputs([pairs[r] for r in rows], rows, device)).float().cpu())
+    return gather_rows({"targets": torch.cat(out)} if out else {}, shards)["targets"]
 
 
 def save_teacher(teacher: CrossModalTeacher, path: Path, plan: TeacherTraining) -> None:

@@ -64,7 +64,8 @@ class DCLIP(Method):
         else:
             teacher = self.teacher_trained_once(ctx, bank, bank.regions.shape[1], ctx.run_dir / TEACHER_FILE)
         teacher = teacher.to(ctx.device)
-        self.targets = teacher_image_embeddings(teacher, bank, ctx.device, self.config.batch_size).to(ctx.device)
+        self.targets = teacher_image_embeddings(teacher, bank, ctx.device, self.config.batch_size,
+                                                ctx.dist).to(ctx.device)
         self.caption_starts = bank.caption_starts.to(ctx.device)
         self.facts.update({"regions": self.describe_regions(bank), "tokens per caption (mean)":
                            float(bank.token_counts.float().mean()),
