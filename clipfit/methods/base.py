@@ -21,8 +21,8 @@ class StepInputs:
     """Everything a method may look at in one training step.
 
     `images`/`texts` are what the encoder was given: pixels and tokens, or a locked tower's
-    precomputed outputs (clipfit.towers). `image_raw`/`text_raw` are the projected, unnormalised embeddings (encode_*(normalize=False));
-    `image`/`text` their L2-normalised versions. `teacher()` returns the frozen starting
+    precomputed outputs (clipfit.towers). `image_raw`/`text_raw` are the projected, unnormalised
+    embeddings (encode_*(normalize=False)); `image`/`text` their L2-normalised versions. `teacher()` returns the frozen starting
     model's unnormalised (image, text) embeddings for this batch, computed at most once per
     step however many methods ask. `generator` is seeded from (seed, step) so random draws
     are reproducible across interruption and resume. `gather(t)` returns the rows of `t` from
