@@ -170,9 +170,9 @@ def load_pretrained_tag(arch: str, tag: str):
             return create(arch, pretrained=tag)
     except ModelError:
         raise
-    except Exception:
+    except Exception as e:  # chained, so --debug shows the cause the message points to
         raise ModelError(f"could not download the {arch}/{tag} weights (no network, or the hub is unreachable; "
-                         f"--debug shows why); {OFFLINE_HINT}") from None
+                         f"--debug shows why); {OFFLINE_HINT}") from e
 
 
 def load_hub(spec: str) -> LoadedModel:
