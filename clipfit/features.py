@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from clipfit.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from clipfit.errors import OutputError
 from clipfit.models import evaluating
-from clipfit.parallel import Distributed, gather_rows, shard_range
+from clipfit.parallel import Distributed, build_in_shares, gather_rows
 
 
 def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> DataLoader:
@@ -339,9 +339,7 @@ class FeatureCache:
         if items is None:
             tensors = build() if shards.is_main else {}
             return tensors, first_rows(tensors)
-        part = shard_range(items, shards)
-        mine = build(part) if len(part) or not shards.active else {}  # an empty share adds no rows
-        return gather_rows(mine, shards), len(part)
+        return build_in_shares(build, items, shards)
 
     @staticmethod
     def shared(path: Path) -> dict[str, Tensor]:

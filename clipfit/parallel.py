@@ -10,8 +10,8 @@ process with --batch-size 2B does.
 Work done once per run rather than once per process uses `Distributed.from_main` (rank 0 does
 it, the others receive the result) or, for encoding many items with a frozen model, the sharded
 pattern: each rank takes `shard_range(n, state)`, encodes it, and `gather_rows` puts the rows
-of every rank back together in item order (clipfit.features.FeatureCache.get_or_build does this
-for feature banks).
+of every rank back together in item order (`build_in_shares`; clipfit.features.FeatureCache
+.get_or_build uses it for feature banks).
 """
 
 from __future__ import annotations
@@ -151,6 +151,15 @@ def shard_range(n: int, state: Distributed) -> range:
     in item order when `gather_rows` concatenates them rank by rank.
     """
     return range(n * state.rank // state.world_size, n * (state.rank + 1) // state.world_size)
+
+
+def build_in_shares(build: Callable[[range], dict[str, torch.Tensor]], n: int,
+                    state: Distributed) -> tuple[dict[str, torch.Tensor], int]:
+    """`build(part)` on this rank's `shard_range` of n items, every rank's rows gathered in item
+    order; and how many items this rank built."""
+    part = shard_range(n, state)
+    mine = build(part) if len(part) or not state.active else {}  # an empty share adds no rows
+    return gather_rows(mine, state), len(part)
 
 
 def gather_rows(tensors: dict[str, torch.Tensor], state: Distributed) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from clipfit.features import ordered_loader
-from clipfit.parallel import Distributed, gather_rows, shard_range
+from clipfit.parallel import Distributed, build_in_shares
 
 Encode = Callable[[Tensor], Tensor]
 ROWS_FORMAT = 1
@@ -117,8 +117,7 @@ def encode_items(dataset, encode_images: Encode | None, encode_texts: Encode | N
     shards = shards or Distributed()
     build = partial(encode_share, dataset, encode_images, encode_texts, batch_size, workers)
     if store is None:
-        part = shard_range(len(dataset), shards)
-        rows, encoded = gather_rows(build(part) if len(part) else {}, shards), len(part)
+        rows, encoded = build_in_shares(build, len(dataset), shards)
     else:
         key = store.key(kind, dataset, what or {})
         rows = store.cache.get_or_build(key, build, float_dtype=torch.float32, shards=shards, items=len(dataset))

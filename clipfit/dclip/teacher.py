@@ -157,17 +157,19 @@ def teacher_image_embeddings(teacher: CrossModalTeacher, bank: RegionTokenBank, 
                              shards=None) -> Tensor:
     """t_img for every caption row (float32, CPU): what the student's image side is pulled towards.
     Under torchrun (`shards`) each rank computes its share of the rows and every rank gets all."""
-    from clipfit.parallel import Distributed, gather_rows, shard_range
+    from clipfit.parallel import Distributed, build_in_shares
 
-    shards = shards or Distributed()
     teacher.eval()
     pairs = [i for i in range(bank.pairs) for _ in range(int(bank.caption_counts[i]))]
-    mine = shard_range(len(pairs), shards)
-    out = []
-    for start in range(mine.start, mine.stop, batch_size):
-        rows = list(range(start, min(start + batch_size, mine.stop)))
-        out.append(teacher(*bank.teacher_inputs([pairs[r] for r in rows], rows, device)).float().cpu())
-    return gather_rows({"targets": torch.cat(out)} if out else {}, shards)["targets"]
+
+    def targets(part: range) -> dict[str, Tensor]:
+        out = []
+        for start in range(part.start, part.stop, batch_size):
+            rows = list(range(start, min(start + batch_size, part.stop)))
+            out.append(teacher(*bank.teacher_inputs([pairs[r] for r in rows], rows, device)).float().cpu())
+        return {"targets": torch.cat(out)}
+
+    return build_in_shares(targets, len(pairs), shards or Distributed())[0]["targets"]
 
 
 def save_teacher(teacher: CrossModalTeacher, path: Path, plan: TeacherTraining) -> None:
