@@ -170,16 +170,13 @@ def encoder_identity(spec: str, pretrained: str | None = None, seed: int | None 
     random number generator draws random init) and clipfit (the starter's packaged weights) and,
     for random weights (pretrained 'none'), the seed they were drawn with.
     """
-    import importlib.metadata as md
+    from clipfit import installed_version
 
     identity = {"spec": spec, "pretrained": pretrained, "files": files_fingerprint(Path(spec))}
     if pretrained:
         identity["files"] += files_fingerprint(Path(pretrained))
     for package in ("open_clip_torch", "torch", "clipfit"):
-        try:
-            identity[package.removesuffix("_torch")] = md.version(package)
-        except md.PackageNotFoundError:
-            identity[package.removesuffix("_torch")] = None
+        identity[package.removesuffix("_torch")] = installed_version(package)
     if pretrained in (None, "none"):
         identity["seed"] = seed
     return identity

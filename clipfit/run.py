@@ -164,14 +164,10 @@ def compare_with_saved(run_dir: Path, config: RefineConfig, pairs_path: str) -> 
 
 
 def environment() -> dict[str, Any]:
-    import importlib.metadata as md
+    from clipfit import installed_version
 
-    versions = {}
-    for package in ("clipfit", "torch", "torchvision", "open_clip_torch", "peft", "faiss-cpu", "safetensors"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
+    versions = {package: installed_version(package)
+                for package in ("clipfit", "torch", "torchvision", "open_clip_torch", "peft", "faiss-cpu", "safetensors")}
     return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 
