@@ -98,23 +98,25 @@ def load_stream(pairs_path: str, run_dir: Path) -> RunData:
     return RunData(sample, [], check, shards.identity, stream=shards)
 
 
-def make_dataset(data: RunData, config: RefineConfig, loaded, model, progress, rank: int = 0, world_size: int = 1):
+def make_dataset(data: RunData, config: RefineConfig, loaded, rank: int = 0, world_size: int = 1):
     from clipfit.data.dataset import PairDataset
     from clipfit.data.shards import ShardStream
-    from clipfit.towers import frozen_parts
 
     transform = loaded.preprocess_train if config.augment else loaded.preprocess_val
     if data.stream is not None:
         return ShardStream(data.stream, transform, loaded.tokenizer, config.seed, config.batch_size,
                            config.max_image_pixels, rank, world_size)
-    # Steps of a cached locked image tower never look at pixels: the loader need not decode them.
-    pixels_needed = not ("image" in frozen_parts(model) and "image" in cacheable_towers(config))
-    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels,
-                          with_images=pixels_needed)
-    if config.cache_images and pixels_needed:
+    return PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
+
+
+def prepare_pixels(setup, locked) -> None:
+    """What the loader decodes: no pixels when the locked image tower's outputs are precomputed
+    (steps never look at them); with --cache-images, every image once, up front."""
+    dataset, config = setup.dataset, setup.config
+    dataset.with_images = locked is None or "image" not in locked.parts
+    if config.cache_images and dataset.with_images:
         dataset.preload(threads=max(1, config.workers))
-        progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
-    return dataset
+        setup.progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
 
 
 def default_run_dir(method: str) -> Path:
@@ -303,7 +305,7 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     if counts["trainable"] == 0:
         raise UsageError("nothing to train: every parameter is frozen (check --lock-image/--lock-text)")
     check_free_space(run_dir, counts["total"] * 4, counts["trainable"] * 4, config.keep_checkpoints)
-    dataset = make_dataset(data, config, loaded, model, progress, dist.rank, dist.world_size)
+    dataset = make_dataset(data, config, loaded, dist.rank, dist.world_size)
     settings = loop_settings(config, len(dataset), dist)
     info = {
         "clipfit": "run", "run_dir": str(run_dir), "pairs": str(Path(pairs_path).resolve()), "config": config.to_dict(),
@@ -353,7 +355,10 @@ def precompute_frozen(setup: Setup):
     config, progress = setup.config, setup.progress
     autocast = Trainer.autocast_for(setup.device, config.precision)
     teacher = FrozenTeacher(setup.model, setup.device, autocast) if setup.composite.needs_teacher else None
-    if setup.data.stream is not None or config.no_precompute:
+    if setup.data.stream is not None:  # a stream has no stable per-pair index to key rows by
+        return teacher, None
+    if config.no_precompute:
+        prepare_pixels(setup, None)
         return teacher, None
     store = row_store(setup)
     locked = precompute_locked(setup.model, setup.dataset, cacheable_towers(config), config.batch_size,
@@ -361,6 +366,7 @@ def precompute_frozen(setup: Setup):
     if locked is not None:
         progress.info(f"locked {' and '.join(locked.parts)} tower: frozen outputs of every training item ready "
                       f"({locked.seconds:.1f} s, {locked.facts['mib']:.1f} MiB)")
+    prepare_pixels(setup, locked)  # before the teacher, which reads --cache-images' pixels
     if teacher is not None and not config.augment:
         progress.info("encoding the training pairs once with the frozen teacher")
         teacher.precompute(setup.dataset, config.batch_size, config.workers, locked, setup.dist, store)
@@ -380,10 +386,7 @@ def row_store(setup: Setup):
 
 
 def cacheable_towers(config: RefineConfig) -> set[str]:
-    """Towers whose input is the same every epoch (captions always, images unless augmented),
-    unless --no-precompute."""
-    if config.no_precompute:
-        return set()
+    """Towers whose input is the same every epoch: captions always, images unless augmented."""
     return {"text"} | (set() if config.augment else {"image"})
 
 

@@ -37,9 +37,9 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, pairs: list[Pair], transform: Callable, tokenizer: Callable, seed: int,
-                 max_pixels: int, with_images: bool = True):
+                 max_pixels: int):
         self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
-        self.with_images = with_images  # False: items carry no pixels (a locked image tower is precomputed)
+        self.with_images = True  # False: items carry no pixels (clipfit.run.prepare_pixels)
         self.seed, self.max_pixels = seed, max_pixels
         self.pixels: torch.Tensor | None = None  # every image, transformed, once preload() ran
 
