@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from clipfit.errors import UsageError
+from clipfit.trackers import check_available, parse_report_to
 
 PANEL_RUN, PANEL_TRAIN, PANEL_LORA, PANEL_DATA = "Run", "Training", "LoRA", "Data"
 PANEL_METHOD, PANEL_EVAL, PANEL_PERF, PANEL_OUTPUT = "Method options", "Evaluation", "Performance", "Output"
@@ -26,7 +27,7 @@ def opt(default: Any, help: str, panel: str = PANEL_TRAIN, **extra: Any) -> Any:
 # Settings that change what a run computes: --resume refuses to continue if these differ.
 RESULT_NEUTRAL = {"out", "overwrite", "resume", "quiet", "json", "debug", "workers", "save_every",
                   "keep_checkpoints", "log_every", "cache_dir", "config", "eval_zeroshot",
-                  "eval_retrieval", "fail_on_zeroshot_drop", "max_steps", "strict"}
+                  "eval_retrieval", "fail_on_zeroshot_drop", "max_steps", "strict", "report_to"}
 
 
 @dataclass
@@ -106,6 +107,7 @@ class RefineConfig:
     save_every: int = opt(0, "Checkpoint every N steps (0: only at epoch ends and on interrupt).", PANEL_OUTPUT)
     keep_checkpoints: int = opt(2, "Checkpoints to keep.", PANEL_OUTPUT)
     log_every: int = opt(10, "Log a metrics line every N steps.", PANEL_OUTPUT)
+    report_to: str = opt("none", "Also log metrics, config and pictures to tensorboard and/or wandb (comma-separated; optional extras).", PANEL_OUTPUT)
     quiet: bool = opt(False, "Print nothing but errors and the final line.", PANEL_OUTPUT)
     json: bool = opt(False, "Print one machine-readable JSON summary at the end.", PANEL_OUTPUT)
 
@@ -204,6 +206,7 @@ def validate(c: RefineConfig) -> None:
         raise UsageError(f"--hycd-alpha must be in [0, 1] (got {c.hycd_alpha})")
     if not 0 <= c.lite_prior_weight < 1:
         raise UsageError(f"--lite-prior-weight must be in [0, 1): the lite term gets 1 - w (got {c.lite_prior_weight})")
+    check_available(parse_report_to(c.report_to))
     validate_combinations(c)
 
 

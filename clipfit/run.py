@@ -254,6 +254,7 @@ class Setup:
     dataset: Any
     settings: Any  # clipfit.train.LoopSettings
     info: dict  # run.json as it grows
+    trackers: Any = None  # clipfit.trackers.Trackers (--report-to), rank 0 only
 
 
 def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> dict[str, Any]:
@@ -320,7 +321,15 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
         write_skipped(run_dir, data.check)
     if not config.resume and dist.is_main:
         write_json(run_dir / RUN_JSON, info)
-    return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info)
+    return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info,
+                 start_trackers(config, run_dir) if dist.is_main else None)
+
+
+def start_trackers(config: RefineConfig, run_dir: Path):
+    from clipfit.trackers import Trackers, parse_report_to
+
+    names = parse_report_to(config.report_to)
+    return Trackers.start(names, run_dir, config.to_dict()) if names else None
 
 
 def check_resumable(saved: dict | None, data: RunData, world_size: int, pairs_path: str) -> None:
@@ -431,7 +440,7 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
                       on_epoch_end=on_epoch_end,
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
                       encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
-                      is_main=setup.dist.is_main, locked=locked,
+                      is_main=setup.dist.is_main, locked=locked, trackers=setup.trackers,
                       frozen_modules=[m for part in frozen_parts(model).values() for m in part.modules])
     resumed = trainer.restore() if config.resume else False
     setup.progress.info(f"training {config.method} on {len(setup.dataset)} pairs for {setup.settings.total_steps} "
@@ -485,6 +494,9 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     })
     write_json(setup.run_dir / RUN_JSON, info)
     write_report(setup.run_dir, info)
+    if setup.trackers:  # a run that fails earlier leaves its trackers to their own exit hooks
+        setup.trackers.finish(setup.run_dir, after)
+        setup.trackers.close()
 
 
 def cache_dir(config: RefineConfig) -> Path:
