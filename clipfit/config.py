@@ -41,9 +41,11 @@ class RefineConfig:
     resume: bool = opt(False, "Continue an interrupted run in --out from its last checkpoint.", PANEL_OUTPUT)
     weight: list[str] = opt(list, "Loss-term weight NAME=VALUE (repeatable), e.g. --weight rafa=0.5.", PANEL_RUN)
     # data
-    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, or webdataset (streamed .tar shards).", PANEL_DATA)
+    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, parquet, datasets (save_to_disk folder or hf://datasets/ORG/NAME), or webdataset (streamed .tar shards).", PANEL_DATA)
     csv_img_key: str = opt("filepath", "Image-path column of a CSV/TSV layout.", PANEL_DATA)
     csv_caption_key: str = opt("title", "Caption column of a CSV/TSV layout.", PANEL_DATA)
+    image_column: Optional[str] = opt(None, "Image column of a parquet/datasets layout [default: image, or the only column of image bytes].", PANEL_DATA)
+    caption_column: Optional[str] = opt(None, "Caption column of a parquet/datasets layout [default: text, or the only text column].", PANEL_DATA)
     strict: bool = opt(False, "Stop before training if any item is bad, instead of skipping it.", PANEL_DATA)
     max_image_pixels: int = opt(89_478_485, "Decompression-bomb limit: images with more pixels are skipped, never decoded.", PANEL_DATA)
     val_split: float = opt(0.0, "Fraction of pairs held out for validation (loss, R@1, modality gap each epoch).", PANEL_DATA)
@@ -164,7 +166,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
-    "layout": ("auto", "sidecar", "hf", "csv", "webdataset"),
+    "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset"),
     "hycd_logits": ("raw-dot", "scaled-cos"),
     "lite_critic": ("logit-scale", "learned"),
     "lite_negatives": ("roll", "shuffle"),

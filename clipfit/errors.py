@@ -3,7 +3,7 @@
 Exit statuses (also in README and `clipfit --help`):
   0 success, 1 unexpected internal error, 2 usage error (bad flag, unknown model,
   invalid config), 3 data error (unreadable folder, no pairs, bad item with --strict),
-  4 model or weights could not be loaded, 5 training failed (non-finite loss),
+  4 model or weights could not be loaded (or a hub dataset: no network), 5 training failed (non-finite loss),
   6 regression gate failed (--fail-on-zeroshot-drop), 7 output folder unwritable or disk
   too small, 130 interrupted (checkpoint saved).
 """
@@ -36,6 +36,12 @@ class DataError(ClipfitError):
 
 
 class ModelError(ClipfitError):
+    exit_code = EXIT_MODEL
+
+
+class NetworkError(ClipfitError):
+    """A hub dataset could not be reached (same status as a hub model that cannot be loaded)."""
+
     exit_code = EXIT_MODEL
 
 

@@ -98,7 +98,7 @@ def images_hash(pairs) -> str:
     """Identity of the images of a pair list, in order: paths, sizes, modification times."""
     digest = hashlib.sha256()
     for pair in pairs:
-        stat = Path(pair.image).stat()
+        stat = pair.image.stat()  # a Path, or an image in a table row (its file's stat)
         digest.update(json.dumps([str(pair.image), stat.st_size, stat.st_mtime_ns]).encode())
     return digest.hexdigest()[:16]
 

@@ -62,7 +62,8 @@ def split_val(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair]
 def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) -> RunData:
     if config.layout == "webdataset":
         return load_stream(pairs_path, run_dir)
-    pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key)
+    pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key,
+                         config.image_column, config.caption_column)
     check = check_pairset(pairset, max_pixels=config.max_image_pixels, find_duplicates=False,
                           workers=max(1, config.workers))
     for warning in check.warnings:
@@ -156,13 +157,20 @@ def compare_with_saved(run_dir: Path, config: RefineConfig, pairs_path: str) -> 
     saved = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
     old, new = saved["config"], config.to_dict()
     changed = [k for k in new if k not in RESULT_NEUTRAL and old.get(k) != new[k]]
-    if saved.get("pairs") != str(Path(pairs_path).resolve()):
+    if saved.get("pairs") != pairs_location(pairs_path):
         changed.append("PAIRS")
     if changed:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3] if k != "PAIRS")
         raise UsageError(f"--resume refused: settings that change the result differ from the saved run "
                          f"({', '.join(changed)}{'; ' + detail if detail else ''})")
     return saved
+
+
+def pairs_location(pairs_path: str) -> str:
+    """Where the pairs are, as run.json records it: an absolute path, or a hub address as given."""
+    from clipfit.data.tables import HUB_DATASET_PREFIX
+
+    return pairs_path if pairs_path.startswith(HUB_DATASET_PREFIX) else str(Path(pairs_path).resolve())
 
 
 def environment() -> dict[str, Any]:
@@ -309,7 +317,7 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     dataset = make_dataset(data, config, loaded, dist.rank, dist.world_size)
     settings = loop_settings(config, len(dataset), dist)
     info = {
-        "clipfit": "run", "run_dir": str(run_dir), "pairs": str(Path(pairs_path).resolve()), "config": config.to_dict(),
+        "clipfit": "run", "run_dir": str(run_dir), "pairs": pairs_location(pairs_path), "config": config.to_dict(),
         "resolved": {"lr": config.resolved_lr(), "device": str(device), "total_steps": settings.total_steps,
                      "world_size": dist.world_size,
                      "train_pairs": len(dataset), "val_pairs": len(data.val), "layout": data.check.layout,

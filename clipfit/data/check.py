@@ -15,6 +15,7 @@ from pathlib import Path
 from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from clipfit.data.layouts import Pair, PairSet, Problem, load_pairs
 from clipfit.data.tokens import exceeds_context
+from clipfit.errors import DataError
 
 
 @dataclass
@@ -69,8 +70,8 @@ def decode_or_reason(pair: Pair, max_pixels: int) -> str | None:
         open_rgb(pair.image, max_pixels)
     except BadImage as e:
         return str(e)
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
+    except (OSError, DataError) as e:  # DataError: the table holding the image cannot be opened
+        return f"cannot read: {getattr(e, 'strerror', None) or e}"
     return None
 
 
@@ -121,5 +122,7 @@ def check_pairset(
 
 
 def check_folder(path: str | Path, layout: str = "auto", csv_img_key: str = "filepath",
-                 csv_caption_key: str = "title", **kwargs) -> CheckReport:
-    return check_pairset(load_pairs(path, layout, csv_img_key, csv_caption_key), **kwargs)
+                 csv_caption_key: str = "title", image_column: str | None = None,
+                 caption_column: str | None = None, **kwargs) -> CheckReport:
+    return check_pairset(load_pairs(path, layout, csv_img_key, csv_caption_key, image_column, caption_column),
+                         **kwargs)

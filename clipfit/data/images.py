@@ -49,9 +49,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decode `source` (a path, or an image file's bytes, e.g. a tar shard member) to RGB,
-    or raise BadImage with a reason a person can act on."""
+def open_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode `source` (a path, an image file's bytes, e.g. a tar shard member, or an image
+    in a table row, clipfit.data.tables.TableImage) to RGB, or raise BadImage with a reason a
+    person can act on."""
+    if not isinstance(source, (str, Path, bytes)):
+        source = source.read_bytes()  # an OSError here is the caller's "cannot read"
     in_memory = isinstance(source, bytes)
     try:
         if (len(source) if in_memory else Path(source).stat().st_size) == 0:
