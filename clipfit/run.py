@@ -295,12 +295,12 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     from clipfit import models
     from clipfit.methods import build_methods, parse_weights
     from clipfit.parallel import local_device, start_distributed
-    from clipfit.progress import Progress
+    from clipfit.progress import Progress, activate
 
     composite = build_methods(config.method, config, parse_weights(config.weight))
     device = models.resolve_device(config.device)
     dist = start_distributed(device)  # under torchrun: rank 0 prepares the folder and the data, and writes
-    progress = progress if dist.is_main else Progress(silent=True)
+    progress = activate(progress if dist.is_main else Progress(silent=True))
     run_dir = dist.from_main(lambda: prepare_run_dir(config))
     saved = compare_with_saved(run_dir, config, pairs_path) if config.resume else None
     data = dist.from_main(lambda: load_data(pairs_path, config, run_dir, progress))

@@ -16,6 +16,7 @@ from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from clipfit.data.layouts import Pair, PairSet, Problem, load_pairs
 from clipfit.data.tokens import exceeds_context
 from clipfit.errors import DataError
+from clipfit.progress import track
 
 
 @dataclass
@@ -78,7 +79,8 @@ def decode_or_reason(pair: Pair, max_pixels: int) -> str | None:
 def split_decodable(pairs: list[Pair], max_pixels: int, workers: int = 4) -> tuple[list[Pair], list[Problem]]:
     """Decode every image once (threads: Pillow releases the GIL while decoding)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(lambda p: decode_or_reason(p, max_pixels), pairs))
+        reasons = list(track(pool.map(lambda p: decode_or_reason(p, max_pixels), pairs), "checking images",
+                             len(pairs), size=lambda _reason: 1))
     good = [p for p, r in zip(pairs, reasons) if r is None]
     bad = [Problem(str(p.image), r) for p, r in zip(pairs, reasons) if r is not None]
     return good, bad
