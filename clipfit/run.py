@@ -325,12 +325,13 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
         "model": models.describe(loaded), "data_hash": data.data_hash, "skipped": len(data.check.skipped),
         "environment": environment(), "argv": argv,
     }
+    trackers = start_trackers(config, run_dir) if dist.is_main else None  # a failed login: nothing written yet
     if dist.is_main:
         write_skipped(run_dir, data.check)
     if not config.resume and dist.is_main:
         write_json(run_dir / RUN_JSON, info)
     return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info,
-                 start_trackers(config, run_dir) if dist.is_main else None)
+                 trackers)
 
 
 def start_trackers(config: RefineConfig, run_dir: Path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,14 @@ class WandbTracker:
 
         self.wandb = wandb
         folder = Path(os.environ.get("WANDB_DIR") or run_dir / WANDB_DIR)
+        made = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=run_dir.name,
                                   dir=str(folder), config=config, reinit="create_new")
         except Exception as e:  # no login, no network: say so before training, not after
+            if made:  # leave the run folder as empty as it was, so the corrected command may reuse it
+                shutil.rmtree(folder, ignore_errors=True)
             raise UsageError(f"--report-to wandb: cannot start a run ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
                              "log in with `wandb login`, or set WANDB_MODE=offline") from None
