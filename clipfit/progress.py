@@ -47,6 +47,15 @@ class Progress:
         if not self.silent:
             print(f"warning: {message}", file=self.stream, flush=True)
 
+    epochs, per_epoch = 0, 0  # set by `plan`; 0: unknown
+
+    def plan(self, epochs: int, per_epoch: int) -> None:
+        """How training divides into epochs, for the per-epoch bar and lines."""
+        self.epochs, self.per_epoch = epochs, per_epoch
+
+    def epoch_label(self, row: dict[str, Any]) -> str:
+        return f"epoch {row['epoch'] + 1}" + (f"/{self.epochs}" if self.epochs else "")
+
     def step(self, row: dict[str, Any], total: int) -> None:
         pass
 
@@ -112,7 +121,7 @@ class PlainProgress(Progress):
         now = time.monotonic()
         if now - self.last >= self.every or row["step"] in (1, total):
             self.last = now
-            print(f"[{row['step']}/{total}] epoch {row['epoch'] + 1}  {format_row(row)}", file=self.stream, flush=True)
+            print(f"[{row['step']}/{total}] {self.epoch_label(row)}  {format_row(row)}", file=self.stream, flush=True)
 
     @contextmanager
     def phase(self, label: str, total: int) -> Iterator[Phase]:
@@ -138,7 +147,7 @@ class RichProgress(Progress):
                        TimeRemainingColumn(table_column=Column(no_wrap=True)),
                        TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
                        console=self.console, expand=True)
-        self.task = None
+        self.task = self.epoch_task = self.shown_epoch = None
         self.live = 0  # open users of the live display: training and phases, possibly nested
 
     def __enter__(self):
@@ -176,10 +185,19 @@ class RichProgress(Progress):
         self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
     def step(self, row: dict[str, Any], total: int) -> None:
+        """Two bars: the whole run (with the loss line) and, when `plan` was told, this epoch."""
         if self.task is None:
             self.task = self.bar.add_task("refine", total=total, status="")
-        self.bar.update(self.task, completed=row["step"], status=format_row(row),
-                        description=f"refine · epoch {row['epoch'] + 1}")
+        self.bar.update(self.task, completed=row["step"], status=format_row(row))
+        if self.per_epoch:
+            done = row["step"] - row["epoch"] * self.per_epoch
+            if self.epoch_task is None or self.shown_epoch != row["epoch"]:
+                if self.epoch_task is not None:  # a new epoch: a new bar, so its ETA starts afresh
+                    self.bar.remove_task(self.epoch_task)
+                self.epoch_task = self.bar.add_task(self.epoch_label(row), total=self.per_epoch, status="",
+                                                    completed=max(0, done - 1))
+                self.shown_epoch = row["epoch"]
+            self.bar.update(self.epoch_task, completed=done)
 
 
 class RichPhase(Phase):

@@ -426,7 +426,7 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
     from clipfit.eval.encode import encoder_for
     from clipfit.parallel import build_encoder
     from clipfit.towers import frozen_parts
-    from clipfit.train import Trainer, build_optimizer, lr_factor
+    from clipfit.train import Trainer, build_optimizer, lr_factor, steps_per_epoch
 
     config, model = setup.config, setup.model
     named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(setup.composite.parameters())]
@@ -451,6 +451,7 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
                       encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
                       is_main=setup.dist.is_main, locked=locked, trackers=setup.trackers,
                       frozen_modules=[m for part in frozen_parts(model).values() for m in part.modules])
+    setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(setup.dataset), setup.settings))
     resumed = trainer.restore() if config.resume else False
     setup.progress.info(f"training {config.method} on {len(setup.dataset)} pairs for {setup.settings.total_steps} "
                         f"steps" + (f" (resumed at step {trainer.position.step})" if resumed else ""))

@@ -47,8 +47,10 @@ def test_the_rich_bar_keeps_counts_and_eta_visible_at_100_columns(restore_progre
     progress = RichProgress(io.StringIO())
     long_row = {"step": 2, "epoch": 0, "lr": 1e-5, "pairs_per_s": 8.6,
                 **{f"term_{i}": 1.2345 for i in range(12)}, "loss": 5.0}
+    progress.plan(epochs=3, per_epoch=20)
     with progress:
         progress.step(long_row, total=60)
+        progress.step({**long_row, "step": 22, "epoch": 1}, total=60)
         with phase("precompute: images", 480) as shown:  # not active: drawn by nothing
             shown.advance(10)
         with progress.phase("precompute: images", 480) as shown:
@@ -56,8 +58,9 @@ def test_the_rich_bar_keeps_counts_and_eta_visible_at_100_columns(restore_progre
             screen = Console(file=io.StringIO(), width=100, color_system=None)
             screen.print(progress.bar.make_tasks_table(progress.bar.tasks))
             text = screen.file.getvalue()
-    training, precompute = text.splitlines()
-    assert training.startswith("refine · epoch 1") and " 2/60 " in training and "step 2" in training
+    training, epoch, precompute = text.splitlines()
+    assert training.startswith("refine") and " 22/60 " in training and "step 22" in training
+    assert epoch.startswith("epoch 2/3") and " 2/20 " in epoch  # a bar per epoch, counting its own steps
     assert training.endswith("…") and len(training) <= 100  # the loss line is what gets cut
     assert precompute.startswith("precompute: images") and "144/480" in precompute
-    assert len(progress.bar.tasks) == 1  # the phase's bar is gone once the phase ends
+    assert len(progress.bar.tasks) == 2  # the phase's bar is gone once the phase ends
