@@ -170,3 +170,12 @@ def test_a_hub_dataset_without_network_is_one_line_and_exit_4(tmp_path, monkeypa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clipfit: error: hf://datasets/someorg/somepairs: ")
     assert ("cannot reach" in lines[0]) if "HF_ENDPOINT" in env else ("local cache" in lines[0])
+
+
+def test_without_pyarrow_a_table_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    table = write_parquet(tmp_path / "t.parquet", n=2)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now fails as if not installed
+    result = run_cli("data", "check", str(table))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("clipfit: error: this layout needs the pyarrow package: "
+                                     "pip install 'clipfit[parquet]'")
