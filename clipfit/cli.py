@@ -127,8 +127,8 @@ def data_check(
     layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
-    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout [default: image, or the only one]."),
-    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout [default: text, or the only one]."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
+    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are reported, never decoded."),
     context_length: int = typer.Option(77, help="Token limit to count over-long captions against (open_clip's 77)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -152,8 +152,8 @@ def data_shard(
     layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
-    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout [default: image, or the only one]."),
-    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout [default: text, or the only one]."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
+    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are left out."),
 ) -> None:
     """Write WebDataset tar shards (img2dataset's KEY.jpg + KEY.txt members) for --layout webdataset.
