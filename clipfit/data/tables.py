@@ -93,10 +93,11 @@ class RowGroupCache:
         with self.lock:  # one reader at a time: threads asking for the same group read it once
             if key in self.entries:
                 self.entries.move_to_end(key)
-                return self.entries[key]
+                return self.entries[key][0]
             values = read_group(file, group, column)
-            self.entries[key] = values
-            while len(self.entries) > 1 and sum(v.nbytes for v in self.entries.values()) > self.limit:
+            # a memory-mapped Arrow file costs address space, not memory: only Parquet groups count
+            self.entries[key] = (values, values.nbytes if file.suffix == ".parquet" else 0)
+            while len(self.entries) > 1 and sum(cost for _, cost in self.entries.values()) > self.limit:
                 self.entries.popitem(last=False)
             return values
 
@@ -107,7 +108,7 @@ CACHE = RowGroupCache(ROW_GROUP_CACHE_BYTES)
 def read_group(file: Path, group: int, column: str):
     """One column of one row group: a Parquet row group, or a whole memory-mapped Arrow file."""
     if file.suffix == ".parquet":
-        return parquet_file(file).read_row_group(group, columns=[column]).column(column).combine_chunks()
+        return parquet_file(file).read_row_group(group, columns=[column]).column(column)
     return arrow_table(file).column(column)
 
 
@@ -204,7 +205,8 @@ class Rows:
 
 
 def image_cells(images) -> tuple[list[str | None], list[bool]]:
-    """Per row: the path it names (if any) and whether it holds bytes, without copying the bytes."""
+    """Per row of a (chunked) column: the path it names (if any) and whether it holds bytes,
+    without copying the bytes."""
     pa, pc = require("pyarrow", "parquet"), require("pyarrow.compute", "parquet")
     if pa.types.is_struct(images.type):
         data = pc.struct_field(images, "bytes")
@@ -237,7 +239,7 @@ def read_parquet(root: Path, image_column: str | None, caption_column: str | Non
         first = 0
         for group in range(table.num_row_groups):
             data = table.read_row_group(group, columns=[image, caption])
-            rows.add_group(file, group, first, data.column(image).combine_chunks(), data.column(caption), image)
+            rows.add_group(file, group, first, data.column(image), data.column(caption), image)
             first += data.num_rows
             del data  # one row group in memory at a time
     return PairSet(base, "parquet", rows.pairs, rows.problems)
@@ -260,7 +262,7 @@ def read_datasets(location: str, image_column: str | None, caption_column: str |
     for file in files:
         table = arrow_table(file)
         image, caption = pick_columns(table.schema, image_column, caption_column, location)
-        rows.add_group(file, 0, 0, table.column(image).combine_chunks(), table.column(caption), image)
+        rows.add_group(file, 0, 0, table.column(image), table.column(caption), image)  # chunked: no copy
     return PairSet(root, "datasets", rows.pairs, rows.problems)
 
 
