@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import sys
 import traceback
@@ -51,7 +50,9 @@ def root(
 
 
 def print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    from clipfit.io import dumps_json
+
+    typer.echo(dumps_json(obj))
 
 
 # --- refine -------------------------------------------------------------------------------
@@ -115,8 +116,13 @@ def print_refine_summary(info: dict, as_json: bool, quiet: bool) -> None:
         return
     before, after = info.get("before", {}), info.get("after", {})
     for name in [] if quiet else after:
-        typer.echo(f"{name:>20}: {before.get(name, float('nan')):.4f} -> {after[name]:.4f}")
+        typer.echo(f"{name:>20}: {number(before.get(name))} -> {number(after[name])}")
     typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
+
+
+def number(value: Any) -> str:
+    """A metric for the terminal: 4 decimals, or n/a when it has no value (see clipfit.io.dumps_json)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "n/a"
 
 
 # --- data ---------------------------------------------------------------------------------

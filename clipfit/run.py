@@ -420,7 +420,8 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
         if not setup.data.val:
             return {}
         # the precision of the before/after measurement, so epoch rows and those numbers compare
-        encoder = encoder_for(setup.loaded, model, setup.device, config.batch_size, 0, config.precision)
+        encoder = encoder_for(setup.loaded, model, setup.device, config.batch_size, 0, config.precision,
+                              label=f"the model after epoch {epoch + 1} (validation)")
         return {f"val_{k}": v for k, v in evaluate_split(model, setup.data.val, setup.loaded, setup.device,
                                                            config.batch_size, config.max_image_pixels, encoder).items()}
 
@@ -443,13 +444,14 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
     return (data.val, "validation") if data.val else (data.train[:256], "training subset")
 
 
-def measure(setup: Setup, suite) -> dict[str, float]:
-    """Yardsticks and suite through one encoder, so the validation pairs are encoded once."""
+def measure(setup: Setup, suite, label: str) -> dict[str, float]:
+    """Yardsticks and suite through one encoder, so the validation pairs are encoded once;
+    `label` names the model measured in errors."""
     from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
 
     c = setup.config
-    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision)
+    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision, label=label)
     pairs, name = eval_pairs(setup.data)
     results = evaluate_split(setup.model, pairs, setup.loaded, setup.device, c.batch_size, c.max_image_pixels,
                              encoder, VALIDATION_KEY if setup.data.val else name)
@@ -462,7 +464,8 @@ def measure_before(setup: Setup, suite) -> None:
     if not setup.dist.is_main:
         return
     saved = setup.saved
-    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(setup, suite)
+    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(
+        setup, suite, f"the starting model {setup.config.model} ({setup.config.pretrained}), measured before training")
     write_json(setup.run_dir / RUN_JSON, setup.info)
 
 
@@ -473,7 +476,7 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     from clipfit.report import write_report
 
     info, config = setup.info, setup.config
-    after = measure(setup, suite)
+    after = measure(setup, suite, f"the trained model (run folder {setup.run_dir}), measured after training")
     info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
     models.save_model(setup.loaded, setup.model, setup.run_dir)
     for method in setup.composite.methods:
