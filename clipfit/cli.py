@@ -231,7 +231,7 @@ CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="Cache folder [default
 
 def feature_cache(cache_dir: Optional[str]):
     from clipfit.config import RefineConfig
-    from clipfit.features import FeatureCache
+    from clipfit.cache import FeatureCache
     from clipfit.run import cache_dir as resolve_cache_dir
 
     return FeatureCache(resolve_cache_dir(RefineConfig(cache_dir=cache_dir)))
@@ -239,26 +239,31 @@ def feature_cache(cache_dir: Optional[str]):
 
 @cache_app.command("ls")
 def cache_ls(cache_dir: Optional[str] = CACHE_DIR_OPTION,
+             verify: bool = typer.Option(False, "--verify", help="Also compare every checksum (reads every entry)."),
              as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """List cached feature banks: kind, shapes, size, age."""
+    """List cached feature banks: kind, shapes, size, age; damaged entries say why."""
     cache = feature_cache(cache_dir)
-    entries = cache.entries()
+    entries = cache.entries(verify)
     if as_json:
         print_json({"cache_dir": str(cache.root), "entries": [e.to_json() for e in entries]})
         return
     for e in entries:
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in e.shapes.items())
-        typer.echo(f"{e.kind:<18} {e.key}  {e.bytes / 2**20:8.2f} MiB  {e.created}  {shapes}")
-    typer.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
-               f"{sum(e.bytes for e in entries) / 2**20:.2f} MiB in {cache.folder}")
+        typer.echo(f"{e.kind:<18} {e.key}  {e.bytes / 2**20:8.2f} MiB  {e.created}  "
+                   + (f"DAMAGED: {e.damaged}" if e.damaged else shapes))
+    damaged = sum(1 for e in entries if e.damaged)
+    typer.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+               + (f" ({damaged} damaged: rebuilt when next needed, or `clipfit cache clear --damaged`)" if damaged else "")
+               + f", {sum(e.bytes for e in entries) / 2**20:.2f} MiB in {cache.folder}")
 
 
 @cache_app.command("clear")
 def cache_clear(cache_dir: Optional[str] = CACHE_DIR_OPTION,
-                kind: Optional[str] = typer.Option(None, "--kind", help="Only entries of this kind (see `clipfit cache ls`).")) -> None:
-    """Delete cached feature banks (all, or one --kind); later runs re-encode what they need."""
+                kind: Optional[str] = typer.Option(None, "--kind", help="Only entries of this kind (see `clipfit cache ls`)."),
+                damaged: bool = typer.Option(False, "--damaged", help="Only damaged entries (checksums compared).")) -> None:
+    """Delete cached feature banks (all, one --kind, or the --damaged ones); later runs re-encode what they need."""
     cache = feature_cache(cache_dir)
-    files, size = cache.clear(kind)
+    files, size = cache.clear(kind, damaged)
     typer.echo(f"removed {files} entr{'y' if files == 1 else 'ies'} ({size / 2**20:.2f} MiB) from {cache.folder}")
 
 

@@ -39,11 +39,14 @@ class RunData:
 
 
 def data_hash(pairs: list[Pair]) -> str:
-    """Identity of a pair list: keys, captions, file sizes and modification times."""
+    """Identity of a pair list: keys, captions and image contents (clipfit.cache.content_digest,
+    as the feature cache's keys), so --resume accepts a copied or touched folder and refuses
+    changed images, whatever their modification times say."""
+    from clipfit.cache import content_digest
+
     digest = hashlib.sha256()
     for pair in pairs:
-        stat = pair.image.stat()
-        digest.update(json.dumps([pair.key, list(pair.captions), stat.st_size, stat.st_mtime_ns]).encode())
+        digest.update(json.dumps([pair.key, list(pair.captions), content_digest(pair.image)]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -376,11 +379,11 @@ def precompute_frozen(setup: Setup):
 def row_store(setup: Setup):
     """Precomputed rows live in the feature cache, keyed by the starting model and the settings
     that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
-    from clipfit.features import FeatureCache, starting_model_identity
+    from clipfit.cache import FeatureCache, starting_model_identity
     from clipfit.precompute import RowStore
 
     c = setup.config
-    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info), starting_model_identity(c),
+    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn), starting_model_identity(c),
                     {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
                      "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
 
@@ -395,7 +398,7 @@ def prepare_methods(setup: Setup) -> None:
 
     ctx = MethodContext(model=setup.model, loaded=setup.loaded, config=setup.config, pairs=setup.data.train,
                         device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
-                        log=setup.progress.info, dist=setup.dist)
+                        log=setup.progress.info, dist=setup.dist, warn=setup.progress.warn)
     for method in setup.composite.methods:
         method.prepare(ctx)
     for param in setup.composite.parameters():
