@@ -227,3 +227,38 @@ def test_large_files_are_keyed_by_samples_of_their_content_and_mtime(tmp_path):
     os.utime(path, ns=(1, path.stat().st_mtime_ns + 1))
     digests.append(cache_module.content_digest(path))
     assert len(set(digests)) == 4
+
+
+# --- a real run on a damaged cache ------------------------------------------------------------------
+
+def test_refine_rebuilds_damaged_entries_and_trains_as_on_a_sound_cache(tiny_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from clipfit.cache import read_header
+    from conftest import run_cli, tiny_refine_args
+
+    cache = tmp_path / "cache"
+    write_pairs(tmp_path / "pairs", n=8)
+
+    def refine(name: str):
+        result = run_cli(*tiny_refine_args(tmp_path / "pairs", tmp_path / name, tiny_config, "--method", "refine",
+                                           "--lock-text", "--max-steps", "2", "--cache-dir", cache))
+        assert result.returncode == 0, result.stderr
+        return result.stderr, load_file(str(tmp_path / name / "model.safetensors"))
+
+    _, sound = refine("first")
+    entries = sorted((cache / "features").glob("*.safetensors"))
+    assert {p.name.rsplit("-", 1)[0] for p in entries} == {"locked-rows", "teacher-rows"}
+    for entry in entries:
+        flip_a_byte(entry, from_end=7)
+    warnings, flipped = refine("flipped")
+    assert warnings.count("is damaged (tensor") == 2 and "checksum mismatch" in warnings
+    assert all(torch.equal(flipped[k], sound[k]) for k in sound)
+
+    for entry in entries:  # each replaced by a sound entry for the same key, but with half the rows
+        stored = FeatureCache(cache)
+        key_parts = json.loads(read_header(entry)["__metadata__"]["key_parts"])
+        stored.put(key_parts, {name: t[:4] for name, t in load_file(str(entry)).items()}, torch.float32)
+    warnings, replaced = refine("replaced")
+    assert warnings.count("rows, ") == 2 and "are needed" in warnings and "IndexError" not in warnings
+    assert all(torch.equal(replaced[k], sound[k]) for k in sound)
