@@ -326,8 +326,24 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info)
 
 
+def stat_data_hash(pairs: list[Pair]) -> str:
+    """clipfit 0.1.0's data_hash (keys, captions, image sizes and modification times), so a run it
+    started can still be resumed."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        stat = pair.image.stat()
+        digest.update(json.dumps([pair.key, list(pair.captions), stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()[:16]
+
+
+def same_data(saved_hash: str | None, data: RunData) -> bool:
+    if saved_hash == data.data_hash:
+        return True
+    return data.stream is None and saved_hash == stat_data_hash(data.check.usable)
+
+
 def check_resumable(saved: dict | None, data: RunData, world_size: int, pairs_path: str) -> None:
-    if saved and saved.get("data_hash") != data.data_hash:
+    if saved and not same_data(saved.get("data_hash"), data):
         raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
     if saved and saved["resolved"].get("world_size", 1) != world_size:
         raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "

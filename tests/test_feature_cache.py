@@ -198,11 +198,13 @@ def test_same_path_size_and_mtime_with_different_content_is_a_different_key(tmp_
 def test_a_touched_or_copied_file_keeps_its_key(tmp_path):
     from clipfit.cache import content_digest
 
+    from clipfit.run import data_hash
+
     folder = write_pairs(tmp_path / "pairs", n=2)
     pairs = load_pairs(str(folder), "auto").pairs
-    before = images_hash(pairs)
+    before = images_hash(pairs), data_hash(pairs)
     os.utime(folder / "img000.png", ns=(1, 1))
-    assert images_hash(pairs) == before
+    assert (images_hash(pairs), data_hash(pairs)) == before  # so --resume accepts a touched folder
     copy = tmp_path / "copy.png"
     copy.write_bytes((folder / "img000.png").read_bytes())
     assert content_digest(copy) == content_digest(folder / "img000.png")
@@ -227,6 +229,28 @@ def test_large_files_are_keyed_by_samples_of_their_content_and_mtime(tmp_path):
     os.utime(path, ns=(1, path.stat().st_mtime_ns + 1))
     digests.append(cache_module.content_digest(path))
     assert len(set(digests)) == 4
+
+
+def test_resume_checks_the_pairs_by_content(tiny_config, tmp_path, capsys):
+    from conftest import run_main, tiny_refine_args
+
+    pairs, out = write_pairs(tmp_path / "pairs", n=16), tmp_path / "run"
+    assert run_main(tiny_refine_args(pairs, out, tiny_config, "--max-steps", "1")) == 0
+    image, original = pairs / "img003.png", (pairs / "img003.png").read_bytes()
+    rewrite_keeping_size_and_mtime(image, bytes(reversed(original)))
+    capsys.readouterr()
+    assert run_main(tiny_refine_args(pairs, out, tiny_config, "--resume")) == 2
+    assert "--resume refused: the pairs in" in capsys.readouterr().err
+
+
+def test_runs_started_by_0_1_0_are_resumable_by_their_stat_hash(tmp_path):
+    from clipfit.data.check import CheckReport
+    from clipfit.run import RunData, data_hash, same_data, stat_data_hash
+
+    pairs = load_pairs(str(write_pairs(tmp_path / "pairs", n=3)), "auto").pairs
+    data = RunData(pairs, [], CheckReport(root=str(tmp_path), layout="sidecar", usable=pairs), data_hash(pairs))
+    assert same_data(data_hash(pairs), data) and same_data(stat_data_hash(pairs), data)
+    assert not same_data("0" * 16, data)
 
 
 # --- a real run on a damaged cache ------------------------------------------------------------------
