@@ -100,15 +100,19 @@ def encoder_identity(spec: str, pretrained: str | None = None, seed: int | None 
     """What makes an encoder's outputs what they are, without loading it.
 
     The spec and weights names, the identity (size and content) of any local file or folder
-    they name, the versions of open_clip (built-in configs and random init live there), torch
-    (its random number generator draws random init) and clipfit (the starter's packaged
-    weights) and, for random weights (pretrained 'none'), the seed they were drawn with.
+    they name (for the starter, of its packaged aligned weights), the versions of open_clip
+    (built-in configs and random init live there), torch (its random number generator draws
+    random init) and clipfit and, for random weights (pretrained 'none'), the seed they were
+    drawn with.
     """
     from clipfit import installed_version
+    from clipfit.starter import ALIGNED_WEIGHTS, STARTER_NAME
 
     identity = {"spec": spec, "pretrained": pretrained, "files": files_fingerprint(Path(spec))}
     if pretrained:
         identity["files"] += files_fingerprint(Path(pretrained))
+    if spec == STARTER_NAME:  # its aligned weights ship inside clipfit and change within a version in development
+        identity["files"] += files_fingerprint(ALIGNED_WEIGHTS)
     for package in ("open_clip_torch", "torch", "clipfit"):
         identity[package.removesuffix("_torch")] = installed_version(package)
     if pretrained in (None, "none"):

@@ -15,10 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from clipfit.cache import (CACHE_FORMAT, CACHE_SUBDIR, CacheEntry, FeatureCache, cache_key,  # noqa: F401
+from clipfit.cache import (CACHE_FORMAT, CACHE_SUBDIR, CacheEntry, FeatureCache, cache_key,
                            captions_hash, encoder_identity, files_fingerprint, first_rows, images_hash,
                            items_built_by_rank, load_mapped, read_header, starting_model_identity)
 from clipfit.data.images import open_rgb
+
+__all__ = ["ordered_loader", "image_bank", "text_bank", "CountLog",
+           # re-exported from clipfit.cache
+           "CACHE_FORMAT", "CACHE_SUBDIR", "CacheEntry", "FeatureCache", "cache_key", "captions_hash",
+           "encoder_identity", "files_fingerprint", "first_rows", "images_hash", "items_built_by_rank",
+           "load_mapped", "read_header", "starting_model_identity"]
 
 
 def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> DataLoader:
