@@ -1,0 +1,259 @@
+"""Data input as people really make it: spreadsheets' CSVs, UTF-16 exports, odd file system entries.
+
+Everything is provoked on disk and read through the real loader or the real CLI; each bad item
+must be named (file, line where there is one, reason) while the good pairs stay usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import cli_env, run_main, tiny_refine_args, write_pairs
+from clipfit.data.layouts import load_pairs
+from clipfit.errors import DataError
+
+
+def image(path: Path, colour: str = "red") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+    return path
+
+
+def problems_of(pairset) -> list[tuple[str, str]]:
+    return [(p.path, p.reason) for p in pairset.problems]
+
+
+def check_json(capsys, folder, *args) -> dict:
+    capsys.readouterr()
+    assert run_main(["data", "check", folder, "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("clipfit: error: ") and "Traceback" not in err, err
+    return err
+
+
+# --- CSV: the csv module reads records, not lines ---------------------------------------------
+
+ODD_CAPTIONS = {
+    "quoted.png": "first line\nsecond line of one caption",
+    "ls.png": "left\u2028right",
+    "nel.png": "before\x85after",
+    "ff.png": "page\x0cbreak",
+}
+
+
+def test_csv_record_separators_inside_captions_stay_in_their_caption(tmp_path):
+    rows = ["filepath,title"]
+    for name, text in ODD_CAPTIONS.items():
+        image(tmp_path / name)
+        rows.append(f'{name},"{text}"' if "\n" in text else f"{name},{text}")  # form feed unquoted
+    rows.append("broken.png,")
+    (tmp_path / "pairs.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    pairs = load_pairs(tmp_path)
+    assert {p.key: p.captions for p in pairs.pairs} == {name: (text,) for name, text in ODD_CAPTIONS.items()}
+    # the quoted caption spans lines 2-3, so the last record starts on line 7
+    assert problems_of(pairs) == [("pairs.csv:7 (broken.png)", "empty caption")]
+
+
+def test_csv_row_with_an_unquoted_separator_is_named_not_cut(tmp_path):
+    image(tmp_path / "a.png")
+    image(tmp_path / "b.png")
+    (tmp_path / "pairs.csv").write_text('filepath,title\na.png,"a red, round ball"\nb.png,a red, round ball\n')
+    pairs = load_pairs(tmp_path)
+    assert [p.captions for p in pairs.pairs] == [("a red, round ball",)]
+    assert problems_of(pairs) == [("pairs.csv:3", "3 fields but the header has 2 (quote fields that contain the separator)")]
+
+
+def test_hf_csv_with_wrong_columns_advises_flags_that_work(tmp_path, capsys):
+    folder = tmp_path / "pairs"
+    image(folder / "a.png")
+    image(folder / "b.png", "blue")
+    (folder / "metadata.csv").write_text("image,caption\na.png,a red square\nb.png,a blue square\n")
+    assert run_main(["data", "check", folder]) == 3
+    err = one_error_line(capsys)
+    assert "metadata.csv: missing column(s) file_name, text" in err and "--layout csv" in err
+    # the advice, followed literally, works
+    report = check_json(capsys, folder, "--layout", "csv", "--csv-img-key", "image", "--csv-caption-key", "caption")
+    assert report["summary"]["usable_pairs"] == 2
+
+
+# --- caption files: \n and \r\n end a caption, nothing else ----------------------------------
+
+def test_caption_file_splits_on_newlines_only(tmp_path):
+    image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("one\u2028still one\r\ntwo\x85still two\x0cand more\nthree\n".encode())
+    captions = load_pairs(tmp_path).pairs[0].captions
+    assert captions == ("one\u2028still one", "two\x85still two\x0cand more", "three")
+
+
+# --- byte-order marks: one decoding rule for every text file ----------------------------------
+
+BOMS = {"utf-8-sig": "utf-8-sig", "utf-16-le": "utf-16", "utf-16-be": "utf-16-be"}
+
+
+def with_bom(text: str, encoding: str) -> bytes:
+    if encoding == "utf-16-be":
+        return b"\xfe\xff" + text.encode("utf-16-be")
+    if encoding == "utf-16-le":
+        return b"\xff\xfe" + text.encode("utf-16-le")
+    return text.encode(encoding)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16-le", "utf-16-be"])
+def test_byte_order_marks_in_captions_manifests_and_tables(encoding, tmp_path, capsys):
+    caption = "un café ☕ et deux\r\nsecond caption"
+    sidecar = tmp_path / "sidecar"
+    image(sidecar / "a.png")
+    (sidecar / "a.txt").write_bytes(with_bom(caption, encoding))
+    hf = tmp_path / "hf"
+    image(hf / "a.png")
+    (hf / "metadata.jsonl").write_bytes(with_bom(json.dumps({"file_name": "a.png", "text": caption}) + "\n", encoding))
+    table = tmp_path / "table"
+    image(table / "a.png")
+    (table / "pairs.tsv").write_bytes(with_bom("filepath\ttitle\na.png\tun café ☕ et deux\n", encoding))
+    assert load_pairs(sidecar).pairs[0].captions == ("un café ☕ et deux", "second caption")
+    assert load_pairs(hf).pairs[0].captions == ("un café ☕ et deux\r\nsecond caption",)
+    assert load_pairs(table).pairs[0].captions == ("un café ☕ et deux",)
+    for folder in (sidecar, hf, table):  # no repair warning: nothing needed repairing
+        report = check_json(capsys, folder)
+        assert report["summary"]["usable_pairs"] == 1 and not report["warnings"] and not report["problems"]
+
+
+# --- metadata.jsonl: a bad line is a bad item, not a bad folder ------------------------------
+
+def jsonl_with_bad_lines(folder: Path) -> Path:
+    write_pairs(folder, n=8)
+    rows = [json.dumps({"file_name": f"img{i:03d}.png", "text": f"caption {i}"}).encode() for i in range(8)]
+    rows.insert(2, b'{"file_name": "img000.png", "text": "caf\xe9"}')  # Latin-1, line 3
+    rows.insert(5, b'{"file_name": "img001.png", "text": ')  # cut off, line 6
+    rows.insert(7, b'["a list, not an object"]')  # line 8
+    for txt in folder.glob("*.txt"):
+        txt.unlink()
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    return folder
+
+
+def test_bad_jsonl_lines_are_named_with_their_line_and_skipped(tmp_path, capsys, tiny_config):
+    folder = jsonl_with_bad_lines(tmp_path / "pairs")
+    report = check_json(capsys, folder)
+    assert report["summary"]["usable_pairs"] == 8
+    problems = {p["path"]: p["reason"] for p in report["problems"]}
+    assert problems["metadata.jsonl:3"] == "not valid UTF-8 (byte 0xe9)"
+    assert problems["metadata.jsonl:6"].startswith("not valid JSON (Expecting value")
+    assert problems["metadata.jsonl:8"] == "not a JSON object ({...})"
+
+    out = tmp_path / "run"
+    assert run_main(tiny_refine_args(folder, out, tiny_config, "--max-steps", "1")) == 0
+    assert "metadata.jsonl:3\tnot valid UTF-8" in (out / "skipped.txt").read_text()
+    capsys.readouterr()
+    assert run_main(tiny_refine_args(folder, tmp_path / "strict", tiny_config, "--strict")) == 3
+    assert "metadata.jsonl:3: not valid UTF-8 (byte 0xe9) (3 bad item(s)" in one_error_line(capsys)
+
+
+# --- file system entries that are not plain files ---------------------------------------------
+
+def test_file_symlink_loop_is_a_named_bad_item(tmp_path, capsys, tiny_config):
+    folder = write_pairs(tmp_path / "pairs", n=8)
+    (folder / "loop.png").symlink_to(folder / "loop2.png")
+    (folder / "loop2.png").symlink_to(folder / "loop.png")
+    (folder / "loop.txt").write_text("a caption for a looping image")
+    report = check_json(capsys, folder)
+    assert report["summary"]["usable_pairs"] == 8
+    reasons = {Path(p["path"]).name: p["reason"] for p in report["problems"]}
+    assert reasons["loop.png"].startswith("symlink loop") and reasons["loop2.png"].startswith("symlink loop")
+    assert run_main(tiny_refine_args(folder, tmp_path / "run", tiny_config, "--strict")) == 3
+    assert "loop.png: symlink loop" in one_error_line(capsys)
+
+
+def test_pairs_argument_that_is_a_symlink_loop_or_a_pipe(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    os.mkfifo(tmp_path / "pipe")
+    assert run_main(["data", "check", tmp_path / "a"]) == 3
+    assert f"{tmp_path / 'a'}: symlink loop" in one_error_line(capsys)
+    assert run_main(["data", "check", tmp_path / "pipe"]) == 3
+    assert "pipe: not a folder or a regular file" in one_error_line(capsys)
+
+
+def test_manifest_row_naming_a_symlink_loop(tmp_path):
+    image(tmp_path / "ok.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    rows = [{"file_name": "ok.png", "text": "fine"}, {"file_name": "loop.png", "text": "loops"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pairs = load_pairs(tmp_path)
+    assert [p.key for p in pairs.pairs] == ["ok.png"]
+    assert problems_of(pairs) == [("metadata.jsonl (loop.png)", "symlink loop: loop.png")]
+
+
+def test_caption_that_is_a_named_pipe_is_reported_never_read(tmp_path, capsys):
+    folder = write_pairs(tmp_path / "pairs", n=8)
+    image(folder / "piped.png")
+    os.mkfifo(folder / "piped.txt")  # reading it would block until someone writes
+    report = check_json(capsys, folder)
+    assert report["summary"]["usable_pairs"] == 8
+    assert [(Path(p["path"]).name, p["reason"]) for p in report["problems"]] == [
+        ("piped.txt", "not a regular file (a named pipe), skipped")]
+
+
+# --- unreadable files and folders -------------------------------------------------------------
+
+def as_unprivileged(argv: list[str]) -> list[str]:
+    """The command without root's right to read any file (tests often run as root), so that a
+    chmod 000 file really is unreadable to it."""
+    if os.geteuid() != 0:
+        return argv
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", *argv]
+
+
+def clipfit_unprivileged(*args) -> subprocess.CompletedProcess:
+    argv = as_unprivileged([sys.executable, "-m", "clipfit", *map(str, args)])
+    return subprocess.run(argv, capture_output=True, text=True, env=cli_env(), timeout=120)
+
+
+def test_unreadable_caption_file_and_folder(tmp_path):
+    folder = write_pairs(tmp_path / "pairs", n=8)
+    (folder / "img003.txt").chmod(0)
+    (folder / "sub").mkdir()
+    write_pairs(folder / "sub", n=2)
+    (folder / "sub").chmod(0)
+    try:
+        result = clipfit_unprivileged("data", "check", folder, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["summary"]["usable_pairs"] == 7
+        reasons = {Path(p["path"]).name: p["reason"] for p in report["problems"]}
+        assert reasons == {"img003.txt": "cannot read caption file: Permission denied",
+                           "sub": "cannot list folder: Permission denied"}
+
+        folder.chmod(0)  # the pairs folder itself
+        result = clipfit_unprivileged("data", "check", folder)
+        assert result.returncode == 3
+        assert result.stderr.strip() == f"clipfit: error: {folder}: cannot read (Permission denied)"
+    finally:
+        for path in (folder, folder / "sub", folder / "img003.txt"):
+            path.chmod(0o755)
+    assert (folder / "img003.txt").read_text().startswith("a ")  # nothing was changed or removed
+
+
+def test_unreadable_manifest(tmp_path):
+    folder = jsonl_with_bad_lines(tmp_path / "pairs")
+    (folder / "metadata.jsonl").chmod(0)
+    try:
+        result = clipfit_unprivileged("data", "check", folder)
+    finally:
+        (folder / "metadata.jsonl").chmod(0o644)
+    assert result.returncode == 3
+    assert result.stderr.strip() == f"clipfit: error: {folder / 'metadata.jsonl'}: cannot read (Permission denied)"
