@@ -24,6 +24,7 @@ from clipfit.data.images import DEFAULT_MAX_PIXELS
 from clipfit.data.layouts import Pair, load_pairs
 from clipfit.errors import DataError, OutputError, UsageError
 from clipfit.io import write_json, write_text
+from clipfit.progress import printable
 
 RUN_JSON = "run.json"
 SKIPPED_TXT = "skipped.txt"
@@ -84,7 +85,7 @@ def write_skipped(run_dir: Path, check: CheckReport) -> None:
     """Written with run.json, not earlier: a run that fails while setting up leaves an empty
     folder, which the corrected command may reuse without --overwrite."""
     if check.skipped:
-        write_text(run_dir / SKIPPED_TXT, "".join(f"{p.path}\t{p.reason}\n" for p in check.skipped))
+        write_text(run_dir / SKIPPED_TXT, "".join(f"{printable(p.path)}\t{printable(p.reason)}\n" for p in check.skipped))
 
 
 def load_stream(pairs_path: str, run_dir: Path) -> RunData:

@@ -257,3 +257,77 @@ def test_unreadable_manifest(tmp_path):
         (folder / "metadata.jsonl").chmod(0o644)
     assert result.returncode == 3
     assert result.stderr.strip() == f"clipfit: error: {folder / 'metadata.jsonl'}: cannot read (Permission denied)"
+
+
+# --- file names are printed as they are, on one line -------------------------------------------
+
+def odd_names(folder: Path) -> dict[str, str]:
+    """Bad images whose names are rich markup or hold a newline / escape sequence; name -> as shown."""
+    (folder / "x[").mkdir()
+    names = {"x[/]y.png": "x[/]y.png", "[bold]z.png": "[bold]z.png", "new\nline.png": "new\\nline.png",
+             "esc\x1b[31m.png": "esc\\x1b[31m.png"}
+    for name in names:
+        (folder / name).write_bytes(b"not a picture")
+        (folder / name).with_suffix(".txt").write_text("a caption")
+    return names
+
+
+def test_odd_file_names_are_shown_literally_everywhere(tmp_path, capsys, monkeypatch, tiny_config):
+    folder = write_pairs(tmp_path / "pairs", n=8)
+    names = odd_names(folder)
+    monkeypatch.setenv("COLUMNS", "100")
+    capsys.readouterr()
+    assert run_main(["data", "check", folder]) == 0
+    table = capsys.readouterr().out
+    for shown in names.values():
+        assert shown in table
+    assert "\x1b" not in table  # not a colour-changing escape sequence (the console is no terminal)
+
+    out = tmp_path / "run"
+    assert run_main(tiny_refine_args(folder, out, tiny_config, "--max-steps", "1")) == 0
+    skipped = [line.split("\t") for line in (out / "skipped.txt").read_text().splitlines()]
+    assert sorted(Path(path).relative_to(folder).as_posix() for path, _ in skipped) == sorted(names.values())
+    assert all(reason == "not an image Pillow can read" for _, reason in skipped)
+
+    capsys.readouterr()
+    assert run_main(tiny_refine_args(folder, tmp_path / "strict", tiny_config, "--strict")) == 3
+    err = one_error_line(capsys)
+    assert any(shown in err for shown in names.values())
+
+
+def test_rich_progress_prints_markup_in_messages_literally():
+    import io
+
+    from clipfit.progress import RichProgress
+
+    stream = io.StringIO()
+    progress = RichProgress(stream)
+    progress.warn("pairs/x[/]y.png: not an image")
+    progress.info("cached [bold]z.png\nand more")
+    assert stream.getvalue() == "warning: pairs/x[/]y.png: not an image\ncached [bold]z.png\\nand more\n"
+
+
+# --- data check names every item worth a look --------------------------------------------------
+
+def test_data_check_table_names_every_kind_first_20_and_counts_the_rest(tmp_path, capsys, monkeypatch):
+    folder = write_pairs(tmp_path / "pairs", n=8)
+    for i in range(23):
+        image(folder / f"lonely{i:02d}.png")
+    (folder / "orphan.txt").write_text("a caption without its image")
+    (folder / "img001.png").write_bytes(b"")
+    (folder / "img002.txt").write_text("word " * 100)
+    (folder / "img003.txt").write_bytes(b"caf\xe9")
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert run_main(["data", "check", folder]) == 0
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.count("│") == 4]  # the rows of the items table (kind, file, reason)
+    by_file = {file: reason for _, file, reason in rows}
+    assert by_file["img001.png"] == "empty file (0 bytes)"
+    assert by_file["orphan.txt"] == "no image of the same name: ignored"
+    assert by_file["img002.png (caption 1 of 1)"].startswith("102 tokens, over the context length of 77")
+    assert by_file["img003.txt"] == "caption is not valid UTF-8 (byte 0xe9); undecodable bytes replaced"
+    lonely = [file for file in by_file if file.startswith("lonely")]
+    assert lonely == [f"lonely{i:02d}.png" for i in range(20)]
+    assert by_file["... and 3 more"] == "`--json` lists them all"
+    assert ["image without caption (23)", "lonely00.png", "no caption: skipped"] in rows
