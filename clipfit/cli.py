@@ -70,9 +70,20 @@ def refine_parameters() -> list[inspect.Parameter]:
                                                rich_help_panel="Run")),
     ]
     for name, f in CONFIG_FIELDS.items():
-        option = typer.Option(field_default(name), flag(name), help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
+        names = on_off_flags(name) if hints[name] is bool else flag(name)
+        option = typer.Option(field_default(name), names, help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[name]))
     return params
+
+
+def on_off_flags(name: str) -> str:
+    """'--lock-text/--no-lock-text': a setting turned on in --config can be turned off by a flag.
+    A setting named no_x gets '--no-x/--x'."""
+    from clipfit.config import flag
+
+    if name.startswith("no_"):
+        return f"{flag(name)}/--{name[3:].replace('_', '-')}"
+    return f"{flag(name)}/--no-{name.replace('_', '-')}"
 
 
 def explicit_parameters(ctx: typer.Context) -> set[str]:
