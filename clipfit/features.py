@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from clipfit.data.images import open_rgb
+from clipfit.data.dataset import open_checked
 from clipfit.errors import OutputError
 from clipfit.parallel import Distributed, build_in_shares, gather_rows
 
@@ -43,7 +43,7 @@ class _Images(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i):
-        return self.preprocess(open_rgb(self.pairs[i].image, self.max_pixels))
+        return self.preprocess(open_checked(self.pairs[i], self.max_pixels))
 
 
 class CountLog:

@@ -20,7 +20,7 @@ from typing import Any
 
 from clipfit.config import RESULT_NEUTRAL, RefineConfig
 from clipfit.data.check import CheckReport, check_pairset
-from clipfit.data.images import DEFAULT_MAX_PIXELS
+from clipfit.data.images import DEFAULT_MAX_PIXELS, file_stamp
 from clipfit.data.layouts import Pair, load_pairs
 from clipfit.errors import DataError, OutputError, UsageError
 from clipfit.io import write_json, write_text
@@ -43,8 +43,8 @@ def data_hash(pairs: list[Pair]) -> str:
     """Identity of a pair list: keys, captions, file sizes and modification times."""
     digest = hashlib.sha256()
     for pair in pairs:
-        stat = pair.image.stat()
-        digest.update(json.dumps([pair.key, list(pair.captions), stat.st_size, stat.st_mtime_ns]).encode())
+        size, mtime_ns = pair.stamp or file_stamp(pair.image)  # as checked: the file may be gone by now
+        digest.update(json.dumps([pair.key, list(pair.captions), size, mtime_ns]).encode())
     return digest.hexdigest()[:16]
 
 

@@ -331,3 +331,37 @@ def test_data_check_table_names_every_kind_first_20_and_counts_the_rest(tmp_path
     assert lonely == [f"lonely{i:02d}.png" for i in range(20)]
     assert by_file["... and 3 more"] == "`--json` lists them all"
     assert ["image without caption (23)", "lonely00.png", "no caption: skipped"] in rows
+
+
+# --- an image that vanishes or changes after the check ---------------------------------------------
+
+@pytest.mark.parametrize("what, workers", [("vanished", "0"), ("changed", "2")])
+def test_image_that_vanishes_or_changes_during_the_run_stops_it_naming_the_file(what, workers, tmp_path, capsys,
+                                                                                 monkeypatch, tiny_config):
+    """The file is really deleted or rewritten on disk, right after `check_pairset` found it good
+    (the hook only picks the moment); with workers the error crosses a DataLoader process."""
+    import clipfit.run
+
+    folder = write_pairs(tmp_path / "pairs", n=16)
+    victim = folder / "img005.png"
+    real_check = clipfit.run.check_pairset
+
+    def check_then_touch(*args, **kwargs):
+        report = real_check(*args, **kwargs)
+        if what == "vanished":
+            victim.unlink()
+        else:
+            Image.new("RGB", (40, 40), "black").save(victim)  # still a good image, but another one
+        return report
+
+    monkeypatch.setattr(clipfit.run, "check_pairset", check_then_touch)
+    capsys.readouterr()
+    code = run_main(tiny_refine_args(folder, tmp_path / "run", tiny_config, "--workers", workers,
+                                     "--batch-size", "16", "--epochs", "1"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the --pretrained none warning
+    assert code == 3 and "Traceback" not in err
+    if what == "vanished":  # found by the before-training evaluation, or by training if that came first
+        assert f"clipfit: error: {victim}: " in err and ("vanished" in err or "No such file or directory" in err)
+    else:  # still an image: only the check against the size and time it was checked with finds it
+        assert f"clipfit: error: {victim}: changed (size or modification time differ) after the run checked it" in err
+    assert len(list(folder.glob("*.png"))) == (15 if what == "vanished" else 16)  # nothing else touched

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
+from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, file_stamp, open_rgb
 from clipfit.data.layouts import Pair, PairSet, Problem, load_pairs
 from clipfit.data.tokens import count_tokens, exceeds_context
 
@@ -79,22 +79,24 @@ class CheckReport:
         ]
 
 
-def decode_or_reason(pair: Pair, max_pixels: int) -> str | None:
+def decode_or_reason(pair: Pair, max_pixels: int) -> Pair | str:
+    """The pair stamped with its file's size and time as decoded, or why it cannot be used."""
     try:
+        stamp = file_stamp(pair.image)
         open_rgb(pair.image, max_pixels)
     except BadImage as e:
         return str(e)
     except OSError as e:
         return f"cannot read: {e.strerror or e}"
-    return None
+    return replace(pair, stamp=stamp)
 
 
 def split_decodable(pairs: list[Pair], max_pixels: int, workers: int = 4) -> tuple[list[Pair], list[Problem]]:
     """Decode every image once (threads: Pillow releases the GIL while decoding)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(lambda p: decode_or_reason(p, max_pixels), pairs))
-    good = [p for p, r in zip(pairs, reasons) if r is None]
-    bad = [Problem(str(p.image), r) for p, r in zip(pairs, reasons) if r is not None]
+        results = list(pool.map(lambda p: decode_or_reason(p, max_pixels), pairs))
+    good = [r for r in results if isinstance(r, Pair)]
+    bad = [Problem(str(p.image), r) for p, r in zip(pairs, results) if isinstance(r, str)]
     return good, bad
 
 

@@ -34,6 +34,7 @@ class Pair:
     image: Path
     captions: tuple[str, ...]
     key: str  # path relative to the data folder: a stable identity for caches and reports
+    stamp: tuple[int, int] | None = None  # (size, mtime_ns) when checked: see clipfit.data.dataset.open_checked
 
 
 @dataclass(frozen=True)
