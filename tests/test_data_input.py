@@ -365,3 +365,37 @@ def test_image_that_vanishes_or_changes_during_the_run_stops_it_naming_the_file(
     else:  # still an image: only the check against the size and time it was checked with finds it
         assert f"clipfit: error: {victim}: changed (size or modification time differ) after the run checked it" in err
     assert len(list(folder.glob("*.png"))) == (15 if what == "vanished" else 16)  # nothing else touched
+
+
+def test_compare_prints_run_folder_names_literally(tmp_path, capsys, monkeypatch):
+    runs = []
+    for name in ("[bold]first", "x[", "x[/]second"):
+        run = tmp_path / name
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "run.json").write_text(json.dumps({
+            "config": {"method": "[red]refine"}, "model": {"arch": "tiny", "pretrained": "none"}, "steps": 3,
+            "before": {"image_to_text_R@1": 0.5}, "after": {"image_to_text_R@1": 0.75}}))
+        runs.append(run)
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert run_main(["compare", runs[0], runs[2]]) == 0
+    out = capsys.readouterr().out
+    assert "[bold]first" in out and "]second" in out and out.count("[red]refine") == 2
+
+
+def test_webdataset_captions_split_on_newlines_only(tmp_path, capsys):
+    import tarfile
+    from io import BytesIO
+
+    from clipfit.data.shards import ShardSet, extract_sample, find_shards
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "000000.tar", "w") as tar:
+        for key, data in (("a.png", image(tmp_path / "a.png").read_bytes()),
+                          ("a.txt", b"\xef\xbb\xbfone\xe2\x80\xa8caption\r\ntwo\n")):
+            member = tarfile.TarInfo(key)
+            member.size = len(data)
+            tar.addfile(member, BytesIO(data))
+    sample = extract_sample(find_shards(shards), tmp_path / "sample", limit=4)
+    assert [p.captions for p in sample] == [("one\u2028caption", "two")]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from clipfit.data.images import is_image_path
-from clipfit.data.text import has_undecodable, lines, read_text, repaired, undecodable_reason
+from clipfit.data.text import caption_lines, has_undecodable, lines, read_text, repaired, undecodable_reason
 from clipfit.errors import DataError, UsageError
 
 LAYOUTS = ("sidecar", "hf", "csv")
@@ -61,7 +61,7 @@ def read_caption_file(path: Path, warnings: list[Problem]) -> list[str]:
         warnings.append(Problem(str(path), f"caption is {undecodable_reason(text, encoding)}; "
                                            "undecodable bytes replaced"))
         text = repaired(text)
-    return [line.strip() for line in lines(text) if line.strip()]
+    return caption_lines(text)
 
 
 SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),

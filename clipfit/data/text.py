@@ -71,3 +71,13 @@ def lines(text: str) -> list[str]:
     that caption, not line ends (str.splitlines would break the caption there)."""
     parts = text.split("\n")
     return [part[:-1] if part.endswith("\r") else part for part in parts]
+
+
+def caption_lines(text: str) -> list[str]:
+    """The captions of a caption file's text: one per non-blank line, stripped."""
+    return [line.strip() for line in lines(text) if line.strip()]
+
+
+def captions_of(raw: bytes) -> list[str]:
+    """Captions from a caption file's bytes, undecodable bytes replaced (a tar shard's .txt member)."""
+    return caption_lines(repaired(decode_text(raw)[0]))
