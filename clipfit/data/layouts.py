@@ -177,8 +177,8 @@ def resolve_inside(root: Path, name: str) -> tuple[Path | None, str | None]:
         return None, f"unusable file name {name!r} ({e})"
     if not candidate.is_relative_to(root.resolve()):
         return None, f"path escapes the data folder: {name}"
-    if not candidate.is_file():
-        return None, f"missing file: {name}"
+    if not candidate.is_file():  # a pipe or device is never opened: reading it could block
+        return None, f"not a regular file: {name}" if candidate.exists() else f"missing file: {name}"
     return candidate, None
 
 
