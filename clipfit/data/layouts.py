@@ -55,7 +55,7 @@ class PairSet:
 
 
 def read_caption_file(path: Path, warnings: list[Problem]) -> list[str]:
-    """One caption per line (split on \n and \r\n only); OSError when the file cannot be read."""
+    """One caption per line (split on \\n and \\r\\n only); OSError when the file cannot be read."""
     text, encoding = read_text(path)
     if has_undecodable(text):
         warnings.append(Problem(str(path), f"caption is {undecodable_reason(text, encoding)}; "
