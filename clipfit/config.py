@@ -157,12 +157,13 @@ def merged_tables(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise UsageError(f"{path}: refine must be a table ([refine]), not {type_name(table)}")
     settings: dict[str, Any] = {}
+    first: dict[str, str] = {}  # name -> the key as spelled and where
     for where, values in (("at the top level", data), ("in [refine]", table)):
         for key, value in values.items():
             name = key.replace("-", "_")
             if name in settings:
-                raise UsageError(f"{path}: {key} is set twice ({where} and before); keep one")
-            settings[name] = value
+                raise UsageError(f"{path}: {name} is set twice ({first[name]} and {key} {where}); keep one")
+            settings[name], first[name] = value, f"{key} {where}"
     return settings
 
 

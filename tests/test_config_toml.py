@@ -35,8 +35,8 @@ def error_line(capsys) -> str:
     ("[refine]\nout = 3", "out = 3 is an integer; expected a string"),
     ("pairs = 7", "pairs = 7 is an integer; expected a string"),
     ("epoch = 3", "unknown setting(s) epoch (did you mean epochs?)"),
-    ("epochs = 1\n[refine]\nepochs = 2", "epochs is set twice (in [refine] and before); keep one"),
-    ("batch-size = 4\nbatch_size = 8", "batch_size is set twice"),
+    ("epochs = 1\n[refine]\nepochs = 2", "epochs is set twice (epochs at the top level and epochs in [refine]); keep one"),
+    ("batch-size = 4\nbatch_size = 8", "batch_size is set twice (batch-size at the top level and batch_size at the top level)"),
     ("refine = 3", "refine must be a table ([refine]), not an integer"),
     ("[eval]\nepochs = 1", "unknown setting(s) eval"),
 ])
