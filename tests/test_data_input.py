@@ -226,6 +226,7 @@ def clipfit_unprivileged(*args) -> subprocess.CompletedProcess:
 def test_unreadable_caption_file_and_folder(tmp_path):
     folder = write_pairs(tmp_path / "pairs", n=8)
     (folder / "img003.txt").chmod(0)
+    (folder / "img004.png").chmod(0)
     (folder / "sub").mkdir()
     write_pairs(folder / "sub", n=2)
     (folder / "sub").chmod(0)
@@ -233,9 +234,10 @@ def test_unreadable_caption_file_and_folder(tmp_path):
         result = clipfit_unprivileged("data", "check", folder, "--json")
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)
-        assert report["summary"]["usable_pairs"] == 7
-        reasons = {Path(p["path"]).name: p["reason"] for p in report["problems"]}
+        assert report["summary"]["usable_pairs"] == 6
+        reasons = {Path(p["path"]).name: p["reason"] for p in report["problems"] + report["bad_images"]}
         assert reasons == {"img003.txt": "cannot read caption file: Permission denied",
+                           "img004.png": "cannot read: Permission denied",
                            "sub": "cannot list folder: Permission denied"}
 
         folder.chmod(0)  # the pairs folder itself
@@ -243,7 +245,7 @@ def test_unreadable_caption_file_and_folder(tmp_path):
         assert result.returncode == 3
         assert result.stderr.strip() == f"clipfit: error: {folder}: cannot read (Permission denied)"
     finally:
-        for path in (folder, folder / "sub", folder / "img003.txt"):
+        for path in (folder, folder / "sub", folder / "img003.txt", folder / "img004.png"):
             path.chmod(0o755)
     assert (folder / "img003.txt").read_text().startswith("a ")  # nothing was changed or removed
 
