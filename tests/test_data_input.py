@@ -151,7 +151,7 @@ def test_bad_jsonl_lines_are_named_with_their_line_and_skipped(tmp_path, capsys,
     problems = {p["path"]: p["reason"] for p in report["problems"]}
     assert problems["metadata.jsonl:3"] == "not valid UTF-8 (byte 0xe9)"
     assert problems["metadata.jsonl:6"].startswith("not valid JSON (Expecting value")
-    assert problems["metadata.jsonl:8"] == "not a JSON object ({...})"
+    assert problems["metadata.jsonl:8"] == "each line must be a JSON object ({...})"
 
     out = tmp_path / "run"
     assert run_main(tiny_refine_args(folder, out, tiny_config, "--max-steps", "1")) == 0

@@ -236,7 +236,7 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
         if isinstance(record, dict):
             yield line_no, record, None
         else:
-            yield line_no, None, "not a JSON object ({...})"
+            yield line_no, None, "each line must be a JSON object ({...})"
 
 
 def jsonl_objects(path: Path) -> list[tuple[int, dict]]:
