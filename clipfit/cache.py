@@ -69,14 +69,10 @@ def file_identity(path: Path) -> list:
     return [str(path), path.stat().st_size, content_digest(path)]
 
 
-def stored_in(image) -> Path:
-    """The file holding an image's bytes: the image file itself, or the table file of an image in
-    a table row (clipfit.data.tables.TableImage, whose str() names the row)."""
-    return Path(getattr(image, "file", image))
-
-
 def image_identity(image) -> list:
     """[image, size, content digest] of the file holding it (file_identity for an image file)."""
+    from clipfit.data.images import stored_in
+
     return [str(image), *file_identity(stored_in(image))[1:]]
 
 
