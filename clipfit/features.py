@@ -18,18 +18,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from clipfit.data.images import open_rgb
+from clipfit.data.workers import Loader
 from clipfit.errors import OutputError
 from clipfit.parallel import Distributed, build_in_shares, gather_rows
 
 
-def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> DataLoader:
-    """A DataLoader in item order that leaves the global random stream alone: iterating a plain
+def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> Loader:
+    """A loader in item order that leaves the global random stream alone: iterating a plain
     DataLoader draws a worker seed from it, and whether a feature-cache hit skips a loop must
-    not change what the rest of the run draws."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+    not change what the rest of the run draws. Use it as `with ordered_loader(...) as loader:`,
+    so its workers end with the block."""
+    return Loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                       generator=torch.Generator(), **kwargs)
 
 
@@ -67,11 +69,11 @@ def image_bank(pairs, encode: Callable[[Tensor], Tensor], preprocess: Callable, 
     `encode` maps a batch of preprocessed pixels to embeddings; `preprocess` is the encoder's
     evaluation transform (no augmentation), so the bank does not depend on the epoch.
     """
-    loader = ordered_loader(_Images(pairs, preprocess, max_pixels), batch_size, workers)
     counter, rows = CountLog(log, "encoding images", len(pairs)), []
-    for pixels in loader:
-        rows.append(F.normalize(encode(pixels).float(), dim=-1))
-        counter.advance(len(pixels))
+    with ordered_loader(_Images(pairs, preprocess, max_pixels), batch_size, workers) as loader:
+        for pixels in loader:
+            rows.append(F.normalize(encode(pixels).float(), dim=-1))
+            counter.advance(len(pixels))
     return torch.cat(rows)
 
 

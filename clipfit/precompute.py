@@ -73,8 +73,8 @@ def encode_share(dataset, encode_images: Encode | None, encode_texts: Encode | N
     """Rows of the items in `part`: "images" (one per item) and "texts" (one per caption)."""
     rows = {}
     if encode_images is not None:
-        loader = ordered_loader(Subset(_DatasetImages(dataset), part), batch_size, workers)
-        rows["images"] = torch.cat([encode_images(pixels).float().cpu() for pixels in loader])
+        with ordered_loader(Subset(_DatasetImages(dataset), part), batch_size, workers) as loader:
+            rows["images"] = torch.cat([encode_images(pixels).float().cpu() for pixels in loader])
     if encode_texts is not None:
         captions = [caption for i in part for caption in dataset.pairs[i].captions]
         rows["texts"] = torch.cat([encode_texts(dataset.tokenizer(captions[start:start + batch_size])).float().cpu()
