@@ -15,13 +15,14 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from clipfit.checkpoint import CHECKPOINT_DIR, checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
+from clipfit.checkpoint import checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.data.workers import Loader, ignore_stop_signals
 from clipfit.errors import Interrupted, OutputError, TrainingError, UsageError
 from clipfit.io import append_jsonl, truncate_jsonl
 from clipfit.methods.base import StepInputs
 from clipfit.parallel import Distributed, PairEncoder, average_gradients, gather_features
+from clipfit.rundir import CHECKPOINT_DIR, METRICS_JSONL
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -191,7 +192,7 @@ class Trainer:
         if step > self.settings.total_steps:
             raise UsageError(f"--resume refused: the checkpoint is at step {step}, past the {self.settings.total_steps} "
                              "steps this command asks for (--max-steps)")
-        truncate_jsonl(self.run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= step)
+        truncate_jsonl(self.run_dir / METRICS_JSONL, lambda row: row.get("step", 0) <= step)
 
     # --- one step -------------------------------------------------------------------------
     @staticmethod
@@ -350,7 +351,7 @@ class Trainer:
         self.position.batch = 0
         summary = self.on_epoch_end(finished) if self.on_epoch_end else {}
         if summary and self.is_main:
-            append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.position.step, "epoch": finished, **summary})
+            append_jsonl(self.run_dir / METRICS_JSONL, {"step": self.position.step, "epoch": finished, **summary})
         self.save()
         if self.stop:
             self.interrupt()
@@ -392,7 +393,7 @@ class Trainer:
                "pairs_per_s": pairs / max(seconds, 1e-9), **values}
         self.progress.step(row, s.total_steps)
         if self.is_main and (step % s.log_every == 0 or step == s.total_steps or step == 1):
-            append_jsonl(self.run_dir / "metrics.jsonl", row)
+            append_jsonl(self.run_dir / METRICS_JSONL, row)
 
 
 class NonFinite(Exception):

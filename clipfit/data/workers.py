@@ -12,8 +12,8 @@ loop checks its parent's pid).
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
+import weakref
 
 from torch.utils.data import DataLoader
 
@@ -37,13 +37,13 @@ class Loader(DataLoader):
         iterator = super().__iter__()
         if iterator not in self.iterators:  # a persistent-worker loader hands out the same one again
             self.iterators.append(iterator)
+            if hasattr(iterator, "_workers"):
+                STARTED.add(iterator)
         return iterator
 
     def close(self) -> None:
         for iterator in self.iterators:
-            shut_down = getattr(iterator, "_shutdown_workers", None)  # absent without workers
-            if shut_down is not None:
-                shut_down()
+            shut_down(iterator)
         self.iterators.clear()
         if self.persistent_workers:
             self._iterator = None  # a later iteration starts fresh workers
@@ -55,19 +55,33 @@ class Loader(DataLoader):
         self.close()
 
 
+STARTED: "weakref.WeakSet" = weakref.WeakSet()  # iterators with worker processes (a freed one ended them)
+
+
+def shut_down(iterator) -> None:
+    """End an iterator's workers: torch's own shutdown (it asks them to stop and waits a little),
+    then SIGKILL for any that did not stop; torch forgets their pids first, so their death is
+    not reported as a crashed worker."""
+    stop = getattr(iterator, "_shutdown_workers", None)  # absent without workers
+    if stop is None:
+        return
+    stop()
+    for process in getattr(iterator, "_workers", []):
+        if process.is_alive():
+            process.kill()
+            process.join(5.0)
+    STARTED.discard(iterator)
+
+
 def worker_processes() -> list:
-    """This process's live DataLoader workers (and no other child process)."""
-    from torch.utils.data._utils.worker import _worker_loop
-
-    return [p for p in multiprocessing.active_children() if getattr(p, "_target", None) is _worker_loop]
+    """Worker processes of this process's loaders that are still alive."""
+    return [p for iterator in list(STARTED) for p in getattr(iterator, "_workers", []) if p.is_alive()]
 
 
-def end_workers(timeout: float = 5.0) -> int:
-    """Kill DataLoader workers still alive (they ignore SIGTERM) and reap them; how many there were.
-    Called when a command ends, before multiprocessing's exit handler would wait for them."""
-    workers = worker_processes()
-    for process in workers:
-        process.kill()
-    for process in workers:
-        process.join(timeout)
-    return len(workers)
+def end_workers() -> int:
+    """End every worker still running (they ignore SIGTERM); how many there were. Called when a
+    command ends, before multiprocessing's exit handler would wait for them forever."""
+    alive = len(worker_processes())
+    for iterator in list(STARTED):
+        shut_down(iterator)
+    return alive
