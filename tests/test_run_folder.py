@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, run_main, tiny_refine_args, write_pairs
+from test_resume import PAUSE_AT, PAUSE_FILE, long_run_args, many_pairs, start, wait_for  # noqa: F401 (fixture)
 from clipfit import rundir
+from clipfit.io import read_jsonl
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -130,7 +132,8 @@ def test_a_failed_overwrite_leaves_the_previous_run(pairs_dir, tiny_config, tmp_
     # fails after the old run was staged, while the new one sets up (an unknown model)
     argv = tiny_refine_args(pairs_dir, out, tiny_config, "--overwrite")
     argv[argv.index("--model") + 1] = "no-such-model-xyz"
-    assert run_main(argv) != 0
+    assert run_main(argv) == 2
+    assert "no-such-model-xyz" in error_line(capsys)
     assert snapshot(out) == before
 
 
@@ -231,17 +234,22 @@ def test_a_second_run_on_a_locked_folder_exits_2_naming_the_holder(pairs_dir, ti
     assert "an interrupted --overwrite left the previous run" in capsys.readouterr().err
 
 
-def test_two_concurrent_runs_on_one_folder_one_wins(pairs_dir, tiny_config, tmp_path):
-    out = tmp_path / "run"
-    argv = [str(a) for a in tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "2", "--overwrite")]
-    runs = [subprocess.Popen([sys.executable, "-m", "clipfit", *argv], env=cli_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
-    codes = sorted(code for code, _ in results)
-    assert codes == [0, 2], results
-    assert "in use by another clipfit run (pid " in next(err for code, err in results if code == 2)
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and len(steps) == len(set(steps))  # one run's rows, not two interleaved
+def test_a_second_run_while_one_trains_exits_2_and_leaves_it_alone(many_pairs, tiny_config, tmp_path):
+    """Two real processes, same --out, both with --overwrite: the second refuses while the first
+    trains (paused at a step, so the overlap is certain), and the first finishes untouched."""
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    argv = long_run_args(many_pairs, out, tiny_config, "teacher-noise") + ["--overwrite", "--max-steps", "8"]
+    first = start(argv, {**cli_env(), PAUSE_FILE: str(marker)}, driver=True)
+    wait_for(marker.exists, first, f"step {PAUSE_AT}")
+    second = start(argv, cli_env(), driver=True)  # the same command line, the test method known to both
+    _, second_err = second.communicate(timeout=300)
+    marker.unlink()
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert second.returncode == 2 and f"in use by another clipfit run (pid {first.pid})" in second_err
+    steps = [row["step"] for row in read_jsonl(out / "metrics.jsonl") if "loss" in row]
+    assert steps == list(range(1, 9))  # one run's rows, not two interleaved
+    assert json.loads((out / "run.json").read_text())["steps"] == 8
 
 
 @pytest.mark.parametrize("kind", ["file", "dangling symlink", "symlink to a file"])
@@ -297,6 +305,8 @@ def test_read_only_out_is_an_output_error_even_for_root(pairs_dir, tiny_config, 
 
 def test_a_failed_setup_leaves_a_folder_the_fixed_command_reuses(pairs_dir, tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--lock-image", "--lock-text")) == 2
+    argv = tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "1")
+    model = argv.index("--model") + 1
+    assert run_main(argv[:model] + ["no-such-model-xyz"] + argv[model + 1:]) == 2
     assert [p.name for p in out.iterdir()] == [rundir.MARKER]
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "1")) == 0
