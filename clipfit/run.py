@@ -21,12 +21,11 @@ from clipfit.config import RefineConfig
 from clipfit.data.check import CheckReport, check_pairset
 from clipfit.data.images import DEFAULT_MAX_PIXELS
 from clipfit.data.layouts import Pair, load_pairs
-from clipfit.errors import DataError, OutputError, UsageError
+from clipfit.errors import DataError, UsageError
 from clipfit.io import write_json, write_text
 from clipfit.rundir import (EVAL_SAMPLE, RUN_JSON, SKIPPED_TXT, RunFolder, check_free_space, check_resumable,
                             check_schedule, claim_run_dir, compare_with_saved, default_run_dir, pairs_location,
                             resume_command)
-
 
 
 @dataclass
@@ -240,6 +239,8 @@ def claim_folder(config: RefineConfig, pairs_path: str, warn) -> RunFolder:
     """The run folder, checked and locked (see clipfit.rundir for what is refused and why)."""
     out = Path(config.out) if config.out else default_run_dir(config.method)
     protected = {"the cache folder": cache_dir(config)}
+    if Path(config.model).is_dir():  # a run folder to start from: replacing it would delete the start
+        protected["the --model folder"] = Path(config.model)
     pairs = pairs_location(pairs_path)
     if pairs is not None:
         protected["PAIRS"] = pairs

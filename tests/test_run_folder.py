@@ -310,3 +310,14 @@ def test_a_failed_setup_leaves_a_folder_the_fixed_command_reuses(pairs_dir, tiny
     assert run_main(argv[:model] + ["no-such-model-xyz"] + argv[model + 1:]) == 2
     assert [p.name for p in out.iterdir()] == [rundir.MARKER]
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "1")) == 0
+
+
+def test_out_on_the_model_run_folder_is_refused(pairs_dir, tiny_config, tmp_path, capsys):
+    start = tmp_path / "start"
+    assert run_main(tiny_refine_args(pairs_dir, start, tiny_config, "--max-steps", "1")) == 0
+    before = snapshot(start)
+    argv = tiny_refine_args(pairs_dir, start, tiny_config, "--overwrite")
+    argv[argv.index("--model") + 1] = str(start)
+    assert run_main(argv) == 2
+    assert "--out is the --model folder" in error_line(capsys)
+    assert snapshot(start) == before
