@@ -298,9 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         run_command(argv)
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        from clipfit.data.workers import end_workers
-
-        end_workers()  # before multiprocessing's exit handler, which would wait forever for them
+        workers = sys.modules.get("clipfit.data.workers")  # imported only by commands that start workers
+        if workers is not None:
+            workers.end_workers()  # before multiprocessing's exit handler, which would wait forever for them
 
 
 def stop_on_sigterm(_signum, _frame) -> None:
