@@ -355,8 +355,8 @@ def check_schedule(saved: dict | None, config: RefineConfig, total_steps: int) -
                          f"{config.max_steps!r}); the result would match no uninterrupted run")
 
 
-def check_resumable(saved: dict | None, data, world_size: int, pairs_path: str) -> None:
-    if saved and saved.get("data_hash") != data.data_hash:
+def check_resumable(saved: dict | None, same_data: bool, world_size: int, pairs_path: str) -> None:
+    if saved and not same_data:
         raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
     if saved and saved["resolved"].get("world_size", 1) != world_size:
         raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "
