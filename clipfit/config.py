@@ -51,7 +51,7 @@ class RefineConfig:
     epochs: int = opt(1, "Passes over the training pairs.")
     max_steps: Optional[int] = opt(None, "Stop after this many optimiser steps.")
     batch_size: int = opt(32, "Pairs per step (per process).")
-    grad_accum: int = opt(1, "Micro-batches accumulated per optimiser step.")
+    grad_accum: int = opt(1, "Micro-batches per optimiser step, trained as ONE batch of batch-size x N: every batch-level loss sees all their pairs (open_clip's --accum-freq). Costs one extra forward (without gradients) per micro-batch.")
     lr: Optional[float] = opt(None, "AdamW learning rate [default: 1e-5 full fine-tuning, 1e-4 with --lora].")
     weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, logit scale).")
     warmup_steps: int = opt(0, "Linear warm-up steps.")
