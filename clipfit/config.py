@@ -74,7 +74,7 @@ class RefineConfig:
     rafa_sigma: float = opt(1.0, "refine: std of RaFA's random reference z ~ N(0, sigma^2 I).", PANEL_METHOD)
     hycd_alpha: float = opt(0.5, "refine: HyCD weight of the identity in the target Q = a I + (1-a) softmax(G/T).", PANEL_METHOD)
     hycd_temperature: float = opt(1.0, "refine: HyCD distillation temperature T.", PANEL_METHOD)
-    hycd_logits: str = opt("raw-dot", "refine: HyCD logits: raw-dot (unnormalised, authors') or scaled-cos.", PANEL_METHOD)
+    hycd_logits: str = opt("auto", "refine: HyCD logits: raw-dot (unnormalised, authors'), scaled-cos, or auto: whichever makes the starting model the better in-batch teacher on the first training pairs (said in the log, run.json and report).", PANEL_METHOD)
     # method options: CLIP-Lite
     lite_critic: str = opt("logit-scale", "lite: critic scale: logit-scale (model's) or learned (separate, init 1/0.07).", PANEL_METHOD)
     lite_negatives: str = opt("roll", "lite: negative for pair i: roll (caption i+1) or shuffle (seeded derangement).", PANEL_METHOD)
@@ -163,7 +163,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
     "layout": ("auto", "sidecar", "hf", "csv", "webdataset"),
-    "hycd_logits": ("raw-dot", "scaled-cos"),
+    "hycd_logits": ("auto", "raw-dot", "scaled-cos"),
     "lite_critic": ("logit-scale", "learned"),
     "lite_negatives": ("roll", "shuffle"),
     "ping_index": ("auto", "flat", "ivf"),
