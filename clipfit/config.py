@@ -76,7 +76,7 @@ class RefineConfig:
     hycd_temperature: float = opt(1.0, "refine: HyCD distillation temperature T.", PANEL_METHOD)
     hycd_logits: str = opt("auto", "refine: HyCD logits: raw-dot (unnormalised, authors'), scaled-cos, or auto: whichever makes the starting model the better in-batch teacher on the first training pairs (said in the log, run.json and report).", PANEL_METHOD)
     # method options: CLIP-Lite
-    lite_critic: str = opt("logit-scale", "lite: critic scale: logit-scale (model's) or learned (separate, init 1/0.07).", PANEL_METHOD)
+    lite_critic: str = opt("heads", "lite: critic: heads (the authors': exp(t)·cos of MLP+LayerNorm heads, t learned from ln(1/0.07); saved as lite_critic.safetensors), learned (exp(t)·cos of the embeddings) or logit-scale (the model's own scale times cos).", PANEL_METHOD)
     lite_negatives: str = opt("roll", "lite: negative for pair i: roll (caption i+1) or shuffle (seeded derangement).", PANEL_METHOD)
     lite_prior_weight: float = opt(0.0, "lite: weight of the authors' prior-matching term (off for pre-trained models).", PANEL_METHOD)
     # method options: CLIP-PING
@@ -164,7 +164,7 @@ CHOICES = {
     "nan_policy": ("stop", "skip"),
     "layout": ("auto", "sidecar", "hf", "csv", "webdataset"),
     "hycd_logits": ("auto", "raw-dot", "scaled-cos"),
-    "lite_critic": ("logit-scale", "learned"),
+    "lite_critic": ("heads", "learned", "logit-scale"),
     "lite_negatives": ("roll", "shuffle"),
     "ping_index": ("auto", "flat", "ivf"),
     "dclip_regions": ("grid", "boxes"),

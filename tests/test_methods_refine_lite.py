@@ -69,7 +69,7 @@ def test_learned_critic_starts_at_one_over_0_07_and_restores_in_place():
 
 
 def prepared_lite_with_prior(dim=8):
-    method = Lite(config(lite_prior_weight=0.1))
+    method = Lite(config(lite_prior_weight=0.1, lite_critic="logit-scale"))
     ctx = SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": dim}), model=None, pairs=[0, 1, 2],
                           device=torch.device("cpu"))
     method.prepare(ctx)
@@ -108,7 +108,34 @@ def test_lite_prior_state_restores_in_place():
 
 
 def test_lite_with_model_logit_scale_has_no_parameters():
-    assert Lite(config()).parameters() == [] and Lite(config()).state_dict() == {}
+    plain = Lite(config(lite_critic="logit-scale"))
+    assert plain.parameters() == [] and plain.state_dict() == {}
+
+
+def test_lite_default_critic_is_the_authors_heads_with_a_learned_temperature():
+    from clipfit.losses import lite_loss
+
+    method = Lite(config())
+    method.prepare(SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": 8}), model=None, pairs=[0, 1, 2],
+                                   device=torch.device("cpu")))
+    shortcut = method.heads["image"].shortcut.weight
+    assert shortcut.shape == (2048, 8) and torch.equal(shortcut[:8, :8].diagonal(), torch.ones(8))
+    assert shortcut[8:].abs().max() <= 0.01
+    step = lite_step(0)
+    got = method.losses(step, {"lite"})["lite"]
+    heads = method.heads
+    expected = lite_loss(heads["image"](step.image_raw), heads["text"](step.text_raw), 1 / INITIAL_TEMPERATURE)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    got.backward()
+    assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
+    restored = Lite(config())
+    restored.prepare(SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": 8}), model=None,
+                                     pairs=[0, 1, 2], device=torch.device("cpu")))
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(0.5)
+    restored.load_state_dict(method.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.parameters(), method.parameters()))
 
 
 # --- in-process runs: the teacher and LoRA ----------------------------------------------------
