@@ -32,6 +32,7 @@ RESULT_NEUTRAL = {"out", "overwrite", "resume", "quiet", "json", "debug", "worke
 @dataclass
 class RefineConfig:
     # run
+    recipe: str = opt("clipfit", "Defaults: clipfit (tuned for small data, docs/methods.md) or paper: every training setting the method's authors' code sets (refine, lite, dclip; flags given still win).", PANEL_RUN)
     method: str = opt("contrastive", "Method, or several joined by + (e.g. refine+lite); `clipfit methods` lists them.", PANEL_RUN)
     model: str = opt("ViT-B-32", "open_clip architecture, hf-hub:org/name, model-config JSON, clipfit run folder, or lite0-minilm.", PANEL_RUN)
     pretrained: str = opt("openai", "open_clip pretrained tag, a .safetensors/.pt/.bin file, or 'none' (random init).", PANEL_RUN)
@@ -53,9 +54,13 @@ class RefineConfig:
     batch_size: int = opt(32, "Pairs per step (per process).")
     grad_accum: int = opt(1, "Micro-batches per optimiser step, trained as ONE batch of batch-size x N: every batch-level loss sees all their pairs (open_clip's --accum-freq). Costs one extra forward (without gradients) per micro-batch.")
     lr: Optional[float] = opt(None, "AdamW learning rate [default: 1e-5 full fine-tuning, 1e-4 with --lora].")
-    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, logit scale).")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, logit scale unless --decay-all).")
+    decay_all: bool = opt(False, "Apply weight decay to every parameter (torch's AdamW(model.parameters()), as CLIP-Refine's and DCLIP's code).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.98, "AdamW beta2 (open_clip's 0.98; torch's default is 0.999).")
+    adam_eps: float = opt(1e-6, "AdamW epsilon (open_clip's 1e-6; torch's default is 1e-8).")
     warmup_steps: int = opt(0, "Linear warm-up steps.")
-    schedule: str = opt("constant", "Learning-rate schedule after warm-up: constant or cosine.")
+    schedule: str = opt("constant", "Learning-rate schedule after warm-up: constant, cosine, or linear (down to 0 at the last step).")
     seed: int = opt(0, "Seed for data order, caption choice, random draws and init.")
     precision: str = opt("fp32", "fp32, bf16 or fp16 (autocast; fp16 uses a grad scaler on CUDA).")
     grad_clip: Optional[float] = opt(None, "Clip the gradient norm to this value.")
@@ -92,6 +97,7 @@ class RefineConfig:
     dclip_teacher: Optional[str] = opt(None, "dclip: reuse a trained teacher.safetensors (skips stage 1).", PANEL_METHOD)
     dclip_teacher_epochs: int = opt(5, "dclip: teacher training epochs.", PANEL_METHOD)
     dclip_teacher_lr: float = opt(1e-5, "dclip: teacher Adam learning rate.", PANEL_METHOD)
+    dclip_vision: str = opt("proj", "dclip: image-tower weights that train: proj (the authors': only those whose name contains 'proj', i.e. attention and output projections) or all.", PANEL_METHOD)
     # evaluation
     eval_zeroshot: list[str] = opt(list, "Zero-shot set before/after, DATASET=PATH (repeatable).", PANEL_EVAL)
     eval_retrieval: list[str] = opt(list, "Pairs folder for retrieval before/after (repeatable).", PANEL_EVAL)
@@ -144,21 +150,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(cli_values: dict[str, Any], explicit: set[str], toml: dict[str, Any] | None) -> RefineConfig:
-    """Defaults < TOML < flags given on the command line."""
+    """Defaults < the paper recipe (--recipe paper) < TOML < flags given on the command line."""
     values = {name: field_default(name) for name in CONFIG_FIELDS}
-    for name, value in (toml or {}).items():
-        if name in CONFIG_FIELDS:
-            values[name] = value
-    for name in explicit:
-        if name in CONFIG_FIELDS:
-            values[name] = cli_values[name]
+    given = {name: value for name, value in (toml or {}).items() if name in CONFIG_FIELDS}
+    given.update({name: cli_values[name] for name in explicit if name in CONFIG_FIELDS})
+    if given.get("recipe") == "paper":
+        from clipfit.methods.recipes import paper_recipe
+
+        values.update(paper_recipe(given.get("method", values["method"])))
+    values.update(given)
     config = RefineConfig(**values)
     validate(config)
     return config
 
 
 CHOICES = {
-    "schedule": ("constant", "cosine"),
+    "recipe": ("clipfit", "paper"),
+    "schedule": ("constant", "cosine", "linear"),
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
@@ -168,6 +176,7 @@ CHOICES = {
     "lite_negatives": ("roll", "shuffle"),
     "ping_index": ("auto", "flat", "ivf"),
     "dclip_regions": ("grid", "boxes"),
+    "dclip_vision": ("proj", "all"),
 }
 POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_rank", "ping_k", "dclip_grid", "keep_checkpoints",
             "log_every", "max_image_pixels", "nan_limit")
@@ -197,9 +206,12 @@ def validate(c: RefineConfig) -> None:
         raise UsageError(f"--max-steps must be at least 1 (got {c.max_steps})")
     if c.grad_clip is not None and c.grad_clip <= 0:
         raise UsageError(f"--grad-clip must be positive (got {c.grad_clip})")
-    for name in ("rafa_sigma", "hycd_temperature", "ping_temperature", "dclip_teacher_lr"):
+    for name in ("rafa_sigma", "hycd_temperature", "ping_temperature", "dclip_teacher_lr", "adam_eps"):
         if getattr(c, name) <= 0:
             raise UsageError(f"{flag(name)} must be positive (got {getattr(c, name)})")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise UsageError(f"{flag(name)} must be in [0, 1) (got {getattr(c, name)})")
     if not 0 <= c.hycd_alpha <= 1:
         raise UsageError(f"--hycd-alpha must be in [0, 1] (got {c.hycd_alpha})")
     if not 0 <= c.lite_prior_weight < 1:

@@ -57,21 +57,29 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bias" in name or "logit_scale" in name or ".ln" in name or "norm" in name
 
 
-def build_optimizer(named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float):
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, decay_all: bool = False):
+    """AdamW; open_clip's decay groups unless `decay_all` (decay on every parameter, torch's plain
+    AdamW(model.parameters()) as CLIP-Refine's and DCLIP's code use it)."""
     trainable = [(n, p) for n, p in named_params if p.requires_grad]
+    exempt = (lambda n, p: False) if decay_all else no_decay
     groups = [
-        {"params": [p for n, p in trainable if no_decay(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in trainable if not no_decay(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in trainable if exempt(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in trainable if not exempt(n, p)], "weight_decay": weight_decay},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then constant, cosine to 0, or linear to 0 (at `total`),
+    the last as transformers' get_linear_schedule_with_warmup."""
     if warmup and step < warmup:
         return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
     return 1.0
 
 

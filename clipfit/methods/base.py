@@ -82,6 +82,10 @@ class Method:
     def prepare(self, ctx: MethodContext) -> None:
         """One-off work before the first step (feature banks, teacher training...)."""
 
+    def restrict(self, model: nn.Module, log: Callable[[str], None]) -> None:
+        """Freeze the model weights this method does not train (before the optimiser is built and
+        frozen parts are precomputed); e.g. DCLIP's image tower outside its projections."""
+
     def parameters(self) -> list[nn.Parameter]:
         """Extra trainable parameters (heads); they join the optimiser."""
         return []
