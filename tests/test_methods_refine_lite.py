@@ -238,6 +238,7 @@ def test_cli_refine_logs_rafa_and_hycd_and_starts_from_the_teacher(pairs_dir, tm
     assert chosen["hycd_logits"] in ("raw-dot", "scaled-cos") and chosen["hycd_logits_probe"]["pairs"] == 12
     assert f"HyCD logits {chosen['hycd_logits']} (--hycd-logits auto)" in chosen["hycd_logits_reason"]
     assert chosen["hycd_logits_reason"] in report
+    assert "modality_gap: L2 distance between the centroids of the normalised image and text embeddings" in report
 
 
 def test_hycd_logits_probe_prefers_the_form_that_makes_the_teacher_right():
