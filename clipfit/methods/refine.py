@@ -28,7 +28,7 @@ def probe_hycd_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: floa
     """How good a teacher the starting model is with each form of HyCD logits, on in-batch targets.
 
     `image`, `text`: the starting model's unnormalised embeddings of matched pairs, cut into
-    batches of `batch_size` as training would see them. Per form: in-batch image→text top-1
+    batches of `batch_size` (the step's global batch) as training would see them. Per form: in-batch image→text top-1
     and the mean log-probability softmax(G) gives the true pair. HyCD's target is α·I plus
     (1−α)·softmax(G/T): the form under which the teacher's softmax already puts more mass on the
     true pair gives the target the method intends; raw dot products of a model whose norms
@@ -100,7 +100,8 @@ class Refine(Method):
         pairs = ctx.pairs[:PROBE_PAIRS]
         image, text = starting_embeddings(ctx, pairs)
         scale = float(base_logit_scale(ctx.model).detach().exp())
-        probe = probe_hycd_logits(image, text, scale, min(self.config.batch_size, len(pairs)))
+        batch = self.config.batch_size * self.config.grad_accum * ctx.dist.world_size  # what HyCD's softmax spans
+        probe = probe_hycd_logits(image, text, scale, min(batch, len(pairs)))
         self.hycd_logits = probe["choice"]
         reason = describe_probe(probe)
         ctx.log(f"refine: {reason}")
