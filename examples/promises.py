@@ -48,7 +48,7 @@ GAP = "gap (L2 of normalised centroids)"
 REGIMES = {
     "projections": ("both trunks locked (their outputs precomputed): the projections, the logit scale and the "
                     "methods' own heads train, at clipfit's default lr", ["--lock-image", "--lock-text"]),
-    "projections-forgetting": ("both trunks locked, at the lr (from the search below) where contrastive "
+    "projections-forgetting": ("both trunks locked, at the lr (from the search above) where contrastive "
                                "visibly forgets held-out zero-shot", ["--lock-image", "--lock-text"]),
     "text-tower": ("image tower locked, the whole text tower trains (regime (a) of issue 16)", ["--lock-image"]),
     "full": ("full fine-tuning at the forgetting lr (regime (b) of issue 16)", []),
@@ -131,7 +131,7 @@ def forgetting_lr(search: dict[str, dict], n: int) -> str:
             key = zeroshot_key(info)
             if info["before"][key] - info["after"][key] > 2 * standard_error(info["before"][key], n):
                 return lr
-    return list(search)[-1]
+    return list(search)[-1] if any(search.values()) else None
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -212,9 +212,12 @@ def verdicts(by_method: dict[str, list[dict]], n_zeroshot: int) -> list[str]:
 
 
 def markdown(args, regimes: dict[str, dict], search: dict[str, dict], lr: str | None, zeroshot: Path,
-             minutes: float, passthrough: list[str]) -> str:
+             minutes: float, example: list[str]) -> str:
     n = count_images(zeroshot)
-    first = next(r for runs in regimes.values() for rs in runs.values() for r in rs if r)
+    finished = [r for runs in regimes.values() for rs in runs.values() for r in rs if r]
+    planned = sum(len(rs) for runs in regimes.values() for rs in runs.values())
+    first = finished[0] if finished else {"environment": {"python": sys.version.split()[0], "versions": {}},
+                                          "resolved": {"train_pairs": "?", "val_pairs": "?"}}
     env = first["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     lines = [
@@ -235,7 +238,10 @@ def markdown(args, regimes: dict[str, dict], search: dict[str, dict], lr: str | 
         f"- **Machine**: {cpu_name()}, 2 cores shared with up to 7 other jobs (load average 10–40 while these ran); "
         f"Python {env['python']}, {versions}.",
         f"- **{GAP}**: ‖mean of the normalised image embeddings − mean of the normalised text embeddings‖ on the "
-        "validation pairs (not the CLIP-Refine authors' MSE form, which is this squared over the dimension).",
+        "validation pairs (run.json `modality_gap`; not `modality_gap_mse`, the squared form averaged over dimensions).",
+        f"- **Finished**: {len(finished)} of the {planned} runs planned above"
+        + ("." if len(finished) == planned else "; the rows say how many seeds each cell has, and the claims below "
+           "are only judged where runs finished. What did not finish was NOT measured."),
         "", "Cells are before → after; after is mean ± std over seeds (before too where the seed changes the split).",
     ]
     if search:
@@ -248,16 +254,18 @@ def markdown(args, regimes: dict[str, dict], search: dict[str, dict], lr: str | 
                 lines.append(f"| {value} | {info['before'][key]:.1f} → {info['after'][key]:.1f} | "
                              f"{info['before']['image_to_text_R@1']:.1f} → {info['after']['image_to_text_R@1']:.1f} | "
                              f"{info['before']['modality_gap']:.3f} → {info['after']['modality_gap']:.3f} |")
-        lines += ["", f"The forgetting regime uses lr {lr}: the smallest searched lr at which contrastive's "
-                      "held-out zero-shot fell by more than two standard errors (the largest searched, if none did)."]
+        if any(search.values()):
+            lines += ["", f"The forgetting regime uses lr {lr}: the smallest searched lr at which contrastive's "
+                          "held-out zero-shot fell by more than two standard errors (the largest searched, if none did)."]
+        else:
+            lines += ["", "No search run finished: the forgetting lr was NOT found."]
     for regime, by_method in regimes.items():
-        what = REGIMES[regime][0] + (f" (lr {lr})" if regime in ("projections-forgetting", "full") else "")
-        lines += ["", f"## Regime: {regime}", "", f"{what}.", "", *regime_table(by_method), "", "Claims:", "",
-                  *verdicts(by_method, n)]
-    example = next(r for rs in next(iter(regimes.values())).values() for r in rs if r)
+        what = REGIMES[regime][0] + (f" (lr {lr})" if lr and regime in ("projections-forgetting", "full") else "")
+        judged = verdicts(by_method, n) or ["- none judged: no run of this regime finished."]
+        lines += ["", f"## Regime: {regime}", "", f"{what}.", "", *regime_table(by_method), "", "Claims:", "", *judged]
+    shown = shlex.join(["python", *example[1:]]).replace(str(args.data), "DATA").replace(str(args.work), "WORK")
     lines += ["", "## Commands", "", "One `clipfit refine` run per method, seed and regime, e.g.:", "", "```bash",
-              "python -m clipfit " + shlex.join(example["argv"]).replace(str(args.data), "DATA").replace(
-                  str(args.work), "WORK"), "```", ""]
+              shown, "```", ""]
     return "\n".join(lines)
 
 
@@ -280,15 +288,19 @@ def main(argv: list[str]) -> None:
                     for value in SEARCH_LRS]
         search = dict(zip(SEARCH_LRS, run_many(commands, args.jobs)))
         lr = forgetting_lr(search, n)
-    regimes = {}
+    regimes, example = {}, []
     for regime in args.regimes:
         value = lr if regime in ("projections-forgetting", "full") else None
+        if regime in ("projections-forgetting", "full") and lr is None:  # no forgetting lr found: nothing to run
+            regimes[regime] = {m: [{} for _ in args.seeds] for m in args.methods}
+            continue
         commands = [command(args, regime, m, s, value, zeroshot, passthrough) for m in args.methods for s in args.seeds]
+        example = example or commands[0]
         done = run_many(commands, args.jobs)
         regimes[regime] = {m: done[i * len(args.seeds):(i + 1) * len(args.seeds)] for i, m in enumerate(args.methods)}
     minutes = sum(r.get("wall_seconds", 0) for rs in regimes.values() for runs in rs.values() for r in runs) / 60
     minutes += sum(r.get("wall_seconds", 0) for r in search.values()) / 60
-    write_text(args.markdown, markdown(args, regimes, search, lr, zeroshot, minutes, passthrough))
+    write_text(args.markdown, markdown(args, regimes, search, lr, zeroshot, minutes, example))
     print(f"wrote {args.markdown} ({(time.time() - started) / 60:.0f} minutes)")
 
 
