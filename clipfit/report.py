@@ -56,6 +56,24 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
     return ["", f"Regression gate `--fail-on-zeroshot-drop {gate['max_drop']:g}`: {verdict}; top-1 drop in points: {drops}."]
 
 
+def selection_lines(selection: dict[str, Any] | None) -> list[str]:
+    """--select-best: which step model.safetensors holds, why, and every evaluated step."""
+    if not selection:
+        return []
+    stopped = (f" Training stopped early: {selection['patience']} evaluations in a row without a new best "
+               "(`--patience`)." if selection.get("stopped_early") else "")
+    lines = ["", f"## Selected step (`--select-best {selection['metric']}`, {selection['direction']} is better)", "",
+             f"Kept {selection['reason']}. `model.safetensors` holds step {selection['chosen_step']}, "
+             f"`last.safetensors` the last step ({selection['last_step']}); the after numbers above are step "
+             f"{selection['chosen_step']}'s.{stopped}", "",
+             f"| step | {selection['metric']} | held-out zero-shot top-1 drop | eligible | kept |", "|---:|---:|---:|---|---|"]
+    for e in selection["evaluations"]:
+        drop = "" if e["zeroshot_drop"] is None else f"{e['zeroshot_drop']:+.2f}"
+        kept = "**kept**" if e["step"] == selection["chosen_step"] else ""
+        lines.append(f"| {e['step']} | {fmt(e['score'])} | {drop} | {'yes' if e['eligible'] else 'no'} | {kept} |")
+    return lines
+
+
 def loss_summary(rows: list[dict]) -> list[str]:
     steps = [r for r in rows if "loss" in r]
     if not steps:
@@ -97,6 +115,7 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
     ]
     lines += grouped_before_after(run_info.get("before", {}), run_info.get("after", {}))
     lines += gate_lines(run_info.get("gate"))
+    lines += selection_lines(run_info.get("selection"))
     lines += ["", "## Loss", ""] + loss_summary(rows) + [""]
     lines += picture_lines(list(pictures))
     sections = method_sections(run_info.get("methods", {}))

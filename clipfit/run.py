@@ -261,11 +261,15 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
 
     started = time.time()
     setup = set_up(pairs_path, config, argv, progress)
+    suite = load_suite(config, setup.data.val, setup.progress.warn)
+    check_selection(config, setup.data, suite)
     teacher, locked = precompute_frozen(setup)
     prepare_methods(setup)
-    trainer = make_trainer(setup, argv, teacher, locked)
-    suite = load_suite(config, setup.data.val, setup.progress.warn)
+    trainer = make_trainer(setup, argv, teacher, locked, suite)
     measure_before(setup, suite)
+    if trainer.evaluator is not None and setup.dist.is_main:
+        trainer.evaluator.begin(setup.info["before"])
+        trainer.stopped_early = trainer.evaluator.should_stop()
     train_started = time.time()
     with setup.progress:
         trainer.run()
@@ -339,6 +343,7 @@ def loop_settings(config: RefineConfig, n_items: int, dist):
         seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
         nan_limit=config.nan_limit, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
         log_every=config.log_every, workers=config.workers, rank=dist.rank, world_size=dist.world_size,
+        eval_every=config.eval_every,
     )
     total = config.epochs * steps_per_epoch(n_items, settings)
     settings.total_steps = min(total, config.max_steps) if config.max_steps else total
@@ -402,10 +407,29 @@ def prepare_methods(setup: Setup) -> None:
         param.data = param.data.to(setup.device)
 
 
-def make_trainer(setup: Setup, argv: list[str], teacher, locked):
+def check_selection(config: RefineConfig, data: RunData, suite) -> None:
+    """--select-best names a metric this run measures (before anything is computed)."""
+    from clipfit.selection import check_metric, selectable_metrics
+
+    if config.select_best:
+        check_metric(config.select_best, selectable_metrics(bool(data.val), list(suite.zeroshot), list(suite.retrieval)))
+
+
+def make_evaluator(setup: Setup, suite):
+    """Measurements during training, with the before/after code; none when there is nothing to measure."""
+    from clipfit.best import TrainingEvaluations
+    from clipfit.selection import Rule
+
+    c = setup.config
+    if not (setup.data.val or suite):
+        return None
+    rule = Rule(c.select_best, c.max_zeroshot_drop) if c.select_best else None
+    return TrainingEvaluations(lambda: measure(setup, suite), setup.model, rule, c.patience, bool(setup.data.val))
+
+
+def make_trainer(setup: Setup, argv: list[str], teacher, locked, suite):
     import torch
 
-    from clipfit.eval.encode import encoder_for
     from clipfit.parallel import build_encoder
     from clipfit.towers import frozen_parts
     from clipfit.train import Trainer, build_optimizer, lr_factor
@@ -416,19 +440,11 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.warmup_steps, setup.settings.total_steps, config.schedule))
 
-    def on_epoch_end(epoch: int) -> dict:
-        if not setup.data.val:
-            return {}
-        # the precision of the before/after measurement, so epoch rows and those numbers compare
-        encoder = encoder_for(setup.loaded, model, setup.device, config.batch_size, 0, config.precision)
-        return {f"val_{k}": v for k, v in evaluate_split(model, setup.data.val, setup.loaded, setup.device,
-                                                           config.batch_size, config.max_image_pixels, encoder).items()}
-
     rests = {tower: part.rest for tower, part in locked.parts.items()} if locked else {}
     trainer = Trainer(model=model, methods=setup.composite, dataset=setup.dataset, settings=setup.settings,
                       device=setup.device, run_dir=setup.run_dir, optimizer=optimizer, scheduler=scheduler,
                       teacher=teacher, progress=setup.progress, resume_command=resume_command(argv),
-                      on_epoch_end=on_epoch_end,
+                      evaluator=make_evaluator(setup, suite),
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
                       encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
                       is_main=setup.dist.is_main, locked=locked,
@@ -473,7 +489,9 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     from clipfit.report import write_report
 
     info, config = setup.info, setup.config
-    after = measure(setup, suite)
+    after = measure_last(setup, trainer, suite)
+    if config.select_best:
+        after = keep_best(setup, trainer.evaluator, trainer.stopped_early, after)
     info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
     models.save_model(setup.loaded, setup.model, setup.run_dir)
     for method in setup.composite.methods:
@@ -485,6 +503,44 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     })
     write_json(setup.run_dir / RUN_JSON, info)
     write_report(setup.run_dir, info)
+
+
+def measure_last(setup: Setup, trainer, suite) -> dict[str, float]:
+    """The last step's numbers: from the evaluations when they measured it, else measured now."""
+    evaluations = trainer.evaluator
+    if evaluations is None:
+        return measure(setup, suite)
+    trainer.evaluate(trainer.position.epoch, broadcast=False)  # a no-op when this step was measured
+    return evaluations.history[-1]["metrics"]
+
+
+LAST_FILE = "last.safetensors"
+
+
+def keep_best(setup: Setup, evaluations, stopped_early: bool, last: dict[str, float]) -> dict[str, float]:
+    """--select-best: the last weights go to last.safetensors and the chosen step's into the model,
+    which finish() then saves as model.safetensors. Returns the chosen step's numbers."""
+    from clipfit import models
+    from clipfit.selection import lower_is_better
+
+    c, info = setup.config, setup.info
+    choice = evaluations.choice()
+    models.save_state_dict(models.merged_copy(setup.model).state_dict(), setup.run_dir / LAST_FILE,
+                           {"format": "pt", "arch": setup.loaded.arch})
+    chosen = evaluations.history[-1 if choice.index is None else choice.index]  # none eligible: the last stays
+    if chosen is not evaluations.history[-1]:
+        evaluations.load_best_into(setup.model)
+    info["last"] = last
+    info["selection"] = {
+        "metric": c.select_best, "direction": "lower" if lower_is_better(c.select_best) else "higher",
+        "max_zeroshot_drop": c.max_zeroshot_drop, "patience": c.patience, "eval_every": c.eval_every,
+        "chosen_step": chosen["step"], "last_step": evaluations.history[-1]["step"], "stopped_early": stopped_early,
+        "reason": choice.reason(evaluations.rule),
+        "evaluations": [{"step": h["step"], "score": score, "zeroshot_drop": drop, "eligible": ok}
+                        for h, score, drop, ok in zip(evaluations.history, choice.scores, choice.drops, choice.eligible)],
+    }
+    setup.progress.info(f"--select-best {c.select_best}: kept {choice.reason(evaluations.rule)}")
+    return chosen["metrics"]
 
 
 def cache_dir(config: RefineConfig) -> Path:

@@ -50,6 +50,7 @@ class LoopSettings:
     workers: int
     rank: int = 0
     world_size: int = 1
+    eval_every: int = 0  # measure every N optimiser steps; 0: at the end of each epoch
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -126,7 +127,7 @@ class Trainer:
     resume_command: str = ""
     position: Position = field(default_factory=Position)
     stop: StopFlag = field(default_factory=StopFlag)
-    on_epoch_end: Callable[[int], dict] | None = None
+    evaluator: Any = None  # measures the model during training (clipfit.best.TrainingEvaluations)
     scaler: Any = None
     is_main: bool = True
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
@@ -134,6 +135,7 @@ class Trainer:
     frozen_modules: list[nn.Module] = field(default_factory=list)  # kept in eval mode while training
     data_loader: DataLoader | None = field(default=None, init=False, repr=False)
     saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
+    stopped_early: bool = field(default=False, init=False)  # the evaluator said stop (--patience)
 
     @property
     def distributed(self) -> Distributed:
@@ -153,6 +155,7 @@ class Trainer:
             "position": vars(self.position).copy(),
             "rng": rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "evaluations": self.evaluator.state_dict() if self.evaluator is not None else {},
         }
 
     def save(self) -> Path | None:
@@ -183,6 +186,8 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.evaluator is not None:
+            self.stopped_early = self.evaluator.load_state_dict(state.get("evaluations", {}))
         step = self.position.step
         truncate_jsonl(self.run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= step)
         return True
@@ -277,7 +282,7 @@ class Trainer:
         for module in self.frozen_modules:
             module.eval()
         with self.stop.installed():
-            while self.position.step < s.total_steps and self.position.epoch < s.epochs:
+            while self.position.step < s.total_steps and self.position.epoch < s.epochs and not self.stopped_early:
                 self.run_epoch(per_epoch)
                 if self.position.batch >= per_epoch * s.grad_accum:
                     self.end_epoch()
@@ -308,6 +313,8 @@ class Trainer:
             self.position.step += 1
             self.log_step(accumulated, len(batch["index"]) * s.grad_accum * s.world_size, time.perf_counter() - started)
             accumulated.clear()
+            if s.eval_every and self.position.step % s.eval_every == 0 and self.evaluate(self.position.epoch):
+                return
             started = time.perf_counter()
             if s.save_every and self.position.step % s.save_every == 0:
                 self.save()
@@ -320,12 +327,22 @@ class Trainer:
         finished = self.position.epoch
         self.position.epoch += 1
         self.position.batch = 0
-        summary = self.on_epoch_end(finished) if self.on_epoch_end else {}
-        if summary and self.is_main:
-            append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.position.step, "epoch": finished, **summary})
+        if not self.settings.eval_every:
+            self.evaluate(finished)
         self.save()
         if self.stop:
             self.interrupt()
+
+    def evaluate(self, epoch: int, broadcast: bool = True) -> bool:
+        """Measure the model now (on rank 0; every rank learns its verdict) and log the row; True when
+        the evaluator says stop (--patience)."""
+        if self.evaluator is None:
+            return False
+        measure = lambda: self.evaluator.evaluate(self.position.step, epoch)  # noqa: E731
+        row, self.stopped_early = self.distributed.from_main(measure) if broadcast else measure()
+        if row and self.is_main:
+            append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.position.step, "epoch": epoch, **row})
+        return self.stopped_early
 
     def handle_non_finite(self, terms: str) -> None:
         s = self.settings
