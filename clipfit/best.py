@@ -22,7 +22,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def step_label(step: int) -> str:
-    return "step 0 (the starting model)" if step == 0 else f"step {step}"
+    return "step 0 (start)" if step == 0 else f"step {step}"
 
 
 def log_row(metrics: dict[str, float], has_validation: bool) -> dict[str, float]:

@@ -126,19 +126,13 @@ def gain_vs_drop(points: list[tuple[str, float | None, float | None]], chosen: i
     return True
 
 
-def selection_points(selection: dict[str, Any], start_score: float | None) -> list[tuple[str, float | None, float | None]]:
-    """(label, gain, drop) per evaluation of run.json's `selection`; gain is signed so that up is better."""
-    sign = -1.0 if selection["direction"] == "lower" else 1.0
-    return [(f"{e['step']}", None if e["score"] is None or start_score is None else sign * (e["score"] - start_score),
-             e["zeroshot_drop"]) for e in selection["evaluations"]]
-
-
 def selection_figure(run_dir: Path, run_info: dict[str, Any]) -> bool:
+    from clipfit.selection import gain_points
+
     selection = run_info.get("selection")
     if not selection:
         return False
-    steps = [e["step"] for e in selection["evaluations"]]
-    start = selection["evaluations"][0]["score"] if steps and steps[0] == 0 else None
-    chosen = steps.index(selection["chosen_step"]) if selection["chosen_step"] in steps else None
-    return gain_vs_drop(selection_points(selection, start), chosen, selection.get("max_zeroshot_drop"),
-                        f"{selection['metric']} gain from the start (labels: step)", run_dir / SELECTION)
+    labels = [c["label"] for c in selection["candidates"]]
+    chosen = labels.index(selection["chosen"]) if selection["chosen"] in labels else None
+    return gain_vs_drop(gain_points(selection), chosen, selection.get("max_zeroshot_drop"),
+                        f"{selection['metric']} gain over the starting model", run_dir / SELECTION)

@@ -460,15 +460,19 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
 
 
 def measure(setup: Setup, suite) -> dict[str, float]:
-    """Yardsticks and suite through one encoder, so the validation pairs are encoded once."""
+    return measure_model(setup.model, setup.loaded, setup.data, setup.config, setup.device, suite)
+
+
+def measure_model(model, loaded, data: RunData, c: RefineConfig, device, suite) -> dict[str, float]:
+    """Yardsticks and suite through one encoder, so the validation pairs are encoded once: before,
+    during (--eval-every) and after training, and for each `clipfit interpolate` α."""
     from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
 
-    c = setup.config
-    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision)
-    pairs, name = eval_pairs(setup.data)
-    results = evaluate_split(setup.model, pairs, setup.loaded, setup.device, c.batch_size, c.max_image_pixels,
-                             encoder, VALIDATION_KEY if setup.data.val else name)
+    encoder = encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision)
+    pairs, name = eval_pairs(data)
+    results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels,
+                             encoder, VALIDATION_KEY if data.val else name)
     results.update(evaluate_suite(suite, encoder, c.max_image_pixels))
     return results
 
@@ -521,7 +525,7 @@ def keep_best(setup: Setup, evaluations, stopped_early: bool, last: dict[str, fl
     """--select-best: the last weights go to last.safetensors and the chosen step's into the model,
     which finish() then saves as model.safetensors. Returns the chosen step's numbers."""
     from clipfit import models
-    from clipfit.selection import lower_is_better
+    from clipfit.selection import metric_value, record
 
     c, info = setup.config, setup.info
     choice = evaluations.choice()
@@ -532,12 +536,10 @@ def keep_best(setup: Setup, evaluations, stopped_early: bool, last: dict[str, fl
         evaluations.load_best_into(setup.model)
     info["last"] = last
     info["selection"] = {
-        "metric": c.select_best, "direction": "lower" if lower_is_better(c.select_best) else "higher",
-        "max_zeroshot_drop": c.max_zeroshot_drop, "patience": c.patience, "eval_every": c.eval_every,
-        "chosen_step": chosen["step"], "last_step": evaluations.history[-1]["step"], "stopped_early": stopped_early,
-        "reason": choice.reason(evaluations.rule),
-        "evaluations": [{"step": h["step"], "score": score, "zeroshot_drop": drop, "eligible": ok}
-                        for h, score, drop, ok in zip(evaluations.history, choice.scores, choice.drops, choice.eligible)],
+        **record(choice, evaluations.rule), "start_score": metric_value(info["before"], c.select_best),
+        "patience": c.patience, "eval_every": c.eval_every, "chosen_step": chosen["step"],
+        "last_step": evaluations.history[-1]["step"], "stopped_early": stopped_early,
+        "steps": [h["step"] for h in evaluations.history],
     }
     setup.progress.info(f"--select-best {c.select_best}: kept {choice.reason(evaluations.rule)}")
     return chosen["metrics"]

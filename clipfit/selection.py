@@ -123,3 +123,24 @@ def choose(candidates: list[dict[str, float]], start: dict[str, float], rule: Ru
 def patience_exhausted(choice: Choice, patience: int | None) -> bool:
     """--patience K: K evaluations in a row without a new best."""
     return bool(patience) and choice.since_best >= patience
+
+
+def record(choice: Choice, rule: Rule) -> dict:
+    """run.json's / sweep.json's account of a choice: the rule, what was kept and why, every candidate."""
+    return {
+        "metric": rule.metric, "direction": "lower" if lower_is_better(rule.metric) else "higher",
+        "max_zeroshot_drop": rule.max_zeroshot_drop,
+        "chosen": choice.labels[choice.index] if choice.index is not None else None,
+        "reason": choice.reason(rule),
+        "candidates": [{"label": label, "score": score, "zeroshot_drop": drop, "eligible": ok}
+                       for label, score, drop, ok in zip(choice.labels, choice.scores, choice.drops, choice.eligible)],
+    }
+
+
+def gain_points(selection: dict) -> list[tuple[str, float | None, float | None]]:
+    """(label, gain over the first candidate's score, held-out drop) per candidate; gain is signed so
+    that up is better. The first candidate is the starting model for steps and the reference otherwise."""
+    sign = -1.0 if selection["direction"] == "lower" else 1.0
+    reference = selection.get("start_score")
+    return [(c["label"], None if c["score"] is None or reference is None else sign * (c["score"] - reference),
+             c["zeroshot_drop"]) for c in selection["candidates"]]
