@@ -187,16 +187,20 @@ def interpolate_command(
     select_best: Optional[str] = typer.Option(None, "--select-best", help="Metric that chooses α [default: the run's --select-best, else mean-R@1]."),
     max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help="Only α whose zero-shot top-1 is at most this many points below the start are eligible [default: the run's]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: the run's]."),
+    tuned: str = typer.Option("model", "--tuned", help="θ_tuned: model (model.safetensors) or last (last.safetensors of a --select-best run)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only the final lines."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """WiSE-FT: interpolate a run's weights towards its starting model, measure each α on the run's
     validation and --eval-* sets, and write the chosen α as a new run folder with its report."""
-    from clipfit.interpolate import interpolate, parse_alphas
+    from clipfit.errors import UsageError
+    from clipfit.interpolate import TUNED_FILES, interpolate, parse_alphas
     from clipfit.progress import make_progress
 
+    if tuned not in TUNED_FILES:
+        raise UsageError(f"--tuned {tuned!r}: choose one of {', '.join(TUNED_FILES)}")
     info = interpolate(run, parse_alphas(alpha), out, overwrite, select_best, max_zeroshot_drop, device,
-                       STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json))
+                       STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json), tuned)
     if as_json:
         print_json({k: info[k] for k in ("run_dir", "interpolation", "selection", "before", "after")})
         return

@@ -83,8 +83,25 @@ def load_start(cfg):
     return models.load_model(cfg.model, cfg.pretrained)
 
 
+TUNED_FILES = {"model": "model.safetensors", "last": "last.safetensors"}
+
+
+def load_tuned(run_dir: Path, which: str):
+    """The run's model; `last`: its last step's weights (written by --select-best) in its place."""
+    from clipfit import models
+
+    tuned = models.load_model(str(run_dir))
+    if which == "last":
+        path = run_dir / TUNED_FILES["last"]
+        if not path.is_file():
+            raise UsageError(f"{path}: not found; only runs with --select-best keep the last step apart")
+        models.load_weights_into(tuned.model, path)
+    return tuned
+
+
 def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite: bool, select_best: str | None,
-                max_drop: float | None, device_name: str | None, argv: list[str], progress) -> dict[str, Any]:
+                max_drop: float | None, device_name: str | None, argv: list[str], progress,
+                which: str = "model") -> dict[str, Any]:
     from clipfit import models
     from clipfit.eval.compare import read_run
     from clipfit.eval.suite import deltas, load_suite
@@ -108,7 +125,7 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
     rule = rule_for(cfg, alphas, select_best, max_drop, data, suite)
     device = models.resolve_device(device_name or cfg.device)
     start_state = {k: v.detach().clone() for k, v in load_start(cfg).model.state_dict().items()}
-    tuned = models.load_model(str(run_dir))
+    tuned = load_tuned(run_dir, which)
     tuned_state = {k: v.detach().clone() for k, v in tuned.model.state_dict().items()}
     model = tuned.model.to(device)
     measured = []
@@ -126,9 +143,10 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
                                      "steps", "eval_split") if k in saved},
             "clipfit": "interpolate", "run_dir": str(out_dir), "argv": argv,
             "interpolation": {"source_run": str(run_dir.resolve()), "alpha": alphas[index], "alphas": alphas,
+                              "tuned_weights": TUNED_FILES[which],
                               "formula": "(1 - alpha) * start + alpha * tuned",
                               "start": {"model": cfg.model, "pretrained": cfg.pretrained, "seed": cfg.seed},
-                              "tuned": {"after": saved["after"]}, "measured": dict(zip(labels, measured))},
+                              "measured": dict(zip(labels, measured))},
             "before": before, "after": after, "delta": deltas(before, after),
             "selection": {**record(choice, rule), "start_score": metric_value(before, rule.metric)},
             "wall_seconds": time.time() - started, "train_seconds": 0.0, "methods": {}}
