@@ -260,9 +260,9 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     from clipfit.eval.suite import load_suite
 
     started = time.time()
+    check_selection(config)
     setup = set_up(pairs_path, config, argv, progress)
     suite = load_suite(config, setup.data.val, setup.progress.warn)
-    check_selection(config, setup.data, suite)
     teacher, locked = precompute_frozen(setup)
     prepare_methods(setup)
     trainer = make_trainer(setup, argv, teacher, locked, suite)
@@ -407,12 +407,14 @@ def prepare_methods(setup: Setup) -> None:
         param.data = param.data.to(setup.device)
 
 
-def check_selection(config: RefineConfig, data: RunData, suite) -> None:
-    """--select-best names a metric this run measures (before anything is computed)."""
+def check_selection(config: RefineConfig) -> None:
+    """--select-best names a metric this run will measure: checked before the run folder is made."""
+    from clipfit.eval.suite import set_names
     from clipfit.selection import check_metric, selectable_metrics
 
     if config.select_best:
-        check_metric(config.select_best, selectable_metrics(bool(data.val), list(suite.zeroshot), list(suite.retrieval)))
+        has_validation = config.val_split > 0
+        check_metric(config.select_best, selectable_metrics(has_validation, *set_names(config, has_validation)))
 
 
 def make_evaluator(setup: Setup, suite):
