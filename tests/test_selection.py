@@ -4,6 +4,7 @@ and `clipfit sweep`: the selection rule on scripted sequences, then the real CLI
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -272,29 +273,51 @@ def test_interpolate_chooses_alpha_by_the_rule_and_writes_a_run_folder(selected_
 
 # --- clipfit sweep ------------------------------------------------------------------------
 
-def test_an_interrupted_sweep_resumes_skipping_finished_runs(tmp_path, tiny_config):
-    from test_resume import PAUSE_AT, interrupt_run, register_test_method
+INTERRUPT_AT = 5
 
-    pairs = write_pairs(tmp_path / "pairs", n=48, size=24)
+
+class InterruptOnce(Method):
+    """Contrastive, plus a real SIGINT to this process during step INTERRUPT_AT of its first run,
+    as Ctrl-C would send it: the loop finishes the step, checkpoints and stops."""
+
+    name = "interrupt-once"
+    summary = "test only: contrastive, Ctrl-C once at step INTERRUPT_AT"
+    terms = {"clip": 1.0}
+    sent = False
+
+    def losses(self, step, wanted):
+        if step.step + 1 == INTERRUPT_AT and not InterruptOnce.sent:
+            InterruptOnce.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"clip": clip_loss(step.image, step.text, step.logit_scale)}
+
+
+def test_an_interrupted_sweep_resumes_skipping_finished_runs(tmp_path, tiny_config, capsys):
+    REGISTRY["interrupt-once"] = (f"{__name__}:InterruptOnce", InterruptOnce.summary)
+    pairs = write_pairs(tmp_path / "pairs", n=40, size=16)
     out = tmp_path / "sweep"
-    argv = ["sweep", str(pairs), "--model", str(tiny_config), "--pretrained", "none", "--out", str(out),
-            "--method", "contrastive,teacher-noise", "--lr", "1e-3", "--batch-size", "4", "--val-split", "0.25",
-            "--workers", "0", "--lock-image", "--select-best", "val/clip_loss", "--eval-every", "3", "--seed", "2"]
-    stderr = interrupt_run(argv, out, signal.SIGINT, True, tmp_path)
-    assert "rerun the same clipfit sweep command to continue" in stderr
-    first, second = out / "01-method=contrastive", out / "02-method=teacher-noise"
+    argv = ["sweep", pairs, "--model", tiny_config, "--pretrained", "none", "--out", out, "--lock-image",
+            "--method", "contrastive,interrupt-once", "--lr", "1e-3", "--val-split", "0.2", "--workers", "0", "--batch-size", "4"]
+    assert run_main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT after step 5" in err and "rerun the same clipfit sweep command to continue" in err
+    first, second = out / "01-method=contrastive", out / "02-method=interrupt-once"
     assert run_info(first)["after"] and "after" not in run_info(second)
-    assert max(checkpoint_steps(second)) == PAUSE_AT
+    assert checkpoint_steps(second) == [INTERRUPT_AT]
     untouched = {p.name: p.stat().st_mtime_ns for p in first.iterdir() if p.is_file()}
 
-    register_test_method()
     assert run_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "01-method=contrastive finished earlier, skipped" in err and "02-method=interrupt-once (resuming)" in err
+    assert "feature cache hit: locked-rows" in err  # the frozen towers' outputs of the first run, reused
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir() if p.is_file()} == untouched
     steps = [r["step"] for r in read_jsonl(second / "metrics.jsonl") if "loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == run_info(second)["steps"] == 9
+    assert steps == sorted(set(steps)) and run_info(second)["steps"] == 8
     summary = json.loads((out / "sweep.json").read_text())
     assert [Path(r["run_dir"]).name for r in summary["runs"]] == [first.name, second.name]
     scores = {c["label"]: c["score"] for c in summary["selection"]["candidates"]}
-    assert summary["selection"]["chosen"] == min(scores, key=scores.get)
-    assert scores[first.name] == run_info(first)["after"]["clip_loss"]
-    assert "| method | contrastive | teacher-noise |" in (out / "sweep.md").read_text()
+    expected = {d.name: sum(run_info(d)["after"][f"{k}_R@1"] for k in ("image_to_text", "text_to_image")) / 2
+                for d in (first, second)}
+    assert scores == expected and summary["selection"]["chosen"] == max(expected, key=lambda n: (expected[n], n == first.name))
+    assert "| method | contrastive | interrupt-once |" in (out / "sweep.md").read_text()
+    assert "<table>" in (out / "sweep.html").read_text()
