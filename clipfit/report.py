@@ -86,7 +86,7 @@ def candidates_table(selection: dict[str, Any]) -> list[str]:
              "|---|---:|---:|---|---|"]
     for c in selection["candidates"]:
         drop = "" if c["zeroshot_drop"] is None else f"{c['zeroshot_drop']:+.2f}"
-        kept = "**kept**" if c["label"] == selection["chosen"] else ""
+        kept = "★ kept" if c["label"] == selection["chosen"] else ""
         lines.append(f"| {c['label']} | {fmt(c['score'])} | {drop} | {'yes' if c['eligible'] else 'no'} | {kept} |")
     return lines
 

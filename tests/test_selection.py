@@ -321,3 +321,13 @@ def test_an_interrupted_sweep_resumes_skipping_finished_runs(tmp_path, tiny_conf
     assert scores == expected and summary["selection"]["chosen"] == max(expected, key=lambda n: (expected[n], n == first.name))
     assert "| method | contrastive | interrupt-once |" in (out / "sweep.md").read_text()
     assert "<table>" in (out / "sweep.html").read_text()
+
+
+def test_a_folder_zero_shot_set_may_bring_its_own_prompts(tmp_path):
+    from clipfit.eval.datasets import default_templates, load_labelled
+
+    root = write_image_folder(tmp_path / "classes", classes=["cat", "dog"], per_class=1)
+    assert load_labelled("folder", root).templates == default_templates()
+    (root / "templates.txt").write_text("a photo of a {c}.\nart of the {c}\n")
+    data = load_labelled("folder", root)
+    assert data.templates == ["a photo of a {c}.", "art of the {c}"] and data.classes == ["cat", "dog"]
