@@ -207,6 +207,7 @@ def test_bad_selection_flags_are_usage_errors(args, message, pairs, tiny_config,
 
 def test_max_zeroshot_drop_only_keeps_steps_within_the_limit_and_the_report_plots_them(pairs, tiny_config, tmp_path):
     images = write_image_folder(tmp_path / "zeroshot", per_class=2)
+    (images / "templates.txt").write_text("a photo of a {c}.\n")  # one prompt: measured at every step
     out = tmp_path / "run"
     argv = select_args(pairs, out, tiny_config, "--eval-zeroshot", f"folder={images}", "--max-zeroshot-drop", "0",
                        "--epochs", "1", "--eval-every", "1", "--select-best", "mean-R@1", "--method", "contrastive")
