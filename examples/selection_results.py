@@ -34,7 +34,7 @@ from results import DEFAULT_DATA, REPO, TARGET, ZEROSHOT, balanced_subset, count
 START, END = "<!-- selection-results:start -->", "<!-- selection-results:end -->"
 METHODS = ("contrastive", "refine")
 SEEDS = (0, 1, 2)
-ALPHAS = "0.5,0.75"
+ALPHAS = "0.5"  # one α (the usual WiSE-FT default): each α is one more measurement of every set
 METRIC = "mean-R@1"
 # One prompt instead of the 80 default ones: every measurement re-encodes the class prompts, and on
 # 2 shared CPU cores 800 prompts per measurement cost more than everything else in these runs.
@@ -58,6 +58,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--zeroshot-per-class", type=int, default=10)
     parser.add_argument("--reuse", action="store_true", help="only rewrite the section from --work's runs")
+    parser.add_argument("--skip-finished", action="store_true", help="keep runs that finished earlier")
     parser.add_argument("--no-section", action="store_true", help="only make the runs (e.g. one seed per process)")
     return parser.parse_args(own), passthrough
 
@@ -73,16 +74,23 @@ def clipfit(*args: str) -> list[str]:
     return command
 
 
-def run_pair(args, method: str, seed: int, subset: Path, passthrough: list[str]) -> tuple[dict, dict]:
-    """The refine run and its WiSE-FT interpolation (run.json of each), made unless --reuse."""
+def run_pair(args, method: str, seed: int, subset: Path, passthrough: list[str]) -> tuple[dict | None, dict | None]:
+    """The refine run and its WiSE-FT interpolation (run.json of each, None where not finished),
+    made unless --reuse (or, with --skip-finished, already there)."""
     run_dir, wise_dir = args.work / f"{method}-seed{seed}", args.work / f"{method}-seed{seed}-wise"
-    if not args.reuse:
+    if not args.reuse and not (args.skip_finished and finished(run_dir)):
         clipfit("refine", str(args.data / TARGET), "--model", "lite0-minilm", "--method", method, "--seed", str(seed),
                 *flags(SETTINGS), "--eval-zeroshot", f"folder={subset}", "--cache-dir", str(args.work / "cache"),
                 "--out", str(run_dir), "--overwrite", "--quiet", *passthrough)
+    if not args.reuse and not (args.skip_finished and finished(wise_dir)):
         clipfit("interpolate", str(run_dir), "--tuned", "last", "--alpha", ALPHAS, "--out", str(wise_dir),
                 "--overwrite", "--quiet")
-    return tuple(json.loads((d / "run.json").read_text()) for d in (run_dir, wise_dir))
+    return tuple(json.loads((d / "run.json").read_text()) if finished(d) else None for d in (run_dir, wise_dir))
+
+
+def finished(run_dir: Path) -> bool:
+    path = run_dir / "run.json"
+    return path.is_file() and bool(json.loads(path.read_text()).get("after"))
 
 
 def mean_r1(metrics: dict) -> float:
@@ -93,11 +101,15 @@ def zeroshot_top1(metrics: dict) -> float:
     return next(v for k, v in metrics.items() if k.startswith("zeroshot/") and k.endswith("/acc1"))
 
 
-def points(run: dict, wise: dict) -> dict[str, dict]:
-    """(mean R@1, zero-shot top-1) of each model of one seed."""
-    models = {"start": run["before"], "last step": run["last"], "selected step": run["after"],
-              "WiSE-FT (chosen α)": wise["after"]}
-    models.update({f"WiSE-FT {label}": m for label, m in wise["interpolation"]["measured"].items()})
+WISE = "WiSE-FT (chosen α)"
+MODELS = ("start", "last step", "selected step", WISE)
+
+
+def points(run: dict, wise: dict | None) -> dict[str, dict]:
+    """(mean R@1, zero-shot top-1) of each model of one seed; no WiSE-FT entry before it is measured."""
+    models = {"start": run["before"], "last step": run["last"], "selected step": run["after"]}
+    if wise is not None:
+        models[WISE] = wise["after"]
     return {name: {"target": mean_r1(m), "heldout": zeroshot_top1(m)} for name, m in models.items()}
 
 
@@ -107,69 +119,78 @@ def mean_sd(values: list[float]) -> str:
 
 
 def method_table(per_seed: list[dict[str, dict]]) -> list[str]:
-    lines = ["| model | mean R@1 (target) | Δ vs start | zero-shot top-1 (held-out) | Δ vs start |",
-             "|---|---:|---:|---:|---:|"]
-    for name in per_seed[0]:
-        target = [s[name]["target"] for s in per_seed]
-        heldout = [s[name]["heldout"] for s in per_seed]
-        d_target = [s[name]["target"] - s["start"]["target"] for s in per_seed]
-        d_heldout = [s[name]["heldout"] - s["start"]["heldout"] for s in per_seed]
-        lines.append(f"| {name} | {mean_sd(target)} | {mean_sd(d_target)} | {mean_sd(heldout)} | {mean_sd(d_heldout)} |")
+    lines = ["| model | seeds | mean R@1 (target) | Δ vs start | zero-shot top-1 (held-out) | Δ vs start |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in MODELS:
+        seeds = [s for s in per_seed if name in s]
+        if not seeds:
+            continue
+        cells = [[s[name][k] for s in seeds] for k in ("target",)] + [[s[name]["target"] - s["start"]["target"] for s in seeds]]
+        cells += [[s[name]["heldout"] for s in seeds], [s[name]["heldout"] - s["start"]["heldout"] for s in seeds]]
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(mean_sd(c) for c in cells) + " |")
     return lines
 
 
-def seed_lines(method: str, seeds: list[int], runs: list[tuple[dict, dict]]) -> list[str]:
+def seed_lines(method: str, runs: list[tuple[int, dict, dict | None]]) -> list[str]:
     out = []
-    for seed, (run, wise) in zip(seeds, runs):
+    for seed, run, wise in runs:
         sel = run["selection"]
-        out.append(f"- `{method}` seed {seed}: {run['steps']} steps, evaluated at steps "
-                   f"{', '.join(map(str, sel['steps']))}; kept step {sel['chosen_step']}; WiSE-FT chose "
-                   f"α = {wise['interpolation']['alpha']:g}.")
+        wise_part = (f"WiSE-FT α = {wise['interpolation']['alpha']:g}" if wise else "WiSE-FT not measured (ran out of time)")
+        out.append(f"- `{method}` seed {seed}: {run['steps']} steps, measured at steps "
+                   f"{', '.join(map(str, sel['steps']))}; kept step {sel['chosen_step']}; {wise_part}.")
     return out
 
 
 def verdict(per_seed: list[dict[str, dict]], n_val: int, n_zeroshot: int) -> str:
-    """What the means show, judged against two binomial standard errors of one measurement."""
-    def delta(a: str, b: str, key: str) -> float:
-        return statistics.mean(s[a][key] - s[b][key] for s in per_seed)
-
-    start_t, start_h = (statistics.mean(s["start"][k] for s in per_seed) for k in ("target", "heldout"))
+    """Mean paired differences, each called within noise when smaller than two binomial standard
+    errors of one measurement (a conservative yardstick for a mean over seeds)."""
+    start_t = statistics.mean(s["start"]["target"] for s in per_seed)
+    start_h = statistics.mean(s["start"]["heldout"] for s in per_seed)
     t_noise, h_noise = noise(start_t, n_val), noise(start_h, n_zeroshot)
+    word = lambda d, n: f"{d:+.1f}" + (" (within noise)" if abs(d) <= n else "")  # noqa: E731
     facts = []
-    for a, b in (("selected step", "last step"), ("WiSE-FT (chosen α)", "last step"),
-                 ("WiSE-FT (chosen α)", "selected step")):
-        dt, dh = delta(a, b, "target"), delta(a, b, "heldout")
-        word = lambda d, n: f"{d:+.1f}" + (" (within noise)" if abs(d) <= n else "")  # noqa: E731
-        facts.append(f"{a} − {b}: target {word(dt, t_noise)}, held-out {word(dh, h_noise)}")
+    for a, b in (("last step", "start"), ("selected step", "last step"), (WISE, "last step"), (WISE, "selected step")):
+        both = [s for s in per_seed if a in s and b in s]
+        if not both:
+            continue
+        dt = statistics.mean(s[a]["target"] - s[b]["target"] for s in both)
+        dh = statistics.mean(s[a]["heldout"] - s[b]["heldout"] for s in both)
+        facts.append(f"{a} − {b} ({len(both)} seeds): target {word(dt, t_noise)}, held-out {word(dh, h_noise)}")
     return "; ".join(facts)
 
 
-def section(args, results: dict[str, list[tuple[dict, dict]]], commands: list[str], minutes: float) -> str:
-    first_run = next(iter(results.values()))[0][0]
+def section(args, results: dict[str, list[tuple[int, dict, dict | None]]], commands: list[str], minutes: float) -> str:
+    first_run = next(run for runs in results.values() for _, run, _ in runs)
     n_val, subset = first_run["resolved"]["val_pairs"], args.work / f"{ZEROSHOT}-{args.zeroshot_per_class}-per-class"
     n_zeroshot = count_images(subset)
     lines = [START, "## Last step, selected step, WiSE-FT", "",
              f"Generated by `python examples/selection_results.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
-             f"({minutes:.0f} minutes for all runs); edit that script, not this section.", "",
+             f"({minutes:.0f} minutes of run wall time in all, several runs at once); edit that script, not this section.", "",
              f"- **Runs**: for each method and seed ({', '.join(map(str, args.seeds))}), one `clipfit refine` of "
              f"`lite0-minilm` (aligned) on the emoji `heldout/` pairs ({first_run['resolved']['train_pairs']} training, "
              f"{n_val} validation pairs; the split depends on the seed), settings `{shlex.join(flags(SETTINGS))}` "
              "(both towers frozen: the two projections and the logit scale train): "
-             f"the validation split and held-out zero-shot are measured every {EVAL_EVERY} steps, and `--select-best {METRIC}` "
-             "keeps the best step. Then `clipfit interpolate RUN --tuned last --alpha "
-             f"{ALPHAS}` (WiSE-FT of the *last* weights) chooses α by the same rule.",
+             f"the validation split and held-out zero-shot are measured every {EVAL_EVERY} steps and at the last, "
+             f"and `--select-best {METRIC}` keeps the best (the starting model included). Then `clipfit interpolate "
+             f"RUN --tuned last --alpha {ALPHAS}`: WiSE-FT of the *last* weights, one α only.",
              f"- **Held-out**: zero-shot top-1 on {n_zeroshot} Fashion-MNIST test images ({args.zeroshot_per_class} "
              f"per class) with the one prompt `{TEMPLATE}` (the folder's `templates.txt`; not the 80 of the table "
              "above, so its numbers differ), a set no run trains on; nothing guards it here (no `--max-zeroshot-drop`).",
              f"- **Noise**: two binomial standard errors of one measurement are about {noise(50, n_val):.0f} points "
              f"on {n_val} validation pairs and {noise(35, n_zeroshot):.0f} points on {n_zeroshot} zero-shot images; "
-             "means over 3 seeds are less noisy, but a difference smaller than that is not called a finding below.",
-             f"- **Machine**: {machine(first_run)}.", "",
-             "Mean ± standard deviation over the seeds; Δ is each seed's change from its own starting model.", ""]
+             "a mean difference smaller than that is marked *within noise* and is not a finding.",
+             f"- **Machine**: {machine(first_run)}; the machine was shared with other jobs (load average above 20 "
+             "on 2 cores), which is why the runs are this small.", "",
+             "Mean ± standard deviation over the seeds that finished (column *seeds*); Δ is each seed's change "
+             "from its own starting model.", ""]
     for method, runs in results.items():
-        per_seed = [points(run, wise) for run, wise in runs]
-        lines += [f"### `{method}`", "", *method_table(per_seed), "", *seed_lines(method, args.seeds, runs), "",
-                  f"Reading (mean over seeds): {verdict(per_seed, n_val, n_zeroshot)}.", ""]
+        per_seed = [points(run, wise) for _, run, wise in runs]
+        lines += [f"### `{method}`", "", *method_table(per_seed), "", *seed_lines(method, runs), "",
+                  f"Mean paired differences: {verdict(per_seed, n_val, n_zeroshot)}.", ""]
+    missing = [f"`{m}` seed {s}" for m in args.methods for s in args.seeds
+               if s not in [seed for seed, _, _ in results.get(m, [])]]
+    if missing:
+        lines += [f"Not finished in time, so not in the tables: {', '.join(missing)}.", ""]
     lines += ["Commands:", "", "```bash", *commands, "```", END]
     return "\n".join(lines)
 
@@ -192,12 +213,14 @@ def main(argv: list[str]) -> None:
     if not args.reuse:
         (subset / "templates.txt").write_text(TEMPLATE + "\n")
     started = time.time()
-    results = {m: [run_pair(args, m, seed, subset, passthrough) for seed in args.seeds] for m in args.methods}
+    made = {m: [(seed, *run_pair(args, m, seed, subset, passthrough)) for seed in args.seeds] for m in args.methods}
     if args.no_section:
         return
-    minutes = sum(run["wall_seconds"] + wise["wall_seconds"] for runs in results.values() for run, wise in runs) / 60
-    commands = [f"python -m clipfit {shlex.join(r['argv'])}".replace(f"{REPO}/", "")
-                for runs in results.values() for pair in runs for r in pair]
+    results = {m: [r for r in runs if r[1] is not None] for m, runs in made.items()}
+    results = {m: runs for m, runs in results.items() if runs}
+    done = [r for runs in results.values() for _, *pair in runs for r in pair if r is not None]
+    minutes = sum(r["wall_seconds"] for r in done) / 60
+    commands = [f"python -m clipfit {shlex.join(r['argv'])}".replace(f"{REPO}/", "") for r in done]
     markdown = args.markdown.read_text(encoding="utf-8") if args.markdown.exists() else ""
     write_text(args.markdown, replace_section(markdown, section(args, results, commands, minutes)))
     print(f"wrote the section into {args.markdown} ({(time.time() - started) / 60:.1f} minutes)")
