@@ -132,7 +132,7 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
     for alpha in alphas:
         model.load_state_dict(interpolate_state(start_state, tuned_state, alpha))
         progress.info(f"measuring α = {alpha:g}")
-        measured.append(measure_model(model, tuned, data, cfg, device, suite))
+        measured.append(measure_model(model, tuned, data, cfg, device, suite, f"{run_dir} interpolated at α = {alpha:g}"))
     labels = [f"α={a:g}" for a in alphas]
     choice = choose(measured, saved["before"], rule, labels)
     index = choice.index if choice.index is not None else len(alphas) - 1

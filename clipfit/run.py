@@ -39,11 +39,14 @@ class RunData:
 
 
 def data_hash(pairs: list[Pair]) -> str:
-    """Identity of a pair list: keys, captions, file sizes and modification times."""
+    """Identity of a pair list: keys, captions and image contents (clipfit.cache.content_digest,
+    as the feature cache's keys), so --resume accepts a copied or touched folder and refuses
+    changed images, whatever their modification times say."""
+    from clipfit.cache import content_digest
+
     digest = hashlib.sha256()
     for pair in pairs:
-        stat = pair.image.stat()
-        digest.update(json.dumps([pair.key, list(pair.captions), stat.st_size, stat.st_mtime_ns]).encode())
+        digest.update(json.dumps([pair.key, list(pair.captions), content_digest(pair.image)]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -327,8 +330,24 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info)
 
 
+def stat_data_hash(pairs: list[Pair]) -> str:
+    """clipfit 0.1.0's data_hash (keys, captions, image sizes and modification times), so a run it
+    started can still be resumed."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        stat = pair.image.stat()
+        digest.update(json.dumps([pair.key, list(pair.captions), stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()[:16]
+
+
+def same_data(saved_hash: str | None, data: RunData) -> bool:
+    if saved_hash == data.data_hash:
+        return True
+    return data.stream is None and saved_hash == stat_data_hash(data.check.usable)
+
+
 def check_resumable(saved: dict | None, data: RunData, world_size: int, pairs_path: str) -> None:
-    if saved and saved.get("data_hash") != data.data_hash:
+    if saved and not same_data(saved.get("data_hash"), data):
         raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
     if saved and saved["resolved"].get("world_size", 1) != world_size:
         raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "
@@ -381,11 +400,11 @@ def precompute_frozen(setup: Setup):
 def row_store(setup: Setup):
     """Precomputed rows live in the feature cache, keyed by the starting model and the settings
     that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
-    from clipfit.features import FeatureCache, starting_model_identity
+    from clipfit.cache import FeatureCache, starting_model_identity
     from clipfit.precompute import RowStore
 
     c = setup.config
-    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info), starting_model_identity(c),
+    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn), starting_model_identity(c),
                     {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
                      "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
 
@@ -400,7 +419,7 @@ def prepare_methods(setup: Setup) -> None:
 
     ctx = MethodContext(model=setup.model, loaded=setup.loaded, config=setup.config, pairs=setup.data.train,
                         device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
-                        log=setup.progress.info, dist=setup.dist)
+                        log=setup.progress.info, dist=setup.dist, warn=setup.progress.warn)
     for method in setup.composite.methods:
         method.prepare(ctx)
     for param in setup.composite.parameters():
@@ -426,7 +445,8 @@ def make_evaluator(setup: Setup, suite):
     if not (setup.data.val or suite):
         return None
     rule = Rule(c.select_best, c.max_zeroshot_drop) if c.select_best else None
-    return TrainingEvaluations(lambda: measure(setup, suite), setup.model, rule, c.patience, bool(setup.data.val))
+    label = f"the model during training (run folder {setup.run_dir}, --eval-every)"
+    return TrainingEvaluations(lambda: measure(setup, suite, label), setup.model, rule, c.patience, bool(setup.data.val))
 
 
 def make_trainer(setup: Setup, argv: list[str], teacher, locked, suite):
@@ -461,17 +481,18 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
     return (data.val, "validation") if data.val else (data.train[:256], "training subset")
 
 
-def measure(setup: Setup, suite) -> dict[str, float]:
-    return measure_model(setup.model, setup.loaded, setup.data, setup.config, setup.device, suite)
+def measure(setup: Setup, suite, label: str) -> dict[str, float]:
+    return measure_model(setup.model, setup.loaded, setup.data, setup.config, setup.device, suite, label)
 
 
-def measure_model(model, loaded, data: RunData, c: RefineConfig, device, suite) -> dict[str, float]:
+def measure_model(model, loaded, data: RunData, c: RefineConfig, device, suite, label: str) -> dict[str, float]:
     """Yardsticks and suite through one encoder, so the validation pairs are encoded once: before,
-    during (--eval-every) and after training, and for each `clipfit interpolate` α."""
+    during (--eval-every) and after training, and for each `clipfit interpolate` α. `label` names
+    the model measured in errors."""
     from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
 
-    encoder = encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision)
+    encoder = encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label)
     pairs, name = eval_pairs(data)
     results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels,
                              encoder, VALIDATION_KEY if data.val else name)
@@ -484,7 +505,8 @@ def measure_before(setup: Setup, suite) -> None:
     if not setup.dist.is_main:
         return
     saved = setup.saved
-    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(setup, suite)
+    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(
+        setup, suite, f"the starting model {setup.config.model} ({setup.config.pretrained}), measured before training")
     write_json(setup.run_dir / RUN_JSON, setup.info)
 
 
@@ -515,7 +537,7 @@ def measure_last(setup: Setup, trainer, suite) -> dict[str, float]:
     """The last step's numbers: from the evaluations when they measured it, else measured now."""
     evaluations = trainer.evaluator
     if evaluations is None:
-        return measure(setup, suite)
+        return measure(setup, suite, f"the trained model (run folder {setup.run_dir}), measured after training")
     trainer.evaluate(trainer.position.epoch, broadcast=False)  # a no-op when this step was measured
     return evaluations.history[-1]["metrics"]
 
