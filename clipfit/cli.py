@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import signal
 import sys
 import traceback
 import typing
@@ -14,8 +15,9 @@ from typing import Any, Optional
 import typer
 
 from clipfit import __version__
-from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitError
+from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitError, message_of
 from clipfit.eval.cli import compare_command, eval_app
+from clipfit.progress import printable
 
 EXIT_CODES_HELP = ("Exit status: 0 ok, 1 internal error, 2 usage error, 3 data error, 4 model could not be "
                    "loaded, 5 training failed (non-finite loss) or non-finite embeddings, 6 regression gate failed, 7 output folder "
@@ -70,9 +72,20 @@ def refine_parameters() -> list[inspect.Parameter]:
                                                rich_help_panel="Run")),
     ]
     for name, f in CONFIG_FIELDS.items():
-        option = typer.Option(field_default(name), flag(name), help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
+        names = on_off_flags(name) if hints[name] is bool else flag(name)
+        option = typer.Option(field_default(name), names, help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[name]))
     return params
+
+
+def on_off_flags(name: str) -> str:
+    """'--lock-text/--no-lock-text': a setting turned on in --config can be turned off by a flag.
+    A setting named no_x gets '--no-x/--x'."""
+    from clipfit.config import flag
+
+    if name.startswith("no_"):
+        return f"{flag(name)}/--{name[3:].replace('_', '-')}"
+    return f"{flag(name)}/--no-{name.replace('_', '-')}"
 
 
 def explicit_parameters(ctx: typer.Context) -> set[str]:
@@ -117,7 +130,7 @@ def print_refine_summary(info: dict, as_json: bool, quiet: bool) -> None:
     before, after = info.get("before", {}), info.get("after", {})
     for name in [] if quiet else after:
         typer.echo(f"{name:>20}: {number(before.get(name))} -> {number(after[name])}")
-    typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
+    typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
 
 
 def number(value: Any) -> str:
@@ -218,10 +231,12 @@ def interpolate_command(
 
 @data_app.command("check")
 def data_check(
-    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs."),
-    layout: str = typer.Option("auto", help="auto, sidecar, hf or csv."),
+    pairs: str = typer.Argument(..., help="Folder (or CSV/Parquet file, or hf://datasets/ORG/NAME) of image-caption pairs."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
+    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are reported, never decoded."),
     context_length: int = typer.Option(77, help="Token limit to count over-long captions against (open_clip's 77)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -229,7 +244,7 @@ def data_check(
     """Validate a pairs folder without training: what is usable, what is not and why."""
     from clipfit.data.check import check_folder
 
-    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, image_column, caption_column, max_pixels=max_image_pixels,
                           context_length=context_length)
     if as_json:
         print_json(report.to_json())
@@ -239,12 +254,14 @@ def data_check(
 
 @data_app.command("shard")
 def data_shard(
-    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs."),
+    pairs: str = typer.Argument(..., help="Folder (or CSV/Parquet file, or hf://datasets/ORG/NAME) of image-caption pairs."),
     out: Path = typer.Argument(..., help="Folder to write the .tar shards and sizes.json into (new or empty)."),
     pairs_per_shard: int = typer.Option(1000, min=1, help="Pairs per .tar shard."),
-    layout: str = typer.Option("auto", help="auto, sidecar, hf or csv."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
+    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are left out."),
 ) -> None:
     """Write WebDataset tar shards (img2dataset's KEY.jpg + KEY.txt members) for --layout webdataset.
@@ -258,30 +275,55 @@ def data_shard(
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: exists and is not an empty folder; choose a new OUT")
-    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, image_column, caption_column, max_pixels=max_image_pixels,
                           find_duplicates=False)
     written = write_shards(report.usable, out, pairs_per_shard)
     left_out = f"; {len(report.skipped)} unusable item(s) left out (`clipfit data check` lists them)" if report.skipped else ""
-    typer.echo(f"wrote {len(report.usable)} pairs in {len(written)} shard(s) to {out}{left_out}")
+    typer.echo(f"wrote {len(report.usable)} pairs in {len(written)} shard(s) to {printable(out)}{left_out}")
+
+
+SHOWN_PER_KIND = 20
 
 
 def print_check_report(report) -> None:
+    """A summary table, then every item worth a look (first 20 of each kind), file and reason."""
     from rich.console import Console
     from rich.table import Table
 
+    from clipfit.progress import rich_literal
+
     console = Console()
-    table = Table(title=f"{report.root} ({report.layout} layout)")
-    table.add_column("check")
-    table.add_column("count", justify="right")
+    summary = Table(title=f"{rich_literal(report.root)} ({report.layout} layout)")
+    summary.add_column("check")
+    summary.add_column("count", justify="right")
     for key, value in report.summary().items():
-        table.add_row(key.replace("_", " "), str(value))
-    console.print(table)
-    for problem in report.skipped:
-        console.print(f"[red]bad[/] {problem.path}: {problem.reason}", highlight=False)
-    for warning in report.warnings:
-        console.print(f"[yellow]warning[/] {warning.path}: {warning.reason}", highlight=False)
-    for group in report.duplicate_images:
-        console.print(f"[yellow]duplicate images[/] {', '.join(group)}", highlight=False)
+        summary.add_row(key.replace("_", " "), str(value))
+    console.print(summary)
+    items = Table(title="items to look at", show_lines=False)
+    items.add_column("kind", no_wrap=True)
+    items.add_column("file", overflow="fold")
+    items.add_column("reason", overflow="fold")
+    for kind, problems in report.sections():
+        if not problems:
+            continue
+        items.add_section()
+        for i, problem in enumerate(problems[:SHOWN_PER_KIND]):
+            items.add_row(f"{kind} ({len(problems)})" if i == 0 else "",
+                          rich_literal(shown_path(problem.path, report.root)), rich_literal(problem.reason))
+        if len(problems) > SHOWN_PER_KIND:
+            items.add_row("", f"... and {len(problems) - SHOWN_PER_KIND} more", "`--json` lists them all")
+    if items.row_count:
+        console.print(items)
+
+
+def shown_path(path: str, root: str) -> str:
+    """A path inside the checked folder, relative to it (the summary's title names the folder)."""
+    for base in (Path(root), Path(root).resolve()):
+        try:
+            return Path(path).relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return path
 
 
 # --- listings -----------------------------------------------------------------------------
@@ -391,6 +433,24 @@ def is_usage_error(error: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; expected failures print one line and exit with their documented status."""
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # as Ctrl-C until training takes over
+    STATE.pop("interrupted_by", None)
+    try:
+        run_command(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        workers = sys.modules.get("clipfit.data.workers")  # imported only by commands that start workers
+        if workers is not None:
+            workers.end_workers()  # before multiprocessing's exit handler, which would wait forever for them
+
+
+def stop_on_sigterm(_signum, _frame) -> None:
+    """SIGTERM outside the training loop is handled like Ctrl-C (the loop checkpoints on both)."""
+    STATE["interrupted_by"] = " by SIGTERM"
+    raise KeyboardInterrupt
+
+
+def run_command(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     STATE["argv"] = list(args)  # as typed: the resume command repeats it
     if "--debug" in args:  # accepted anywhere, not only before the command
@@ -405,11 +465,10 @@ def main(argv: list[str] | None = None) -> None:
     except ClipfitError as e:
         if STATE["debug"]:  # the traceback, but the documented exit status all the same
             traceback.print_exc()
-        print(f"clipfit: error: {e}", file=sys.stderr)
+        print(f"clipfit: error: {printable(message_of(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        print("clipfit: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
     except Exception as e:
         if is_usage_error(e):  # typer/click's own parse errors know how to show themselves
             e.show()
@@ -417,11 +476,11 @@ def main(argv: list[str] | None = None) -> None:
         if STATE["debug"]:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"clipfit: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+        print(f"clipfit: internal error: {type(e).__name__}: {printable(first)} (rerun with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(EXIT_INTERNAL)
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a *returned* 130 outside standalone mode
-        print("clipfit: interrupted", file=sys.stderr)
+        print(f"clipfit: interrupted{STATE.pop('interrupted_by', '')}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -6,13 +6,18 @@ A `--config FILE` (TOML) sets any field by name; flags given on the command line
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 import tomllib
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from clipfit.errors import UsageError
+from clipfit.trackers import check_available, parse_report_to
 
 PANEL_RUN, PANEL_TRAIN, PANEL_LORA, PANEL_DATA = "Run", "Training", "LoRA", "Data"
 PANEL_METHOD, PANEL_EVAL, PANEL_PERF, PANEL_OUTPUT = "Method options", "Evaluation", "Performance", "Output"
@@ -26,7 +31,7 @@ def opt(default: Any, help: str, panel: str = PANEL_TRAIN, **extra: Any) -> Any:
 # Settings that change what a run computes: --resume refuses to continue if these differ.
 RESULT_NEUTRAL = {"out", "overwrite", "resume", "quiet", "json", "debug", "workers", "save_every",
                   "keep_checkpoints", "log_every", "cache_dir", "config", "eval_zeroshot",
-                  "eval_retrieval", "fail_on_zeroshot_drop", "max_steps", "strict"}
+                  "eval_retrieval", "fail_on_zeroshot_drop", "max_steps", "strict", "report_to"}
 
 
 @dataclass
@@ -40,9 +45,11 @@ class RefineConfig:
     resume: bool = opt(False, "Continue an interrupted run in --out from its last checkpoint.", PANEL_OUTPUT)
     weight: list[str] = opt(list, "Loss-term weight NAME=VALUE (repeatable), e.g. --weight rafa=0.5.", PANEL_RUN)
     # data
-    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, or webdataset (streamed .tar shards).", PANEL_DATA)
+    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, parquet, datasets (save_to_disk folder or hf://datasets/ORG/NAME), or webdataset (streamed .tar shards).", PANEL_DATA)
     csv_img_key: str = opt("filepath", "Image-path column of a CSV/TSV layout.", PANEL_DATA)
     csv_caption_key: str = opt("title", "Caption column of a CSV/TSV layout.", PANEL_DATA)
+    image_column: Optional[str] = opt(None, "Image column of a parquet/datasets layout (default: image, or the only column of image bytes).", PANEL_DATA)
+    caption_column: Optional[str] = opt(None, "Caption column of a parquet/datasets layout (default: text, or the only text column).", PANEL_DATA)
     strict: bool = opt(False, "Stop before training if any item is bad, instead of skipping it.", PANEL_DATA)
     max_image_pixels: int = opt(89_478_485, "Decompression-bomb limit: images with more pixels are skipped, never decoded.", PANEL_DATA)
     val_split: float = opt(0.0, "Fraction of pairs held out for validation (loss, R@1, modality gap each epoch).", PANEL_DATA)
@@ -110,6 +117,7 @@ class RefineConfig:
     save_every: int = opt(0, "Checkpoint every N steps (0: only at epoch ends and on interrupt).", PANEL_OUTPUT)
     keep_checkpoints: int = opt(2, "Checkpoints to keep.", PANEL_OUTPUT)
     log_every: int = opt(10, "Log a metrics line every N steps.", PANEL_OUTPUT)
+    report_to: str = opt("none", "Also log metrics, config and pictures to tensorboard and/or wandb (comma-separated; optional extras).", PANEL_OUTPUT)
     quiet: bool = opt(False, "Print nothing but errors and the final line.", PANEL_OUTPUT)
     json: bool = opt(False, "Print one machine-readable JSON summary at the end.", PANEL_OUTPUT)
 
@@ -123,6 +131,7 @@ class RefineConfig:
 
 
 CONFIG_FIELDS = {f.name: f for f in fields(RefineConfig)}
+CONFIG_HINTS = typing.get_type_hints(RefineConfig)
 
 
 def field_default(name: str) -> Any:
@@ -131,20 +140,73 @@ def field_default(name: str) -> Any:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config (as data, never executed); keys may use - or _."""
+    """Read a TOML config (as data, never executed): settings at the top level, in a [refine]
+    table, or both; keys may use - or _. Every key and value type is checked here, so a mistake
+    is one line naming the key, never a silently dropped setting or a traceback later."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Windows editors may add a BOM
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read config file ({e.strerror or e})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid TOML ({e})") from None
-    data = data.get("refine", data)  # allow a [refine] table or top-level keys
-    settings = {key.replace("-", "_"): value for key, value in data.items()}
+    settings = merged_tables(path, data)
     unknown = sorted(set(settings) - set(CONFIG_FIELDS) - {"pairs"})
     if unknown:
-        raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        raise UsageError(f"{path}: unknown setting(s) {', '.join(with_suggestion(name) for name in unknown)}")
+    return {name: checked_value(path, name, value) for name, value in settings.items()}
+
+
+def merged_tables(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys and [refine] keys as one dict; a setting given twice is refused."""
+    table = data.pop("refine", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: refine must be a table ([refine]), not {type_name(table)}")
+    settings: dict[str, Any] = {}
+    first: dict[str, str] = {}  # name -> the key as spelled and where
+    for where, values in (("at the top level", data), ("in [refine]", table)):
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name in settings:
+                raise UsageError(f"{path}: {name} is set twice ({first[name]} and {key} {where}); keep one")
+            settings[name], first[name] = value, f"{key} {where}"
     return settings
+
+
+def with_suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name, [*CONFIG_FIELDS, "pairs"], n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+def type_name(value: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def expected_type(name: str) -> Any:
+    """The field's type without Optional (TOML has no null): int, float, str, bool or list[str]."""
+    if name == "pairs":
+        return str
+    hint = CONFIG_HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+
+
+def checked_value(path: Path, name: str, value: Any) -> Any:
+    wanted = expected_type(name)
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # `lr = 1` means 1.0
+    if wanted == list[str]:
+        ok, description = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+    else:
+        ok = isinstance(value, wanted) and not (isinstance(value, bool) and wanted is not bool)
+        description = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[wanted]
+    if not ok:
+        shown = json.dumps(value, default=str)
+        raise UsageError(f"{path}: {name} = {shown} is {type_name(value)}; expected {description}")
+    return value
 
 
 def build_config(cli_values: dict[str, Any], explicit: set[str], toml: dict[str, Any] | None) -> RefineConfig:
@@ -166,7 +228,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
-    "layout": ("auto", "sidecar", "hf", "csv", "webdataset"),
+    "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset"),
     "hycd_logits": ("raw-dot", "scaled-cos"),
     "lite_critic": ("logit-scale", "learned"),
     "lite_negatives": ("roll", "shuffle"),
@@ -208,6 +270,7 @@ def validate(c: RefineConfig) -> None:
         raise UsageError(f"--hycd-alpha must be in [0, 1] (got {c.hycd_alpha})")
     if not 0 <= c.lite_prior_weight < 1:
         raise UsageError(f"--lite-prior-weight must be in [0, 1): the lite term gets 1 - w (got {c.lite_prior_weight})")
+    check_available(parse_report_to(c.report_to))
     validate_combinations(c)
 
 

@@ -3,8 +3,8 @@
 Exit statuses (also in README and `clipfit --help`):
   0 success, 1 unexpected internal error, 2 usage error (bad flag, unknown model,
   invalid config), 3 data error (unreadable folder, no pairs, bad item with --strict),
-  4 model or weights could not be loaded, 5 training failed (non-finite loss) or a model's
-  embeddings are non-finite,
+  4 model or weights could not be loaded (or a hub dataset: no network), 5 training failed
+  (non-finite loss) or a model's embeddings are non-finite,
   6 regression gate failed (--fail-on-zeroshot-drop), 7 output folder unwritable or disk
   too small, 130 interrupted (checkpoint saved).
 """
@@ -40,6 +40,12 @@ class ModelError(ClipfitError):
     exit_code = EXIT_MODEL
 
 
+class NetworkError(ClipfitError):
+    """A hub dataset could not be reached (same status as a hub model that cannot be loaded)."""
+
+    exit_code = EXIT_MODEL
+
+
 class TrainingError(ClipfitError):
     exit_code = EXIT_TRAINING
 
@@ -54,3 +60,13 @@ class OutputError(ClipfitError):
 
 class Interrupted(ClipfitError):
     exit_code = EXIT_INTERRUPTED
+
+
+def message_of(error: ClipfitError) -> str:
+    """The error's own one-line message. A DataLoader re-raises an error from a worker process
+    with the worker's traceback as its message; the original message is that traceback's last line."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]  # "clipfit.errors.DataError: <message>"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text

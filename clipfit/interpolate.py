@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -102,23 +102,38 @@ def load_tuned(run_dir: Path, which: str):
 def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite: bool, select_best: str | None,
                 max_drop: float | None, device_name: str | None, argv: list[str], progress,
                 which: str = "model") -> dict[str, Any]:
-    from clipfit import models
     from clipfit.eval.compare import read_run
-    from clipfit.eval.suite import deltas, load_suite
-    from clipfit.io import write_json
-    from clipfit.report import write_report
-    from clipfit.run import RUN_JSON, load_data, measure_model, prepare_run_dir
-    from clipfit.selection import choose, metric_value, record
+    from clipfit.rundir import claim_run_dir
 
-    started = time.time()
     saved = read_run(run_dir)
     if not saved.get("after"):
         raise UsageError(f"{run_dir}: the run has not finished (no after measurement); finish it with --resume first")
-    cfg = saved_config(saved)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-wise"
-    out_dir = prepare_run_dir(replace(cfg, out=str(out), overwrite=overwrite, resume=False))
+    folder = claim_run_dir(out, False, overwrite, {"the run being interpolated": run_dir}, progress.warn)
+    try:
+        info = interpolate_into(out, run_dir, saved, alphas, select_best, max_drop, device_name, argv, progress, which)
+    except BaseException:
+        if not (out / "run.json").is_file():
+            folder.abandon()
+        raise
+    folder.commit()
+    folder.release()
+    return info
+
+
+def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[float], select_best: str | None,
+                     max_drop: float | None, device_name: str | None, argv: list[str], progress, which: str):
+    from clipfit import models
+    from clipfit.eval.suite import deltas, load_suite
+    from clipfit.io import write_json
+    from clipfit.report import write_report
+    from clipfit.run import RUN_JSON, load_data, measure_model, same_data
+    from clipfit.selection import choose, metric_value, record
+
+    started = time.time()
+    cfg = saved_config(saved)
     data = load_data(saved["pairs"], cfg, out_dir, progress)
-    if data.data_hash != saved.get("data_hash"):
+    if not same_data(saved.get("data_hash"), data):
         raise UsageError(f"{saved['pairs']}: the pairs changed since {run_dir} was trained; its validation split "
                          "cannot be rebuilt")
     suite = load_suite(cfg, data.val, progress.warn)

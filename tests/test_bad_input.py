@@ -150,7 +150,7 @@ def find(items: list[tuple[str, str]], path_part: str, reason_part: str) -> bool
 # --- data check names each bad item ------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ALL_BAD)
-def test_data_check_reports_bad_item(name, tmp_path, capsys):
+def test_data_check_reports_bad_item(name, tmp_path, capsys, monkeypatch):
     folder = make_bad_folder(name, tmp_path / "pairs")
     _, path_part, reason_part = ALL_BAD[name]
     report = data_check_json(capsys, folder)
@@ -159,8 +159,9 @@ def test_data_check_reports_bad_item(name, tmp_path, capsys):
     assert report["summary"]["usable_pairs"] == 8  # the good pairs are all still there
 
     capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "250")  # wide enough that rich keeps each table cell on one line
     assert run_main(["data", "check", folder]) == 0
-    text = " ".join(capsys.readouterr().out.split())  # rich may wrap long lines
+    text = " ".join(capsys.readouterr().out.split())
     assert path_part in text and " ".join(reason_part.split()) in text
 
 
@@ -381,7 +382,7 @@ def test_usage_mistake_is_one_line_exit_2(name, pairs_dir, tiny_config, tmp_path
     assert code == 2, err
     assert err.strip().splitlines() == [err.strip()] and err.startswith("clipfit: error: ") and message in err
     assert "Traceback" not in err
-    assert not out.exists() or not any(out.iterdir())  # a corrected command can reuse --out
+    assert not out.exists() or [p.name for p in out.iterdir()] == [".clipfit-run"]  # a corrected command reuses --out
 
 
 def test_debug_adds_the_traceback_and_keeps_the_exit_status(pairs_dir, tmp_path, capsys):

@@ -21,6 +21,18 @@ class BadImage(Exception):
     """The file cannot be used as a training image; str(e) is the reason."""
 
 
+def stored_in(image) -> Path:
+    """The file holding an image's bytes: the image file itself, or the table file of an image in
+    a table row (clipfit.data.tables.TableImage, whose str() names the row)."""
+    return Path(getattr(image, "file", image))
+
+
+def file_stamp(image) -> tuple[int, int]:
+    """(size, modification time in ns) of the file holding `image`: what tells it changed, short of reading it."""
+    stat = stored_in(image).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -49,9 +61,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decode `source` (a path, or an image file's bytes, e.g. a tar shard member) to RGB,
-    or raise BadImage with a reason a person can act on."""
+def open_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode `source` (a path, an image file's bytes, e.g. a tar shard member, or an image
+    in a table row, clipfit.data.tables.TableImage) to RGB, or raise BadImage with a reason a
+    person can act on."""
+    if not isinstance(source, (str, Path, bytes)):
+        source = source.read_bytes()  # an OSError here is the caller's "cannot read"
     in_memory = isinstance(source, bytes)
     try:
         if (len(source) if in_memory else Path(source).stat().st_size) == 0:
@@ -69,6 +84,8 @@ def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read") from None
     except OSError as e:
+        if e.errno is not None:  # the file system's error (gone, no permission), not the decoder's
+            raise BadImage(f"cannot read: {e.strerror or e}") from None
         reason = str(e) or type(e).__name__
         if "truncated" in reason.lower():
             raise BadImage(f"truncated image ({reason})") from None

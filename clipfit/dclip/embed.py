@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from clipfit.data.images import open_rgb
+from clipfit.data.dataset import open_checked
+from clipfit.progress import track
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
 from clipfit.cache import FeatureCache, captions_hash, images_hash, starting_model_identity
@@ -36,7 +37,7 @@ class _RegionCrops(Dataset):
 
     def __getitem__(self, i):
         pair = self.pairs[i]
-        image = open_rgb(pair.image, self.max_pixels)
+        image = open_checked(pair, self.max_pixels)
         boxes = self.regions.boxes(pair.key, *image.size)
         return torch.stack([self.preprocess(image.crop(box)) for box in boxes])
 
@@ -54,11 +55,10 @@ def frozen(model: nn.Module):
 def encode_regions(model: nn.Module, pairs, regions: Regions, preprocess, device, batch_size: int,
                    workers: int = 0, max_pixels: int = 0) -> dict[str, Tensor]:
     """{"regions": [Σ R_i, d] normalised crop embeddings in pair order, "region_counts": [pairs]}."""
-    loader = ordered_loader(_RegionCrops(pairs, regions, preprocess, max_pixels), batch_size, workers,
-                            collate_fn=_concat_crops)
     vectors, counts = [], []
-    with frozen(model):
-        for pixels, per_image in loader:
+    with frozen(model), ordered_loader(_RegionCrops(pairs, regions, preprocess, max_pixels), batch_size,
+                                       workers, collate_fn=_concat_crops) as loader:
+        for pixels, per_image in track(loader, "dclip: image regions", len(pairs), size=lambda batch: len(batch[1])):
             vectors.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu())
             counts.append(per_image)
     return {"regions": torch.cat(vectors), "region_counts": torch.cat(counts)}
@@ -121,8 +121,9 @@ def encode_tokens(model: nn.Module, captions: list[str], tokenizer, device, batc
     special = special_token_ids(tokenizer).to(device)
     vectors, counts, sentences = [], [], []
     with frozen(model):
-        for start in range(0, len(captions), batch_size):
-            ids = tokenizer(captions[start:start + batch_size]).to(device)
+        chunks = (captions[start:start + batch_size] for start in range(0, len(captions), batch_size))
+        for chunk in track(chunks, "dclip: caption tokens", len(captions)):
+            ids = tokenizer(chunk).to(device)
             sentence, states = token_states(model, ids)
             content = ~torch.isin(ids, special)
             for row in range(len(ids)):

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
 from clipfit.models import evaluating
+from clipfit.progress import track
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,11 +37,12 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         from clipfit.data.images import BadImage
+        from clipfit.progress import printable
 
         try:
             return self.preprocess(self.load(self.paths[i]))
         except (BadImage, OSError) as e:
-            raise DataError(f"{self.paths[i]}: cannot decode image ({e})") from None
+            raise DataError(f"{printable(self.paths[i])}: {e}") from None
 
 
 def show_progress(quiet: bool) -> bool:
@@ -65,12 +67,14 @@ class Encoder:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def batches(self, loader, description: str):
+        if self.quiet:  # inside a command with its own Progress (refine): a phase of it
+            return track(loader, f"eval: {description}", len(loader), size=lambda _batch: 1)
         if not show_progress(self.quiet):
             return loader
         from rich.console import Console
-        from rich.progress import track
+        from rich.progress import track as rich_track
 
-        return track(loader, description=description, console=Console(stderr=True), transient=True)
+        return rich_track(loader, description=description, console=Console(stderr=True), transient=True)
 
     @torch.no_grad()
     def run(self, encode: Callable, loader, description: str) -> torch.Tensor:
@@ -94,8 +98,8 @@ class Encoder:
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
         """Normalised embeddings of the images at `paths`, computed once per `key`."""
         if ("images", key) not in self.cache:
-            loader = ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers)
-            self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
+            with ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers) as loader:
+                self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
         return self.cache["images", key]
 
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:
