@@ -138,6 +138,95 @@ def number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "n/a"
 
 
+# --- sweep and interpolate -----------------------------------------------------------------
+
+SWEEP_LEFT_OUT = {"resume", "overwrite", "json"}  # a sweep continues its own runs; it prints its own summary
+
+
+def sweep_parameters() -> list[inspect.Parameter]:
+    """refine's options, each value setting a comma list (one run per value)."""
+    from clipfit.config import CONFIG_FIELDS, field_default, flag
+    from clipfit.sweep import gridded_fields
+
+    gridded = set(gridded_fields())
+    params = [p for p in refine_parameters() if p.name not in SWEEP_LEFT_OUT | {"config"}]
+    for i, param in enumerate(params):
+        if param.name in gridded:
+            f = CONFIG_FIELDS[param.name]
+            default = field_default(param.name)
+            option = typer.Option(None, flag(param.name), rich_help_panel=f.metadata["panel"], show_default=False,
+                                  help=f"{f.metadata['help']} Comma list: one run per value"
+                                       + (f" [default: {default}]" if default is not None else ""))
+            params[i] = param.replace(default=option, annotation=Optional[str])
+        elif param.name == "out":
+            params[i] = param.replace(default=typer.Option(..., "--out", rich_help_panel="Output",
+                                                           help="Sweep folder: one run folder per grid point, sweep.md/html/json."))
+    return params
+
+
+def sweep_command(**values: Any) -> None:
+    """Run a grid of refine runs one at a time, compare them and choose one (rerun to continue).
+
+    Every value setting takes a comma list; the grid is their product. Example:
+    clipfit sweep ./pairs --model lite0-minilm --method refine,contrastive --lr 1e-6,1e-5 --val-split 0.2 --out runs/sweep
+    """
+    from clipfit.config import field_default
+    from clipfit.progress import make_progress
+    from clipfit.sweep import gridded_fields, parse_values, sweep
+
+    from clipfit.config import CONFIG_FIELDS
+
+    explicit = explicit_parameters(values.pop("ctx")) & set(CONFIG_FIELDS)
+    pairs = values.pop("pairs")
+    if not pairs:
+        raise typer.BadParameter("missing PAIRS (a folder of image-caption pairs)")
+    axes = {}
+    for name in gridded_fields():
+        text = values.get(name)
+        values[name] = field_default(name)
+        if name in explicit and text is not None:
+            axes[name] = parse_values(name, text)
+    axes = axes or {"method": [values["method"]]}
+    values.update({name: field_default(name) for name in SWEEP_LEFT_OUT})
+    summary = sweep(str(pairs), values, explicit - set(axes), axes, Path(values["out"]), make_progress(values["quiet"]))
+    typer.echo(f"chosen: {summary['chosen_run']} ({summary['selection']['reason']})")
+    typer.echo(f"sweep: {Path(values['out']) / 'sweep.md'}")
+
+
+sweep_command.__signature__ = inspect.Signature(sweep_parameters())
+app.command("sweep", no_args_is_help=True)(sweep_command)
+
+
+@app.command("interpolate", no_args_is_help=True)
+def interpolate_command(
+    run: Path = typer.Argument(..., help="A finished clipfit run folder."),
+    alpha: str = typer.Option("0.25,0.5,0.75", "--alpha", help="α values (comma list, or one): θ = (1−α)·θ_start + α·θ_tuned."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New run folder for the chosen α [default: RUN-wise]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out run folder."),
+    select_best: Optional[str] = typer.Option(None, "--select-best", help="Metric that chooses α [default: the run's --select-best, else mean-R@1]."),
+    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help="Only α whose zero-shot top-1 is at most this many points below the start are eligible [default: the run's]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: the run's]."),
+    tuned: str = typer.Option("model", "--tuned", help="θ_tuned: model (model.safetensors) or last (last.safetensors of a --select-best run)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the final lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """WiSE-FT: interpolate a run's weights towards its starting model, measure each α on the run's
+    validation and --eval-* sets, and write the chosen α as a new run folder with its report."""
+    from clipfit.errors import UsageError
+    from clipfit.interpolate import TUNED_FILES, interpolate, parse_alphas
+    from clipfit.progress import make_progress
+
+    if tuned not in TUNED_FILES:
+        raise UsageError(f"--tuned {tuned!r}: choose one of {', '.join(TUNED_FILES)}")
+    info = interpolate(run, parse_alphas(alpha), out, overwrite, select_best, max_zeroshot_drop, device,
+                       STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json), tuned)
+    if as_json:
+        print_json({k: info[k] for k in ("run_dir", "interpolation", "selection", "before", "after")})
+        return
+    typer.echo(f"chosen α = {info['interpolation']['alpha']:g}: {info['selection']['reason']}")
+    typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
+
+
 # --- data ---------------------------------------------------------------------------------
 
 @data_app.command("check")

@@ -109,6 +109,10 @@ class RefineConfig:
     eval_zeroshot: list[str] = opt(list, "Zero-shot set before/after, DATASET=PATH (repeatable).", PANEL_EVAL)
     eval_retrieval: list[str] = opt(list, "Pairs folder for retrieval before/after (repeatable).", PANEL_EVAL)
     fail_on_zeroshot_drop: Optional[float] = opt(None, "Exit 6 if zero-shot top-1 drops by more than this many points.", PANEL_EVAL)
+    eval_every: int = opt(0, "Measure the validation split and the --eval-* sets every N optimiser steps, logged to metrics.jsonl (0: at the end of each epoch).", PANEL_EVAL)
+    select_best: Optional[str] = opt(None, "Keep the best evaluated step by this metric as model.safetensors, the last as last.safetensors: val/clip_loss, val/text_to_image_R@1, val/image_to_text_R@1, val/modality_gap, mean-R@1, zeroshot/SET/METRIC, retrieval/SET/METRIC.", PANEL_EVAL)
+    patience: Optional[int] = opt(None, "With --select-best: stop after this many evaluations in a row without a new best.", PANEL_EVAL)
+    max_zeroshot_drop: Optional[float] = opt(None, "With --select-best and --eval-zeroshot: only steps whose zero-shot top-1 is at most this many points below the starting model's are eligible.", PANEL_EVAL)
     # performance and output
     workers: int = opt(2, "DataLoader worker processes.", PANEL_PERF)
     cache_images: bool = opt(False, "Decode and resize every image once, into one in-memory tensor shared with the workers (small folders; not with --augment).", PANEL_PERF)
@@ -243,7 +247,7 @@ CHOICES = {
 POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_rank", "ping_k", "dclip_grid", "keep_checkpoints",
             "log_every", "max_image_pixels", "nan_limit")
 NON_NEGATIVE = ("weight_decay", "warmup_steps", "lite_prior_weight", "save_every", "workers", "lora_dropout",
-                "dclip_teacher_epochs")
+                "dclip_teacher_epochs", "eval_every")
 
 
 def flag(name: str) -> str:
@@ -282,6 +286,25 @@ def validate(c: RefineConfig) -> None:
     validate_combinations(c)
 
 
+def validate_selection(c: RefineConfig) -> None:
+    """--select-best's form here; whether this run measures the metric is checked once its sets are known."""
+    import re
+
+    from clipfit.selection import MEAN_R1, SPLIT_METRICS
+
+    form = rf"val/({'|'.join(map(re.escape, SPLIT_METRICS))})|{re.escape(MEAN_R1)}|(zeroshot|retrieval)/[^/]+/[^/]+"
+    if c.select_best is not None and not re.fullmatch(form, c.select_best):
+        raise UsageError(f"--select-best {c.select_best!r}: choose one of {', '.join('val/' + m for m in SPLIT_METRICS)}, "
+                         f"{MEAN_R1}, zeroshot/SET/METRIC or retrieval/SET/METRIC")
+    if c.patience is not None and c.patience < 1:
+        raise UsageError(f"--patience must be at least 1 (got {c.patience})")
+    if c.patience is not None and not c.select_best:
+        raise UsageError("--patience counts evaluations without a new best: it needs --select-best METRIC")
+    if c.max_zeroshot_drop is not None and not (c.select_best and c.eval_zeroshot):
+        raise UsageError("--max-zeroshot-drop limits which steps --select-best may keep: it needs --select-best METRIC "
+                         "and --eval-zeroshot DATASET=PATH")
+
+
 def validate_combinations(c: RefineConfig) -> None:
     if c.lora and (c.lock_image or c.lock_text):
         raise UsageError("--lora freezes the base weights already; --lock-image/--lock-text contradict it")
@@ -291,6 +314,7 @@ def validate_combinations(c: RefineConfig) -> None:
         raise UsageError("--dclip-regions boxes needs --dclip-boxes FILE")
     if c.dclip_boxes and c.dclip_regions != "boxes":
         raise UsageError("--dclip-boxes is only read with --dclip-regions boxes")
+    validate_selection(c)
     if c.fail_on_zeroshot_drop is not None and not c.eval_zeroshot:
         raise UsageError("--fail-on-zeroshot-drop needs --eval-zeroshot DATASET=PATH to measure the drop")
     if c.cache_images and c.augment:

@@ -68,6 +68,41 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
     return ["", f"Regression gate `--fail-on-zeroshot-drop {gate['max_drop']:g}`: {verdict}; top-1 drop in points: {drops}."]
 
 
+def interpolation_lines(interpolation: dict[str, Any] | None) -> list[str]:
+    if not interpolation:
+        return []
+    start = interpolation["start"]
+    return [f"- WiSE-FT interpolation of `{interpolation['source_run']}` at α = {interpolation['alpha']:g}: "
+            f"θ = (1 − α)·θ_start + α·θ_tuned, θ_start = {start['model']} ({start['pretrained']}, seed {start['seed']}); "
+            f"α tried: {', '.join(f'{a:g}' for a in interpolation['alphas'])}. Before is the starting model."]
+
+
+def selection_lines(selection: dict[str, Any] | None) -> list[str]:
+    """--select-best: which step model.safetensors holds, why, and every evaluated step."""
+    if not selection:
+        return []
+    stopped = (f" Training stopped early: {selection['patience']} evaluations in a row without a new best "
+               "(`--patience`)." if selection.get("stopped_early") else "")
+    if "chosen_step" in selection:
+        what = (f"`model.safetensors` holds step {selection['chosen_step']}, `last.safetensors` the last step "
+                f"({selection['last_step']}); the after numbers above are step {selection['chosen_step']}'s.{stopped}")
+    else:
+        what = f"`model.safetensors` holds {selection['chosen']}; the after numbers above are its."
+    lines = ["", f"## Selected (`--select-best {selection['metric']}`, {selection['direction']} is better)", "",
+             f"Kept {selection['reason']}. {what}", ""]
+    return lines + candidates_table(selection)
+
+
+def candidates_table(selection: dict[str, Any]) -> list[str]:
+    lines = [f"| candidate | {selection['metric']} | held-out zero-shot top-1 drop | eligible | kept |",
+             "|---|---:|---:|---|---|"]
+    for c in selection["candidates"]:
+        drop = "" if c["zeroshot_drop"] is None else f"{c['zeroshot_drop']:+.2f}"
+        kept = "★ kept" if c["label"] == selection["chosen"] else ""
+        lines.append(f"| {c['label']} | {fmt(c['score'])} | {drop} | {'yes' if c['eligible'] else 'no'} | {kept} |")
+    return lines
+
+
 def loss_summary(rows: list[dict]) -> list[str]:
     steps = [r for r in rows if "loss" in r]
     if not steps:
@@ -105,12 +140,14 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
         f"{r['parameters']['trainable']:,} of {r['parameters']['total']:,} parameters trained",
         f"- device {r['device']}, precision {c['precision']}, seed {c['seed']}, "
         f"wall time {run_info.get('wall_seconds', 0):.1f} s (training {run_info.get('train_seconds', 0):.1f} s)",
-        "", f"## Before → after ({run_info.get('eval_split', 'validation')})", "",
     ]
+    lines += interpolation_lines(run_info.get("interpolation"))
+    lines += ["", f"## Before → after ({run_info.get('eval_split', 'validation')})", ""]
     lines += grouped_before_after(run_info.get("before", {}), run_info.get("after", {}))
     if "modality_gap" in run_info.get("before", {}):
         lines += ["", GAP_FORMS]
     lines += gate_lines(run_info.get("gate"))
+    lines += selection_lines(run_info.get("selection"))
     lines += ["", "## Loss", ""] + loss_summary(rows) + [""]
     lines += picture_lines(list(pictures))
     sections = method_sections(run_info.get("methods", {}))

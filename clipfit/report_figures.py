@@ -91,4 +91,48 @@ def write_figures(run_dir: Path, run_info: dict[str, Any], rows: list[dict]) -> 
         pictures.append(("Loss curves", LOSS_CURVES))
     if before_after_bars(run_info.get("before", {}), run_info.get("after", {}), run_dir / BEFORE_AFTER):
         pictures.append(("Before and after", BEFORE_AFTER))
+    if selection_figure(run_dir, run_info):
+        pictures.append(("Target gain against held-out zero-shot drop, every evaluated step", SELECTION))
     return pictures
+
+
+SELECTION = "selection.png"
+
+
+def gain_vs_drop(points: list[tuple[str, float | None, float | None]], chosen: int | None, limit: float | None,
+                 gain_label: str, path: Path) -> bool:
+    """Target gain (up is better) against held-out zero-shot top-1 drop (right is worse) for each
+    candidate (label, gain, drop); the chosen one starred, the --max-zeroshot-drop limit dashed."""
+    drawn = [(i, label, gain, drop) for i, (label, gain, drop) in enumerate(points) if gain is not None and drop is not None]
+    if not drawn:
+        return False
+    figure = new_figure(7, 4.5)
+    axes = figure.add_subplot()
+    axes.plot([d for *_, d in drawn], [g for _, _, g, _ in drawn], "o", color="tab:blue", label="evaluated")
+    for _, label, gain, drop in drawn:
+        axes.annotate(label, (drop, gain), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
+    picked = [(g, d) for i, _, g, d in drawn if i == chosen]
+    if picked:
+        axes.plot([picked[0][1]], [picked[0][0]], "*", markersize=18, color="tab:red", label="chosen")
+    if limit is not None:
+        axes.axvline(limit, linestyle="--", color="grey", label=f"--max-zeroshot-drop {limit:g}")
+    axes.axhline(0, color="black", linewidth=0.5)
+    axes.axvline(0, color="black", linewidth=0.5)
+    axes.set_xlabel("held-out zero-shot top-1 drop from the start (points; right is worse)")
+    axes.set_ylabel(gain_label)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    save(figure, path)
+    return True
+
+
+def selection_figure(run_dir: Path, run_info: dict[str, Any]) -> bool:
+    from clipfit.selection import gain_points
+
+    selection = run_info.get("selection")
+    if not selection:
+        return False
+    labels = [c["label"] for c in selection["candidates"]]
+    chosen = labels.index(selection["chosen"]) if selection["chosen"] in labels else None
+    return gain_vs_drop(gain_points(selection), chosen, selection.get("max_zeroshot_drop"),
+                        f"{selection['metric']} gain over the starting model", run_dir / SELECTION)

@@ -216,6 +216,7 @@ class Setup:
 
 def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> dict[str, Any]:
     started = time.time()
+    check_selection(config)
     setup = set_up(pairs_path, config, argv, progress)
     try:
         train_and_finish(setup, argv, started)
@@ -229,11 +230,14 @@ def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
     from clipfit.eval.suite import load_suite
 
     config = setup.config
+    suite = load_suite(config, setup.data.val, setup.progress.warn)
     teacher, locked = precompute_frozen(setup)
     prepare_methods(setup)
-    trainer = make_trainer(setup, argv, teacher, locked)
-    suite = load_suite(config, setup.data.val, setup.progress.warn)
+    trainer = make_trainer(setup, argv, teacher, locked, suite)
     measure_before(setup, suite)
+    if trainer.evaluator is not None and setup.dist.is_main:
+        trainer.evaluator.begin(setup.info["before"])
+        trainer.stopped_early = trainer.evaluator.should_stop()
     train_started = time.time()
     with setup.progress:
         trainer.run()
@@ -353,6 +357,7 @@ def loop_settings(config: RefineConfig, n_items: int, dist):
         seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
         nan_limit=config.nan_limit, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
         log_every=config.log_every, workers=config.workers, rank=dist.rank, world_size=dist.world_size,
+        eval_every=config.eval_every,
     )
     total = config.epochs * steps_per_epoch(n_items, settings)
     settings.total_steps = min(total, config.max_steps) if config.max_steps else total
@@ -416,10 +421,32 @@ def prepare_methods(setup: Setup) -> None:
         param.data = param.data.to(setup.device)
 
 
-def make_trainer(setup: Setup, argv: list[str], teacher, locked):
+def check_selection(config: RefineConfig) -> None:
+    """--select-best names a metric this run will measure: checked before the run folder is made."""
+    from clipfit.eval.suite import set_names
+    from clipfit.selection import check_metric, selectable_metrics
+
+    if config.select_best:
+        has_validation = config.val_split > 0
+        check_metric(config.select_best, selectable_metrics(has_validation, *set_names(config, has_validation)))
+
+
+def make_evaluator(setup: Setup, suite):
+    """Measurements during training, with the before/after code; none when there is nothing to measure."""
+    from clipfit.best import TrainingEvaluations
+    from clipfit.selection import Rule
+
+    c = setup.config
+    if not (setup.data.val or suite):
+        return None
+    rule = Rule(c.select_best, c.max_zeroshot_drop) if c.select_best else None
+    label = f"the model during training (run folder {setup.run_dir}, --eval-every)"
+    return TrainingEvaluations(lambda: measure(setup, suite, label), setup.model, rule, c.patience, bool(setup.data.val))
+
+
+def make_trainer(setup: Setup, argv: list[str], teacher, locked, suite):
     import torch
 
-    from clipfit.eval.encode import encoder_for
     from clipfit.parallel import build_encoder
     from clipfit.towers import frozen_parts
     from clipfit.train import Trainer, build_optimizer, lr_factor, steps_per_epoch
@@ -431,20 +458,11 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.warmup_steps, setup.settings.total_steps, config.schedule))
 
-    def on_epoch_end(epoch: int) -> dict:
-        if not setup.data.val:
-            return {}
-        # the precision of the before/after measurement, so epoch rows and those numbers compare
-        encoder = encoder_for(setup.loaded, model, setup.device, config.batch_size, 0, config.precision,
-                              label=f"the model after epoch {epoch + 1} (validation)")
-        return {f"val_{k}": v for k, v in evaluate_split(model, setup.data.val, setup.loaded, setup.device,
-                                                           config.batch_size, config.max_image_pixels, encoder).items()}
-
     rests = {tower: part.rest for tower, part in locked.parts.items()} if locked else {}
     trainer = Trainer(model=model, methods=setup.composite, dataset=setup.dataset, settings=setup.settings,
                       device=setup.device, run_dir=setup.run_dir, optimizer=optimizer, scheduler=scheduler,
                       teacher=teacher, progress=setup.progress, resume_command=resume_command(argv),
-                      on_epoch_end=on_epoch_end,
+                      evaluator=make_evaluator(setup, suite),
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
                       encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
                       is_main=setup.dist.is_main, locked=locked, trackers=setup.trackers,
@@ -462,16 +480,20 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
 
 
 def measure(setup: Setup, suite, label: str) -> dict[str, float]:
-    """Yardsticks and suite through one encoder, so the validation pairs are encoded once;
-    `label` names the model measured in errors."""
+    return measure_model(setup.model, setup.loaded, setup.data, setup.config, setup.device, suite, label)
+
+
+def measure_model(model, loaded, data: RunData, c: RefineConfig, device, suite, label: str) -> dict[str, float]:
+    """Yardsticks and suite through one encoder, so the validation pairs are encoded once: before,
+    during (--eval-every) and after training, and for each `clipfit interpolate` α. `label` names
+    the model measured in errors."""
     from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
 
-    c = setup.config
-    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision, label=label)
-    pairs, name = eval_pairs(setup.data)
-    results = evaluate_split(setup.model, pairs, setup.loaded, setup.device, c.batch_size, c.max_image_pixels,
-                             encoder, VALIDATION_KEY if setup.data.val else name)
+    encoder = encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label)
+    pairs, name = eval_pairs(data)
+    results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels,
+                             encoder, VALIDATION_KEY if data.val else name)
     results.update(evaluate_suite(suite, encoder, c.max_image_pixels))
     return results
 
@@ -493,7 +515,9 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     from clipfit.report import write_report
 
     info, config = setup.info, setup.config
-    after = measure(setup, suite, f"the trained model (run folder {setup.run_dir}), measured after training")
+    after = measure_last(setup, trainer, suite)
+    if config.select_best:
+        after = keep_best(setup, trainer.evaluator, trainer.stopped_early, after)
     info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
     models.save_model(setup.loaded, setup.model, setup.run_dir)
     for method in setup.composite.methods:
@@ -508,6 +532,42 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     if setup.trackers:  # a run that fails earlier leaves its trackers to their own exit hooks
         setup.trackers.finish(setup.run_dir, after)
         setup.trackers.close()
+
+
+def measure_last(setup: Setup, trainer, suite) -> dict[str, float]:
+    """The last step's numbers: from the evaluations when they measured it, else measured now."""
+    evaluations = trainer.evaluator
+    if evaluations is None:
+        return measure(setup, suite, f"the trained model (run folder {setup.run_dir}), measured after training")
+    trainer.evaluate(trainer.position.epoch, broadcast=False)  # a no-op when this step was measured
+    return evaluations.history[-1]["metrics"]
+
+
+LAST_FILE = "last.safetensors"
+
+
+def keep_best(setup: Setup, evaluations, stopped_early: bool, last: dict[str, float]) -> dict[str, float]:
+    """--select-best: the last weights go to last.safetensors and the chosen step's into the model,
+    which finish() then saves as model.safetensors. Returns the chosen step's numbers."""
+    from clipfit import models
+    from clipfit.selection import metric_value, record
+
+    c, info = setup.config, setup.info
+    choice = evaluations.choice()
+    models.save_state_dict(models.merged_copy(setup.model).state_dict(), setup.run_dir / LAST_FILE,
+                           {"format": "pt", "arch": setup.loaded.arch})
+    chosen = evaluations.history[-1 if choice.index is None else choice.index]  # none eligible: the last stays
+    if chosen is not evaluations.history[-1]:
+        evaluations.load_best_into(setup.model)
+    info["last"] = last
+    info["selection"] = {
+        **record(choice, evaluations.rule), "start_score": metric_value(info["before"], c.select_best),
+        "patience": c.patience, "eval_every": c.eval_every, "chosen_step": chosen["step"],
+        "last_step": evaluations.history[-1]["step"], "stopped_early": stopped_early,
+        "steps": [h["step"] for h in evaluations.history],
+    }
+    setup.progress.info(f"--select-best {c.select_best}: kept {choice.reason(evaluations.rule)}")
+    return chosen["metrics"]
 
 
 def cache_dir(config: RefineConfig) -> Path:

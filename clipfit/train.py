@@ -52,6 +52,7 @@ class LoopSettings:
     workers: int
     rank: int = 0
     world_size: int = 1
+    eval_every: int = 0  # measure every N optimiser steps; 0: at the end of each epoch
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -136,7 +137,7 @@ class Trainer:
     resume_command: str = ""
     position: Position = field(default_factory=Position)
     stop: StopFlag = field(default_factory=StopFlag)
-    on_epoch_end: Callable[[int], dict] | None = None
+    evaluator: Any = None  # measures the model during training (clipfit.best.TrainingEvaluations)
     scaler: Any = None
     is_main: bool = True
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
@@ -145,6 +146,7 @@ class Trainer:
     trackers: Any = None  # clipfit.trackers.Trackers (--report-to), rank 0 only
     data_loader: Loader | None = field(default=None, init=False, repr=False)
     saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
+    stopped_early: bool = field(default=False, init=False)  # the evaluator said stop (--patience)
 
     @property
     def distributed(self) -> Distributed:
@@ -164,6 +166,7 @@ class Trainer:
             "position": vars(self.position).copy(),
             "rng": rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "evaluations": self.evaluator.state_dict() if self.evaluator is not None else {},
         }
 
     def save(self) -> Path | None:
@@ -197,6 +200,8 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.evaluator is not None:
+            self.stopped_early = self.evaluator.load_state_dict(state.get("evaluations", {}))
         step = self.position.step
         if step > self.settings.total_steps:
             raise UsageError(f"--resume refused: the checkpoint is at step {step}, past the {self.settings.total_steps} "
@@ -367,7 +372,7 @@ class Trainer:
             module.eval()
         try:
             with self.stop.installed():
-                while self.position.step < s.total_steps and self.position.epoch < s.epochs:
+                while self.position.step < s.total_steps and self.position.epoch < s.epochs and not self.stopped_early:
                     self.run_epoch(per_epoch)
                     if self.position.batch >= per_epoch * s.grad_accum:
                         self.end_epoch()
@@ -411,6 +416,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.position.step += 1
             self.log_step(values, pairs, time.perf_counter() - started)
+            if s.eval_every and self.position.step % s.eval_every == 0 and self.evaluate(self.position.epoch):
+                return
             started = time.perf_counter()
             if s.save_every and self.position.step % s.save_every == 0:
                 self.save()
@@ -423,12 +430,22 @@ class Trainer:
         finished = self.position.epoch
         self.position.epoch += 1
         self.position.batch = 0
-        summary = self.on_epoch_end(finished) if self.on_epoch_end else {}
-        if summary and self.is_main:
-            self.record({"step": self.position.step, "epoch": finished, **summary})
+        if not self.settings.eval_every:
+            self.evaluate(finished)
         self.save()
         if self.stop:
             self.interrupt()
+
+    def evaluate(self, epoch: int, broadcast: bool = True) -> bool:
+        """Measure the model now (on rank 0; every rank learns its verdict) and log the row; True when
+        the evaluator says stop (--patience)."""
+        if self.evaluator is None:
+            return False
+        measure = lambda: self.evaluator.evaluate(self.position.step, epoch)  # noqa: E731
+        row, self.stopped_early = self.distributed.from_main(measure) if broadcast else measure()
+        if row and self.is_main:
+            self.record({"step": self.position.step, "epoch": epoch, **row})
+        return self.stopped_early
 
     def handle_non_finite(self, terms: str) -> None:
         s = self.settings

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import balanced_subset, count_images, cpu_name  # noqa: E402
+from results import balanced_subset, count_images, cpu_name, kept_sections  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("contrastive", "refine", "lite", "ping", "dclip")
@@ -317,7 +317,7 @@ def main(argv: list[str]) -> None:
         regimes[regime] = {m: done[i * len(args.seeds):(i + 1) * len(args.seeds)] for i, m in enumerate(args.methods)}
     minutes = sum(r.get("wall_seconds", 0) for rs in regimes.values() for runs in rs.values() for r in runs) / 60
     minutes += sum(r.get("wall_seconds", 0) for r in search.values()) / 60
-    write_text(args.markdown, markdown(args, regimes, search, lr, zeroshot, minutes, example))
+    write_text(args.markdown, markdown(args, regimes, search, lr, zeroshot, minutes, example) + kept_sections(args.markdown))
     print(f"wrote {args.markdown} ({(time.time() - started) / 60:.0f} minutes)")
 
 

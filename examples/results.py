@@ -282,6 +282,16 @@ def document(args: argparse.Namespace, runs: dict[str, dict], sizes: dict[str, i
                       "", "## Reading", "", reading(runs, sizes), ""])
 
 
+def kept_sections(markdown: Path) -> str:
+    """Sections other scripts write into docs/results.md (examples/selection_results.py), kept as they are
+    when examples/promises.py rewrites the file."""
+    start, end = "<!-- selection-results:start -->", "<!-- selection-results:end -->"
+    text = markdown.read_text(encoding="utf-8") if markdown.exists() else ""
+    if start not in text or end not in text:
+        return ""
+    return "\n" + start + text.split(start, 1)[1].split(end, 1)[0] + end + "\n"
+
+
 def main(argv: list[str]) -> None:
     from clipfit.io import write_text
 
@@ -290,7 +300,7 @@ def main(argv: list[str]) -> None:
     zeroshot = zeroshot_sets(args)
     runs = run_all(args, zeroshot, passthrough)
     sizes = sample_sizes(runs, zeroshot)
-    write_text(args.markdown, document(args, runs, sizes))
+    write_text(args.markdown, document(args, runs, sizes) + kept_sections(args.markdown))
     print(f"wrote {args.markdown}")
 
 

@@ -164,14 +164,19 @@ def load_cifar(name: str, root: Path) -> LabelledImages:
                           default_templates(), identity)
 
 
+FOLDER_TEMPLATES = "templates.txt"  # a folder set's own prompts, beside its class folders
+
+
 def load_folder(root: Path, classnames: list[str] | None) -> LabelledImages:
     from clipfit.data.images import open_rgb
 
     folders, images, labels = image_folder(root)
     if classnames is not None and len(classnames) != len(folders):
         raise UsageError(f"--classnames has {len(classnames)} names but {root} has {len(folders)} class folders")
+    own = root / FOLDER_TEMPLATES
+    templates = read_templates(own) if own.is_file() else default_templates()
     return LabelledImages(root.resolve().name, str(root.resolve()), images, labels, classnames or folders,
-                          default_templates(), open_rgb)
+                          templates, open_rgb)
 
 
 def load_labelled(dataset: str, path: str | Path, classnames_file: str | None = None,

@@ -43,20 +43,32 @@ def unique_name(name: str, taken: dict) -> str:
     return candidate
 
 
+def set_names(config, with_validation: bool) -> tuple[list[str], list[str]]:
+    """The names load_suite gives the zero-shot and the retrieval sets, known before anything is read."""
+    zeroshot: dict[str, None] = {}
+    for spec in config.eval_zeroshot:
+        dataset, path = parse_zeroshot_spec(spec)
+        zeroshot[unique_name(dataset if dataset != "folder" else Path(path).resolve().name, zeroshot)] = None
+    retrieval: dict[str, None] = {"validation": None} if with_validation else {}
+    for path in config.eval_retrieval:
+        retrieval[unique_name(Path(path).resolve().name, retrieval)] = None
+    return list(zeroshot), list(retrieval)
+
+
 def load_suite(config, val_pairs: list, warn) -> Suite:
     """Read every set once; before and after evaluate the same data."""
     from clipfit.eval.datasets import load_labelled
     from clipfit.eval.retrieval import load_eval_pairs
 
+    zeroshot_names, retrieval_names = set_names(config, bool(val_pairs))
     suite = Suite()
-    for spec in config.eval_zeroshot:
+    for name, spec in zip(zeroshot_names, config.eval_zeroshot):
         dataset, path = parse_zeroshot_spec(spec)
-        name = dataset if dataset != "folder" else Path(path).resolve().name
-        suite.zeroshot[unique_name(name, suite.zeroshot)] = load_labelled(dataset, path)
+        suite.zeroshot[name] = load_labelled(dataset, path)
     if val_pairs:
         suite.retrieval["validation"] = val_pairs
-    for path in config.eval_retrieval:
-        suite.retrieval[unique_name(Path(path).resolve().name, suite.retrieval)] = load_eval_pairs(path, config.workers, warn)
+    for name, path in zip(retrieval_names[bool(val_pairs):], config.eval_retrieval):
+        suite.retrieval[name] = load_eval_pairs(path, config.workers, warn)
     warn_trivial(suite, warn)
     return suite
 
