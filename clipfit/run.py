@@ -443,18 +443,21 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
     return (data.val, "validation") if data.val else (data.train[:256], "training subset")
 
 
-def measure(setup: Setup, suite) -> dict[str, float]:
-    """Yardsticks and suite through one encoder, so the validation pairs are encoded once."""
+def measure(setup: Setup, suite) -> tuple[dict[str, float], dict]:
+    """Yardsticks and suite through one encoder, so the validation pairs are encoded once; also
+    the retrieval facts of the report's gallery, from those same features."""
     from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
+    from clipfit.report_gallery import ranking_facts, sample_indices
 
     c = setup.config
     encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision)
     pairs, name = eval_pairs(setup.data)
+    key = VALIDATION_KEY if setup.data.val else name
     results = evaluate_split(setup.model, pairs, setup.loaded, setup.device, c.batch_size, c.max_image_pixels,
-                             encoder, VALIDATION_KEY if setup.data.val else name)
+                             encoder, key)
     results.update(evaluate_suite(suite, encoder, c.max_image_pixels))
-    return results
+    return results, ranking_facts(encoder.cache["pairs", key], sample_indices(len(pairs), c.seed))
 
 
 def measure_before(setup: Setup, suite) -> None:
@@ -462,7 +465,10 @@ def measure_before(setup: Setup, suite) -> None:
     if not setup.dist.is_main:
         return
     saved = setup.saved
-    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(setup, suite)
+    if saved and saved.get("before"):
+        setup.info["before"], setup.info["gallery_before"] = saved["before"], saved.get("gallery_before")
+    else:
+        setup.info["before"], setup.info["gallery_before"] = measure(setup, suite)
     write_json(setup.run_dir / RUN_JSON, setup.info)
 
 
@@ -473,18 +479,19 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     from clipfit.report import write_report
 
     info, config = setup.info, setup.config
-    after = measure(setup, suite)
+    after, gallery_after = measure(setup, suite)
     info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
     models.save_model(setup.loaded, setup.model, setup.run_dir)
     for method in setup.composite.methods:
         method.save(setup.run_dir)
     info.update({
-        "after": after, "eval_split": eval_pairs(setup.data)[1], **timings, "steps": trainer.position.step,
-        "peak_memory": peak_memory(setup.device), "nan_skipped_steps": trainer.position.nan_skipped,
+        "after": after, "gallery_after": gallery_after, "eval_split": eval_pairs(setup.data)[1], **timings,
+        "steps": trainer.position.step, "peak_memory": peak_memory(setup.device),
+        "nan_skipped_steps": trainer.position.nan_skipped,
         "methods": {m.name: m.report() for m in setup.composite.methods},
     })
     write_json(setup.run_dir / RUN_JSON, info)
-    write_report(setup.run_dir, info)
+    write_report(setup.run_dir, info, eval_pairs(setup.data)[0], config.max_image_pixels)
 
 
 def cache_dir(config: RefineConfig) -> Path:
