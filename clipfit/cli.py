@@ -19,7 +19,7 @@ from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitE
 from clipfit.eval.cli import compare_command, eval_app
 
 EXIT_CODES_HELP = ("Exit status: 0 ok, 1 internal error, 2 usage error, 3 data error, 4 model could not be "
-                   "loaded, 5 training failed (non-finite loss), 6 regression gate failed, 7 output folder "
+                   "loaded or hub not reachable, 5 training failed (non-finite loss), 6 regression gate failed, 7 output folder "
                    "unwritable or full, 130 interrupted (checkpoint saved).")
 
 app = typer.Typer(
