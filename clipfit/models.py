@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from clipfit.errors import ModelError, UsageError
-from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, first_line, hub_source, model_files, tag_files
+from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, check_hub_name, first_line, hub_source, model_files, tag_files
 from clipfit.io import atomic_path
 
 log = logging.getLogger("clipfit")
@@ -100,12 +100,25 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
 
     state = read_state_dict(path)
     state = open_clip.factory.convert_state_dict(model, state) if hasattr(open_clip.factory, "convert_state_dict") else state
+    check_shapes(model, state, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(
             f"{path}: weights do not fit the architecture "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
+
+
+def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """ModelError naming the first tensor whose shape differs from the model's (load_state_dict
+    would raise a many-line RuntimeError listing them all)."""
+    expected = model.state_dict()
+    wrong = [name for name, tensor in state.items() if name in expected and tensor.shape != expected[name].shape]
+    if wrong:
+        name = wrong[0]
+        others = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ModelError(f"{path}: tensor {name} has shape {list(state[name].shape)}, the architecture needs "
+                         f"{list(expected[name].shape)}{others}; these weights are for a different model")
 
 
 def register_config_file(path: Path) -> str:
@@ -177,6 +190,7 @@ def load_pretrained_tag(arch: str, tag: str):
 def load_hub(spec: str) -> LoadedModel:
     import open_clip
 
+    check_hub_name(spec)
     with hub_source(model_files(spec)):  # the tokenizer's config comes from the hub too
         try:
             model, preprocess_train, preprocess_val = create(spec)

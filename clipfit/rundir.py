@@ -104,13 +104,18 @@ def write_config(folder: Path, model_cfg: dict, preprocess_cfg: dict, arch: str,
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    """A run folder's open_clip_config.json; ModelError (exit 4) when it is not one clipfit wrote."""
+    from clipfit.hub import first_line
+
     path = folder / OPEN_CLIP_CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: not a readable open_clip config ({e})") from None
+        raise ModelError(f"{path}: unreadable model config ({first_line(e)})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
-        raise ModelError(f"{path}: has no model_cfg")
+        raise ModelError(f"{path}: not an open_clip model config (no model_cfg object)")
+    if not isinstance(config.get("clipfit"), dict):
+        config["clipfit"] = {}
     return config
 
 
@@ -138,21 +143,28 @@ def quiet_load(offline: bool) -> Iterator[None]:
 
 
 def open_folder(folder: Path):
-    """(model, preprocess_train, preprocess_val, tokenizer, config) through open_clip's `local-dir:`."""
+    """(model, preprocess_train, preprocess_val, tokenizer, config) through open_clip's `local-dir:`.
+
+    open_clip builds the model, its preprocessing and tokenizer from the folder; the weights are
+    then read by clipfit's checked loader, so a damaged or mismatched model.safetensors is one
+    line naming the file and tensor rather than open_clip's traceback (the tensors are the same)."""
     import open_clip
 
+    from clipfit.hub import first_line
+    from clipfit.models import load_weights_into
+
     config = read_config(folder)
-    if not (folder / MODEL_FILE).is_file():
+    weights = folder / MODEL_FILE
+    if not weights.is_file():
         raise ModelError(f"{folder}: run folder has no {MODEL_FILE} (did the run finish? try --resume)")
     spec = f"local-dir:{folder}"
     overrides = text_tower_overrides(folder, config["model_cfg"])
     try:
         with quiet_load(offline=bool(overrides)):
-            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(spec, **overrides)
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                spec, load_weights=False, pretrained_text=False, **overrides)
             tokenizer = open_clip.get_tokenizer(spec)
-    except ModelError:
-        raise
     except Exception as e:  # open_clip and transformers raise many types; --debug shows the cause
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelError(f"{folder}: open_clip cannot load this run folder ({first})") from e
+        raise ModelError(f"{folder}: cannot build the model its {OPEN_CLIP_CONFIG} describes ({first_line(e)})") from e
+    load_weights_into(model, weights)
     return model, preprocess_train, preprocess_val, tokenizer, config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,6 +48,19 @@ def quiet_option() -> Any:
     return typer.Option(False, "--quiet", help="No progress bar.")
 
 
+def warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def warn_trivial(where: str, candidates: int, what: str) -> None:
+    """One line when the set cannot tell models apart (clipfit.eval.metrics.trivial_set)."""
+    from clipfit.eval.metrics import trivial_set
+
+    problem = trivial_set(candidates, what)
+    if problem:
+        warn(f"{where}: {problem}")
+
+
 class Session:
     """One loaded model on one device, with the feature cache of one command."""
 
@@ -78,13 +90,13 @@ class Session:
     def report(self, dataset: str, task: str, metrics: dict[str, float], as_json: bool, out: Optional[Path],
                extra: dict | None = None) -> None:
         from clipfit.eval.results import benchmark_json, print_table
-        from clipfit.io import write_json
+        from clipfit.io import dumps_json, write_json
 
         record = benchmark_json(dataset, self.model_name, self.pretrained, task, metrics, extra)
         if out is not None:
             write_json(out, record)
         if as_json:
-            typer.echo(json.dumps(record, indent=2, sort_keys=True))
+            typer.echo(dumps_json(record))
         else:
             print_table(f"{task} · {dataset} · {self.model_name} ({self.pretrained})", metrics)
 
@@ -104,6 +116,7 @@ def zeroshot_command(
     from clipfit.eval.zeroshot import zeroshot
 
     labelled = load_labelled(dataset, data, classnames, templates)
+    warn_trivial(str(data), len(labelled.classes), "class")
     session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
     metrics = zeroshot(session.encoder, labelled)
     session.report(labelled.name, "zeroshot_classification", metrics, as_json, out,
@@ -114,7 +127,8 @@ def pairs_command(pairs: str, task: str, model: str, pretrained: str, batch_size
                   device: str, as_json: bool, out: Optional[Path], quiet: bool) -> None:
     from clipfit.eval.retrieval import encode_pairs_all_captions, geometry_metrics, load_eval_pairs, retrieval_metrics
 
-    items = load_eval_pairs(pairs, workers, warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    items = load_eval_pairs(pairs, workers, warn=warn)
+    warn_trivial(pairs, len(items), "pair")
     session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
     features = encode_pairs_all_captions(session.encoder, items, str(Path(pairs).resolve()))
     metrics = geometry_metrics(features) if task == "geometry" else {**retrieval_metrics(features), **geometry_metrics(features)}
@@ -160,6 +174,7 @@ def linear_probe_command(
     if optimizer not in ("lbfgs", "adam"):
         raise UsageError(f"--optimizer {optimizer!r}: choose lbfgs or adam")
     splits = probe_splits(data, seed)
+    warn_trivial(str(data), len(splits.train.classes), "class")
     session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
     metrics = linear_probe(session.encoder, splits, optimizer)
     session.report(splits.test.name, "linear_probe", metrics, as_json, out,
@@ -172,9 +187,10 @@ def compare_command(
 ) -> None:
     """Show the before/after metrics of several runs side by side."""
     from clipfit.eval.compare import compare_runs, print_comparison
+    from clipfit.io import dumps_json
 
     table = compare_runs(runs)
     if as_json:
-        typer.echo(json.dumps(table, indent=2, sort_keys=True))
+        typer.echo(dumps_json(table))
     else:
         print_comparison(table)

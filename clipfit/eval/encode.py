@@ -2,6 +2,8 @@
 
 One `Encoder` serves one model state: a command makes one, and refine makes one for the
 starting model and another for the result, so a cache never outlives the weights it holds.
+Every feature any evaluation sees passes `Encoder.run`, which refuses NaN and infinite outputs:
+NaN scores every comparison false, so NaN embeddings would otherwise rank every match first.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from clipfit.errors import DataError
+from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
 from clipfit.models import evaluating
 
@@ -55,6 +57,7 @@ class Encoder:
     workers: int = 0
     precision: str = "fp32"
     quiet: bool = True
+    label: str = "the model"  # names the model in errors
     cache: dict = field(default_factory=dict)
 
     def autocast(self):
@@ -76,7 +79,17 @@ class Encoder:
             for batch in self.batches(loader, description):
                 with self.autocast():
                     outputs.append(encode(batch.to(self.device), normalize=False).float().cpu())
-        return F.normalize(torch.cat(outputs), dim=-1)
+        features = torch.cat(outputs)
+        self.check_finite(features, description)
+        return F.normalize(features, dim=-1)
+
+    def check_finite(self, features: torch.Tensor, description: str) -> None:
+        """Exit 5 naming the model when any embedding holds NaN or infinity."""
+        bad = int((~torch.isfinite(features)).any(dim=-1).sum()) if features.numel() else 0
+        if bad:
+            hint = "" if self.precision == "fp32" else f", or --precision {self.precision} overflowed (try fp32)"
+            raise TrainingError(f"{self.label}: {bad} of {len(features)} embeddings of the {description} are NaN or "
+                                f"infinite; its weights hold non-finite values{hint}")
 
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
         """Normalised embeddings of the images at `paths`, computed once per `key`."""
@@ -92,5 +105,13 @@ class Encoder:
 
 
 def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,
-                quiet: bool = True) -> Encoder:
-    return Encoder(model, loaded.preprocess_val, loaded.tokenizer, device, batch_size, workers, precision, quiet)
+                quiet: bool = True, label: str | None = None) -> Encoder:
+    return Encoder(model, loaded.preprocess_val, loaded.tokenizer, device, batch_size, workers, precision, quiet,
+                   label or model_label(loaded))
+
+
+def model_label(loaded) -> str:
+    """How errors name a loaded model: its run folder, or architecture and weights."""
+    if loaded.source.get("kind") == "run":
+        return f"model {loaded.source['path']}"
+    return f"model {loaded.arch} ({loaded.pretrained})"
