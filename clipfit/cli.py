@@ -141,10 +141,12 @@ def number(value: Any) -> str:
 
 @data_app.command("check")
 def data_check(
-    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs."),
-    layout: str = typer.Option("auto", help="auto, sidecar, hf or csv."),
+    pairs: str = typer.Argument(..., help="Folder (or CSV/Parquet file, or hf://datasets/ORG/NAME) of image-caption pairs."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
+    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are reported, never decoded."),
     context_length: int = typer.Option(77, help="Token limit to count over-long captions against (open_clip's 77)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -152,7 +154,7 @@ def data_check(
     """Validate a pairs folder without training: what is usable, what is not and why."""
     from clipfit.data.check import check_folder
 
-    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, image_column, caption_column, max_pixels=max_image_pixels,
                           context_length=context_length)
     if as_json:
         print_json(report.to_json())
@@ -162,12 +164,14 @@ def data_check(
 
 @data_app.command("shard")
 def data_shard(
-    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs."),
+    pairs: str = typer.Argument(..., help="Folder (or CSV/Parquet file, or hf://datasets/ORG/NAME) of image-caption pairs."),
     out: Path = typer.Argument(..., help="Folder to write the .tar shards and sizes.json into (new or empty)."),
     pairs_per_shard: int = typer.Option(1000, min=1, help="Pairs per .tar shard."),
-    layout: str = typer.Option("auto", help="auto, sidecar, hf or csv."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
+    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are left out."),
 ) -> None:
     """Write WebDataset tar shards (img2dataset's KEY.jpg + KEY.txt members) for --layout webdataset.
@@ -181,7 +185,7 @@ def data_shard(
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: exists and is not an empty folder; choose a new OUT")
-    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, image_column, caption_column, max_pixels=max_image_pixels,
                           find_duplicates=False)
     written = write_shards(report.usable, out, pairs_per_shard)
     left_out = f"; {len(report.skipped)} unusable item(s) left out (`clipfit data check` lists them)" if report.skipped else ""

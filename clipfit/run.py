@@ -44,11 +44,12 @@ def data_hash(pairs: list[Pair]) -> str:
     as the feature cache's keys), so --resume accepts a copied or touched folder and refuses
     changed images, whatever their modification times say."""
     from clipfit.cache import content_digest
+    from clipfit.data.images import stored_in
 
     digest = hashlib.sha256()
-    for pair in pairs:
+    for pair in pairs:  # a table row's key names its row; its content is its table file's
         try:
-            digest.update(json.dumps([pair.key, list(pair.captions), content_digest(pair.image)]).encode())
+            digest.update(json.dumps([pair.key, list(pair.captions), content_digest(stored_in(pair.image))]).encode())
         except OSError as e:
             raise DataError(f"{printable(pair.image)}: vanished or became unreadable after the run checked it "
                             f"({e.strerror or e})") from None
@@ -70,7 +71,8 @@ def split_val(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair]
 def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) -> RunData:
     if config.layout == "webdataset":
         return load_stream(pairs_path, run_dir)
-    pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key)
+    pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key,
+                         config.image_column, config.caption_column)
     check = check_pairset(pairset, max_pixels=config.max_image_pixels, find_duplicates=False,
                           workers=max(1, config.workers))
     for warning in check.warnings:
@@ -164,13 +166,20 @@ def compare_with_saved(run_dir: Path, config: RefineConfig, pairs_path: str) -> 
     saved = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
     old, new = saved["config"], config.to_dict()
     changed = [k for k in new if k not in RESULT_NEUTRAL and old.get(k) != new[k]]
-    if saved.get("pairs") != str(Path(pairs_path).resolve()):
+    if saved.get("pairs") != pairs_location(pairs_path):
         changed.append("PAIRS")
     if changed:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3] if k != "PAIRS")
         raise UsageError(f"--resume refused: settings that change the result differ from the saved run "
                          f"({', '.join(changed)}{'; ' + detail if detail else ''})")
     return saved
+
+
+def pairs_location(pairs_path: str) -> str:
+    """Where the pairs are, as run.json records it: an absolute path, or a hub address as given."""
+    from clipfit.data.tables import HUB_DATASET_PREFIX
+
+    return pairs_path if pairs_path.startswith(HUB_DATASET_PREFIX) else str(Path(pairs_path).resolve())
 
 
 def environment() -> dict[str, Any]:
@@ -262,6 +271,7 @@ class Setup:
     dataset: Any
     settings: Any  # clipfit.train.LoopSettings
     info: dict  # run.json as it grows
+    trackers: Any = None  # clipfit.trackers.Trackers (--report-to), rank 0 only
 
 
 def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> dict[str, Any]:
@@ -294,12 +304,12 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     from clipfit import models
     from clipfit.methods import build_methods, parse_weights
     from clipfit.parallel import local_device, start_distributed
-    from clipfit.progress import Progress
+    from clipfit.progress import Progress, activate
 
     composite = build_methods(config.method, config, parse_weights(config.weight))
     device = models.resolve_device(config.device)
     dist = start_distributed(device)  # under torchrun: rank 0 prepares the folder and the data, and writes
-    progress = progress if dist.is_main else Progress(silent=True)
+    progress = activate(progress if dist.is_main else Progress(silent=True))
     run_dir = dist.from_main(lambda: prepare_run_dir(config))
     saved = compare_with_saved(run_dir, config, pairs_path) if config.resume else None
     data = dist.from_main(lambda: load_data(pairs_path, config, run_dir, progress))
@@ -316,7 +326,7 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     dataset = make_dataset(data, config, loaded, dist.rank, dist.world_size)
     settings = loop_settings(config, len(dataset), dist)
     info = {
-        "clipfit": "run", "run_dir": str(run_dir), "pairs": str(Path(pairs_path).resolve()), "config": config.to_dict(),
+        "clipfit": "run", "run_dir": str(run_dir), "pairs": pairs_location(pairs_path), "config": config.to_dict(),
         "resolved": {"lr": config.resolved_lr(), "device": str(device), "total_steps": settings.total_steps,
                      "world_size": dist.world_size,
                      "train_pairs": len(dataset), "val_pairs": len(data.val), "layout": data.check.layout,
@@ -324,11 +334,20 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
         "model": models.describe(loaded), "data_hash": data.data_hash, "skipped": len(data.check.skipped),
         "environment": environment(), "argv": argv,
     }
+    trackers = start_trackers(config, run_dir) if dist.is_main else None  # a failed login: nothing written yet
     if dist.is_main:
         write_skipped(run_dir, data.check)
     if not config.resume and dist.is_main:
         write_json(run_dir / RUN_JSON, info)
-    return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info)
+    return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info,
+                 trackers)
+
+
+def start_trackers(config: RefineConfig, run_dir: Path):
+    from clipfit.trackers import Trackers, parse_report_to
+
+    names = parse_report_to(config.report_to)
+    return Trackers.start(names, run_dir, config.to_dict()) if names else None
 
 
 def stat_data_hash(pairs: list[Pair]) -> str:
@@ -432,7 +451,7 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
     from clipfit.eval.encode import encoder_for
     from clipfit.parallel import build_encoder
     from clipfit.towers import frozen_parts
-    from clipfit.train import Trainer, build_optimizer, lr_factor
+    from clipfit.train import Trainer, build_optimizer, lr_factor, steps_per_epoch
 
     config, model = setup.config, setup.model
     named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(setup.composite.parameters())]
@@ -456,8 +475,9 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
                       on_epoch_end=on_epoch_end,
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
                       encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
-                      is_main=setup.dist.is_main, locked=locked,
+                      is_main=setup.dist.is_main, locked=locked, trackers=setup.trackers,
                       frozen_modules=[m for part in frozen_parts(model).values() for m in part.modules])
+    setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(setup.dataset), setup.settings))
     resumed = trainer.restore() if config.resume else False
     setup.progress.info(f"training {config.method} on {len(setup.dataset)} pairs for {setup.settings.total_steps} "
                         f"steps" + (f" (resumed at step {trainer.position.step})" if resumed else ""))
@@ -519,6 +539,9 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     })
     write_json(setup.run_dir / RUN_JSON, info)
     write_report(setup.run_dir, info, eval_pairs(setup.data)[0], config.max_image_pixels)
+    if setup.trackers:  # a run that fails earlier leaves its trackers to their own exit hooks
+        setup.trackers.finish(setup.run_dir, after)
+        setup.trackers.close()
 
 
 def cache_dir(config: RefineConfig) -> Path:

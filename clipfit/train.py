@@ -132,6 +132,7 @@ class Trainer:
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
     locked: Any = None  # clipfit.towers.LockedInputs: precomputed inputs of the encoder's cached towers
     frozen_modules: list[nn.Module] = field(default_factory=list)  # kept in eval mode while training
+    trackers: Any = None  # clipfit.trackers.Trackers (--report-to), rank 0 only
     data_loader: DataLoader | None = field(default=None, init=False, repr=False)
     saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
 
@@ -322,7 +323,7 @@ class Trainer:
         self.position.batch = 0
         summary = self.on_epoch_end(finished) if self.on_epoch_end else {}
         if summary and self.is_main:
-            append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.position.step, "epoch": finished, **summary})
+            self.record({"step": self.position.step, "epoch": finished, **summary})
         self.save()
         if self.stop:
             self.interrupt()
@@ -364,7 +365,13 @@ class Trainer:
                "pairs_per_s": pairs / max(seconds, 1e-9), **values}
         self.progress.step(row, s.total_steps)
         if self.is_main and (step % s.log_every == 0 or step == s.total_steps or step == 1):
-            append_jsonl(self.run_dir / "metrics.jsonl", row)
+            self.record(row)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """The one place metrics rows are written: metrics.jsonl, and the --report-to trackers."""
+        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        if self.trackers:
+            self.trackers.log(row)
 
 
 class NonFinite(Exception):

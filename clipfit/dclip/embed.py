@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from clipfit.data.dataset import open_checked
+from clipfit.progress import track
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
 from clipfit.cache import FeatureCache, captions_hash, images_hash, starting_model_identity
@@ -58,7 +59,7 @@ def encode_regions(model: nn.Module, pairs, regions: Regions, preprocess, device
                             collate_fn=_concat_crops)
     vectors, counts = [], []
     with frozen(model):
-        for pixels, per_image in loader:
+        for pixels, per_image in track(loader, "dclip: image regions", len(pairs), size=lambda batch: len(batch[1])):
             vectors.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu())
             counts.append(per_image)
     return {"regions": torch.cat(vectors), "region_counts": torch.cat(counts)}
@@ -121,8 +122,9 @@ def encode_tokens(model: nn.Module, captions: list[str], tokenizer, device, batc
     special = special_token_ids(tokenizer).to(device)
     vectors, counts, sentences = [], [], []
     with frozen(model):
-        for start in range(0, len(captions), batch_size):
-            ids = tokenizer(captions[start:start + batch_size]).to(device)
+        chunks = (captions[start:start + batch_size] for start in range(0, len(captions), batch_size))
+        for chunk in track(chunks, "dclip: caption tokens", len(captions)):
+            ids = tokenizer(chunk).to(device)
             sentence, states = token_states(model, ids)
             content = ~torch.isin(ids, special)
             for row in range(len(ids)):

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
 from clipfit.models import evaluating
+from clipfit.progress import track
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,12 +67,14 @@ class Encoder:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def batches(self, loader, description: str):
+        if self.quiet:  # inside a command with its own Progress (refine): a phase of it
+            return track(loader, f"eval: {description}", len(loader), size=lambda _batch: 1)
         if not show_progress(self.quiet):
             return loader
         from rich.console import Console
-        from rich.progress import track
+        from rich.progress import track as rich_track
 
-        return track(loader, description=description, console=Console(stderr=True), transient=True)
+        return rich_track(loader, description=description, console=Console(stderr=True), transient=True)
 
     @torch.no_grad()
     def run(self, encode: Callable, loader, description: str) -> torch.Tensor:

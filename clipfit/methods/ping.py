@@ -109,10 +109,9 @@ class Ping(Method):
         loaded = encoder.load()
         batch, workers = self.config.batch_size, self.config.workers
         if tower == "image":
-            bank = image_bank(pairs, loaded.encode, loaded.preprocess, batch, workers,
-                              self.config.max_image_pixels, ctx.log)
+            bank = image_bank(pairs, loaded.encode, loaded.preprocess, batch, workers, self.config.max_image_pixels)
         else:
-            bank = text_bank(pairs, loaded.encode, batch, ctx.log)
+            bank = text_bank(pairs, loaded.encode, batch)
         return {"bank": bank}
 
     def find_neighbours(self, cache: FeatureCache, bank_keys: dict, ctx) -> None:
