@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import signal
 import sys
 import traceback
 import typing
@@ -372,6 +373,24 @@ def is_usage_error(error: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; expected failures print one line and exit with their documented status."""
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # as Ctrl-C until training takes over
+    STATE.pop("interrupted_by", None)
+    try:
+        run_command(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        workers = sys.modules.get("clipfit.data.workers")  # imported only by commands that start workers
+        if workers is not None:
+            workers.end_workers()  # before multiprocessing's exit handler, which would wait forever for them
+
+
+def stop_on_sigterm(_signum, _frame) -> None:
+    """SIGTERM outside the training loop is handled like Ctrl-C (the loop checkpoints on both)."""
+    STATE["interrupted_by"] = " by SIGTERM"
+    raise KeyboardInterrupt
+
+
+def run_command(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     STATE["argv"] = list(args)  # as typed: the resume command repeats it
     if "--debug" in args:  # accepted anywhere, not only before the command
@@ -389,8 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"clipfit: error: {printable(message_of(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        print("clipfit: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
     except Exception as e:
         if is_usage_error(e):  # typer/click's own parse errors know how to show themselves
             e.show()
@@ -402,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(EXIT_INTERNAL)
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a *returned* 130 outside standalone mode
-        print("clipfit: interrupted", file=sys.stderr)
+        print(f"clipfit: interrupted{STATE.pop('interrupted_by', '')}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -13,12 +13,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from clipfit.cache import (CACHE_FORMAT, CACHE_SUBDIR, CacheEntry, FeatureCache, cache_key,
                            captions_hash, encoder_identity, files_fingerprint, first_rows, images_hash,
                            items_built_by_rank, load_mapped, read_header, starting_model_identity)
 from clipfit.data.dataset import open_checked
+from clipfit.data.workers import Loader
 from clipfit.progress import track
 
 __all__ = ["ordered_loader", "image_bank", "text_bank",
@@ -28,11 +29,12 @@ __all__ = ["ordered_loader", "image_bank", "text_bank",
            "load_mapped", "read_header", "starting_model_identity"]
 
 
-def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> DataLoader:
-    """A DataLoader in item order that leaves the global random stream alone: iterating a plain
+def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> Loader:
+    """A loader in item order that leaves the global random stream alone: iterating a plain
     DataLoader draws a worker seed from it, and whether a feature-cache hit skips a loop must
-    not change what the rest of the run draws."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+    not change what the rest of the run draws. Use it as `with ordered_loader(...) as loader:`,
+    so its workers end with the block."""
+    return Loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                       generator=torch.Generator(), **kwargs)
 
 
@@ -57,8 +59,8 @@ def image_bank(pairs, encode: Callable[[Tensor], Tensor], preprocess: Callable, 
     `encode` maps a batch of preprocessed pixels to embeddings; `preprocess` is the encoder's
     evaluation transform (no augmentation), so the bank does not depend on the epoch.
     """
-    loader = ordered_loader(_Images(pairs, preprocess, max_pixels), batch_size, workers)
-    rows = [F.normalize(encode(pixels).float(), dim=-1) for pixels in track(loader, "bank: images", len(pairs))]
+    with ordered_loader(_Images(pairs, preprocess, max_pixels), batch_size, workers) as loader:
+        rows = [F.normalize(encode(pixels).float(), dim=-1) for pixels in track(loader, "bank: images", len(pairs))]
     return torch.cat(rows)
 
 

@@ -23,11 +23,10 @@ from torch import nn
 from clipfit.errors import ModelError, UsageError
 from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, check_hub_name, first_line, hub_source, model_files, tag_files
 from clipfit.io import atomic_path
+from clipfit.rundir import ADAPTER_DIR, MODEL_FILE, OPEN_CLIP_CONFIG, is_run_dir  # noqa: F401  (re-exported)
 
 log = logging.getLogger("clipfit")
 
-from clipfit.rundir import MODEL_FILE, OPEN_CLIP_CONFIG, is_run_dir  # noqa: F401  (re-exported)
-ADAPTER_DIR = "adapter"
 DEFAULT_LORA_TARGETS = ("attn", "c_fc", "c_proj")
 # `--lora-targets auto`: open_clip transformers' attention and MLP, Hugging Face text towers'
 # attention projections; whichever the model has.

@@ -74,9 +74,9 @@ def encode_share(dataset, encode_images: Encode | None, encode_texts: Encode | N
     """Rows of the items in `part`: "images" (one per item) and "texts" (one per caption)."""
     rows = {}
     if encode_images is not None:
-        loader = ordered_loader(Subset(_DatasetImages(dataset), part), batch_size, workers)
-        rows["images"] = torch.cat([encode_images(pixels).float().cpu()
-                                    for pixels in track(loader, "precompute: images", len(part))])
+        with ordered_loader(Subset(_DatasetImages(dataset), part), batch_size, workers) as loader:
+            rows["images"] = torch.cat([encode_images(pixels).float().cpu()
+                                        for pixels in track(loader, "precompute: images", len(part))])
     if encode_texts is not None:
         captions = [caption for i in part for caption in dataset.pairs[i].captions]
         chunks = (captions[start:start + batch_size] for start in range(0, len(captions), batch_size))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfit.io import read_jsonl, write_text
+from clipfit.rundir import METRICS_JSONL, REPORT_HTML, REPORT_MD
 
 LOWER_IS_BETTER = {"clip_loss", "modality_gap", "modality_gap_mse", "alignment", "uniformity_image", "uniformity_text"}
 
@@ -139,10 +140,10 @@ def write_report(run_dir: Path, run_info: dict[str, Any], pairs=None, max_pixels
     from clipfit.report_gallery import gallery_html
     from clipfit.report_html import markdown_to_html
 
-    path = run_dir / "report.md"
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    path = run_dir / REPORT_MD
+    rows = read_jsonl(run_dir / METRICS_JSONL)
     markdown = render(run_info, rows, write_figures(run_dir, run_info, rows), pairs)
     write_text(path, markdown)
     gallery = gallery_html(pairs, run_info.get("gallery_before"), run_info.get("gallery_after"), max_pixels)
-    write_text(run_dir / "report.html", markdown_to_html(markdown, run_dir, f"clipfit run {run_dir.name}", gallery))
+    write_text(run_dir / REPORT_HTML, markdown_to_html(markdown, run_dir, f"clipfit run {run_dir.name}", gallery))
     return path

@@ -19,10 +19,11 @@ from typing import Any
 
 from clipfit.errors import UsageError
 
-TRACKERS = ("tensorboard", "wandb")
-PICTURES = ("loss_curves.png", "before_after.png")
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
+
+TRACKERS = ("tensorboard", "wandb")
+PICTURES = ("loss_curves.png", "before_after.png")
 WANDB_PROJECT = "clipfit"
 
 

@@ -55,10 +55,9 @@ def frozen(model: nn.Module):
 def encode_regions(model: nn.Module, pairs, regions: Regions, preprocess, device, batch_size: int,
                    workers: int = 0, max_pixels: int = 0) -> dict[str, Tensor]:
     """{"regions": [Σ R_i, d] normalised crop embeddings in pair order, "region_counts": [pairs]}."""
-    loader = ordered_loader(_RegionCrops(pairs, regions, preprocess, max_pixels), batch_size, workers,
-                            collate_fn=_concat_crops)
     vectors, counts = [], []
-    with frozen(model):
+    with frozen(model), ordered_loader(_RegionCrops(pairs, regions, preprocess, max_pixels), batch_size,
+                                       workers, collate_fn=_concat_crops) as loader:
         for pixels, per_image in track(loader, "dclip: image regions", len(pairs), size=lambda batch: len(batch[1])):
             vectors.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu())
             counts.append(per_image)

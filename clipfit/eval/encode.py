@@ -98,8 +98,8 @@ class Encoder:
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
         """Normalised embeddings of the images at `paths`, computed once per `key`."""
         if ("images", key) not in self.cache:
-            loader = ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers)
-            self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
+            with ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers) as loader:
+                self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
         return self.cache["images", key]
 
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:

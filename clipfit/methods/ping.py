@@ -23,8 +23,9 @@ from clipfit.features import image_bank, text_bank
 from clipfit.losses import clip_loss, ping_loss
 from clipfit.methods.base import Method
 from clipfit.neighbours import index_kind, nearest_neighbours
+from clipfit.rundir import PING_HEADS
 
-HEADS_FILE = "ping_heads.safetensors"
+HEADS_FILE = PING_HEADS
 BANK_FORMAT = 1
 HEAD_NAMES = ("h_I", "h_T", "x_I", "x_T")
 
