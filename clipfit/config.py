@@ -37,6 +37,7 @@ RESULT_NEUTRAL = {"out", "overwrite", "resume", "quiet", "json", "debug", "worke
 @dataclass
 class RefineConfig:
     # run
+    recipe: str = opt("clipfit", "Defaults: clipfit (tuned for small data, docs/methods.md) or paper: every training setting the method's authors' code sets (refine, lite, dclip; flags given still win).", PANEL_RUN)
     method: str = opt("contrastive", "Method, or several joined by + (e.g. refine+lite); `clipfit methods` lists them.", PANEL_RUN)
     model: str = opt("ViT-B-32", "open_clip architecture, hf-hub:org/name, model-config JSON, clipfit run folder, or lite0-minilm.", PANEL_RUN)
     pretrained: str = opt("openai", "open_clip pretrained tag, a .safetensors/.pt/.bin file, or 'none' (random init).", PANEL_RUN)
@@ -58,11 +59,15 @@ class RefineConfig:
     epochs: int = opt(1, "Passes over the training pairs.")
     max_steps: Optional[int] = opt(None, "Stop after this many optimiser steps.")
     batch_size: int = opt(32, "Pairs per step (per process).")
-    grad_accum: int = opt(1, "Micro-batches accumulated per optimiser step.")
+    grad_accum: int = opt(1, "Micro-batches per optimiser step, trained as ONE batch of batch-size x N: every batch-level loss sees all their pairs (open_clip's --accum-freq). Costs one extra forward (without gradients) per micro-batch.")
     lr: Optional[float] = opt(None, "AdamW learning rate [default: 1e-5 full fine-tuning, 1e-4 with --lora].")
-    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, logit scale).")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, logit scale unless --decay-all).")
+    decay_all: bool = opt(False, "Apply weight decay to every parameter (torch's AdamW(model.parameters()), as CLIP-Refine's and DCLIP's code).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.98, "AdamW beta2 (open_clip's 0.98; torch's default is 0.999).")
+    adam_eps: float = opt(1e-6, "AdamW epsilon (open_clip's 1e-6; torch's default is 1e-8).")
     warmup_steps: int = opt(0, "Linear warm-up steps.")
-    schedule: str = opt("constant", "Learning-rate schedule after warm-up: constant or cosine.")
+    schedule: str = opt("constant", "Learning-rate schedule after warm-up: constant, cosine, or linear (down to 0 at the last step).")
     seed: int = opt(0, "Seed for data order, caption choice, random draws and init.")
     precision: str = opt("fp32", "fp32, bf16 or fp16 (autocast; fp16 uses a grad scaler on CUDA).")
     grad_clip: Optional[float] = opt(None, "Clip the gradient norm to this value.")
@@ -81,9 +86,9 @@ class RefineConfig:
     rafa_sigma: float = opt(1.0, "refine: std of RaFA's random reference z ~ N(0, sigma^2 I).", PANEL_METHOD)
     hycd_alpha: float = opt(0.5, "refine: HyCD weight of the identity in the target Q = a I + (1-a) softmax(G/T).", PANEL_METHOD)
     hycd_temperature: float = opt(1.0, "refine: HyCD distillation temperature T.", PANEL_METHOD)
-    hycd_logits: str = opt("raw-dot", "refine: HyCD logits: raw-dot (unnormalised, authors') or scaled-cos.", PANEL_METHOD)
+    hycd_logits: str = opt("auto", "refine: HyCD logits: raw-dot (unnormalised, authors'), scaled-cos, or auto: whichever makes the starting model the better in-batch teacher on the first training pairs (said in the log, run.json and report).", PANEL_METHOD)
     # method options: CLIP-Lite
-    lite_critic: str = opt("logit-scale", "lite: critic scale: logit-scale (model's) or learned (separate, init 1/0.07).", PANEL_METHOD)
+    lite_critic: str = opt("heads", "lite: critic: heads (the authors': exp(t)·cos of MLP+LayerNorm heads, t learned from ln(1/0.07); saved as lite_critic.safetensors), learned (exp(t)·cos of the embeddings) or logit-scale (the model's own scale times cos).", PANEL_METHOD)
     lite_negatives: str = opt("roll", "lite: negative for pair i: roll (caption i+1) or shuffle (seeded derangement).", PANEL_METHOD)
     lite_prior_weight: float = opt(0.0, "lite: weight of the authors' prior-matching term (off for pre-trained models).", PANEL_METHOD)
     # method options: CLIP-PING
@@ -99,6 +104,7 @@ class RefineConfig:
     dclip_teacher: Optional[str] = opt(None, "dclip: reuse a trained teacher.safetensors (skips stage 1).", PANEL_METHOD)
     dclip_teacher_epochs: int = opt(5, "dclip: teacher training epochs.", PANEL_METHOD)
     dclip_teacher_lr: float = opt(1e-5, "dclip: teacher Adam learning rate.", PANEL_METHOD)
+    dclip_vision: str = opt("proj", "dclip: image-tower weights that train: proj (the authors': only those whose name contains 'proj', i.e. attention and output projections) or all.", PANEL_METHOD)
     # evaluation
     eval_zeroshot: list[str] = opt(list, "Zero-shot set before/after, DATASET=PATH (repeatable).", PANEL_EVAL)
     eval_retrieval: list[str] = opt(list, "Pairs folder for retrieval before/after (repeatable).", PANEL_EVAL)
@@ -206,30 +212,33 @@ def checked_value(path: Path, name: str, value: Any) -> Any:
 
 
 def build_config(cli_values: dict[str, Any], explicit: set[str], toml: dict[str, Any] | None) -> RefineConfig:
-    """Defaults < TOML < flags given on the command line."""
+    """Defaults < the paper recipe (--recipe paper) < TOML < flags given on the command line."""
     values = {name: field_default(name) for name in CONFIG_FIELDS}
-    for name, value in (toml or {}).items():
-        if name in CONFIG_FIELDS:
-            values[name] = value
-    for name in explicit:
-        if name in CONFIG_FIELDS:
-            values[name] = cli_values[name]
+    given = {name: value for name, value in (toml or {}).items() if name in CONFIG_FIELDS}
+    given.update({name: cli_values[name] for name in explicit if name in CONFIG_FIELDS})
+    if given.get("recipe") == "paper":
+        from clipfit.methods.recipes import paper_recipe
+
+        values.update(paper_recipe(given.get("method", values["method"])))
+    values.update(given)
     config = RefineConfig(**values)
     validate(config)
     return config
 
 
 CHOICES = {
-    "schedule": ("constant", "cosine"),
+    "recipe": ("clipfit", "paper"),
+    "schedule": ("constant", "cosine", "linear"),
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
     "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset"),
-    "hycd_logits": ("raw-dot", "scaled-cos"),
-    "lite_critic": ("logit-scale", "learned"),
+    "hycd_logits": ("auto", "raw-dot", "scaled-cos"),
+    "lite_critic": ("heads", "learned", "logit-scale"),
     "lite_negatives": ("roll", "shuffle"),
     "ping_index": ("auto", "flat", "ivf"),
     "dclip_regions": ("grid", "boxes"),
+    "dclip_vision": ("proj", "all"),
 }
 POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_rank", "ping_k", "dclip_grid", "keep_checkpoints",
             "log_every", "max_image_pixels", "nan_limit")
@@ -259,9 +268,12 @@ def validate(c: RefineConfig) -> None:
         raise UsageError(f"--max-steps must be at least 1 (got {c.max_steps})")
     if c.grad_clip is not None and c.grad_clip <= 0:
         raise UsageError(f"--grad-clip must be positive (got {c.grad_clip})")
-    for name in ("rafa_sigma", "hycd_temperature", "ping_temperature", "dclip_teacher_lr"):
+    for name in ("rafa_sigma", "hycd_temperature", "ping_temperature", "dclip_teacher_lr", "adam_eps"):
         if getattr(c, name) <= 0:
             raise UsageError(f"{flag(name)} must be positive (got {getattr(c, name)})")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise UsageError(f"{flag(name)} must be in [0, 1) (got {getattr(c, name)})")
     if not 0 <= c.hycd_alpha <= 1:
         raise UsageError(f"--hycd-alpha must be in [0, 1] (got {c.hycd_alpha})")
     if not 0 <= c.lite_prior_weight < 1:

@@ -24,14 +24,26 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+def info_nce(a: Tensor, b: Tensor, temperature: float, ignore: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE between rows of a and b at a fixed temperature τ.
 
     L = ½ [ CE(â b̂ᵀ / τ, y) + CE(b̂ âᵀ / τ, y) ] with â, b̂ the L2-normalised rows and y_i = i.
+    `ignore` (B×B bool, symmetric, False on the diagonal) drops pairs (i, j) from both softmaxes:
+    logits −∞, so they count as neither positive nor negative.
     """
     a = F.normalize(a, dim=-1)
     b = F.normalize(b, dim=-1)
-    return clip_loss(a, b, 1.0 / temperature)
+    logits = a @ b.T / temperature
+    if ignore is not None:
+        logits = logits.masked_fill(ignore.to(logits.device), float("-inf"))
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def same_item(ids: Tensor) -> Tensor:
+    """B×B bool: rows i ≠ j whose ids are equal (the same item, e.g. the same neighbour)."""
+    same = ids[:, None] == ids[None, :]
+    return same & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
 
 
 def rafa_loss(image_features: Tensor, text_features: Tensor, reference: Tensor) -> Tensor:
@@ -136,19 +148,28 @@ def prior_matching_loss(prior_logits: Tensor, feature_logits: Tensor) -> Tensor:
 
 
 def ping_loss(image_projection: Tensor, text_projection: Tensor, image_target: Tensor, text_target: Tensor,
-              temperature: float) -> Tensor:
+              temperature: float, image_target_ids: Tensor | None = None,
+              text_target_ids: Tensor | None = None) -> Tensor:
     """One neighbour-guidance term of CLIP-PING (our reconstruction of Thwal et al. 2024).
 
-    With InfoNCE(a, b) the symmetric in-batch loss of `info_nce` at temperature τ:
-        L = ½ [ InfoNCE(image_projection, image_target) + InfoNCE(text_projection, text_target) ]
-    Row i of each target is the frozen-bank embedding of pair i's neighbour. The method calls it twice:
+    With InfoNCE(a, b; M) the symmetric in-batch loss of `info_nce` at temperature τ, ignoring the
+    pairs in M:
+        L = ½ [ InfoNCE(image_projection, image_target; M_I) + InfoNCE(text_projection, text_target; M_T) ]
+    Row i of each target is the frozen-bank embedding of pair i's neighbour. M_I = {(i, j): i ≠ j,
+    image_target_ids_i = image_target_ids_j}: two pairs whose neighbour is the same item have the
+    same target, which is not a negative of either (likewise M_T; no ids, nothing ignored). The
+    method calls it twice:
         L_NN  = ping_loss(h_I(f_v), h_T(f_t), u_NN_I(i), w_NN_T(i), τ)   (intra-modal neighbours)
         L_XNN = ping_loss(x_I(f_v), x_T(f_t), w_NN_T(i), u_NN_I(i), τ)   (cross-modal neighbours)
     where f_v, f_t are the student's normalised embeddings, h_·, x_· learnable linear heads, u the
     frozen image bank and w the frozen text bank. Targets are constants: no gradient reaches them.
     """
-    return 0.5 * (info_nce(image_projection, image_target.detach(), temperature)
-                  + info_nce(text_projection, text_target.detach(), temperature))
+    image_ignore = same_item(image_target_ids) if image_target_ids is not None else None
+    text_ignore = same_item(text_target_ids) if text_target_ids is not None else None
+    return 0.5 * (info_nce(image_projection, image_target.detach(), temperature, image_ignore)
+                  + info_nce(text_projection, text_target.detach(), temperature, text_ignore))
+
+
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     """Mean cosine distance of matched rows: L = (1/B) Σ_i (1 − cos(a_i, b_i)); inputs need not be normalised."""
     return (1 - F.cosine_similarity(a, b, dim=-1)).mean()

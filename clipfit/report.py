@@ -8,6 +8,8 @@ from typing import Any
 from clipfit.io import read_jsonl, write_text
 from clipfit.rundir import METRICS_JSONL, REPORT_HTML, REPORT_MD
 
+GAP_FORMS = ("modality_gap: L2 distance between the centroids of the normalised image and text embeddings; "
+             "modality_gap_mse: the squared centroid difference averaged over dimensions.")
 LOWER_IS_BETTER = {"clip_loss", "modality_gap", "modality_gap_mse", "alignment", "uniformity_image", "uniformity_text"}
 
 
@@ -123,6 +125,8 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
         "", f"## Before → after ({run_info.get('eval_split', 'validation')})", "",
     ]
     lines += grouped_before_after(run_info.get("before", {}), run_info.get("after", {}))
+    if "modality_gap" in run_info.get("before", {}):
+        lines += ["", GAP_FORMS]
     lines += gate_lines(run_info.get("gate"))
     lines += ["", "## Loss", ""] + loss_summary(rows) + [""]
     lines += picture_lines(list(pictures))

@@ -295,6 +295,7 @@ def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, a
     random.seed(config.seed)
     loaded = models.load_model(config.model, config.pretrained)
     model = prepare_model(loaded, config, device)
+    composite.restrict(model, progress.info)
     counts = models.count_parameters(model)
     if counts["trainable"] == 0:
         raise UsageError("nothing to train: every parameter is frozen (check --lock-image/--lock-text)")
@@ -425,7 +426,8 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
 
     config, model = setup.config, setup.model
     named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(setup.composite.parameters())]
-    optimizer = build_optimizer(named, config.resolved_lr(), config.weight_decay)
+    optimizer = build_optimizer(named, config.resolved_lr(), config.weight_decay, (config.adam_beta1, config.adam_beta2),
+                                config.adam_eps, config.decay_all)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.warmup_steps, setup.settings.total_steps, config.schedule))
 

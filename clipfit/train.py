@@ -59,21 +59,29 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bias" in name or "logit_scale" in name or ".ln" in name or "norm" in name
 
 
-def build_optimizer(named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float):
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, decay_all: bool = False):
+    """AdamW; open_clip's decay groups unless `decay_all` (decay on every parameter, torch's plain
+    AdamW(model.parameters()) as CLIP-Refine's and DCLIP's code use it)."""
     trainable = [(n, p) for n, p in named_params if p.requires_grad]
+    exempt = (lambda n, p: False) if decay_all else no_decay
     groups = [
-        {"params": [p for n, p in trainable if no_decay(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in trainable if not no_decay(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in trainable if exempt(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in trainable if not exempt(n, p)], "weight_decay": weight_decay},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then constant, cosine to 0, or linear to 0 (at `total`),
+    the last as transformers' get_linear_schedule_with_warmup."""
     if warmup and step < warmup:
         return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
     return 1.0
 
 
@@ -204,39 +212,102 @@ class Trainer:
     def autocast(self):
         return self.autocast_for(self.device, self.settings.precision)()
 
-    def step_inputs(self, batch: dict) -> StepInputs:
+    def encoder_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the encoder takes for this batch: pixels and tokens, or locked towers' rows."""
         inputs = {"image": batch.get("image"), "text": batch["text"]}
         if self.locked is not None:
             inputs.update(self.locked.step_inputs(batch, self.device))
-        images = inputs["image"].to(self.device, non_blocking=True)
-        texts = inputs["text"].to(self.device, non_blocking=True)
-        image_raw, text_raw, logit_scale = self.encoder(images, texts)
+        return (inputs["image"].to(self.device, non_blocking=True),
+                inputs["text"].to(self.device, non_blocking=True))
+
+    def step_inputs(self, window: list[dict], images: torch.Tensor, texts: torch.Tensor, image_raw: torch.Tensor,
+                    text_raw: torch.Tensor, logit_scale: torch.Tensor) -> StepInputs:
+        """The step's batch: every micro-batch of the window, rows in window order."""
         cached: list = []
 
         def teacher():
             if not cached:
-                cached.append(self.teacher(batch))
+                outputs = [self.teacher(batch) for batch in window]
+                cached.append(tuple(torch.cat(rows) for rows in zip(*outputs)))
             return cached[0]
 
+        captions = [batch.get("caption") for batch in window]
+        # One draw per step over the whole batch: every pair of every micro-batch gets its own.
         generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.position.step)
         return StepInputs(
-            images=images, texts=texts, indices=batch["index"], image_raw=image_raw, text_raw=text_raw,
+            images=images, texts=texts, indices=torch.cat([batch["index"] for batch in window]),
+            image_raw=image_raw, text_raw=text_raw,
             image=nn.functional.normalize(image_raw, dim=-1), text=nn.functional.normalize(text_raw, dim=-1),
             logit_scale=logit_scale, generator=generator, step=self.position.step, teacher=teacher,
-            captions=batch.get("caption"), gather=lambda t: gather_features(t, self.distributed),
+            captions=None if captions[0] is None else torch.cat(captions),
+            gather=lambda t: gather_features(t, self.distributed),
         )
 
-    def micro_step(self, batch: dict) -> dict[str, float]:
-        with self.autocast():
-            parts = self.methods.losses(self.step_inputs(batch))
-            total = self.methods.total(parts)
+    def loss(self, step: StepInputs) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's weighted loss, and its parts as numbers for the log."""
+        parts = self.methods.losses(step)
+        total = self.methods.total(parts)
         if not torch.isfinite(total):
             bad = [name for name, value in parts.items() if not torch.isfinite(value)] or ["total"]
             raise NonFinite(", ".join(bad))
-        scaled = total.float() / self.settings.grad_accum
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         values = {name: value.detach().float().item() for name, value in parts.items()}
         values["loss"] = total.detach().float().item()
+        return total, values
+
+    def backward(self, total: torch.Tensor) -> None:
+        total = total.float()
+        (self.scaler.scale(total) if self.scaler is not None else total).backward()
+
+    def step_gradients(self, window: list[dict]) -> dict[str, float]:
+        """Gradients of one optimiser step over the micro-batches in `window` (--grad-accum)."""
+        if len(window) == 1:
+            with self.autocast():
+                images, texts = self.encoder_inputs(window[0])
+                total, values = self.loss(self.step_inputs(window, images, texts, *self.encoder(images, texts)))
+            self.backward(total)
+            return values
+        return self.accumulated_gradients(window)
+
+    def accumulated_gradients(self, window: list[dict]) -> dict[str, float]:
+        """Several micro-batches as ONE contrastive batch, the gradient of open_clip's --accum-freq.
+
+        1. Encode every micro-batch without gradients (each forward's RNG state is kept).
+        2. Compute the methods' loss once over the whole batch, on those embeddings as leaf
+           tensors: every batch-level term sees all rows as negatives; backward stops at them.
+        3. Re-run each micro-batch's forward with gradients, replaying its RNG state (same dropout),
+           and backpropagate its rows' slice of the embeddings' gradient into the model.
+        The model's gradient equals that of one batch of all rows (open_clip recomputes the loss per
+        micro-batch with the other rows constant, which sums to the same); the cost is one extra
+        forward per micro-batch and memory for one micro-batch's activations. Method parameters
+        and the logit scale enter the loss once, so they get their gradient once.
+        """
+        inputs, states, encoded = [], [], []
+        with torch.no_grad(), self.autocast():
+            for batch in window:
+                inputs.append(self.encoder_inputs(batch))
+                states.append(torch_rng_state(self.device))
+                encoded.append(self.encoder(*inputs[-1]))
+        image_raw, text_raw = (torch.cat(rows).detach().requires_grad_() for rows in list(zip(*encoded))[:2])
+        logit_scale = encoded[0][2].detach().requires_grad_()
+        with self.autocast():
+            images, texts = (torch.cat(rows) for rows in zip(*inputs))
+            total, values = self.loss(self.step_inputs(window, images, texts, image_raw, text_raw, logit_scale))
+        self.backward(total)
+        after_loss = torch_rng_state(self.device)
+        start = 0
+        for j, (images, texts) in enumerate(inputs):
+            rows = slice(start, start + len(images))
+            start = rows.stop
+            set_torch_rng_state(states[j], self.device)
+            with self.autocast():
+                live = self.encoder(images, texts)
+            leaves = (image_raw, text_raw, logit_scale if j == 0 else None)  # the scale's gradient once
+            pairs = [(out, leaf.grad if leaf is logit_scale else leaf.grad[rows])
+                     for out, leaf in zip(live, leaves) if leaf is not None and leaf.grad is not None
+                     and out.requires_grad]
+            if pairs:
+                torch.autograd.backward([out for out, _ in pairs], [grad.to(out.dtype) for out, grad in pairs])
+        set_torch_rng_state(after_loss, self.device)
         return values
 
     def optimizer_step(self) -> None:
@@ -318,26 +389,28 @@ class Trainer:
 
     def run_batches(self, batches, per_epoch: int) -> None:
         s = self.settings
-        accumulated: list[dict[str, float]] = []
+        window: list[dict] = []  # the micro-batches of one optimiser step
         started = time.perf_counter()
         for batch in batches:
             if self.position.batch >= per_epoch * s.grad_accum:
                 break
             self.position.batch += 1
+            window.append(batch)
+            if len(window) < s.grad_accum:
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
             try:
-                accumulated.append(self.micro_step(batch))
+                values = self.step_gradients(window)
             except NonFinite as e:
                 self.handle_non_finite(str(e))
-                accumulated.clear()
-                self.optimizer.zero_grad(set_to_none=True)
+                window.clear()
                 continue
-            if len(accumulated) < s.grad_accum:
-                continue
+            pairs = sum(len(batch["index"]) for batch in window) * s.world_size
+            window.clear()
             self.optimizer_step()
             self.optimizer.zero_grad(set_to_none=True)
             self.position.step += 1
-            self.log_step(accumulated, len(batch["index"]) * s.grad_accum * s.world_size, time.perf_counter() - started)
-            accumulated.clear()
+            self.log_step(values, pairs, time.perf_counter() - started)
             started = time.perf_counter()
             if s.save_every and self.position.step % s.save_every == 0:
                 self.save()
@@ -387,9 +460,8 @@ class Trainer:
         raise Interrupted(f"stopped by {name} after step {self.position.step}; checkpoint saved. Resume with: "
                           f"{self.resume_command}")
 
-    def log_step(self, micro: list[dict[str, float]], pairs: int, seconds: float) -> None:
+    def log_step(self, values: dict[str, float], pairs: int, seconds: float) -> None:
         s, step = self.settings, self.position.step
-        values = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
         row = {"step": step, "epoch": self.position.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                "pairs_per_s": pairs / max(seconds, 1e-9), **values}
         self.progress.step(row, s.total_steps)
@@ -405,6 +477,17 @@ class Trainer:
 
 class NonFinite(Exception):
     pass
+
+
+def torch_rng_state(device: torch.device) -> tuple:
+    """The torch RNG state a forward pass draws from (dropout): CPU, and the device's own."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_torch_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def base_logit_scale(model: nn.Module) -> torch.Tensor:

@@ -229,6 +229,18 @@ def test_dclip_trains_both_stages_and_reuses_a_saved_teacher(tmp_path, pairs_dir
     assert facts["teacher InfoNCE per epoch"].startswith("1: ") and "2: " in facts["teacher InfoNCE per epoch"]
     assert facts["regions"] == "grid 2x2 + full + centre, 6.0 per image"
     assert (first / "teacher.safetensors").is_file()
+    # the authors' frozen parts: of the image tower only attention and output projections train
+    assert facts["image tower"].startswith("--dclip-vision proj:")
+    from safetensors.torch import load_file
+
+    from clipfit import models
+    torch.manual_seed(0)  # the run's seed: the same random start
+    start = models.load_model(str(tiny_config), "none").model.state_dict()
+    trained = load_file(first / "model.safetensors")
+    visual = [k for k in trained if k.startswith("visual.")]
+    moved = {k for k in visual if not torch.equal(trained[k], start[k])}
+    assert moved and all("attn.in_proj" in k or "attn.out_proj" in k or k == "visual.proj" for k in moved)
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if k.startswith("transformer."))
     report = (first / "report.md").read_text()
     for text in ("| dclip_img |", "| dclip_txt |", "| dclip_con |", "teacher InfoNCE per epoch", "stage 1 seconds"):
         assert text in report

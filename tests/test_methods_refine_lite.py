@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -68,7 +69,7 @@ def test_learned_critic_starts_at_one_over_0_07_and_restores_in_place():
 
 
 def prepared_lite_with_prior(dim=8):
-    method = Lite(config(lite_prior_weight=0.1))
+    method = Lite(config(lite_prior_weight=0.1, lite_critic="logit-scale"))
     ctx = SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": dim}), model=None, pairs=[0, 1, 2],
                           device=torch.device("cpu"))
     method.prepare(ctx)
@@ -107,7 +108,34 @@ def test_lite_prior_state_restores_in_place():
 
 
 def test_lite_with_model_logit_scale_has_no_parameters():
-    assert Lite(config()).parameters() == [] and Lite(config()).state_dict() == {}
+    plain = Lite(config(lite_critic="logit-scale"))
+    assert plain.parameters() == [] and plain.state_dict() == {}
+
+
+def test_lite_default_critic_is_the_authors_heads_with_a_learned_temperature():
+    from clipfit.losses import lite_loss
+
+    method = Lite(config())
+    method.prepare(SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": 8}), model=None, pairs=[0, 1, 2],
+                                   device=torch.device("cpu")))
+    shortcut = method.heads["image"].shortcut.weight
+    assert shortcut.shape == (2048, 8) and torch.equal(shortcut[:8, :8].diagonal(), torch.ones(8))
+    assert shortcut[8:].abs().max() <= 0.01
+    step = lite_step(0)
+    got = method.losses(step, {"lite"})["lite"]
+    heads = method.heads
+    expected = lite_loss(heads["image"](step.image_raw), heads["text"](step.text_raw), 1 / INITIAL_TEMPERATURE)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    got.backward()
+    assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
+    restored = Lite(config())
+    restored.prepare(SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": 8}), model=None,
+                                     pairs=[0, 1, 2], device=torch.device("cpu")))
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(0.5)
+    restored.load_state_dict(method.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.parameters(), method.parameters()))
 
 
 # --- in-process runs: the teacher and LoRA ----------------------------------------------------
@@ -205,6 +233,35 @@ def test_cli_refine_logs_rafa_and_hycd_and_starts_from_the_teacher(pairs_dir, tm
     assert "| rafa |" in report and "| hycd |" in report and "modality_gap" in report
     info = json.loads((out / "run.json").read_text())
     assert {"modality_gap", "image_to_text_R@1"} <= set(info["before"]) & set(info["after"])
+    # --hycd-logits auto (the default) says what it chose and why, in run.json and the report
+    chosen = info["methods"]["refine"]
+    assert chosen["hycd_logits"] in ("raw-dot", "scaled-cos") and chosen["hycd_logits_probe"]["pairs"] == 12
+    assert f"HyCD logits {chosen['hycd_logits']} (--hycd-logits auto)" in chosen["hycd_logits_reason"]
+    assert chosen["hycd_logits_reason"] in report
+    assert "modality_gap: L2 distance between the centroids of the normalised image and text embeddings" in report
+
+
+def test_hycd_logits_probe_prefers_the_form_that_makes_the_teacher_right():
+    from clipfit.methods.refine import probe_hycd_logits
+
+    generator = torch.Generator().manual_seed(0)
+    directions = F.normalize(torch.randn(16, 8, generator=generator), dim=-1)
+    image = 3 * directions
+    # captions point where their images do, but with norms that carry no meaning (0.1 to 10)
+    meaningless = directions * torch.logspace(-1, 1, 16)[torch.randperm(16, generator=generator)][:, None]
+    probe = probe_hycd_logits(image, meaningless, logit_scale=100.0, batch_size=8)
+    assert probe["choice"] == "scaled-cos" and probe["scaled-cos"]["in_batch_top1"] == 1.0
+    assert probe["raw-dot"]["in_batch_top1"] < 1.0
+    # equal norms of 3: raw dot products are 9·cos, sharper than a logit scale of 2 would make them
+    probe = probe_hycd_logits(image, 3 * directions, logit_scale=2.0, batch_size=8)
+    assert probe["choice"] == "raw-dot" and probe["raw-dot"]["in_batch_top1"] == 1.0
+    # the likelihood is the mean log-probability of the true pair: one batch of two, by hand
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    probe = probe_hycd_logits(a, b, logit_scale=1.0, batch_size=2)
+    raw = [[2.0, 1.0], [0.0, 2.0]]  # a @ b.T
+    by_hand = lambda m: 0.5 * sum(m[i][i] - math.log(sum(math.exp(x) for x in row)) for i, row in enumerate(m)) + \
+        0.5 * sum(m[i][i] - math.log(sum(math.exp(m[j][i]) for j in range(2))) for i in range(2))  # noqa: E731
+    assert probe["raw-dot"]["mean_log_prob_true_pair"] == pytest.approx(by_hand(raw) / 2, rel=1e-9)
 
 
 def test_cli_lite_with_learned_critic_shuffle_and_prior(pairs_dir, tmp_path, tiny_config):

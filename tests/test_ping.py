@@ -47,6 +47,36 @@ def test_ping_loss_matches_hand_computation():
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
+def masked_info_nce_by_hand(a, b, tau, ids):
+    """As above, but a column j ≠ i whose id equals row i's is left out of row i's softmax (and vice versa)."""
+    unit = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]  # noqa: E731
+    a, b = [unit(r) for r in a], [unit(r) for r in b]
+    s = [[sum(x * y for x, y in zip(ai, bj)) / tau for bj in b] for ai in a]
+    n = len(a)
+    kept = lambda i, j: i == j or ids[i] != ids[j]  # noqa: E731
+    rows = sum(-s[i][i] + math.log(sum(math.exp(s[i][j]) for j in range(n) if kept(i, j))) for i in range(n)) / n
+    cols = sum(-s[i][i] + math.log(sum(math.exp(s[j][i]) for j in range(n) if kept(i, j))) for i in range(n)) / n
+    return 0.5 * (rows + cols)
+
+
+def test_pairs_sharing_a_neighbour_are_not_each_others_negatives():
+    """Rows 0 and 2 have the same image-space neighbour (item 5), rows 1 and 2 the same text-space one."""
+    image_proj = [[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]]
+    text_proj = [[0.0, 1.0], [1.0, 1.0], [3.0, -1.0]]
+    image_target = [[1.0, 0.2], [0.0, 1.0], [1.0, 0.2]]
+    text_target = [[0.5, 0.5], [2.0, -1.0], [2.0, -1.0]]
+    image_ids, text_ids = [5, 9, 5], [4, 7, 7]
+    tau = 0.5
+    expected = 0.5 * (masked_info_nce_by_hand(image_proj, image_target, tau, image_ids)
+                      + masked_info_nce_by_hand(text_proj, text_target, tau, text_ids))
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    got = ping_loss(t(image_proj), t(text_proj), t(image_target), t(text_target), tau,
+                    torch.tensor(image_ids), torch.tensor(text_ids))
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+    unmasked = ping_loss(t(image_proj), t(text_proj), t(image_target), t(text_target), tau)
+    assert unmasked.item() > got.item() + 0.1  # the duplicate target counted as a negative costs loss
+
+
 def test_ping_loss_sends_no_gradient_into_the_targets():
     proj = torch.randn(4, 3, requires_grad=True)
     target = torch.randn(4, 3, requires_grad=True)

@@ -273,9 +273,15 @@ if __name__ == "__main__":  # the subprocess driver: clipfit's CLI with the test
     main(sys.argv[1:])
 
 
-def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(tmp_path, tiny_config):
+@pytest.mark.parametrize("extra", [
+    pytest.param(["--batch-size", "4"], id="contrastive"),
+    # accumulated steps: the no-grad pass, the replayed RNG states and the per-step draws
+    pytest.param(["--batch-size", "2", "--grad-accum", "2", "--method", "refine+lite", "--lite-negatives", "shuffle"],
+                 id="refine+lite-grad-accum"),
+])
+def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(extra, tmp_path, tiny_config):
     pairs = write_pairs(tmp_path / "pairs", n=16)
-    args = ["--batch-size", "4", "--log-every", "1", "--lr", "1e-3"]
+    args = [*extra, "--log-every", "1", "--lr", "1e-3"]
     assert run_main(tiny_refine_args(pairs, tmp_path / "whole", tiny_config, *args)) == 0
     assert run_main(tiny_refine_args(pairs, tmp_path / "parts", tiny_config, *args, "--max-steps", "2")) == 0
     assert checkpoint_steps(tmp_path / "parts") == [2]  # mid-epoch: the epoch has 4 steps

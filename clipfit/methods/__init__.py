@@ -73,6 +73,10 @@ class Composite:
     def parameters(self) -> list:
         return [p for m in self.methods for p in m.parameters()]
 
+    def restrict(self, model, log) -> None:
+        for method in self.methods:
+            method.restrict(model, log)
+
     def losses(self, step) -> dict:
         """Weighted terms for one step; their sum is the training loss."""
         parts = {}

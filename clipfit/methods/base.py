@@ -24,8 +24,11 @@ class StepInputs:
     precomputed outputs (clipfit.towers). `image_raw`/`text_raw` are the projected, unnormalised
     embeddings (encode_*(normalize=False)); `image`/`text` their L2-normalised versions. `teacher()` returns the frozen starting
     model's unnormalised (image, text) embeddings for this batch, computed at most once per
-    step however many methods ask. `generator` is seeded from (seed, step) so random draws
-    are reproducible across interruption and resume. `gather(t)` returns the rows of `t` from
+    step however many methods ask. With --grad-accum N every field holds the step's whole batch
+    (all N micro-batches, rows in order): a method computes its loss on "the batch" and the loop
+    turns that into one accumulated gradient (Trainer.accumulated_gradients). `generator` is
+    seeded from (seed, step) and the loss is computed once per step, so each pair of the batch gets
+    its own draws, and they are reproducible across interruption and resume. `gather(t)` returns the rows of `t` from
     every process of a distributed run (this process's rows keep their gradient): a loss over the
     batch computed on gathered features sees the global batch; alone, `t` itself.
     """
@@ -79,6 +82,10 @@ class Method:
 
     def prepare(self, ctx: MethodContext) -> None:
         """One-off work before the first step (feature banks, teacher training...)."""
+
+    def restrict(self, model: nn.Module, log: Callable[[str], None]) -> None:
+        """Freeze the model weights this method does not train (before the optimiser is built and
+        frozen parts are precomputed); e.g. DCLIP's image tower outside its projections."""
 
     def parameters(self) -> list[nn.Parameter]:
         """Extra trainable parameters (heads); they join the optimiser."""

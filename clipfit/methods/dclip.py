@@ -43,6 +43,26 @@ class DCLIP(Method):
         self.caption_starts: torch.Tensor | None = None
         self.facts: dict = {}
 
+    def restrict(self, model, log) -> None:
+        """--dclip-vision proj (the authors'): of the image tower only the weights whose name
+        contains "proj" train. The authors' Hugging Face names match the attention q/k/v/out
+        projections and the final projection; open_clip's names for those contain "proj" too
+        (attn.in_proj_*, attn.out_proj, visual.proj, a timm tower's head.proj), and its MLP
+        output (mlp.c_proj, Hugging Face's fc2, frozen there) is kept frozen here as well."""
+        from clipfit.models import base_model
+
+        if self.config.dclip_vision != "proj" or self.config.lora:  # LoRA freezes the base weights already
+            return
+        frozen = 0
+        for name, param in base_model(model).visual.named_parameters():
+            if param.requires_grad and ("proj" not in name or "mlp.c_proj" in name):
+                param.requires_grad_(False)
+                frozen += param.numel()
+        trainable = sum(p.numel() for p in base_model(model).visual.parameters() if p.requires_grad)
+        self.facts["image tower"] = (f"--dclip-vision proj: {frozen:,} weights frozen, {trainable:,} train "
+                                     "(names with 'proj')")
+        log(f"dclip: {self.facts['image tower']}")
+
     def prepare(self, ctx) -> None:
         from clipfit.dclip.embed import cached_inputs
         from clipfit.dclip.regions import Regions

@@ -15,6 +15,27 @@ from clipfit.losses import lite_loss, prior_matching_loss
 from clipfit.methods.base import Method
 
 INITIAL_TEMPERATURE = 0.07  # the authors' critic temperature: log-scale starts at ln(1/0.07)
+CRITIC_UNITS = 2048  # the authors' encode-and-dot width
+CRITIC_FILE = "lite_critic.safetensors"
+
+
+class CriticHead(nn.Module):
+    """The authors' encode-and-dot block for one modality: Linear (no bias) → BatchNorm → ReLU →
+    Linear, plus a linear shortcut started as a noisy identity (U(−0.01, 0.01), ones on the
+    diagonal), then LayerNorm. The critic compares the two heads' outputs by cosine."""
+
+    def __init__(self, dim: int, units: int = CRITIC_UNITS):
+        super().__init__()
+        self.nonlinear = nn.Sequential(nn.Linear(dim, units, bias=False), nn.BatchNorm1d(units), nn.ReLU(),
+                                       nn.Linear(units, units))
+        self.shortcut = nn.Linear(dim, units)
+        self.norm = nn.LayerNorm(units)
+        with torch.no_grad():
+            self.shortcut.weight.uniform_(-0.01, 0.01)
+            self.shortcut.weight[torch.arange(min(dim, units)), torch.arange(min(dim, units))] = 1.0
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.nonlinear(features) + self.shortcut(features))
 
 
 def prior_discriminator(dim: int) -> nn.Module:
@@ -47,8 +68,9 @@ class Lite(Method):
         # The authors' total is (1 - w)·JSD + w·prior; --weight overrides either term.
         self.terms = {"lite": 1.0 - prior, "lite_prior": prior}
         self.log_scale = (nn.Parameter(torch.tensor(math.log(1 / INITIAL_TEMPERATURE)))
-                          if config.lite_critic == "learned" else None)
+                          if config.lite_critic in ("learned", "heads") else None)
         self.prior: nn.Module | None = None
+        self.heads: nn.Module | None = None  # --lite-critic heads: the authors' critic heads
 
     def prior_wanted(self) -> bool:
         from clipfit.methods import parse_weights
@@ -65,10 +87,18 @@ class Lite(Method):
                 # The authors' configuration matches both modalities to the prior, each with its own discriminator.
                 self.prior = nn.ModuleDict({"image": prior_discriminator(dim), "text": prior_discriminator(dim)})
                 self.prior.to(ctx.device)
+        if self.config.lite_critic == "heads":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed + 1)
+                dim = embedding_dim(ctx)
+                self.heads = nn.ModuleDict({"image": CriticHead(dim), "text": CriticHead(dim)}).to(ctx.device)
+
+    def own_modules(self) -> list[nn.Module]:
+        return [m for m in (self.prior, self.heads) if m is not None]
 
     def parameters(self):
         own = [self.log_scale] if self.log_scale is not None else []
-        return own + (list(self.prior.parameters()) if self.prior is not None else [])
+        return own + [p for module in self.own_modules() for p in module.parameters()]
 
     def critic_scale(self, step) -> torch.Tensor:
         return self.log_scale.exp() if self.log_scale is not None else step.logit_scale
@@ -77,8 +107,11 @@ class Lite(Method):
         parts = {}
         # Over the global batch: negatives and prior draws then do not depend on the process count.
         if "lite" in wanted:
-            parts["lite"] = lite_loss(step.gather(step.image), step.gather(step.text), self.critic_scale(step),
-                                      negatives=self.config.lite_negatives, generator=step.generator)
+            image, text = step.gather(step.image), step.gather(step.text)
+            if self.heads is not None:  # the authors feed the encoders' raw outputs to their heads
+                image, text = self.heads["image"](step.gather(step.image_raw)), self.heads["text"](step.gather(step.text_raw))
+            parts["lite"] = lite_loss(image, text, self.critic_scale(step), negatives=self.config.lite_negatives,
+                                      generator=step.generator)
         if "lite_prior" in wanted:
             # On the raw (unnormalised) embeddings, as the authors feed the encoders' outputs.
             parts["lite_prior"] = (prior_term(self.prior["image"], step.gather(step.image_raw), step.generator)
@@ -87,8 +120,9 @@ class Lite(Method):
 
     def state_dict(self):
         state = {"log_scale": self.log_scale.detach()} if self.log_scale is not None else {}
-        if self.prior is not None:
-            state.update({f"prior.{k}": v for k, v in self.prior.state_dict().items()})
+        for prefix, module in (("prior", self.prior), ("heads", self.heads)):
+            if module is not None:
+                state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
         return state
 
     def load_state_dict(self, state):
@@ -96,9 +130,18 @@ class Lite(Method):
         with torch.no_grad():
             if self.log_scale is not None and "log_scale" in state:
                 self.log_scale.copy_(state["log_scale"])
-            if self.prior is not None:
-                self.prior.load_state_dict({k.removeprefix("prior."): v for k, v in state.items()
-                                            if k.startswith("prior.")})
+            for prefix, module in (("prior", self.prior), ("heads", self.heads)):
+                if module is not None:
+                    module.load_state_dict({k.removeprefix(f"{prefix}."): v for k, v in state.items()
+                                            if k.startswith(f"{prefix}.")})
+
+    def save(self, run_dir):
+        if self.heads is not None:
+            from clipfit.models import save_state_dict
+
+            save_state_dict({**{f"{k}": v for k, v in self.heads.state_dict().items()},
+                             "log_scale": self.log_scale.detach()}, run_dir / CRITIC_FILE,
+                            {"critic": "exp(log_scale) * cos(image(f_v), text(f_t))"})
 
     def report(self):
         facts = {"critic": self.config.lite_critic, "negatives": self.config.lite_negatives}
@@ -106,4 +149,7 @@ class Lite(Method):
             facts["learned_critic_scale"] = float(self.log_scale.detach().exp())
         if self.prior is not None:
             facts["prior_discriminators_parameters"] = sum(p.numel() for p in self.prior.parameters())
+        if self.heads is not None:
+            facts["critic_heads_parameters"] = sum(p.numel() for p in self.heads.parameters())
+            facts["critic_heads_file"] = CRITIC_FILE
         return facts

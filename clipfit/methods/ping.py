@@ -145,16 +145,21 @@ class Ping(Method):
     def parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters()) if self.heads is not None else []
 
-    def neighbour_targets(self, step) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen-bank embeddings of each pair's image- and text-space neighbour (one of the top k),
+    def neighbour_picks(self, step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bank rows (item ids) of each pair's image- and text-space neighbour (one of the top k),
         for every pair of the global batch: each rank draws the picks a single process would."""
         device = step.image.device
         indices = step.gather(step.indices.to(device)).cpu().long()
         k = self.config.ping_k
         image_pick = torch.randint(0, k, (len(indices),), generator=step.generator) if k > 1 else torch.zeros_like(indices)
         text_pick = torch.randint(0, k, (len(indices),), generator=step.generator) if k > 1 else torch.zeros_like(indices)
-        image_nn = self.image_neighbours[indices, image_pick]
-        text_nn = self.text_neighbours[indices, text_pick]
+        return self.image_neighbours[indices, image_pick], self.text_neighbours[indices, text_pick]
+
+    def neighbour_targets(self, step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen-bank embeddings of the neighbours `neighbour_picks` draws."""
+        return self.targets(*self.neighbour_picks(step), step.image.device)
+
+    def targets(self, image_nn: torch.Tensor, text_nn: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image_bank[image_nn].to(device).float(), self.text_bank[text_nn].to(device).float()
 
     def losses(self, step, wanted):
@@ -164,16 +169,16 @@ class Ping(Method):
             # Over the global batch (rows of every rank), as the contrastive loss: a distributed
             # step then equals a single-process step over the same pairs.
             image, text = step.gather(step.image.float()), step.gather(step.text.float())
-            image_target, text_target = self.neighbour_targets(step)
-            h = self.heads
+            image_nn, text_nn = self.neighbour_picks(step)
+            image_target, text_target = self.targets(image_nn, text_nn, step.image.device)
+            h, tau = self.heads, self.config.ping_temperature
             # small heads and unit-norm targets: float32 keeps the τ=0.07 logits exact under autocast
             with torch.autocast(step.image.device.type, enabled=False):
+                # pairs sharing a neighbour share a target: ping_loss does not count it as their negative
                 if "nn" in wanted:
-                    parts["nn"] = ping_loss(h.h_I(image), h.h_T(text), image_target, text_target,
-                                            self.config.ping_temperature)
+                    parts["nn"] = ping_loss(h.h_I(image), h.h_T(text), image_target, text_target, tau, image_nn, text_nn)
                 if "xnn" in wanted:
-                    parts["xnn"] = ping_loss(h.x_I(image), h.x_T(text), text_target, image_target,
-                                             self.config.ping_temperature)
+                    parts["xnn"] = ping_loss(h.x_I(image), h.x_T(text), text_target, image_target, tau, text_nn, image_nn)
         self.record_time(started, self.clock(step.image.device))
         if "clip" in wanted:
             parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)
