@@ -20,7 +20,7 @@ from clipfit.eval.cli import compare_command, eval_app
 from clipfit.progress import printable
 
 EXIT_CODES_HELP = ("Exit status: 0 ok, 1 internal error, 2 usage error, 3 data error, 4 model could not be "
-                   "loaded, 5 training failed (non-finite loss) or non-finite embeddings, 6 regression gate failed, 7 output folder "
+                   "loaded or hub not reachable, 5 training failed (non-finite loss) or non-finite embeddings, 6 regression gate failed, 7 output folder "
                    "unwritable or full, 130 interrupted (checkpoint saved).")
 
 app = typer.Typer(
@@ -324,6 +324,35 @@ def shown_path(path: str, root: str) -> str:
         except ValueError:
             continue
     return path
+
+
+# --- push ---------------------------------------------------------------------------------
+
+@app.command("push", no_args_is_help=True)
+def push_command(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    repo_id: str = typer.Argument(..., help="The Hugging Face hub repository, ORG/NAME or USER/NAME."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing) [default: main]."),
+    licence: Optional[str] = typer.Option(None, "--license", help="Licence field of the model card "
+                                          "[default: apache-2.0 for lite0-minilm, else other]."),
+    message: Optional[str] = typer.Option(None, "--message", help="Commit message."),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Write the files that would be uploaded into "
+                                           "this new folder and upload nothing."),
+) -> None:
+    """Upload a run folder in open_clip's hub layout, with a model card, in one commit.
+
+    Afterwards open_clip.create_model_and_transforms("hf-hub:ORG/NAME") loads it.
+    """
+    from clipfit.push import PushRequest, check_repo_id, dry_run as write_dry_run, push
+
+    check_repo_id(repo_id)
+    request = PushRequest(run_dir, repo_id, private, revision, licence, message)
+    if dry_run is not None:
+        names = write_dry_run(request, dry_run)
+        typer.echo(f"wrote {len(names)} files for {repo_id} to {dry_run} (nothing uploaded): {', '.join(names)}")
+        return
+    typer.echo(f"pushed {run_dir} to {repo_id}: {push(request)}")
 
 
 # --- listings -----------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from torch import nn
 
 from clipfit.errors import ModelError, UsageError
 from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, check_hub_name, first_line, hub_source, model_files, tag_files
-from clipfit.io import atomic_path, write_json
-from clipfit.rundir import ADAPTER_DIR, MODEL_FILE, OPEN_CLIP_CONFIG
+from clipfit.io import atomic_path
+from clipfit.rundir import ADAPTER_DIR, MODEL_FILE, OPEN_CLIP_CONFIG, is_run_dir  # noqa: F401  (re-exported)
 
 log = logging.getLogger("clipfit")
 
@@ -202,47 +202,14 @@ def load_hub(spec: str) -> LoadedModel:
                        "hub", {"kind": "hf-hub"})
 
 
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file()
-
-
-def read_run_config(path: Path) -> dict:
-    """A run folder's open_clip_config.json; ModelError (exit 4) when it is not one clipfit wrote."""
-    config_path = path / OPEN_CLIP_CONFIG
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{config_path}: unreadable model config ({first_line(e)})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
-        raise ModelError(f"{config_path}: not an open_clip model config (no model_cfg object)")
-    return config
-
-
 def load_run_dir(path: Path) -> LoadedModel:
-    import open_clip
+    """A run folder, through open_clip's `local-dir:` loader, whatever the model (clipfit.rundir)."""
+    from clipfit import rundir
 
-    config = read_run_config(path)
-    weights = path / MODEL_FILE
-    if not weights.is_file():
-        raise ModelError(f"{path}: run folder has no {MODEL_FILE} (did the run finish? try --resume)")
-    clipfit_part = config.get("clipfit") if isinstance(config.get("clipfit"), dict) else {}
-    name = clipfit_part.get("arch", path.name)
-    if name == "lite0-minilm":
-        loaded = load_starter(aligned=False)
-    else:
-        # built without weights, which load_weights_into then reads: a damaged or mismatched
-        # model.safetensors is one line naming the file, not open_clip's traceback
-        try:
-            model, preprocess_train, preprocess_val = create(f"local-dir:{path}", load_weights=False,
-                                                             pretrained_text=False)
-            tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-        except Exception as e:
-            raise ModelError(f"{path}: cannot build the model its {OPEN_CLIP_CONFIG} describes ({first_line(e)})") from e
-        loaded = LoadedModel(model, preprocess_train, preprocess_val, tokenizer, name, config["model_cfg"],
-                             config.get("preprocess_cfg", {}), str(weights))
-    load_weights_into(loaded.model, weights)
-    loaded.pretrained, loaded.source = str(weights), {"kind": "run", "path": str(path)}
-    return loaded
+    model, preprocess_train, preprocess_val, tokenizer, config = rundir.open_folder(path)
+    return LoadedModel(model, preprocess_train, preprocess_val, tokenizer, config.get("clipfit", {}).get("arch", path.name),
+                       config["model_cfg"], dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
+                       str(path / MODEL_FILE), {"kind": "run", "path": str(path)})
 
 
 def load_starter(aligned: bool = True) -> LoadedModel:
@@ -253,7 +220,7 @@ def load_starter(aligned: bool = True) -> LoadedModel:
     except starter.StarterMissing as e:
         raise ModelError(str(e)) from None
     return LoadedModel(model, preprocess_train, preprocess_val, tokenizer, starter.STARTER_NAME,
-                       starter.starter_model_config(), dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
+                       starter.portable_model_config(), dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
                        "aligned" if aligned else "towers-only", {"kind": "starter"})
 
 
@@ -360,16 +327,16 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
 
 
 def save_model(loaded: LoadedModel, model: nn.Module, run_dir: Path) -> None:
-    """Write model.safetensors (+ adapter/ for LoRA) and open_clip_config.json into run_dir."""
+    """Write model.safetensors (+ adapter/ for LoRA), the tokenizer and text-tower config files,
+    and open_clip_config.json into run_dir: a folder plain open_clip loads (clipfit.rundir)."""
+    from clipfit import rundir
+
     plain = merged_copy(model)
     save_state_dict(plain.state_dict(), run_dir / MODEL_FILE, {"format": "pt", "arch": loaded.arch})
     if plain is not model:
         save_adapter(model, run_dir / ADAPTER_DIR)
-    write_json(run_dir / OPEN_CLIP_CONFIG, {
-        "model_cfg": loaded.model_cfg,
-        "preprocess_cfg": loaded.preprocess_cfg,
-        "clipfit": {"arch": loaded.arch, "pretrained": loaded.pretrained},
-    })
+    rundir.write_text_tower(run_dir, plain, loaded.tokenizer)
+    rundir.write_config(run_dir, loaded.model_cfg, loaded.preprocess_cfg, loaded.arch, loaded.pretrained)
 
 
 def save_adapter(model: nn.Module, folder: Path) -> None:

@@ -38,8 +38,23 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> lis
     return lines
 
 
+# The validation split's yardsticks that its `retrieval/validation` group also reports (R@1 as
+# image/text_retrieval_recall@1, counting every caption; the same gap): listed there only.
+SHOWN_IN_VALIDATION_GROUP = ("image_to_text_R@1", "text_to_image_R@1", "modality_gap")
+VALIDATION_GROUP = "retrieval/validation/"
+
+
+def listed_once(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` without the yardsticks that the validation group lists as well."""
+    if not any(name.startswith(VALIDATION_GROUP) for name in metrics):
+        return metrics
+    return {k: v for k, v in metrics.items() if k not in SHOWN_IN_VALIDATION_GROUP}
+
+
 def grouped_before_after(before: dict[str, float], after: dict[str, float]) -> list[str]:
-    """The split's own yardsticks first, then one table per evaluation set (`group/set/metric` keys)."""
+    """The split's own yardsticks first, then one table per evaluation set (`group/set/metric` keys);
+    each metric once."""
+    before, after = listed_once(before), listed_once(after)
     groups: dict[str, list[str]] = {}
     for name in before:
         groups.setdefault(name.rpartition("/")[0], []).append(name)
@@ -127,7 +142,9 @@ def method_sections(methods: dict[str, dict]) -> list[str]:
     return lines
 
 
-def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str, str]] = ()) -> str:
+def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str, str]] = (), pairs=None) -> str:
+    from clipfit.report_gallery import gallery_markdown
+
     c, r = run_info["config"], run_info["resolved"]
     lines = [
         f"# clipfit run: {c['method']}", "",
@@ -153,16 +170,21 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
     sections = method_sections(run_info.get("methods", {}))
     if sections:
         lines += ["## Methods", ""] + sections
+    lines += gallery_markdown(run_info.get("gallery_before"), run_info.get("gallery_after"), pairs)  # last: the
+    # HTML page adds the pictures of the gallery after it
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(run_dir: Path, run_info: dict[str, Any]) -> Path:
+def write_report(run_dir: Path, run_info: dict[str, Any], pairs=None, max_pixels: int | None = None) -> Path:
+    """report.md, and report.html with the pictures and, given the evaluation `pairs`, the gallery."""
     from clipfit.report_figures import write_figures
+    from clipfit.report_gallery import gallery_html
     from clipfit.report_html import markdown_to_html
 
     path = run_dir / REPORT_MD
     rows = read_jsonl(run_dir / METRICS_JSONL)
-    markdown = render(run_info, rows, write_figures(run_dir, run_info, rows))
+    markdown = render(run_info, rows, write_figures(run_dir, run_info, rows), pairs)
     write_text(path, markdown)
-    write_text(run_dir / REPORT_HTML, markdown_to_html(markdown, run_dir, f"clipfit run {run_dir.name}"))
+    gallery = gallery_html(pairs, run_info.get("gallery_before"), run_info.get("gallery_after"), max_pixels)
+    write_text(run_dir / REPORT_HTML, markdown_to_html(markdown, run_dir, f"clipfit run {run_dir.name}", gallery))
     return path

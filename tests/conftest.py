@@ -129,3 +129,14 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     """Steps of the checkpoints in a run folder, oldest first."""
     folder = run_dir / "checkpoints"
     return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.pt")) if folder.is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_config):
+    """A finished run of the tiny model with a validation split, shared by the tests that read one:
+    (root, pairs folder, run folder)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    pairs = write_pairs(root / "pairs", n=16, captions_per_image=2)
+    out = root / "run"
+    run_cli(*tiny_refine_args(pairs, out, tiny_config, "--epochs", "2", "--lr", "1e-3", "--val-split", "0.5"), check=True)
+    return root, pairs, out

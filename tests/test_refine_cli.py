@@ -31,7 +31,7 @@ def contrastive_run(tmp_path_factory, tiny_config):
     return pairs, out, json.loads(result.stdout)
 
 
-def test_run_folder_holds_every_output(contrastive_run):
+def test_share_holds_every_output(contrastive_run):
     _, out, summary = contrastive_run
     for name in ("model.safetensors", "open_clip_config.json", "run.json", "metrics.jsonl", "report.md"):
         assert (out / name).is_file(), name

@@ -81,10 +81,11 @@ class Session:
         self.encoder = encoder_for(self.loaded, network, torch_device, batch_size, workers, precision, quiet)
 
     def names(self, model: str, pretrained: str) -> tuple[str, str]:
-        """What CLIP_benchmark's `model` and `pretrained` fields should say."""
+        """What CLIP_benchmark's `model` and `pretrained` fields should say: the weights that were
+        evaluated, not the --pretrained default a starter, hub model or run folder ignores."""
         if self.loaded.source.get("kind") == "run":
             return self.loaded.arch, self.loaded.source["path"]
-        return self.loaded.arch, pretrained
+        return self.loaded.arch, self.loaded.pretrained
 
     def report(self, dataset: str, task: str, metrics: dict[str, float], as_json: bool, out: Optional[Path],
                extra: dict | None = None) -> None:

@@ -13,10 +13,11 @@ from torch import nn
 from clipfit.errors import ModelError, UsageError
 from clipfit.losses import lite_loss, prior_matching_loss
 from clipfit.methods.base import Method
+from clipfit.rundir import LITE_CRITIC
 
 INITIAL_TEMPERATURE = 0.07  # the authors' critic temperature: log-scale starts at ln(1/0.07)
 CRITIC_UNITS = 2048  # the authors' encode-and-dot width
-CRITIC_FILE = "lite_critic.safetensors"
+CRITIC_FILE = LITE_CRITIC
 
 
 class CriticHead(nn.Module):
