@@ -148,6 +148,14 @@ def starting_model_identity(config) -> dict:
 
 # --- the on-disk feature cache ---------------------------------------------------------------
 
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/clipfit, or ~/.cache/clipfit."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clipfit"
+
+
 CACHE_FORMAT = "1"
 CACHE_SUBDIR = "features"
 # safetensors dtype names numpy can memory-map; anything else is read with safetensors itself

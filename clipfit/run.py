@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import random
 import shutil
@@ -443,13 +442,19 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
     return (data.val, "validation") if data.val else (data.train[:256], "training subset")
 
 
-def measure(setup: Setup, suite) -> dict[str, float]:
-    """Yardsticks and suite through one encoder, so the validation pairs are encoded once."""
+def measure(setup: Setup, suite, starting: bool = False) -> dict[str, float]:
+    """Yardsticks and suite through one encoder, so the validation pairs are encoded once.
+
+    The `starting` model's zero-shot classifiers come from (and go to) the feature cache, keyed by
+    the model it was loaded as; a trained model's are computed afresh."""
     from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
+    from clipfit.features import FeatureCache, starting_model_identity
 
     c = setup.config
-    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision)
+    identity = starting_model_identity(c) if starting else None
+    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision,
+                          identity=identity, feature_cache=FeatureCache(cache_dir(c), log=setup.progress.info))
     pairs, name = eval_pairs(setup.data)
     results = evaluate_split(setup.model, pairs, setup.loaded, setup.device, c.batch_size, c.max_image_pixels,
                              encoder, VALIDATION_KEY if setup.data.val else name)
@@ -462,7 +467,7 @@ def measure_before(setup: Setup, suite) -> None:
     if not setup.dist.is_main:
         return
     saved = setup.saved
-    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(setup, suite)
+    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(setup, suite, starting=True)
     write_json(setup.run_dir / RUN_JSON, setup.info)
 
 
@@ -488,7 +493,6 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
 
 
 def cache_dir(config: RefineConfig) -> Path:
-    if config.cache_dir:
-        return Path(config.cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "clipfit"
+    from clipfit.features import default_cache_dir
+
+    return Path(config.cache_dir) if config.cache_dir else default_cache_dir()

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from clipfit.data.images import open_rgb
+from clipfit.data.tokens import text_trim_rule, trim_tokens
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
 from clipfit.features import FeatureCache, captions_hash, images_hash, ordered_loader, starting_model_identity
-from clipfit.models import base_model, evaluating
+from clipfit.models import base_model, encode_text, evaluating
 
 CACHE_FORMAT = 1
 
@@ -96,7 +97,7 @@ def token_states(model: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
     captured = []
     handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(read(output)))
     try:
-        sentence = model.encode_text(tokens)
+        sentence = encode_text(model, tokens)
     finally:
         handle.remove()
     states = captured[-1]
@@ -118,10 +119,11 @@ def encode_tokens(model: nn.Module, captions: list[str], tokenizer, device, batc
     A caption with no content token left (all special) keeps its sentence embedding as its one token.
     """
     special = special_token_ids(tokenizer).to(device)
+    rule = text_trim_rule(model)  # per-token states of the real tokens only: trimmed padding had none kept
     vectors, counts, sentences = [], [], []
     with frozen(model):
         for start in range(0, len(captions), batch_size):
-            ids = tokenizer(captions[start:start + batch_size]).to(device)
+            ids = trim_tokens(tokenizer(captions[start:start + batch_size]).to(device), rule)
             sentence, states = token_states(model, ids)
             content = ~torch.isin(ids, special)
             for row in range(len(ids)):
