@@ -279,11 +279,17 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = False)
 
     rule = text_trim_rule(model)
     short = trim_tokens(tokens, rule)
-    if short.shape[1] < tokens.shape[1] and rule.native:
+    if rule.native and short.shape[1] < native_text_tower(model).positional_embedding.shape[0]:
         features = causal_text_features(model, short, rule)
     else:
-        features = model.encode_text(short, normalize=False)
+        features = model.encode_text(short)  # open_clip's default: unnormalised
     return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+
+def native_text_tower(model: nn.Module) -> nn.Module:
+    """open_clip's TextTransformer of a CustomTextCLIP, or the CLIP model that holds its text modules itself."""
+    inner = base_model(model)
+    return inner.text if getattr(inner, "text", None) is not None else inner
 
 
 def causal_text_features(model: nn.Module, tokens: torch.Tensor, rule) -> torch.Tensor:
@@ -292,8 +298,7 @@ def causal_text_features(model: nn.Module, tokens: torch.Tensor, rule) -> torch.
     mask sliced to the batch's length (open_clip's own forward would refuse the shorter batch)."""
     from open_clip.transformer import text_global_pool
 
-    inner = base_model(model)
-    tower = inner.text if getattr(inner, "text", None) is not None else inner
+    tower = native_text_tower(model)
     length = tokens.shape[1]
     cast_dtype = tower.transformer.get_cast_dtype()
     x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)

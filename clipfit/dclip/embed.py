@@ -92,8 +92,12 @@ def token_tap(model: nn.Module) -> tuple[nn.Module, object, callable]:
 
 
 def token_states(model: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """(sentence embeddings [B, d], projected per-token states [B, L, d]) in one text-tower pass."""
+    """(sentence embeddings [B, d], projected per-token states [B, L, d]) in one text-tower pass.
+
+    L is the batch's real length: the tower runs on `tokens` trimmed of the padding that no output
+    depends on (clipfit.data.tokens.trim_tokens), so states exist for `tokens[:, :L]` only."""
     module, projection, read = token_tap(model)
+    tokens = trim_tokens(tokens, text_trim_rule(model))
     captured = []
     handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(read(output)))
     try:
@@ -119,7 +123,7 @@ def encode_tokens(model: nn.Module, captions: list[str], tokenizer, device, batc
     A caption with no content token left (all special) keeps its sentence embedding as its one token.
     """
     special = special_token_ids(tokenizer).to(device)
-    rule = text_trim_rule(model)  # per-token states of the real tokens only: trimmed padding had none kept
+    rule = text_trim_rule(model)  # states exist for the trimmed batch only (token_states)
     vectors, counts, sentences = [], [], []
     with frozen(model):
         for start in range(0, len(captions), batch_size):

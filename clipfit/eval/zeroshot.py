@@ -33,12 +33,13 @@ def class_embeddings(encoder: Encoder, classnames: list[str], templates: list[st
         embedded = encoder.texts(texts, "class prompts")  # already normalised, class-major order
         return F.normalize(embedded.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
 
-    if encoder.identity is None or encoder.feature_cache is None:
+    cache = getattr(encoder, "feature_cache", None)
+    if getattr(encoder, "identity", None) is None or cache is None:
         return build()
     key = {"kind": "zeroshot-classifier", "format": CLASSIFIER_FORMAT, "model": encoder.identity,
            "classes": texts_hash(classnames), "templates": texts_hash(templates),
            "counts": [len(classnames), len(templates)], "precision": encoder.precision, "device": encoder.device.type}
-    return encoder.feature_cache.get_or_build(key, lambda: {"classifier": build()}, float_dtype=torch.float32)["classifier"]
+    return cache.get_or_build(key, lambda: {"classifier": build()}, float_dtype=torch.float32)["classifier"]
 
 
 def texts_hash(texts: list[str]) -> str:
