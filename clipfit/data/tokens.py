@@ -1,8 +1,12 @@
-"""Token counts for captions, to report those open_clip will truncate.
+"""Token counts for captions, and token batches trimmed to their real length.
 
 Counting exactly needs open_clip's tokenizer, and importing it imports torch (seconds). Nearly
 every caption is far too short to be truncated, which `max_tokens` shows without it, so
 `clipfit data check` loads the tokenizer only for the few captions it cannot rule out.
+
+open_clip's tokenizers pad every caption to the context length; `trim_tokens` cuts a batch to
+the tokens its text tower's output depends on (`text_trim_rule` knows each tower kind), and
+clipfit.models.encode_text runs the tower on that. Nothing here imports torch at import time.
 """
 
 from __future__ import annotations
