@@ -224,10 +224,14 @@ def real_caption_case(args, work: Path) -> dict:
     for name in [m for m in args.real_models.split(",") if m]:
         config, local_dir = models[name]
         print(f"real-length captions, {name}: clipfit contrastive vs open_clip_train.main:", flush=True)
-        results = alternate({
+        contenders = {
             "clipfit contrastive": lambda: clipfit_run(args, folder, pairs, config, "contrastive", "--augment"),
             "open_clip_train": lambda: open_clip_run(args, folder, csv, local_dir),
-        }, args.repeats)
+        }
+        if args.length_buckets:
+            contenders["clipfit --length-buckets"] = lambda: clipfit_run(args, folder, pairs, config, "contrastive",
+                                                                         "--augment", "--length-buckets")
+        results = alternate(contenders, args.repeats)
         ours, theirs = (median_of(results[k], "pairs_per_s") for k in ("clipfit contrastive", "open_clip_train"))
         print(f"  median pairs/s: clipfit {ours:.1f}, open_clip {theirs:.1f}, ratio {ours / theirs:.2f}", flush=True)
         report[name] = {"runs": results, "ratio": ours / theirs}
@@ -267,6 +271,7 @@ def main() -> None:
     parser.add_argument("--real-captions", action="store_true",
                         help="Also race clipfit and open_clip's trainer on captions of typical length (context 77).")
     parser.add_argument("--real-models", default="vit,starter", help="Models of the real-caption case.")
+    parser.add_argument("--length-buckets", action="store_true", help="Real-caption case: also clipfit --length-buckets.")
     parser.add_argument("--lock-image-pairs", type=Path, help="A real pairs folder: train the starter with --lock-image.")
     parser.add_argument("--baseline-src", type=Path, help="An older clipfit checkout to compare --lock-image-pairs with.")
     parser.add_argument("--lock-image-epochs", type=int, default=1)

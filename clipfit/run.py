@@ -105,7 +105,10 @@ def make_dataset(data: RunData, config: RefineConfig, loaded, rank: int = 0, wor
     if data.stream is not None:
         return ShardStream(data.stream, transform, loaded.tokenizer, config.seed, config.batch_size,
                            config.max_image_pixels, rank, world_size)
-    return PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
+    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
+    if config.length_buckets:
+        dataset.measure_lengths()
+    return dataset
 
 
 def prepare_pixels(setup, locked) -> None:
