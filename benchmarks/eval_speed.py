@@ -84,6 +84,13 @@ def save_models(work: Path, names: list[str]) -> dict[str, Path]:
         folders[name] = work / f"model-{name}"
         folders[name].mkdir()
         save_model(loaded, loaded.model, folders[name])
+        if name == "starter":  # open_clip reads a local-dir's Hugging Face tokenizer from the folder itself
+            import shutil
+
+            from clipfit.starter import text_model_dir
+
+            for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+                shutil.copy(text_model_dir() / file, folders[name] / file)
     return folders
 
 
