@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,6 +121,8 @@ def write_starter_dir(folder: Path) -> Path:
     preprocess = {**starter.PREPROCESS, "size": 224}
     (local_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": starter.starter_model_config(),
                                                                  "preprocess_cfg": preprocess}))
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(starter.text_model_dir() / file, local_dir / file)  # open_clip reads a local-dir's tokenizer here
     return local_dir
 
 
