@@ -141,7 +141,8 @@ def environment(source: Path = REPO) -> dict:
 
 def run(command: list[str], source: Path = REPO) -> tuple[str, float]:
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=environment(source))
+    # cwd: `python -m clipfit` imports the package of its working folder before any on PYTHONPATH
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(source), cwd=source)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} ... failed ({result.returncode}):\n{result.stderr[-3000:]}")
