@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import sys
 import traceback
@@ -19,7 +18,7 @@ from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitE
 from clipfit.eval.cli import compare_command, eval_app
 
 EXIT_CODES_HELP = ("Exit status: 0 ok, 1 internal error, 2 usage error, 3 data error, 4 model could not be "
-                   "loaded, 5 training failed (non-finite loss), 6 regression gate failed, 7 output folder "
+                   "loaded, 5 training failed (non-finite loss) or non-finite embeddings, 6 regression gate failed, 7 output folder "
                    "unwritable or full, 130 interrupted (checkpoint saved).")
 
 app = typer.Typer(
@@ -51,7 +50,9 @@ def root(
 
 
 def print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    from clipfit.io import dumps_json
+
+    typer.echo(dumps_json(obj))
 
 
 # --- refine -------------------------------------------------------------------------------
@@ -115,8 +116,13 @@ def print_refine_summary(info: dict, as_json: bool, quiet: bool) -> None:
         return
     before, after = info.get("before", {}), info.get("after", {})
     for name in [] if quiet else after:
-        typer.echo(f"{name:>20}: {before.get(name, float('nan')):.4f} -> {after[name]:.4f}")
+        typer.echo(f"{name:>20}: {number(before.get(name))} -> {number(after[name])}")
     typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
+
+
+def number(value: Any) -> str:
+    """A metric for the terminal: 4 decimals, or n/a when it has no value (see clipfit.io.dumps_json)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "n/a"
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -225,7 +231,7 @@ CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="Cache folder [default
 
 def feature_cache(cache_dir: Optional[str]):
     from clipfit.config import RefineConfig
-    from clipfit.features import FeatureCache
+    from clipfit.cache import FeatureCache
     from clipfit.run import cache_dir as resolve_cache_dir
 
     return FeatureCache(resolve_cache_dir(RefineConfig(cache_dir=cache_dir)))
@@ -233,26 +239,31 @@ def feature_cache(cache_dir: Optional[str]):
 
 @cache_app.command("ls")
 def cache_ls(cache_dir: Optional[str] = CACHE_DIR_OPTION,
+             verify: bool = typer.Option(False, "--verify", help="Also compare every checksum (reads every entry)."),
              as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """List cached feature banks: kind, shapes, size, age."""
+    """List cached feature banks: kind, shapes, size, age; damaged entries say why."""
     cache = feature_cache(cache_dir)
-    entries = cache.entries()
+    entries = cache.entries(verify)
     if as_json:
         print_json({"cache_dir": str(cache.root), "entries": [e.to_json() for e in entries]})
         return
     for e in entries:
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in e.shapes.items())
-        typer.echo(f"{e.kind:<18} {e.key}  {e.bytes / 2**20:8.2f} MiB  {e.created}  {shapes}")
-    typer.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
-               f"{sum(e.bytes for e in entries) / 2**20:.2f} MiB in {cache.folder}")
+        typer.echo(f"{e.kind:<18} {e.key}  {e.bytes / 2**20:8.2f} MiB  {e.created}  "
+                   + (f"DAMAGED: {e.damaged}" if e.damaged else shapes))
+    damaged = sum(1 for e in entries if e.damaged)
+    typer.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+               + (f" ({damaged} damaged: rebuilt when next needed, or `clipfit cache clear --damaged`)" if damaged else "")
+               + f", {sum(e.bytes for e in entries) / 2**20:.2f} MiB in {cache.folder}")
 
 
 @cache_app.command("clear")
 def cache_clear(cache_dir: Optional[str] = CACHE_DIR_OPTION,
-                kind: Optional[str] = typer.Option(None, "--kind", help="Only entries of this kind (see `clipfit cache ls`).")) -> None:
-    """Delete cached feature banks (all, or one --kind); later runs re-encode what they need."""
+                kind: Optional[str] = typer.Option(None, "--kind", help="Only entries of this kind (see `clipfit cache ls`)."),
+                damaged: bool = typer.Option(False, "--damaged", help="Only damaged entries (checksums compared).")) -> None:
+    """Delete cached feature banks (all, one --kind, or the --damaged ones); later runs re-encode what they need."""
     cache = feature_cache(cache_dir)
-    files, size = cache.clear(kind)
+    files, size = cache.clear(kind, damaged)
     typer.echo(f"removed {files} entr{'y' if files == 1 else 'ies'} ({size / 2**20:.2f} MiB) from {cache.folder}")
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from clipfit.errors import ModelError, UsageError
-from clipfit.features import encoder_identity
+from clipfit.cache import encoder_identity
 from clipfit.models import encode_text, evaluating
 
 
@@ -125,7 +125,7 @@ def starting_model_encoder(model: nn.Module, loaded, config, tower: str, device:
     `model` is the student, still at its starting weights when methods prepare (LoRA adapters
     start as a no-op), so no second copy is loaded. Its train/eval mode is restored after use.
     """
-    from clipfit.features import starting_model_identity
+    from clipfit.cache import starting_model_identity
 
     def load() -> LoadedEncoder:
         if tower == "image":

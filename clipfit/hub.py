@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ContextManager
 
-from clipfit.errors import ModelError
+from clipfit.errors import ModelError, UsageError
 
 log = logging.getLogger("clipfit")
 
@@ -34,6 +34,22 @@ class HubFiles:
     probe: str  # the file a HEAD request asks for
     needed: tuple[tuple[str, ...], ...]
     requires_probe: bool  # the probe file must exist (an hf-hub: model's config), else any answer will do
+
+
+def check_hub_name(spec: str) -> None:
+    """UsageError (exit 2), before any request, unless `spec` is hf-hub: and a valid repository id
+    (`org/name` or `name`: letters, digits, '-', '_', '.', at most 96 characters)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo = spec.removeprefix(HUB_PREFIX)
+    example = "expected hf-hub:ORG/NAME, e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    if not repo:
+        raise UsageError(f"{spec!r}: no repository after {HUB_PREFIX}; {example}")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        reason = first_line(e).split(". Use `repo_type`")[0]  # advice for another API
+        raise UsageError(f"{spec!r}: not a Hugging Face repository id ({reason}); {example}") from None
 
 
 def model_files(spec: str) -> HubFiles:

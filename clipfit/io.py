@@ -1,8 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of either) and strict JSON."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -58,15 +59,50 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+# --- JSON: strict, whatever the numbers ----------------------------------------------------------
+# JSON has no NaN or Infinity (Python writes them, strict parsers reject the file). Every JSON
+# clipfit writes goes through `dumps_json`: a non-finite number becomes null, and the document's
+# top-level "notes" object maps the null's JSON Pointer (RFC 6901, e.g. "/metrics/uniformity_text")
+# to why it has no value: the `reason` of a value that carries one (clipfit.eval.metrics.undefined),
+# else "not a finite number (nan)".
+
+NOTES = "notes"
+
+
+def json_pointer(path: tuple) -> str:
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
+
+
+def finite_json(obj: Any, notes: dict[str, str], path: tuple = ()) -> Any:
+    """`obj` with every non-finite float replaced by None, its reason recorded in `notes`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        notes[json_pointer(path)] = getattr(obj, "reason", None) or f"not a finite number ({obj})"
+        return None
+    if isinstance(obj, dict):
+        return {key: finite_json(value, notes, (*path, key)) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(value, notes, (*path, i)) for i, value in enumerate(obj)]
+    return obj
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON (sorted keys) of `obj`; see above for what happens to NaN and infinity."""
+    notes: dict[str, str] = {}
+    clean = finite_json(obj, notes)
+    if notes and isinstance(clean, dict):
+        clean[NOTES] = {**(clean.get(NOTES) or {}), **notes}
+    return json.dumps(clean, indent=indent, sort_keys=True, default=str, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, dumps_json(obj) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one line and flush it to disk, so a crash loses at most the line being written."""
     try:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(dumps_json(record, indent=None) + "\n")
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
@@ -89,4 +125,4 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def truncate_jsonl(path: str | os.PathLike, keep: "callable") -> None:
     """Rewrite a JSONL file atomically keeping only rows for which keep(row) is true."""
     rows = [r for r in read_jsonl(path) if keep(r)]
-    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_text(path, "".join(dumps_json(r, indent=None) + "\n" for r in rows))

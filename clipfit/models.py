@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from clipfit.errors import ModelError, UsageError
-from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, first_line, hub_source, model_files, tag_files
+from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, check_hub_name, first_line, hub_source, model_files, tag_files
 from clipfit.io import atomic_path, write_json
 
 log = logging.getLogger("clipfit")
@@ -101,12 +101,25 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
 
     state = read_state_dict(path)
     state = open_clip.factory.convert_state_dict(model, state) if hasattr(open_clip.factory, "convert_state_dict") else state
+    check_shapes(model, state, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(
             f"{path}: weights do not fit the architecture "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
+
+
+def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """ModelError naming the first tensor whose shape differs from the model's (load_state_dict
+    would raise a many-line RuntimeError listing them all)."""
+    expected = model.state_dict()
+    wrong = [name for name, tensor in state.items() if name in expected and tensor.shape != expected[name].shape]
+    if wrong:
+        name = wrong[0]
+        others = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ModelError(f"{path}: tensor {name} has shape {list(state[name].shape)}, the architecture needs "
+                         f"{list(expected[name].shape)}{others}; these weights are for a different model")
 
 
 def register_config_file(path: Path) -> str:
@@ -178,6 +191,7 @@ def load_pretrained_tag(arch: str, tag: str):
 def load_hub(spec: str) -> LoadedModel:
     import open_clip
 
+    check_hub_name(spec)
     with hub_source(model_files(spec)):  # the tokenizer's config comes from the hub too
         try:
             model, preprocess_train, preprocess_val = create(spec)
@@ -194,23 +208,43 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file()
 
 
+def read_run_config(path: Path) -> dict:
+    """A run folder's open_clip_config.json; ModelError (exit 4) when it is not one clipfit wrote."""
+    config_path = path / OPEN_CLIP_CONFIG
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{config_path}: unreadable model config ({first_line(e)})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ModelError(f"{config_path}: not an open_clip model config (no model_cfg object)")
+    return config
+
+
 def load_run_dir(path: Path) -> LoadedModel:
     import open_clip
 
-    config = json.loads((path / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
+    config = read_run_config(path)
     weights = path / MODEL_FILE
     if not weights.is_file():
         raise ModelError(f"{path}: run folder has no {MODEL_FILE} (did the run finish? try --resume)")
-    name = config.get("clipfit", {}).get("arch", path.name)
+    clipfit_part = config.get("clipfit") if isinstance(config.get("clipfit"), dict) else {}
+    name = clipfit_part.get("arch", path.name)
     if name == "lite0-minilm":
         loaded = load_starter(aligned=False)
-        load_weights_into(loaded.model, weights)
-        loaded.pretrained, loaded.source = str(weights), {"kind": "run", "path": str(path)}
-        return loaded
-    model, preprocess_train, preprocess_val = create(f"local-dir:{path}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-    return LoadedModel(model, preprocess_train, preprocess_val, tokenizer, name, config["model_cfg"],
-                       config.get("preprocess_cfg", {}), str(weights), {"kind": "run", "path": str(path)})
+    else:
+        # built without weights, which load_weights_into then reads: a damaged or mismatched
+        # model.safetensors is one line naming the file, not open_clip's traceback
+        try:
+            model, preprocess_train, preprocess_val = create(f"local-dir:{path}", load_weights=False,
+                                                             pretrained_text=False)
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+        except Exception as e:
+            raise ModelError(f"{path}: cannot build the model its {OPEN_CLIP_CONFIG} describes ({first_line(e)})") from e
+        loaded = LoadedModel(model, preprocess_train, preprocess_val, tokenizer, name, config["model_cfg"],
+                             config.get("preprocess_cfg", {}), str(weights))
+    load_weights_into(loaded.model, weights)
+    loaded.pretrained, loaded.source = str(weights), {"kind": "run", "path": str(path)}
+    return loaded
 
 
 def load_starter(aligned: bool = True) -> LoadedModel:

@@ -84,7 +84,7 @@ def encode_share(dataset, encode_images: Encode | None, encode_texts: Encode | N
 
 @dataclass
 class RowStore:
-    """Where precomputed rows are kept: a clipfit.features.FeatureCache, and what rows depend on
+    """Where precomputed rows are kept: a clipfit.cache.FeatureCache, and what rows depend on
     besides the pairs and what is encoded (the starting model's identity; settings such as
     precision and device type that change the numbers)."""
 
@@ -93,7 +93,7 @@ class RowStore:
     settings: dict
 
     def key(self, kind: str, dataset, what: dict) -> dict:
-        from clipfit.features import captions_hash, images_hash
+        from clipfit.cache import captions_hash, images_hash
 
         return {"kind": kind, "format": ROWS_FORMAT, "model": self.model, "images": images_hash(dataset.pairs),
                 "captions": captions_hash(dataset.pairs), "items": len(dataset), "what": what, **self.settings}
@@ -120,6 +120,9 @@ def encode_items(dataset, encode_images: Encode | None, encode_texts: Encode | N
         rows, encoded = build_in_shares(build, len(dataset), shards)
     else:
         key = store.key(kind, dataset, what or {})
-        rows = store.cache.get_or_build(key, build, float_dtype=torch.float32, shards=shards, items=len(dataset))
+        needed = {name: count for name, count, encode in (("images", len(dataset), encode_images),
+                  ("texts", sum(len(pair.captions) for pair in dataset.pairs), encode_texts)) if encode is not None}
+        rows = store.cache.get_or_build(key, build, float_dtype=torch.float32, shards=shards, items=len(dataset),
+                                        rows=needed)
         encoded = store.cache.built_items.get(kind, 0)
     return ItemRows(rows.get("images"), rows.get("texts"), caption_starts(dataset), encoded)

@@ -11,13 +11,22 @@ LOWER_IS_BETTER = {"clip_loss", "modality_gap", "modality_gap_mse", "alignment",
 
 
 def fmt(value: Any) -> str:
+    from clipfit.eval.metrics import is_number
+
+    if value is None or (isinstance(value, float) and not is_number(value)):
+        return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    from clipfit.eval.metrics import is_number
+
     lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
     for name in before:
         if name not in after:
+            continue
+        if not (is_number(before[name]) and is_number(after[name])):
+            lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | n/a |")
             continue
         delta = after[name] - before[name]
         better = (delta < 0) if name in LOWER_IS_BETTER else (delta > 0)

@@ -56,9 +56,10 @@ def loss_curves(rows: list[dict[str, Any]], path: Path) -> bool:
 
 def before_after_bars(before: dict[str, float], after: dict[str, float], path: Path) -> bool:
     """Horizontal bars: rates (percent) on one axis, the headline measures on another."""
+    from clipfit.eval.metrics import is_number
     from clipfit.eval.results import is_rate
 
-    names = [k for k in after if k in before and isinstance(after[k], (int, float))]
+    names = [k for k in after if is_number(after[k]) and is_number(before.get(k))]
     measures = [n for n in names if n.rpartition("/")[2] in HEADLINE_MEASURES]
     panels = [("percent", [n for n in names if is_rate(n)]), ("lower is better", measures)]
     panels = [(unit, group) for unit, group in panels if group]

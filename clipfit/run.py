@@ -38,11 +38,14 @@ class RunData:
 
 
 def data_hash(pairs: list[Pair]) -> str:
-    """Identity of a pair list: keys, captions, file sizes and modification times."""
+    """Identity of a pair list: keys, captions and image contents (clipfit.cache.content_digest,
+    as the feature cache's keys), so --resume accepts a copied or touched folder and refuses
+    changed images, whatever their modification times say."""
+    from clipfit.cache import content_digest
+
     digest = hashlib.sha256()
     for pair in pairs:
-        stat = pair.image.stat()
-        digest.update(json.dumps([pair.key, list(pair.captions), stat.st_size, stat.st_mtime_ns]).encode())
+        digest.update(json.dumps([pair.key, list(pair.captions), content_digest(pair.image)]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -325,8 +328,24 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info)
 
 
+def stat_data_hash(pairs: list[Pair]) -> str:
+    """clipfit 0.1.0's data_hash (keys, captions, image sizes and modification times), so a run it
+    started can still be resumed."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        stat = pair.image.stat()
+        digest.update(json.dumps([pair.key, list(pair.captions), stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()[:16]
+
+
+def same_data(saved_hash: str | None, data: RunData) -> bool:
+    if saved_hash == data.data_hash:
+        return True
+    return data.stream is None and saved_hash == stat_data_hash(data.check.usable)
+
+
 def check_resumable(saved: dict | None, data: RunData, world_size: int, pairs_path: str) -> None:
-    if saved and saved.get("data_hash") != data.data_hash:
+    if saved and not same_data(saved.get("data_hash"), data):
         raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
     if saved and saved["resolved"].get("world_size", 1) != world_size:
         raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "
@@ -378,11 +397,11 @@ def precompute_frozen(setup: Setup):
 def row_store(setup: Setup):
     """Precomputed rows live in the feature cache, keyed by the starting model and the settings
     that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
-    from clipfit.features import FeatureCache, starting_model_identity
+    from clipfit.cache import FeatureCache, starting_model_identity
     from clipfit.precompute import RowStore
 
     c = setup.config
-    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info), starting_model_identity(c),
+    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn), starting_model_identity(c),
                     {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
                      "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
 
@@ -397,7 +416,7 @@ def prepare_methods(setup: Setup) -> None:
 
     ctx = MethodContext(model=setup.model, loaded=setup.loaded, config=setup.config, pairs=setup.data.train,
                         device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
-                        log=setup.progress.info, dist=setup.dist)
+                        log=setup.progress.info, dist=setup.dist, warn=setup.progress.warn)
     for method in setup.composite.methods:
         method.prepare(ctx)
     for param in setup.composite.parameters():
@@ -422,7 +441,8 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
         if not setup.data.val:
             return {}
         # the precision of the before/after measurement, so epoch rows and those numbers compare
-        encoder = encoder_for(setup.loaded, model, setup.device, config.batch_size, 0, config.precision)
+        encoder = encoder_for(setup.loaded, model, setup.device, config.batch_size, 0, config.precision,
+                              label=f"the model after epoch {epoch + 1} (validation)")
         return {f"val_{k}": v for k, v in evaluate_split(model, setup.data.val, setup.loaded, setup.device,
                                                            config.batch_size, config.max_image_pixels, encoder).items()}
 
@@ -445,19 +465,21 @@ def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
     return (data.val, "validation") if data.val else (data.train[:256], "training subset")
 
 
-def measure(setup: Setup, suite, starting: bool = False) -> dict[str, float]:
-    """Yardsticks and suite through one encoder, so the validation pairs are encoded once.
+def measure(setup: Setup, suite, label: str, starting: bool = False) -> dict[str, float]:
+    """Yardsticks and suite through one encoder, so the validation pairs are encoded once;
+    `label` names the model measured in errors.
 
     The `starting` model's zero-shot classifiers come from (and go to) the feature cache, keyed by
     the model it was loaded as; a trained model's are computed afresh."""
     from clipfit.eval.encode import encoder_for
     from clipfit.eval.suite import evaluate_suite
-    from clipfit.features import FeatureCache, starting_model_identity
+    from clipfit.cache import FeatureCache, starting_model_identity
 
     c = setup.config
     identity = starting_model_identity(c) if starting else None
-    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision,
-                          identity=identity, feature_cache=FeatureCache(cache_dir(c), log=setup.progress.info))
+    encoder = encoder_for(setup.loaded, setup.model, setup.device, c.batch_size, c.workers, c.precision, label=label,
+                          identity=identity,
+                          feature_cache=FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn))
     pairs, name = eval_pairs(setup.data)
     results = evaluate_split(setup.model, pairs, setup.loaded, setup.device, c.batch_size, c.max_image_pixels,
                              encoder, VALIDATION_KEY if setup.data.val else name)
@@ -470,7 +492,9 @@ def measure_before(setup: Setup, suite) -> None:
     if not setup.dist.is_main:
         return
     saved = setup.saved
-    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(setup, suite, starting=True)
+    setup.info["before"] = saved["before"] if saved and saved.get("before") else measure(
+        setup, suite, f"the starting model {setup.config.model} ({setup.config.pretrained}), measured before training",
+        starting=True)
     write_json(setup.run_dir / RUN_JSON, setup.info)
 
 
@@ -481,7 +505,7 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     from clipfit.report import write_report
 
     info, config = setup.info, setup.config
-    after = measure(setup, suite)
+    after = measure(setup, suite, f"the trained model (run folder {setup.run_dir}), measured after training")
     info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
     models.save_model(setup.loaded, setup.model, setup.run_dir)
     for method in setup.composite.methods:
@@ -496,6 +520,6 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
 
 
 def cache_dir(config: RefineConfig) -> Path:
-    from clipfit.features import default_cache_dir
+    from clipfit.cache import default_cache_dir
 
     return Path(config.cache_dir) if config.cache_dir else default_cache_dir()

@@ -9,7 +9,7 @@ import torch
 
 from clipfit.eval.encode import encoder_for
 from clipfit.eval.zeroshot import class_embeddings
-from clipfit.features import FeatureCache, encoder_identity
+from clipfit.cache import FeatureCache, encoder_identity
 from conftest import run_cli, tiny_refine_args, write_pairs
 from test_eval_zeroshot import CLASSES, write_image_folder
 

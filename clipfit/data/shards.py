@@ -39,7 +39,7 @@ class ShardSet:
     root: Path
     shards: tuple[Path, ...]
     count: int  # pairs in all shards
-    identity: str  # changes when any shard changes (names, sizes, modification times)
+    identity: str  # changes when any shard changes (names, sizes, contents: clipfit.cache.content_digest)
 
 
 def find_shards(path: str | Path) -> ShardSet:
@@ -53,10 +53,11 @@ def find_shards(path: str | Path) -> ShardSet:
         raise DataError(f"{root}: not a folder of .tar shards or a .tar file")
     if not shards:
         raise DataError(f"{root}: no .tar shards found (write them with `clipfit data shard PAIRS OUT`)")
+    from clipfit.cache import content_digest
+
     digest = hashlib.sha256()
-    for shard in shards:
-        stat = shard.stat()
-        digest.update(json.dumps([shard.name, stat.st_size, stat.st_mtime_ns]).encode())
+    for shard in shards:  # by content (sampled for large shards), as the feature cache's keys
+        digest.update(json.dumps([shard.name, shard.stat().st_size, content_digest(shard)]).encode())
     total = sum(shard_sizes(root, shards).values())
     if total == 0:
         raise DataError(f"{root}: the shards hold no image-caption pairs")

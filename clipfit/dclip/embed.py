@@ -3,7 +3,7 @@
 Regions: each crop through the image tower (projected, L2-normalised). Tokens: the text
 tower's per-token final states, start/end/padding dropped, through the text projection
 (L2-normalised, like the regions, so neither side dominates the attention). Both are cached
-with clipfit.features.FeatureCache, keyed by everything they depend on, and built once per run
+with clipfit.cache.FeatureCache, keyed by everything they depend on, and built once per run
 under torchrun (each rank encodes its share of the pairs).
 """
 
@@ -21,7 +21,8 @@ from clipfit.data.images import open_rgb
 from clipfit.data.tokens import text_trim_rule, trim_tokens
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
-from clipfit.features import FeatureCache, captions_hash, images_hash, ordered_loader, starting_model_identity
+from clipfit.cache import FeatureCache, captions_hash, images_hash, starting_model_identity
+from clipfit.features import ordered_loader
 from clipfit.models import base_model, encode_text, evaluating
 
 CACHE_FORMAT = 1
@@ -160,10 +161,10 @@ def cached_inputs(ctx, regions: Regions, cache: FeatureCache) -> dict[str, Tenso
              "preprocess": loaded.preprocess_cfg, "format": CACHE_FORMAT},
             lambda part: encode_regions(model, [ctx.pairs[i] for i in part], regions, loaded.preprocess_val,
                                         ctx.device, c.batch_size, c.workers, c.max_image_pixels),
-            shards=ctx.dist, items=len(ctx.pairs))
+            shards=ctx.dist, items=len(ctx.pairs), rows={"region_counts": len(ctx.pairs)})
         token_part = cache.get_or_build(
             {"kind": "dclip-tokens", "encoder": encoder, "captions": captions_hash(ctx.pairs),
              "context_length": loaded.context_length, "format": CACHE_FORMAT},
             lambda part: encode_tokens(model, captions_of(part), loaded.tokenizer, ctx.device, c.batch_size),
-            shards=ctx.dist, items=len(ctx.pairs))
+            shards=ctx.dist, items=len(ctx.pairs), rows={"token_counts": len(captions_of(range(len(ctx.pairs))))})
     return {**region_part, **token_part}

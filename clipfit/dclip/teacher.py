@@ -8,7 +8,6 @@ sentence embeddings; only the teacher's own weights train.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -173,11 +172,12 @@ def teacher_image_embeddings(teacher: CrossModalTeacher, bank: RegionTokenBank, 
 
 
 def save_teacher(teacher: CrossModalTeacher, path: Path, plan: TeacherTraining) -> None:
+    from clipfit.io import dumps_json
     from clipfit.models import save_state_dict
 
     save_state_dict(teacher.state_dict(), path, {
         "clipfit": "dclip-teacher", "dim": teacher.dim, "pool_temperature": teacher.pool_temperature,
-        "epochs": plan.epochs, "lr": plan.lr, "loss_per_epoch": json.dumps(plan.loss_per_epoch),
+        "epochs": plan.epochs, "lr": plan.lr, "loss_per_epoch": dumps_json(plan.loss_per_epoch, indent=None),
         "seconds": plan.seconds,
     })
 

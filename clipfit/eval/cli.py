@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,7 +51,7 @@ def quiet_option() -> Any:
 def fixed_identity(model: str, pretrained: str) -> dict | None:
     """The model's identity for cache keys, when loading it twice gives the same weights: not for
     random weights (`--pretrained none`), which this command draws unseeded."""
-    from clipfit.features import encoder_identity
+    from clipfit.cache import encoder_identity
     from clipfit.hub import HUB_PREFIX
     from clipfit.models import is_run_dir
 
@@ -65,14 +64,27 @@ def cache_dir_option() -> Any:
                                                   "[default: $XDG_CACHE_HOME/clipfit or ~/.cache/clipfit].")
 
 
+def warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def warn_trivial(where: str, candidates: int, what: str) -> None:
+    """One line when the set cannot tell models apart (clipfit.eval.metrics.trivial_set)."""
+    from clipfit.eval.metrics import trivial_set
+
+    problem = trivial_set(candidates, what)
+    if problem:
+        warn(f"{where}: {problem}")
+
+
 class Session:
     """One loaded model on one device, with the feature cache of one command."""
 
     def __init__(self, model: str, pretrained: str, batch_size: int, workers: int, precision: str, device: str,
                  quiet: bool, cache_dir: Optional[Path] = None):
+        from clipfit.cache import FeatureCache, default_cache_dir
         from clipfit.errors import UsageError
         from clipfit.eval.encode import AUTOCAST, encoder_for
-        from clipfit.features import FeatureCache, default_cache_dir
         from clipfit.models import load_model, resolve_device
 
         if precision not in AUTOCAST:
@@ -84,7 +96,8 @@ class Session:
         self.model_name, self.pretrained = self.names(model, pretrained)
         network = self.loaded.model.to(torch_device).eval()
         self.encoder = encoder_for(self.loaded, network, torch_device, batch_size, workers, precision, quiet,
-                                   fixed_identity(model, pretrained), FeatureCache(cache_dir or default_cache_dir()))
+                                   identity=fixed_identity(model, pretrained),
+                                   feature_cache=FeatureCache(cache_dir or default_cache_dir(), warn=warn))
 
     def names(self, model: str, pretrained: str) -> tuple[str, str]:
         """What CLIP_benchmark's `model` and `pretrained` fields should say."""
@@ -95,13 +108,13 @@ class Session:
     def report(self, dataset: str, task: str, metrics: dict[str, float], as_json: bool, out: Optional[Path],
                extra: dict | None = None) -> None:
         from clipfit.eval.results import benchmark_json, print_table
-        from clipfit.io import write_json
+        from clipfit.io import dumps_json, write_json
 
         record = benchmark_json(dataset, self.model_name, self.pretrained, task, metrics, extra)
         if out is not None:
             write_json(out, record)
         if as_json:
-            typer.echo(json.dumps(record, indent=2, sort_keys=True))
+            typer.echo(dumps_json(record))
         else:
             print_table(f"{task} · {dataset} · {self.model_name} ({self.pretrained})", metrics)
 
@@ -122,6 +135,7 @@ def zeroshot_command(
     from clipfit.eval.zeroshot import zeroshot
 
     labelled = load_labelled(dataset, data, classnames, templates)
+    warn_trivial(str(data), len(labelled.classes), "class")
     session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json, cache_dir)
     metrics = zeroshot(session.encoder, labelled)
     session.report(labelled.name, "zeroshot_classification", metrics, as_json, out,
@@ -132,7 +146,8 @@ def pairs_command(pairs: str, task: str, model: str, pretrained: str, batch_size
                   device: str, as_json: bool, out: Optional[Path], quiet: bool) -> None:
     from clipfit.eval.retrieval import encode_pairs_all_captions, geometry_metrics, load_eval_pairs, retrieval_metrics
 
-    items = load_eval_pairs(pairs, workers, warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    items = load_eval_pairs(pairs, workers, warn=warn)
+    warn_trivial(pairs, len(items), "pair")
     session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
     features = encode_pairs_all_captions(session.encoder, items, str(Path(pairs).resolve()))
     metrics = geometry_metrics(features) if task == "geometry" else {**retrieval_metrics(features), **geometry_metrics(features)}
@@ -178,6 +193,7 @@ def linear_probe_command(
     if optimizer not in ("lbfgs", "adam"):
         raise UsageError(f"--optimizer {optimizer!r}: choose lbfgs or adam")
     splits = probe_splits(data, seed)
+    warn_trivial(str(data), len(splits.train.classes), "class")
     session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
     metrics = linear_probe(session.encoder, splits, optimizer)
     session.report(splits.test.name, "linear_probe", metrics, as_json, out,
@@ -190,9 +206,10 @@ def compare_command(
 ) -> None:
     """Show the before/after metrics of several runs side by side."""
     from clipfit.eval.compare import compare_runs, print_comparison
+    from clipfit.io import dumps_json
 
     table = compare_runs(runs)
     if as_json:
-        typer.echo(json.dumps(table, indent=2, sort_keys=True))
+        typer.echo(dumps_json(table))
     else:
         print_comparison(table)

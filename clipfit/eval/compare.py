@@ -11,19 +11,32 @@ from clipfit.eval.suite import deltas
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "run.json"
+    """run.json of a run folder; UsageError (exit 2) naming the path when it is not one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "a file" if run_dir.exists() else "not found"
+        raise UsageError(f"{run_dir}: not a clipfit run folder ({what}; pass the folder that holds run.json)")
+    path = run_dir / "run.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{run_dir}: not a clipfit run folder (no run.json)") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise UsageError(f"{path}: not a clipfit run.json (a JSON {type(info).__name__}, not an object)")
+    for part in ("config", "model", "before", "after", "delta"):
+        if info.get(part) is not None and not isinstance(info[part], dict):
+            raise UsageError(f"{path}: not a clipfit run.json ({part!r} is a {type(info[part]).__name__}, not an object)")
+    return info
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     info = read_run(run_dir)
-    config, model = info.get("config", {}), info.get("model", {})
-    before, after = info.get("before", {}), info.get("after", {})
+    config, model = info.get("config") or {}, info.get("model") or {}
+    before, after = info.get("before") or {}, info.get("after") or {}
     return {
         "run_dir": str(run_dir), "method": config.get("method"), "model": model.get("arch"),
         "pretrained": model.get("pretrained"), "steps": info.get("steps"), "finished": bool(after),

@@ -2,6 +2,8 @@
 
 One `Encoder` serves one model state: a command makes one, and refine makes one for the
 starting model and another for the result, so a cache never outlives the weights it holds.
+Every feature any evaluation sees passes `Encoder.run`, which refuses NaN and infinite outputs:
+NaN scores every comparison false, so NaN embeddings would otherwise rank every match first.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clipfit.data.tokens import needed_lengths, text_trim_rule
-from clipfit.errors import DataError
+from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
 from clipfit.models import encode_text, evaluating
 
@@ -57,12 +59,13 @@ class Encoder:
     workers: int = 0
     precision: str = "fp32"
     quiet: bool = True
+    label: str = "the model"  # names the model in errors
     cache: dict = field(default_factory=dict)
     # What the model's weights are, when that is known and fixed (a starting model, a weights file);
     # with a feature cache, zero-shot classifiers are then kept on disk for every later evaluation.
     # None for weights changed in memory (a model being trained): nothing outlives this Encoder.
     identity: dict | None = None
-    feature_cache: Any = None  # clipfit.features.FeatureCache
+    feature_cache: Any = None  # clipfit.cache.FeatureCache
 
     def autocast(self):
         dtype = AUTOCAST[self.precision]
@@ -83,7 +86,17 @@ class Encoder:
             for batch in self.batches(loader, description):
                 with self.autocast():
                     outputs.append(encode(batch.to(self.device), normalize=False).float().cpu())
-        return F.normalize(torch.cat(outputs), dim=-1)
+        features = torch.cat(outputs)
+        self.check_finite(features, description)
+        return F.normalize(features, dim=-1)
+
+    def check_finite(self, features: torch.Tensor, description: str) -> None:
+        """Exit 5 naming the model when any embedding holds NaN or infinity."""
+        bad = int((~torch.isfinite(features)).any(dim=-1).sum()) if features.numel() else 0
+        if bad:
+            hint = "" if self.precision == "fp32" else f", or --precision {self.precision} overflowed (try fp32)"
+            raise TrainingError(f"{self.label}: {bad} of {len(features)} embeddings of the {description} are NaN or "
+                                f"infinite; its weights hold non-finite values{hint}")
 
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
         """Normalised embeddings of the images at `paths`, computed once per `key`."""
@@ -106,6 +119,14 @@ class Encoder:
 
 
 def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,
-                quiet: bool = True, identity: dict | None = None, feature_cache=None) -> Encoder:
+                quiet: bool = True, label: str | None = None, identity: dict | None = None,
+                feature_cache=None) -> Encoder:
     return Encoder(model, loaded.preprocess_val, loaded.tokenizer, device, batch_size, workers, precision, quiet,
-                   identity=identity, feature_cache=feature_cache)
+                   label or model_label(loaded), identity=identity, feature_cache=feature_cache)
+
+
+def model_label(loaded) -> str:
+    """How errors name a loaded model: its run folder, or architecture and weights."""
+    if loaded.source.get("kind") == "run":
+        return f"model {loaded.source['path']}"
+    return f"model {loaded.arch} ({loaded.pretrained})"

@@ -18,6 +18,36 @@ UNIFORMITY_SAMPLE = 4096  # a seeded subsample keeps the pairwise distances at 8
 CHUNK = 1024  # query rows scored at a time: a (CHUNK x keys) matrix instead of (queries x keys)
 
 
+class Undefined(float):
+    """NaN that says why a metric has no value; written to JSON as null with that reason
+    (clipfit.io.dumps_json). Arithmetic on it gives plain NaN."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> "Undefined":
+        value = super().__new__(cls, math.nan)
+        value.reason = reason
+        return value
+
+
+def undefined(reason: str) -> float:
+    return Undefined(reason)
+
+
+def is_number(value) -> bool:
+    """A metric with a value: a finite int or float (not None, NaN or infinite)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def trivial_set(candidates: int, what: str) -> str | None:
+    """Why scores ranking among `candidates` items are perfect whatever the model, or None.
+
+    With one candidate every query's first guess is right: Recall@k, top-1 and MRR are 100%."""
+    if candidates >= 2:
+        return None
+    return f"only {candidates} {what}: every query has one candidate, so its scores are 100% whatever the model"
+
+
 def ranks_of_first_positive(similarity: Tensor, positives: Tensor) -> Tensor:
     """0-based rank of each row's best-scoring positive column (inf when a row has none).
 
@@ -108,7 +138,7 @@ def uniformity(embeddings: Tensor) -> float:
 
     Above UNIFORMITY_SAMPLE rows, a fixed random subsample of them is used."""
     if len(embeddings) < 2:
-        return math.nan
+        return undefined(f"uniformity needs at least 2 embeddings, got {len(embeddings)}")
     if len(embeddings) > UNIFORMITY_SAMPLE:  # all pairs of 25k captions would be 312M distances
         keep = torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(0))[:UNIFORMITY_SAMPLE]
         embeddings = embeddings[keep]

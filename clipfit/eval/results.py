@@ -24,13 +24,15 @@ def benchmark_json(dataset: str, model: str, pretrained: str, task: str, metrics
     assert task in TASKS, task
     return {
         "dataset": dataset, "model": model, "pretrained": pretrained, "task": task,
-        "metrics": {name: value / 100.0 if is_rate(name) else value for name, value in metrics.items()},
+        "metrics": {name: value / 100.0 if is_rate(name) and value == value else value for name, value in metrics.items()},
         "language": "en",
         **({"clipfit": extra} if extra else {}),
     }
 
 
-def format_value(name: str, value: float) -> str:
+def format_value(name: str, value: float | None) -> str:
+    if value is None or value != value:  # no value: null in JSON, NaN (clipfit.eval.metrics.undefined) here
+        return f"n/a ({value.reason})" if hasattr(value, "reason") else "n/a"
     return f"{value:.2f}%" if is_rate(name) else f"{value:.4g}"
 
 

@@ -57,7 +57,20 @@ def load_suite(config, val_pairs: list, warn) -> Suite:
         suite.retrieval["validation"] = val_pairs
     for path in config.eval_retrieval:
         suite.retrieval[unique_name(Path(path).resolve().name, suite.retrieval)] = load_eval_pairs(path, config.workers, warn)
+    warn_trivial(suite, warn)
     return suite
+
+
+def warn_trivial(suite: Suite, warn) -> None:
+    """One warning per set whose scores cannot tell models apart (clipfit.eval.metrics.trivial_set)."""
+    from clipfit.eval.metrics import trivial_set
+
+    problems = {f"--eval-zeroshot {name}": trivial_set(len(data.classes), "class") for name, data in suite.zeroshot.items()}
+    problems.update({("the validation split" if name == "validation" else f"--eval-retrieval {name}"):
+                     trivial_set(len(pairs), "pair") for name, pairs in suite.retrieval.items()})
+    for where, problem in problems.items():
+        if problem:
+            warn(f"{where}: {problem}")
 
 
 def evaluate_suite(suite: Suite, encoder, max_pixels: int | None = None) -> dict[str, float]:
@@ -84,7 +97,7 @@ def gate(points: float | None, before: dict[str, float], after: dict[str, float]
     sets = {}
     for key in after:
         group, _, metric = key.rpartition("/")
-        if key.startswith("zeroshot/") and metric == ZEROSHOT_METRIC and key in before:
+        if key.startswith("zeroshot/") and metric == ZEROSHOT_METRIC and key in deltas(before, after):
             drop = before[key] - after[key]
             sets[group.removeprefix("zeroshot/")] = {"before": before[key], "after": after[key], "drop": drop,
                                                      "passed": drop <= points}
@@ -105,4 +118,7 @@ def enforce_gate(info: dict[str, Any]) -> None:
 
 
 def deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: after[k] - before[k] for k in after if k in before}
+    """after − before for every metric with a value on both sides (see clipfit.eval.metrics.undefined)."""
+    from clipfit.eval.metrics import is_number
+
+    return {k: after[k] - before[k] for k in after if is_number(after[k]) and is_number(before.get(k))}

@@ -63,6 +63,7 @@ class MethodContext:
     # a teacher) must be shared (FeatureCache.get_or_build(shards=dist), dist.from_main), and
     # only rank 0 may write the run folder.
     dist: Distributed = Distributed()
+    warn: Callable[[str], None] | None = None  # shown even with --quiet (e.g. a damaged cache entry)
 
 
 class Method:

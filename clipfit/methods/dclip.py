@@ -47,7 +47,7 @@ class DCLIP(Method):
         from clipfit.dclip.embed import cached_inputs
         from clipfit.dclip.regions import Regions
         from clipfit.dclip.teacher import RegionTokenBank, TEACHER_FILE, load_teacher, teacher_image_embeddings
-        from clipfit.features import FeatureCache, items_built_by_rank
+        from clipfit.cache import FeatureCache, items_built_by_rank
 
         regions = Regions.from_config(self.config)
         unused = regions.unused_names([p.key for p in ctx.pairs])
@@ -55,7 +55,7 @@ class DCLIP(Method):
             ctx.log(f"dclip: {len(unused)} name(s) in {regions.boxes_file} match no training pair, e.g. {unused[0]}")
         source = self.saved_teacher(ctx.run_dir / TEACHER_FILE)
         saved = load_teacher(source) if source else None  # before encoding: a bad path fails fast
-        cache = FeatureCache(ctx.cache_dir, log=ctx.log)
+        cache = FeatureCache(ctx.cache_dir, log=ctx.log, warn=ctx.warn)
         inputs = {name: t.float() if t.is_floating_point() else t
                   for name, t in cached_inputs(ctx, regions, cache).items()}
         bank = RegionTokenBank(caption_counts=torch.tensor([len(p.captions) for p in ctx.pairs]), **inputs)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from clipfit.errors import UsageError
-from clipfit.features import (FeatureCache, cache_key, captions_hash, image_bank, images_hash,
-                              items_built_by_rank, text_bank)
+from clipfit.cache import FeatureCache, cache_key, captions_hash, images_hash, items_built_by_rank
+from clipfit.features import image_bank, text_bank
 from clipfit.losses import clip_loss, ping_loss
 from clipfit.methods.base import Method
 from clipfit.models import encode_text
@@ -71,14 +71,14 @@ class Ping(Method):
         if self.config.ping_k >= n:
             raise UsageError(f"--ping-k {self.config.ping_k} needs more than {self.config.ping_k} training pairs "
                              f"(there are {n}): each pair's neighbours exclude the pair itself")
-        cache = FeatureCache(ctx.cache_dir, log=ctx.log)
+        cache = FeatureCache(ctx.cache_dir, log=ctx.log, warn=ctx.warn)
         encoders = {"image": image_encoder(self.config.ping_image_encoder, ctx),
                     "text": text_encoder(self.config.ping_text_encoder, ctx)}
         started = time.perf_counter()
         keys = {tower: self.bank_key(tower, encoder, ctx.pairs) for tower, encoder in encoders.items()}
         self.image_bank, self.text_bank = (
             cache.get_or_build(keys[tower], partial(self.build_bank, tower, encoders[tower], ctx),
-                               shards=ctx.dist, items=n)["bank"]
+                               shards=ctx.dist, items=n, rows={"bank": n})["bank"]
             for tower in ("image", "text"))
         bank_seconds = time.perf_counter() - started
         self.find_neighbours(cache, keys, ctx)
