@@ -14,8 +14,9 @@ from typing import Any, Optional
 import typer
 
 from clipfit import __version__
-from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitError
+from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitError, message_of
 from clipfit.eval.cli import compare_command, eval_app
+from clipfit.progress import printable
 
 EXIT_CODES_HELP = ("Exit status: 0 ok, 1 internal error, 2 usage error, 3 data error, 4 model could not be "
                    "loaded, 5 training failed (non-finite loss) or non-finite embeddings, 6 regression gate failed, 7 output folder "
@@ -70,9 +71,20 @@ def refine_parameters() -> list[inspect.Parameter]:
                                                rich_help_panel="Run")),
     ]
     for name, f in CONFIG_FIELDS.items():
-        option = typer.Option(field_default(name), flag(name), help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
+        names = on_off_flags(name) if hints[name] is bool else flag(name)
+        option = typer.Option(field_default(name), names, help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[name]))
     return params
+
+
+def on_off_flags(name: str) -> str:
+    """'--lock-text/--no-lock-text': a setting turned on in --config can be turned off by a flag.
+    A setting named no_x gets '--no-x/--x'."""
+    from clipfit.config import flag
+
+    if name.startswith("no_"):
+        return f"{flag(name)}/--{name[3:].replace('_', '-')}"
+    return f"{flag(name)}/--no-{name.replace('_', '-')}"
 
 
 def explicit_parameters(ctx: typer.Context) -> set[str]:
@@ -117,7 +129,7 @@ def print_refine_summary(info: dict, as_json: bool, quiet: bool) -> None:
     before, after = info.get("before", {}), info.get("after", {})
     for name in [] if quiet else after:
         typer.echo(f"{name:>20}: {number(before.get(name))} -> {number(after[name])}")
-    typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
+    typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
 
 
 def number(value: Any) -> str:
@@ -173,26 +185,51 @@ def data_shard(
                           find_duplicates=False)
     written = write_shards(report.usable, out, pairs_per_shard)
     left_out = f"; {len(report.skipped)} unusable item(s) left out (`clipfit data check` lists them)" if report.skipped else ""
-    typer.echo(f"wrote {len(report.usable)} pairs in {len(written)} shard(s) to {out}{left_out}")
+    typer.echo(f"wrote {len(report.usable)} pairs in {len(written)} shard(s) to {printable(out)}{left_out}")
+
+
+SHOWN_PER_KIND = 20
 
 
 def print_check_report(report) -> None:
+    """A summary table, then every item worth a look (first 20 of each kind), file and reason."""
     from rich.console import Console
     from rich.table import Table
 
+    from clipfit.progress import rich_literal
+
     console = Console()
-    table = Table(title=f"{report.root} ({report.layout} layout)")
-    table.add_column("check")
-    table.add_column("count", justify="right")
+    summary = Table(title=f"{rich_literal(report.root)} ({report.layout} layout)")
+    summary.add_column("check")
+    summary.add_column("count", justify="right")
     for key, value in report.summary().items():
-        table.add_row(key.replace("_", " "), str(value))
-    console.print(table)
-    for problem in report.skipped:
-        console.print(f"[red]bad[/] {problem.path}: {problem.reason}", highlight=False)
-    for warning in report.warnings:
-        console.print(f"[yellow]warning[/] {warning.path}: {warning.reason}", highlight=False)
-    for group in report.duplicate_images:
-        console.print(f"[yellow]duplicate images[/] {', '.join(group)}", highlight=False)
+        summary.add_row(key.replace("_", " "), str(value))
+    console.print(summary)
+    items = Table(title="items to look at", show_lines=False)
+    items.add_column("kind", no_wrap=True)
+    items.add_column("file", overflow="fold")
+    items.add_column("reason", overflow="fold")
+    for kind, problems in report.sections():
+        if not problems:
+            continue
+        items.add_section()
+        for i, problem in enumerate(problems[:SHOWN_PER_KIND]):
+            items.add_row(f"{kind} ({len(problems)})" if i == 0 else "",
+                          rich_literal(shown_path(problem.path, report.root)), rich_literal(problem.reason))
+        if len(problems) > SHOWN_PER_KIND:
+            items.add_row("", f"... and {len(problems) - SHOWN_PER_KIND} more", "`--json` lists them all")
+    if items.row_count:
+        console.print(items)
+
+
+def shown_path(path: str, root: str) -> str:
+    """A path inside the checked folder, relative to it (the summary's title names the folder)."""
+    for base in (Path(root), Path(root).resolve()):
+        try:
+            return Path(path).relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return path
 
 
 # --- listings -----------------------------------------------------------------------------
@@ -316,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     except ClipfitError as e:
         if STATE["debug"]:  # the traceback, but the documented exit status all the same
             traceback.print_exc()
-        print(f"clipfit: error: {e}", file=sys.stderr)
+        print(f"clipfit: error: {printable(message_of(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         print("clipfit: interrupted", file=sys.stderr)
@@ -328,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         if STATE["debug"]:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"clipfit: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+        print(f"clipfit: internal error: {type(e).__name__}: {printable(first)} (rerun with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(EXIT_INTERNAL)
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a *returned* 130 outside standalone mode

@@ -6,8 +6,12 @@ A `--config FILE` (TOML) sets any field by name; flags given on the command line
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 import tomllib
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -120,6 +124,7 @@ class RefineConfig:
 
 
 CONFIG_FIELDS = {f.name: f for f in fields(RefineConfig)}
+CONFIG_HINTS = typing.get_type_hints(RefineConfig)
 
 
 def field_default(name: str) -> Any:
@@ -128,20 +133,73 @@ def field_default(name: str) -> Any:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config (as data, never executed); keys may use - or _."""
+    """Read a TOML config (as data, never executed): settings at the top level, in a [refine]
+    table, or both; keys may use - or _. Every key and value type is checked here, so a mistake
+    is one line naming the key, never a silently dropped setting or a traceback later."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Windows editors may add a BOM
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read config file ({e.strerror or e})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid TOML ({e})") from None
-    data = data.get("refine", data)  # allow a [refine] table or top-level keys
-    settings = {key.replace("-", "_"): value for key, value in data.items()}
+    settings = merged_tables(path, data)
     unknown = sorted(set(settings) - set(CONFIG_FIELDS) - {"pairs"})
     if unknown:
-        raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        raise UsageError(f"{path}: unknown setting(s) {', '.join(with_suggestion(name) for name in unknown)}")
+    return {name: checked_value(path, name, value) for name, value in settings.items()}
+
+
+def merged_tables(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys and [refine] keys as one dict; a setting given twice is refused."""
+    table = data.pop("refine", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: refine must be a table ([refine]), not {type_name(table)}")
+    settings: dict[str, Any] = {}
+    first: dict[str, str] = {}  # name -> the key as spelled and where
+    for where, values in (("at the top level", data), ("in [refine]", table)):
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name in settings:
+                raise UsageError(f"{path}: {name} is set twice ({first[name]} and {key} {where}); keep one")
+            settings[name], first[name] = value, f"{key} {where}"
     return settings
+
+
+def with_suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name, [*CONFIG_FIELDS, "pairs"], n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+def type_name(value: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def expected_type(name: str) -> Any:
+    """The field's type without Optional (TOML has no null): int, float, str, bool or list[str]."""
+    if name == "pairs":
+        return str
+    hint = CONFIG_HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+
+
+def checked_value(path: Path, name: str, value: Any) -> Any:
+    wanted = expected_type(name)
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # `lr = 1` means 1.0
+    if wanted == list[str]:
+        ok, description = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+    else:
+        ok = isinstance(value, wanted) and not (isinstance(value, bool) and wanted is not bool)
+        description = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[wanted]
+    if not ok:
+        shown = json.dumps(value, default=str)
+        raise UsageError(f"{path}: {name} = {shown} is {type_name(value)}; expected {description}")
+    return value
 
 
 def build_config(cli_values: dict[str, Any], explicit: set[str], toml: dict[str, Any] | None) -> RefineConfig:

@@ -54,3 +54,13 @@ class OutputError(ClipfitError):
 
 class Interrupted(ClipfitError):
     exit_code = EXIT_INTERRUPTED
+
+
+def message_of(error: ClipfitError) -> str:
+    """The error's own one-line message. A DataLoader re-raises an error from a worker process
+    with the worker's traceback as its message; the original message is that traceback's last line."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]  # "clipfit.errors.DataError: <message>"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from clipfit.cache import (CACHE_FORMAT, CACHE_SUBDIR, CacheEntry, FeatureCache, cache_key,
                            captions_hash, encoder_identity, files_fingerprint, first_rows, images_hash,
                            items_built_by_rank, load_mapped, read_header, starting_model_identity)
-from clipfit.data.images import open_rgb
+from clipfit.data.dataset import open_checked
 
 __all__ = ["ordered_loader", "image_bank", "text_bank", "CountLog",
            # re-exported from clipfit.cache
@@ -45,7 +45,7 @@ class _Images(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i):
-        return self.preprocess(open_rgb(self.pairs[i].image, self.max_pixels))
+        return self.preprocess(open_checked(self.pairs[i], self.max_pixels))
 
 
 class CountLog:

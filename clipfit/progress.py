@@ -9,6 +9,27 @@ from typing import Any
 TERM_ORDER = ("loss",)
 
 
+def printable(text: object) -> str:
+    """`text` on one line, as typed: control characters, line breaks and undecodable file-name
+    bytes become escapes (\\n, \\x1b, \\u2028, \\xe9), so a path can neither break a message
+    into lines nor drive the terminal, and printing it never fails."""
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in str(text))
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a file-name byte that is not UTF-8 (Python's surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def rich_literal(text: object) -> str:
+    """`text` printed by rich as it is: '[bold]' in a file name is not markup."""
+    from rich.markup import escape
+
+    return escape(printable(text))
+
+
 def format_row(row: dict[str, Any]) -> str:
     parts = [f"step {row['step']}"]
     for key, value in row.items():
@@ -38,7 +59,7 @@ class Progress:
 
     def warn(self, message: str) -> None:
         if not self.silent:
-            print(f"warning: {message}", file=self.stream, flush=True)
+            print(f"warning: {printable(message)}", file=self.stream, flush=True)
 
     def step(self, row: dict[str, Any], total: int) -> None:
         pass
@@ -52,7 +73,7 @@ class PlainProgress(Progress):
         self.every, self.last = every_seconds, 0.0
 
     def info(self, message: str) -> None:
-        print(message, file=self.stream, flush=True)
+        print(printable(message), file=self.stream, flush=True)
 
     def step(self, row: dict[str, Any], total: int) -> None:
         now = time.monotonic()
@@ -82,10 +103,10 @@ class RichProgress(Progress):
         return self.bar.__exit__(*exc)
 
     def info(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(rich_literal(message), highlight=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        self.console.print(f"[yellow]warning:[/] {rich_literal(message)}", highlight=False)
 
     def step(self, row: dict[str, Any], total: int) -> None:
         if self.task is None:

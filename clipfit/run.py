@@ -23,6 +23,7 @@ from clipfit.data.images import DEFAULT_MAX_PIXELS
 from clipfit.data.layouts import Pair, load_pairs
 from clipfit.errors import DataError, OutputError, UsageError
 from clipfit.io import write_json, write_text
+from clipfit.progress import printable
 
 RUN_JSON = "run.json"
 SKIPPED_TXT = "skipped.txt"
@@ -45,7 +46,11 @@ def data_hash(pairs: list[Pair]) -> str:
 
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update(json.dumps([pair.key, list(pair.captions), content_digest(pair.image)]).encode())
+        try:
+            digest.update(json.dumps([pair.key, list(pair.captions), content_digest(pair.image)]).encode())
+        except OSError as e:
+            raise DataError(f"{printable(pair.image)}: vanished or became unreadable after the run checked it "
+                            f"({e.strerror or e})") from None
     return digest.hexdigest()[:16]
 
 
@@ -86,7 +91,7 @@ def write_skipped(run_dir: Path, check: CheckReport) -> None:
     """Written with run.json, not earlier: a run that fails while setting up leaves an empty
     folder, which the corrected command may reuse without --overwrite."""
     if check.skipped:
-        write_text(run_dir / SKIPPED_TXT, "".join(f"{p.path}\t{p.reason}\n" for p in check.skipped))
+        write_text(run_dir / SKIPPED_TXT, "".join(f"{printable(p.path)}\t{printable(p.reason)}\n" for p in check.skipped))
 
 
 def load_stream(pairs_path: str, run_dir: Path) -> RunData:

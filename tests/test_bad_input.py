@@ -150,7 +150,7 @@ def find(items: list[tuple[str, str]], path_part: str, reason_part: str) -> bool
 # --- data check names each bad item ------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ALL_BAD)
-def test_data_check_reports_bad_item(name, tmp_path, capsys):
+def test_data_check_reports_bad_item(name, tmp_path, capsys, monkeypatch):
     folder = make_bad_folder(name, tmp_path / "pairs")
     _, path_part, reason_part = ALL_BAD[name]
     report = data_check_json(capsys, folder)
@@ -159,8 +159,9 @@ def test_data_check_reports_bad_item(name, tmp_path, capsys):
     assert report["summary"]["usable_pairs"] == 8  # the good pairs are all still there
 
     capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "250")  # wide enough that rich keeps each table cell on one line
     assert run_main(["data", "check", folder]) == 0
-    text = " ".join(capsys.readouterr().out.split())  # rich may wrap long lines
+    text = " ".join(capsys.readouterr().out.split())
     assert path_part in text and " ".join(reason_part.split()) in text
 
 

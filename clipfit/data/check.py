@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
+from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, file_stamp, open_rgb
 from clipfit.data.layouts import Pair, PairSet, Problem, load_pairs
-from clipfit.data.tokens import exceeds_context
+from clipfit.data.tokens import count_tokens, exceeds_context
 
 
 @dataclass
@@ -28,7 +28,7 @@ class CheckReport:
     images_without_captions: list[str] = field(default_factory=list)
     captions_without_images: list[str] = field(default_factory=list)
     duplicate_images: list[list[str]] = field(default_factory=list)
-    long_captions: int = 0
+    long_captions: list[Problem] = field(default_factory=list)  # used, but truncated in training
     context_length: int | None = None
 
     @property
@@ -45,7 +45,7 @@ class CheckReport:
             "images_without_captions": len(self.images_without_captions),
             "captions_without_images": len(self.captions_without_images),
             "duplicate_image_groups": len(self.duplicate_images),
-            "captions_over_context": self.long_captions,
+            "captions_over_context": len(self.long_captions),
             "warnings": len(self.warnings),
         }
 
@@ -61,25 +61,42 @@ class CheckReport:
             "images_without_captions": self.images_without_captions,
             "captions_without_images": self.captions_without_images,
             "duplicate_images": self.duplicate_images,
+            "long_captions": [asdict(p) for p in self.long_captions],
         }
 
+    def sections(self) -> list[tuple[str, list[Problem]]]:
+        """Every item worth a look, by kind, as (kind, [(file, reason)]): what `data check` prints."""
+        return [
+            ("unreadable image", self.bad_images),
+            ("bad item", self.problems),
+            ("image without caption", [Problem(p, "no caption: skipped") for p in self.images_without_captions]),
+            ("caption without image", [Problem(p, "no image of the same name: ignored")
+                                       for p in self.captions_without_images]),
+            ("caption too long", self.long_captions),
+            ("duplicate images", [Problem(", ".join(group), "same bytes: both are trained on")
+                                  for group in self.duplicate_images]),
+            ("warning", self.warnings),
+        ]
 
-def decode_or_reason(pair: Pair, max_pixels: int) -> str | None:
+
+def decode_or_reason(pair: Pair, max_pixels: int) -> Pair | str:
+    """The pair stamped with its file's size and time as decoded, or why it cannot be used."""
     try:
+        stamp = file_stamp(pair.image)
         open_rgb(pair.image, max_pixels)
     except BadImage as e:
         return str(e)
     except OSError as e:
         return f"cannot read: {e.strerror or e}"
-    return None
+    return replace(pair, stamp=stamp)
 
 
 def split_decodable(pairs: list[Pair], max_pixels: int, workers: int = 4) -> tuple[list[Pair], list[Problem]]:
     """Decode every image once (threads: Pillow releases the GIL while decoding)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(lambda p: decode_or_reason(p, max_pixels), pairs))
-    good = [p for p, r in zip(pairs, reasons) if r is None]
-    bad = [Problem(str(p.image), r) for p, r in zip(pairs, reasons) if r is not None]
+        results = list(pool.map(lambda p: decode_or_reason(p, max_pixels), pairs))
+    good = [r for r in results if isinstance(r, Pair)]
+    bad = [Problem(str(p.image), r) for p, r in zip(pairs, results) if isinstance(r, str)]
     return good, bad
 
 
@@ -90,8 +107,10 @@ def duplicate_groups(pairs: list[Pair]) -> list[list[str]]:
     return [keys for keys in by_digest.values() if len(keys) > 1]
 
 
-def count_long_captions(pairs: list[Pair], context_length: int) -> int:
-    return sum(exceeds_context(c, context_length) for p in pairs for c in p.captions)
+def long_captions(pairs: list[Pair], context_length: int) -> list[Problem]:
+    return [Problem(f"{p.key} (caption {i + 1} of {len(p.captions)})",
+                    f"{count_tokens(c)} tokens, over the context length of {context_length}: truncated in training")
+            for p in pairs for i, c in enumerate(p.captions) if exceeds_context(c, context_length)]
 
 
 def check_pairset(
@@ -116,7 +135,7 @@ def check_pairset(
     if find_duplicates:
         report.duplicate_images = duplicate_groups(good)
     if context_length:
-        report.long_captions = count_long_captions(good, context_length)
+        report.long_captions = long_captions(good, context_length)
     return report
 
 

@@ -11,10 +11,30 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from clipfit.data.images import open_rgb
+from clipfit.data.images import BadImage, file_stamp, open_rgb
 from clipfit.data.layouts import Pair
+from clipfit.errors import DataError
+from clipfit.progress import printable
+
+
+def open_checked(pair: Pair, max_pixels: int) -> Image.Image:
+    """Decode a pair's image as `clipfit data check` found it. One that vanished, changed or stopped
+    decoding since is a DataError naming it (exit 3): skipping it would change every later batch,
+    so the run would match neither the check's count nor a resumed run."""
+    try:
+        if pair.stamp is not None and file_stamp(pair.image) != pair.stamp:
+            reason = "changed (size or modification time differ)"
+        else:
+            return open_rgb(pair.image, max_pixels)
+    except FileNotFoundError:
+        reason = "vanished"
+    except (OSError, BadImage) as e:
+        reason = f"became unreadable ({getattr(e, 'strerror', None) or e})"
+    raise DataError(f"{printable(pair.image)}: {reason} after the run checked it; put it back unchanged "
+                    "and resume (--resume), or start the run again without it")
 
 
 def caption_index(seed: int, epoch: int, index: int, count: int) -> int:
@@ -48,7 +68,7 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def decode(self, index: int, epoch: int = 0) -> torch.Tensor:
-        image = open_rgb(self.pairs[index].image, self.max_pixels)
+        image = open_checked(self.pairs[index], self.max_pixels)
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream untouched
             torch.manual_seed(item_seed(self.seed, epoch, index))
             return self.transform(image)

@@ -21,6 +21,12 @@ class BadImage(Exception):
     """The file cannot be used as a training image; str(e) is the reason."""
 
 
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """(size, modification time in ns): what tells a file changed, short of reading it."""
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -69,6 +75,8 @@ def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read") from None
     except OSError as e:
+        if e.errno is not None:  # the file system's error (gone, no permission), not the decoder's
+            raise BadImage(f"cannot read: {e.strerror or e}") from None
         reason = str(e) or type(e).__name__
         if "truncated" in reason.lower():
             raise BadImage(f"truncated image ({reason})") from None

@@ -11,13 +11,18 @@ so `clipfit data check` can list them all; the caller decides whether they are f
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import os
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from clipfit.data.images import is_image_path
+from clipfit.data.text import caption_lines, has_undecodable, lines, read_text, repaired, undecodable_reason
 from clipfit.errors import DataError, UsageError
 
 LAYOUTS = ("sidecar", "hf", "csv")
@@ -29,6 +34,7 @@ class Pair:
     image: Path
     captions: tuple[str, ...]
     key: str  # path relative to the data folder: a stable identity for caches and reports
+    stamp: tuple[int, int] | None = None  # (size, mtime_ns) when checked: see clipfit.data.dataset.open_checked
 
 
 @dataclass(frozen=True)
@@ -49,15 +55,39 @@ class PairSet:
 
 
 def read_caption_file(path: Path, warnings: list[Problem]) -> list[str]:
-    raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+    """One caption per line (split on \\n and \\r\\n only); OSError when the file cannot be read."""
+    text, encoding = read_text(path)
+    if has_undecodable(text):
+        warnings.append(Problem(str(path), f"caption is {undecodable_reason(text, encoding)}; "
+                                           "undecodable bytes replaced"))
+        text = repaired(text)
+    return caption_lines(text)
+
+
+SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                 (stat.S_ISBLK, "a device"))
+
+
+def entry_kind(entry: os.DirEntry) -> str:
+    """'dir', 'file', or why the entry cannot be used (reading a pipe or device could block forever)."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        warnings.append(Problem(str(path), "caption is not valid UTF-8; undecodable bytes replaced"))
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        if entry.is_dir():  # follows symlinks, hence the loop guard in walk_files
+            return "dir"
+        if entry.is_file():
+            return "file"
+        mode = os.stat(entry.path).st_mode
+    except OSError as e:
+        return os_reason(e)
+    kind = next((name for test, name in SPECIAL_FILES if test(mode)), "not a regular file")
+    return f"not a regular file ({kind}), skipped"
+
+
+def os_reason(error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links), skipped"
+    if error.errno == errno.ENOENT:
+        return "broken symlink"
+    return f"cannot read: {error.strerror or error}"
 
 
 def walk_files(root: Path, problems: list[Problem]) -> list[Path]:
@@ -79,13 +109,13 @@ def walk_files(root: Path, problems: list[Problem]) -> list[Path]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            path = Path(entry.path)
-            if entry.is_dir():  # follows symlinks, hence the loop guard above
-                visit(path)
-            elif entry.is_file():
-                files.append(path)
-            elif entry.is_symlink():
-                problems.append(Problem(str(path), "broken symlink"))
+            kind = entry_kind(entry)
+            if kind == "dir":
+                visit(Path(entry.path))
+            elif kind == "file":
+                files.append(Path(entry.path))
+            else:
+                problems.append(Problem(entry.path, kind))
 
     visit(root)
     return files
@@ -112,7 +142,11 @@ def read_sidecars(root: Path) -> PairSet:
         if not texts:
             lonely_images.extend(relative_key(root, i) for i in images)
             continue
-        captions = read_caption_file(texts[0], warnings)
+        try:
+            captions = read_caption_file(texts[0], warnings)
+        except OSError as e:
+            problems.append(Problem(str(texts[0]), f"cannot read caption file: {e.strerror or e}"))
+            continue
         for image in images:
             if captions:
                 pairs.append(Pair(image, tuple(captions), relative_key(root, image)))
@@ -135,21 +169,30 @@ def duplicate_name_warnings(root: Path, images: list[Path]) -> list[Problem]:
 
 def resolve_inside(root: Path, name: str) -> tuple[Path | None, str | None]:
     """Resolve a manifest path against root; refuse anything that escapes it."""
-    candidate = (root / name).resolve()
+    try:
+        candidate = (root / name).resolve()
+    except RuntimeError:  # Python < 3.13 raises this for a symlink loop
+        return None, f"symlink loop: {name}"
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        return None, f"unusable file name {name!r} ({e})"
     if not candidate.is_relative_to(root.resolve()):
         return None, f"path escapes the data folder: {name}"
-    if not candidate.is_file():
-        return None, f"missing file: {name}"
+    if not candidate.is_file():  # a pipe or device is never opened: reading it could block
+        return None, f"not a regular file: {name}" if candidate.exists() else f"missing file: {name}"
     return candidate, None
 
 
-def collect_rows(root: Path, rows: list[tuple[str, object]], manifest: str) -> PairSet:
-    """Turn (file name, caption or list of captions) rows into pairs; rows for one image merge."""
-    problems: list[Problem] = []
+# A manifest row: (where, e.g. "metadata.jsonl:7", file name, caption or list of captions)
+Row = tuple[str, str, object]
+
+
+def collect_rows(root: Path, rows: list[Row], manifest: str, problems: list[Problem]) -> PairSet:
+    """Turn manifest rows into pairs; rows for one image merge. `problems` holds the rows the
+    reader could not parse; they are bad items like the rest."""
+    problems = list(problems)
     captions_by_file: dict[str, list[str]] = defaultdict(list)
-    for line_no, (name, text) in enumerate(rows, start=2 if manifest.endswith("csv") else 1):
-        where = f"{manifest}:{line_no}"
-        texts = [text] if isinstance(text, str) else list(text or [])
+    for where, name, text in rows:
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, list) else []
         texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
         if not name:
             problems.append(Problem(where, "row has no file name"))
@@ -169,48 +212,117 @@ def collect_rows(root: Path, rows: list[tuple[str, object]], manifest: str) -> P
     return PairSet(root, "", pairs, problems, warnings)
 
 
-def jsonl_objects(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line is a DataError naming file:line."""
-    objects = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+def read_manifest(path: Path) -> tuple[str, str]:
+    try:
+        return read_text(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, object, None) for each good non-blank line, (line number, None, reason) for a bad one."""
+    text, encoding = read_manifest(path)
+    for line_no, line in enumerate(lines(text), start=1):
         if not line.strip():
+            continue
+        if has_undecodable(line):
+            yield line_no, None, undecodable_reason(line, encoding)
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{line_no}: each line must be a JSON object")
+            yield line_no, None, f"not valid JSON ({e.msg}, column {e.colno})"
+            continue
+        if isinstance(record, dict):
+            yield line_no, record, None
+        else:
+            yield line_no, None, "each line must be a JSON object ({...})"
+
+
+def jsonl_objects(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line is a DataError naming file:line."""
+    objects = []
+    for line_no, record, reason in jsonl_records(path):
+        if reason:
+            raise DataError(f"{path}:{line_no}: {reason}")
         objects.append((line_no, record))
     return objects
 
 
-def read_jsonl_rows(path: Path, file_key: str, text_key: str) -> list[tuple[str, object]]:
-    return [(str(record.get(file_key, "") or ""), record.get(text_key)) for _, record in jsonl_objects(path)]
+def read_jsonl_rows(path: Path, file_key: str, text_key: str) -> tuple[list[Row], list[Problem]]:
+    rows, problems = [], []
+    for line_no, record, reason in jsonl_records(path):
+        where = f"{path.name}:{line_no}"
+        if reason:
+            problems.append(Problem(where, reason))
+        else:
+            rows.append((where, str(record.get(file_key) or ""), record.get(text_key)))
+    return rows, problems
 
 
-def read_csv_rows(path: Path, file_key: str, text_key: str) -> list[tuple[str, object]]:
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+CSV_DELIMITERS = ",\t;|"
+
+
+def csv_format(text: str, path: Path, wanted: tuple[str, ...]) -> dict:
+    """csv.reader arguments: the separator under which the header names the wanted columns,
+    else whatever the sniffer finds."""
+    header = lines(text)[0]
+    for delimiter in CSV_DELIMITERS:
+        if all(key in next(csv.reader([header], delimiter=delimiter), []) for key in wanted):
+            return {"delimiter": delimiter}
     try:
-        dialect = csv.Sniffer().sniff(text[:8192], delimiters=",\t;|")
+        return {"dialect": csv.Sniffer().sniff(text[:8192], delimiters=CSV_DELIMITERS)}
     except csv.Error:
-        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-    reader = csv.DictReader(text.splitlines(), dialect=dialect)
-    missing = [k for k in (file_key, text_key) if k not in (reader.fieldnames or [])]
+        return {"dialect": csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel}
+
+
+def read_csv_rows(path: Path, file_key: str, text_key: str,
+                  advice: str = "set --csv-img-key / --csv-caption-key") -> tuple[list[Row], list[Problem]]:
+    """Rows as the csv module reads records: a quoted field may span lines, and U+2028, NEL or a
+    form feed are characters of a caption. Line numbers are where each record starts."""
+    text, encoding = read_manifest(path)
+    reader = csv.reader(io.StringIO(text, newline=""), **csv_format(text, path, (file_key, text_key)))
+    header = next(reader, [])
+    missing = [k for k in (file_key, text_key) if k not in header]
     if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; columns are {reader.fieldnames} "
-            "(set --csv-img-key / --csv-caption-key)"
-        )
-    return [(row.get(file_key) or "", row.get(text_key) or "") for row in reader]
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; columns are {header} ({advice})")
+    rows, problems, end = [], [], reader.line_num
+    try:
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            reason = record_problem(record, len(header), encoding)
+            if reason:
+                problems.append(Problem(f"{path.name}:{start}", reason))
+            elif record:  # not a blank line
+                values = dict(zip(header, record))
+                rows.append((f"{path.name}:{start}", values.get(file_key) or "", values.get(text_key) or ""))
+    except csv.Error as e:  # the reader cannot find the next record after this
+        problems.append(Problem(f"{path.name}:{end + 1}", f"not a CSV record ({e}); the rest of the file is not read"))
+    return rows, problems
+
+
+def record_problem(record: list[str], columns: int, encoding: str) -> str | None:
+    joined = "".join(record)
+    if has_undecodable(joined):
+        return undecodable_reason(joined, encoding)
+    if len(record) > columns:  # an unquoted separator inside a caption would cut it silently
+        return f"{len(record)} fields but the header has {columns} (quote fields that contain the separator)"
+    return None
+
+
+HF_CSV_ADVICE = ("a Hugging Face metadata.csv names them file_name and text: rename the columns, or read it "
+                 "as a plain table with --layout csv --csv-img-key COLUMN --csv-caption-key COLUMN")
 
 
 def read_hf(root: Path) -> PairSet:
     for manifest in HF_MANIFESTS:
         path = root / manifest
         if path.is_file():
-            reader = read_jsonl_rows if manifest.endswith(".jsonl") else read_csv_rows
-            pairset = collect_rows(root, reader(path, "file_name", "text"), manifest)
+            if manifest.endswith(".jsonl"):
+                rows, problems = read_jsonl_rows(path, "file_name", "text")
+            else:
+                rows, problems = read_csv_rows(path, "file_name", "text", HF_CSV_ADVICE)
+            pairset = collect_rows(root, rows, manifest, problems)
             pairset.layout = "hf"
             return pairset
     raise DataError(f"{root}: no {' or '.join(HF_MANIFESTS)} found")
@@ -218,7 +330,8 @@ def read_hf(root: Path) -> PairSet:
 
 def find_csv(root: Path) -> Path | None:
     tables = sorted(p for p in root.iterdir() if p.suffix.lower() in (".csv", ".tsv") and p.is_file())
-    tables = [p for p in tables if p.name not in HF_MANIFESTS]
+    if len(tables) > 1:
+        tables = [p for p in tables if p.name not in HF_MANIFESTS]
     if len(tables) > 1:
         raise UsageError(f"{root}: several CSV/TSV files ({', '.join(p.name for p in tables)}); pass one file as PAIRS")
     return tables[0] if tables else None
@@ -228,7 +341,8 @@ def read_csv_layout(root: Path, img_key: str, caption_key: str) -> PairSet:
     table = root if root.is_file() else find_csv(root)
     if table is None:
         raise DataError(f"{root}: no CSV/TSV file found")
-    pairset = collect_rows(table.parent, read_csv_rows(table, img_key, caption_key), table.name)
+    rows, problems = read_csv_rows(table, img_key, caption_key)
+    pairset = collect_rows(table.parent, rows, table.name, problems)
     pairset.layout = "csv"
     return pairset
 
@@ -243,6 +357,21 @@ def detect_layout(root: Path) -> str:
     return "sidecar"
 
 
+def readable_root(root: Path) -> None:
+    """PAIRS must be a folder that can be listed or a regular file; say which it is not."""
+    try:
+        mode = os.stat(root).st_mode
+        if stat.S_ISDIR(mode):
+            os.scandir(root).close()
+        elif not stat.S_ISREG(mode):
+            raise DataError(f"{root}: not a folder or a regular file")
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise DataError(f"{root}: no such file or folder") from None
+        reason = os_reason(e).removesuffix(", skipped") if e.errno == errno.ELOOP else f"cannot read ({e.strerror or e})"
+        raise DataError(f"{root}: {reason}") from None
+
+
 def load_pairs(
     path: str | Path,
     layout: str = "auto",
@@ -251,8 +380,7 @@ def load_pairs(
 ) -> PairSet:
     """Read PAIRS in `layout` (auto-detected by default). Raises DataError when nothing usable is found."""
     root = Path(path)
-    if not root.exists():
-        raise DataError(f"{root}: no such file or folder")
+    readable_root(root)
     if layout not in ("auto", *LAYOUTS):
         raise UsageError(f"--layout {layout!r} is not one of auto, {', '.join(LAYOUTS)}")
     if layout == "auto":

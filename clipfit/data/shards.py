@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clipfit.data.dataset import batches_per_epoch
 from clipfit.data.images import IMAGE_EXTENSIONS, BadImage, open_rgb
+from clipfit.data.text import captions_of
 from clipfit.data.layouts import Pair
 from clipfit.errors import DataError
 from clipfit.io import atomic_path, write_json
@@ -85,7 +86,7 @@ def count_pairs(shard: Path) -> int:
             names = [m.name for m in tar if m.isfile()]
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"{shard}: not a readable tar file ({e})") from None
-    keys = {name.rsplit(".", 1) for name in names if "." in name}
+    keys = {tuple(name.rsplit(".", 1)) for name in names if "." in name}
     with_image = {k for k, ext in keys if ext.lower() in IMAGE_MEMBERS}
     return len(with_image & {k for k, ext in keys if ext == "txt"})
 
@@ -134,7 +135,7 @@ def extract_sample(shardset: ShardSet, folder: Path, limit: int) -> list[Pair]:
         image = folder / f"{sample['__key__']}.{member}"
         image.parent.mkdir(parents=True, exist_ok=True)
         image.write_bytes(sample[member])
-        captions = tuple(c.strip() for c in sample["txt"].decode("utf-8", "replace").splitlines() if c.strip())
+        captions = tuple(captions_of(sample["txt"]))
         image.with_suffix(".txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
         if captions:
             pairs.append(Pair(image, captions, image.name))
@@ -205,7 +206,7 @@ class ShardStream(IterableDataset):
         except BadImage as e:
             log.warning(f"{sample.get('__url__')} {sample['__key__']}: {e}; skipped")
             return None
-        captions = [c.strip() for c in sample["txt"].decode("utf-8", "replace").splitlines() if c.strip()] or [""]
+        captions = captions_of(sample["txt"]) or [""]
         which = random.Random(f"{self.seed}:{self.epoch}:{sample['__key__']}").randrange(len(captions))
         with torch.random.fork_rng(devices=[]):  # augmentation seeded per item, as in PairDataset
             torch.manual_seed(random.Random(f"augment:{self.seed}:{self.epoch}:{sample['__key__']}").getrandbits(63))

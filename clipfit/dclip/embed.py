@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from clipfit.data.images import open_rgb
+from clipfit.data.dataset import open_checked
 from clipfit.data.tokens import text_trim_rule, trim_tokens
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
@@ -37,7 +37,7 @@ class _RegionCrops(Dataset):
 
     def __getitem__(self, i):
         pair = self.pairs[i]
-        image = open_rgb(pair.image, self.max_pixels)
+        image = open_checked(pair, self.max_pixels)
         boxes = self.regions.boxes(pair.key, *image.size)
         return torch.stack([self.preprocess(image.crop(box)) for box in boxes])
 

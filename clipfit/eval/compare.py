@@ -69,12 +69,14 @@ def print_comparison(table: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from clipfit.progress import rich_literal
+
     view = Table(title="after (change from each run's own before)")
     view.add_column("", overflow="fold")
     for run in table["runs"]:
-        view.add_column(Path(run["run_dir"]).name, justify="right")
+        view.add_column(rich_literal(Path(run["run_dir"]).name), justify="right")
     for label in ("method", "model", "pretrained", "steps"):
-        view.add_row(label, *[str(run[label]) for run in table["runs"]])
+        view.add_row(label, *[rich_literal(run[label]) for run in table["runs"]])
     for metric in table["metrics"]:
         view.add_row(metric, *[cell(run, metric) for run in table["runs"]])
     Console().print(view)

@@ -69,7 +69,9 @@ def default_templates() -> list[str]:
 
 
 def read_list(path: str | Path, what: str) -> list[str]:
-    """A JSON list of strings, or one entry per non-blank line."""
+    """A JSON list of strings, or one entry per non-blank line (\\n or \\r\\n ends a line, nothing else)."""
+    from clipfit.data.text import caption_lines
+
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -83,7 +85,7 @@ def read_list(path: str | Path, what: str) -> list[str]:
         if not all(isinstance(item, str) for item in items):
             raise UsageError(f"{path}: {what} file must be a JSON list of strings")
     else:
-        items = [line.strip() for line in text.splitlines() if line.strip()]
+        items = caption_lines(text)
     if not items:
         raise UsageError(f"{path}: {what} file is empty")
     return items

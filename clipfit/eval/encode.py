@@ -38,11 +38,12 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         from clipfit.data.images import BadImage
+        from clipfit.progress import printable
 
         try:
             return self.preprocess(self.load(self.paths[i]))
         except (BadImage, OSError) as e:
-            raise DataError(f"{self.paths[i]}: cannot decode image ({e})") from None
+            raise DataError(f"{printable(self.paths[i])}: {e}") from None
 
 
 def show_progress(quiet: bool) -> bool:

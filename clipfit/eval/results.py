@@ -40,7 +40,9 @@ def print_table(title: str, metrics: dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    from clipfit.progress import rich_literal
+
+    table = Table(title=rich_literal(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
