@@ -69,13 +69,20 @@ def file_identity(path: Path) -> list:
     return [str(path), path.stat().st_size, content_digest(path)]
 
 
+def image_identity(image) -> list:
+    """[image, size, content digest] of the file holding it (file_identity for an image file)."""
+    from clipfit.data.images import stored_in
+
+    return [str(image), *file_identity(stored_in(image))[1:]]
+
+
 # --- what cached features depend on (parts of FeatureCache keys) -------------------------------
 
 def images_hash(pairs) -> str:
-    """Identity of the images of a pair list, in order: paths and contents (file_identity)."""
+    """Identity of the images of a pair list, in order: paths (table rows) and contents (image_identity)."""
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update(json.dumps(file_identity(Path(pair.image))).encode())
+        digest.update(json.dumps(image_identity(pair.image)).encode())
     return digest.hexdigest()[:16]
 
 

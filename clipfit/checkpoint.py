@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from clipfit.io import atomic_path
+from clipfit.rundir import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
 PATTERN = re.compile(r"step-(\d+)\.pt$")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import signal
 import sys
 import traceback
 import typing
@@ -141,10 +142,12 @@ def number(value: Any) -> str:
 
 @data_app.command("check")
 def data_check(
-    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs."),
-    layout: str = typer.Option("auto", help="auto, sidecar, hf or csv."),
+    pairs: str = typer.Argument(..., help="Folder (or CSV/Parquet file, or hf://datasets/ORG/NAME) of image-caption pairs."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
+    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are reported, never decoded."),
     context_length: int = typer.Option(77, help="Token limit to count over-long captions against (open_clip's 77)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -152,7 +155,7 @@ def data_check(
     """Validate a pairs folder without training: what is usable, what is not and why."""
     from clipfit.data.check import check_folder
 
-    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, image_column, caption_column, max_pixels=max_image_pixels,
                           context_length=context_length)
     if as_json:
         print_json(report.to_json())
@@ -162,12 +165,14 @@ def data_check(
 
 @data_app.command("shard")
 def data_shard(
-    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs."),
+    pairs: str = typer.Argument(..., help="Folder (or CSV/Parquet file, or hf://datasets/ORG/NAME) of image-caption pairs."),
     out: Path = typer.Argument(..., help="Folder to write the .tar shards and sizes.json into (new or empty)."),
     pairs_per_shard: int = typer.Option(1000, min=1, help="Pairs per .tar shard."),
-    layout: str = typer.Option("auto", help="auto, sidecar, hf or csv."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
+    image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
+    caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are left out."),
 ) -> None:
     """Write WebDataset tar shards (img2dataset's KEY.jpg + KEY.txt members) for --layout webdataset.
@@ -181,7 +186,7 @@ def data_shard(
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: exists and is not an empty folder; choose a new OUT")
-    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, max_pixels=max_image_pixels,
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, image_column, caption_column, max_pixels=max_image_pixels,
                           find_duplicates=False)
     written = write_shards(report.usable, out, pairs_per_shard)
     left_out = f"; {len(report.skipped)} unusable item(s) left out (`clipfit data check` lists them)" if report.skipped else ""
@@ -339,6 +344,24 @@ def is_usage_error(error: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; expected failures print one line and exit with their documented status."""
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # as Ctrl-C until training takes over
+    STATE.pop("interrupted_by", None)
+    try:
+        run_command(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        workers = sys.modules.get("clipfit.data.workers")  # imported only by commands that start workers
+        if workers is not None:
+            workers.end_workers()  # before multiprocessing's exit handler, which would wait forever for them
+
+
+def stop_on_sigterm(_signum, _frame) -> None:
+    """SIGTERM outside the training loop is handled like Ctrl-C (the loop checkpoints on both)."""
+    STATE["interrupted_by"] = " by SIGTERM"
+    raise KeyboardInterrupt
+
+
+def run_command(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     STATE["argv"] = list(args)  # as typed: the resume command repeats it
     if "--debug" in args:  # accepted anywhere, not only before the command
@@ -356,8 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"clipfit: error: {printable(message_of(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        print("clipfit: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
     except Exception as e:
         if is_usage_error(e):  # typer/click's own parse errors know how to show themselves
             e.show()
@@ -369,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(EXIT_INTERNAL)
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a *returned* 130 outside standalone mode
-        print("clipfit: interrupted", file=sys.stderr)
+        print(f"clipfit: interrupted{STATE.pop('interrupted_by', '')}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 
 

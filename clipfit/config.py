@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from clipfit.errors import UsageError
+from clipfit.trackers import check_available, parse_report_to
 
 PANEL_RUN, PANEL_TRAIN, PANEL_LORA, PANEL_DATA = "Run", "Training", "LoRA", "Data"
 PANEL_METHOD, PANEL_EVAL, PANEL_PERF, PANEL_OUTPUT = "Method options", "Evaluation", "Performance", "Output"
@@ -30,7 +31,7 @@ def opt(default: Any, help: str, panel: str = PANEL_TRAIN, **extra: Any) -> Any:
 # Settings that change what a run computes: --resume refuses to continue if these differ.
 RESULT_NEUTRAL = {"out", "overwrite", "resume", "quiet", "json", "debug", "workers", "save_every",
                   "keep_checkpoints", "log_every", "cache_dir", "config", "eval_zeroshot",
-                  "eval_retrieval", "fail_on_zeroshot_drop", "max_steps", "strict"}
+                  "eval_retrieval", "fail_on_zeroshot_drop", "max_steps", "strict", "report_to"}
 
 
 @dataclass
@@ -44,9 +45,11 @@ class RefineConfig:
     resume: bool = opt(False, "Continue an interrupted run in --out from its last checkpoint.", PANEL_OUTPUT)
     weight: list[str] = opt(list, "Loss-term weight NAME=VALUE (repeatable), e.g. --weight rafa=0.5.", PANEL_RUN)
     # data
-    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, or webdataset (streamed .tar shards).", PANEL_DATA)
+    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, parquet, datasets (save_to_disk folder or hf://datasets/ORG/NAME), or webdataset (streamed .tar shards).", PANEL_DATA)
     csv_img_key: str = opt("filepath", "Image-path column of a CSV/TSV layout.", PANEL_DATA)
     csv_caption_key: str = opt("title", "Caption column of a CSV/TSV layout.", PANEL_DATA)
+    image_column: Optional[str] = opt(None, "Image column of a parquet/datasets layout (default: image, or the only column of image bytes).", PANEL_DATA)
+    caption_column: Optional[str] = opt(None, "Caption column of a parquet/datasets layout (default: text, or the only text column).", PANEL_DATA)
     strict: bool = opt(False, "Stop before training if any item is bad, instead of skipping it.", PANEL_DATA)
     max_image_pixels: int = opt(89_478_485, "Decompression-bomb limit: images with more pixels are skipped, never decoded.", PANEL_DATA)
     val_split: float = opt(0.0, "Fraction of pairs held out for validation (loss, R@1, modality gap each epoch).", PANEL_DATA)
@@ -111,6 +114,7 @@ class RefineConfig:
     save_every: int = opt(0, "Checkpoint every N steps (0: only at epoch ends and on interrupt).", PANEL_OUTPUT)
     keep_checkpoints: int = opt(2, "Checkpoints to keep.", PANEL_OUTPUT)
     log_every: int = opt(10, "Log a metrics line every N steps.", PANEL_OUTPUT)
+    report_to: str = opt("none", "Also log metrics, config and pictures to tensorboard and/or wandb (comma-separated; optional extras).", PANEL_OUTPUT)
     quiet: bool = opt(False, "Print nothing but errors and the final line.", PANEL_OUTPUT)
     json: bool = opt(False, "Print one machine-readable JSON summary at the end.", PANEL_OUTPUT)
 
@@ -221,7 +225,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
-    "layout": ("auto", "sidecar", "hf", "csv", "webdataset"),
+    "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset"),
     "hycd_logits": ("raw-dot", "scaled-cos"),
     "lite_critic": ("logit-scale", "learned"),
     "lite_negatives": ("roll", "shuffle"),
@@ -263,6 +267,7 @@ def validate(c: RefineConfig) -> None:
         raise UsageError(f"--hycd-alpha must be in [0, 1] (got {c.hycd_alpha})")
     if not 0 <= c.lite_prior_weight < 1:
         raise UsageError(f"--lite-prior-weight must be in [0, 1): the lite term gets 1 - w (got {c.lite_prior_weight})")
+    check_available(parse_report_to(c.report_to))
     validate_combinations(c)
 
 

@@ -3,8 +3,8 @@
 Exit statuses (also in README and `clipfit --help`):
   0 success, 1 unexpected internal error, 2 usage error (bad flag, unknown model,
   invalid config), 3 data error (unreadable folder, no pairs, bad item with --strict),
-  4 model or weights could not be loaded, 5 training failed (non-finite loss) or a model's
-  embeddings are non-finite,
+  4 model or weights could not be loaded (or a hub dataset: no network), 5 training failed
+  (non-finite loss) or a model's embeddings are non-finite,
   6 regression gate failed (--fail-on-zeroshot-drop), 7 output folder unwritable or disk
   too small, 130 interrupted (checkpoint saved).
 """
@@ -37,6 +37,12 @@ class DataError(ClipfitError):
 
 
 class ModelError(ClipfitError):
+    exit_code = EXIT_MODEL
+
+
+class NetworkError(ClipfitError):
+    """A hub dataset could not be reached (same status as a hub model that cannot be loaded)."""
+
     exit_code = EXIT_MODEL
 
 

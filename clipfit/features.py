@@ -13,25 +13,28 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from clipfit.cache import (CACHE_FORMAT, CACHE_SUBDIR, CacheEntry, FeatureCache, cache_key,
                            captions_hash, encoder_identity, files_fingerprint, first_rows, images_hash,
                            items_built_by_rank, load_mapped, read_header, starting_model_identity)
 from clipfit.data.dataset import open_checked
+from clipfit.data.workers import Loader
+from clipfit.progress import track
 
-__all__ = ["ordered_loader", "image_bank", "text_bank", "CountLog",
+__all__ = ["ordered_loader", "image_bank", "text_bank",
            # re-exported from clipfit.cache
            "CACHE_FORMAT", "CACHE_SUBDIR", "CacheEntry", "FeatureCache", "cache_key", "captions_hash",
            "encoder_identity", "files_fingerprint", "first_rows", "images_hash", "items_built_by_rank",
            "load_mapped", "read_header", "starting_model_identity"]
 
 
-def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> DataLoader:
-    """A DataLoader in item order that leaves the global random stream alone: iterating a plain
+def ordered_loader(dataset, batch_size: int, workers: int = 0, **kwargs) -> Loader:
+    """A loader in item order that leaves the global random stream alone: iterating a plain
     DataLoader draws a worker seed from it, and whether a feature-cache hit skips a loop must
-    not change what the rest of the run draws."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+    not change what the rest of the run draws. Use it as `with ordered_loader(...) as loader:`,
+    so its workers end with the block."""
+    return Loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                       generator=torch.Generator(), **kwargs)
 
 
@@ -48,47 +51,29 @@ class _Images(Dataset):
         return self.preprocess(open_checked(self.pairs[i], self.max_pixels))
 
 
-class CountLog:
-    """'LABEL: done/total' through `log` at every tenth of the way (and at the end)."""
-
-    def __init__(self, log: Callable[[str], None] | None, label: str, total: int):
-        self.log, self.label, self.total, self.done, self.next_tenth = log, label, total, 0, 1
-
-    def advance(self, count: int) -> None:
-        self.done += count
-        if self.log and (self.done * 10 >= self.next_tenth * self.total or self.done >= self.total):
-            self.log(f"{self.label}: {self.done}/{self.total}")
-            self.next_tenth = self.done * 10 // max(self.total, 1) + 1
-
-
 @torch.no_grad()
 def image_bank(pairs, encode: Callable[[Tensor], Tensor], preprocess: Callable, batch_size: int = 64,
-               workers: int = 0, max_pixels: int = 89_478_485, log: Callable[[str], None] | None = None) -> Tensor:
+               workers: int = 0, max_pixels: int = 89_478_485) -> Tensor:
     """L2-normalised embeddings of every pair's image, in pair order (N×d float32, CPU).
 
     `encode` maps a batch of preprocessed pixels to embeddings; `preprocess` is the encoder's
     evaluation transform (no augmentation), so the bank does not depend on the epoch.
     """
-    loader = ordered_loader(_Images(pairs, preprocess, max_pixels), batch_size, workers)
-    counter, rows = CountLog(log, "encoding images", len(pairs)), []
-    for pixels in loader:
-        rows.append(F.normalize(encode(pixels).float(), dim=-1))
-        counter.advance(len(pixels))
+    with ordered_loader(_Images(pairs, preprocess, max_pixels), batch_size, workers) as loader:
+        rows = [F.normalize(encode(pixels).float(), dim=-1) for pixels in track(loader, "bank: images", len(pairs))]
     return torch.cat(rows)
 
 
 @torch.no_grad()
-def text_bank(pairs, encode: Callable[[list[str]], Tensor], batch_size: int = 64,
-              log: Callable[[str], None] | None = None) -> Tensor:
+def text_bank(pairs, encode: Callable[[list[str]], Tensor], batch_size: int = 64) -> Tensor:
     """One L2-normalised text embedding per pair, in pair order (N×d float32, CPU): the normalised
     mean of its captions' normalised embeddings, so every caption of a pair counts."""
     captions = [(owner, text) for owner, pair in enumerate(pairs) for text in pair.captions]
-    counter, sums = CountLog(log, "encoding captions", len(captions)), None
-    for start in range(0, len(captions), batch_size):
-        chunk = captions[start:start + batch_size]
+    sums = None
+    chunks = (captions[start:start + batch_size] for start in range(0, len(captions), batch_size))
+    for chunk in track(chunks, "bank: captions", len(captions)):
         embeddings = F.normalize(encode([text for _, text in chunk]).float(), dim=-1)
         if sums is None:
             sums = torch.zeros(len(pairs), embeddings.shape[1])
         sums.index_add_(0, torch.tensor([owner for owner, _ in chunk]), embeddings)
-        counter.advance(len(chunk))
     return F.normalize(sums, dim=-1)

@@ -23,12 +23,10 @@ from torch import nn
 from clipfit.errors import ModelError, UsageError
 from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, check_hub_name, first_line, hub_source, model_files, tag_files
 from clipfit.io import atomic_path, write_json
+from clipfit.rundir import ADAPTER_DIR, MODEL_FILE, OPEN_CLIP_CONFIG
 
 log = logging.getLogger("clipfit")
 
-OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's own `local-dir:` format
-MODEL_FILE = "model.safetensors"
-ADAPTER_DIR = "adapter"
 DEFAULT_LORA_TARGETS = ("attn", "c_fc", "c_proj")
 # `--lora-targets auto`: open_clip transformers' attention and MLP, Hugging Face text towers'
 # attention projections; whichever the model has.

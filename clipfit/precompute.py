@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 
 from clipfit.features import ordered_loader
 from clipfit.parallel import Distributed, build_in_shares
+from clipfit.progress import track
 
 Encode = Callable[[Tensor], Tensor]
 ROWS_FORMAT = 1
@@ -73,12 +74,14 @@ def encode_share(dataset, encode_images: Encode | None, encode_texts: Encode | N
     """Rows of the items in `part`: "images" (one per item) and "texts" (one per caption)."""
     rows = {}
     if encode_images is not None:
-        loader = ordered_loader(Subset(_DatasetImages(dataset), part), batch_size, workers)
-        rows["images"] = torch.cat([encode_images(pixels).float().cpu() for pixels in loader])
+        with ordered_loader(Subset(_DatasetImages(dataset), part), batch_size, workers) as loader:
+            rows["images"] = torch.cat([encode_images(pixels).float().cpu()
+                                        for pixels in track(loader, "precompute: images", len(part))])
     if encode_texts is not None:
         captions = [caption for i in part for caption in dataset.pairs[i].captions]
-        rows["texts"] = torch.cat([encode_texts(dataset.tokenizer(captions[start:start + batch_size])).float().cpu()
-                                   for start in range(0, len(captions), batch_size)])
+        chunks = (captions[start:start + batch_size] for start in range(0, len(captions), batch_size))
+        rows["texts"] = torch.cat([encode_texts(dataset.tokenizer(chunk)).float().cpu()
+                                   for chunk in track(chunks, "precompute: captions", len(captions))])
     return rows
 
 

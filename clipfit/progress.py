@@ -1,10 +1,17 @@
-"""How a run shows itself: a rich bar on a terminal, plain lines in logs and CI, or nothing."""
+"""How a run shows itself: a rich bar on a terminal, plain lines in logs and CI, or nothing.
+
+Besides training, every long phase (checking images, precomputing frozen rows, building feature
+banks, encoding for evaluation) shows a bar with an ETA: code that loops calls `phase(label,
+total)` and advances it, and the command's Progress (made active by `activate`) draws it.
+Without an active Progress, or with --quiet/--json, a phase shows nothing.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 TERM_ORDER = ("loss",)
 
@@ -61,8 +68,64 @@ class Progress:
         if not self.silent:
             print(f"warning: {printable(message)}", file=self.stream, flush=True)
 
+    epochs, per_epoch = 0, 0  # set by `plan`; 0: unknown
+
+    def plan(self, epochs: int, per_epoch: int) -> None:
+        """How training divides into epochs, for the per-epoch bar and lines."""
+        self.epochs, self.per_epoch = epochs, per_epoch
+
+    def epoch_label(self, row: dict[str, Any]) -> str:
+        return f"epoch {row['epoch'] + 1}" + (f"/{self.epochs}" if self.epochs else "")
+
     def step(self, row: dict[str, Any], total: int) -> None:
         pass
+
+    @contextmanager
+    def phase(self, label: str, total: int) -> Iterator["Phase"]:
+        yield Phase(label, total)
+
+
+class Phase:
+    """Progress through one phase of `total` items; this base class only counts."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done, self.started = label, total, 0, time.monotonic()
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+
+    def eta(self) -> float | None:
+        elapsed = time.monotonic() - self.started
+        return elapsed / self.done * (self.total - self.done) if self.done else None
+
+
+class PlainPhase(Phase):
+    """A line every `every` seconds with the ETA, and one at the end if the phase took long."""
+
+    def __init__(self, label: str, total: int, stream, every: float):
+        super().__init__(label, total)
+        self.stream, self.every, self.last = stream, every, self.started
+
+    def advance(self, count: int = 1) -> None:
+        super().advance(count)
+        now = time.monotonic()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            print(f"{self.label}: {self.done}/{self.total}, about {format_seconds(self.eta())} left",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        elapsed = time.monotonic() - self.started
+        if elapsed >= self.every:
+            print(f"{self.label}: {self.done}/{self.total} in {format_seconds(elapsed)}", file=self.stream, flush=True)
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class PlainProgress(Progress):
@@ -79,7 +142,13 @@ class PlainProgress(Progress):
         now = time.monotonic()
         if now - self.last >= self.every or row["step"] in (1, total):
             self.last = now
-            print(f"[{row['step']}/{total}] {format_row(row)}", file=self.stream, flush=True)
+            print(f"[{row['step']}/{total}] {self.epoch_label(row)}  {format_row(row)}", file=self.stream, flush=True)
+
+    @contextmanager
+    def phase(self, label: str, total: int) -> Iterator[Phase]:
+        shown = PlainPhase(label, total, self.stream, self.every)
+        yield shown
+        shown.close()
 
 
 class RichProgress(Progress):
@@ -90,17 +159,45 @@ class RichProgress(Progress):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
+        from rich.table import Column
+
         self.console = Console(file=self.stream)
-        self.bar = Bar(TextColumn("[bold]refine"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.fields[status]}"), console=self.console)
-        self.task = None
+        # fixed widths for the bar, counts and ETA; the loss line takes what is left and is cut first
+        self.bar = Bar(TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+                       BarColumn(bar_width=24), MofNCompleteColumn(table_column=Column(no_wrap=True)),
+                       TimeRemainingColumn(table_column=Column(no_wrap=True)),
+                       TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                       console=self.console, expand=True)
+        self.task = self.epoch_task = self.shown_epoch = None
+        self.live = 0  # open users of the live display: training and phases, possibly nested
 
     def __enter__(self):
-        self.bar.__enter__()
+        self.start_live()
         return self
 
     def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        self.stop_live()
+        return False
+
+    def start_live(self) -> None:
+        if self.live == 0:
+            self.bar.start()
+        self.live += 1
+
+    def stop_live(self) -> None:
+        self.live -= 1
+        if self.live == 0:
+            self.bar.stop()
+
+    @contextmanager
+    def phase(self, label: str, total: int) -> Iterator[Phase]:
+        shown = RichPhase(label, total, self.bar)
+        self.start_live()
+        try:
+            yield shown
+        finally:
+            self.bar.remove_task(shown.task)
+            self.stop_live()
 
     def info(self, message: str) -> None:
         self.console.print(rich_literal(message), highlight=False)
@@ -109,15 +206,57 @@ class RichProgress(Progress):
         self.console.print(f"[yellow]warning:[/] {rich_literal(message)}", highlight=False)
 
     def step(self, row: dict[str, Any], total: int) -> None:
+        """Two bars: the whole run (with the loss line) and, when `plan` was told, this epoch."""
         if self.task is None:
             self.task = self.bar.add_task("refine", total=total, status="")
         self.bar.update(self.task, completed=row["step"], status=format_row(row))
+        if self.per_epoch:
+            done = row["step"] - row["epoch"] * self.per_epoch
+            if self.epoch_task is None or self.shown_epoch != row["epoch"]:
+                if self.epoch_task is not None:  # a new epoch: a new bar, so its ETA starts afresh
+                    self.bar.remove_task(self.epoch_task)
+                self.epoch_task = self.bar.add_task(self.epoch_label(row), total=self.per_epoch, status="",
+                                                    completed=max(0, done - 1))
+                self.shown_epoch = row["epoch"]
+            self.bar.update(self.epoch_task, completed=done)
+
+
+class RichPhase(Phase):
+    def __init__(self, label: str, total: int, bar):
+        super().__init__(label, total)
+        self.bar, self.task = bar, bar.add_task(label, total=total, status="")
+
+    def advance(self, count: int = 1) -> None:
+        super().advance(count)
+        self.bar.update(self.task, advance=count)
+
+
+ACTIVE: list[Progress] = [Progress(silent=True)]  # the Progress of the command running in this process
+
+
+def activate(progress: Progress) -> Progress:
+    """Make `progress` the one that draws phases (`phase`, `track`) from here on."""
+    ACTIVE[0] = progress
+    return progress
+
+
+def phase(label: str, total: int):
+    """A context giving a Phase to advance: `with phase("encoding", n) as p: ... p.advance(k)`."""
+    return ACTIVE[0].phase(label, total)
+
+
+def track(items: Iterable, label: str, total: int, size=len) -> Iterator:
+    """Yield `items`, advancing a phase by `size(item)` for each (e.g. a batch's length)."""
+    with phase(label, total) as shown:
+        for item in items:
+            yield item
+            shown.advance(size(item))
 
 
 def make_progress(quiet: bool, stream=None) -> Progress:
     stream = stream or sys.stderr
     if quiet:
-        return Progress(stream)
+        return activate(Progress(stream))
     if stream.isatty():
-        return RichProgress(stream)
-    return PlainProgress(stream)
+        return activate(RichProgress(stream))
+    return activate(PlainProgress(stream))

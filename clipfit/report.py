@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfit.io import read_jsonl, write_text
+from clipfit.rundir import METRICS_JSONL, REPORT_HTML, REPORT_MD
 
 LOWER_IS_BETTER = {"clip_loss", "modality_gap", "modality_gap_mse", "alignment", "uniformity_image", "uniformity_text"}
 
@@ -118,9 +119,9 @@ def write_report(run_dir: Path, run_info: dict[str, Any]) -> Path:
     from clipfit.report_figures import write_figures
     from clipfit.report_html import markdown_to_html
 
-    path = run_dir / "report.md"
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    path = run_dir / REPORT_MD
+    rows = read_jsonl(run_dir / METRICS_JSONL)
     markdown = render(run_info, rows, write_figures(run_dir, run_info, rows))
     write_text(path, markdown)
-    write_text(run_dir / "report.html", markdown_to_html(markdown, run_dir, f"clipfit run {run_dir.name}"))
+    write_text(run_dir / REPORT_HTML, markdown_to_html(markdown, run_dir, f"clipfit run {run_dir.name}"))
     return path

@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-LOSS_CURVES = "loss_curves.png"
-BEFORE_AFTER = "before_after.png"
+from clipfit.rundir import BEFORE_AFTER, LOSS_CURVES
 NOT_TERMS = ("step", "epoch", "lr", "pairs_per_s")
 HEADLINE_MEASURES = ("clip_loss", "modality_gap", "alignment")  # charted beside the rates; the tables hold the rest
 

@@ -10,23 +10,22 @@ import hashlib
 import json
 import platform
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipfit.config import RESULT_NEUTRAL, RefineConfig
+from clipfit.config import RefineConfig
 from clipfit.data.check import CheckReport, check_pairset
 from clipfit.data.images import DEFAULT_MAX_PIXELS
 from clipfit.data.layouts import Pair, load_pairs
-from clipfit.errors import DataError, OutputError, UsageError
+from clipfit.errors import DataError, UsageError
 from clipfit.io import write_json, write_text
 from clipfit.progress import printable
-
-RUN_JSON = "run.json"
-SKIPPED_TXT = "skipped.txt"
+from clipfit.rundir import (EVAL_SAMPLE, RUN_JSON, SKIPPED_TXT, RunFolder, check_free_space, check_resumable,
+                            check_schedule, claim_run_dir, compare_with_saved, default_run_dir, pairs_on_disk, recorded_pairs,
+                            resume_command)
 
 
 @dataclass
@@ -43,11 +42,12 @@ def data_hash(pairs: list[Pair]) -> str:
     as the feature cache's keys), so --resume accepts a copied or touched folder and refuses
     changed images, whatever their modification times say."""
     from clipfit.cache import content_digest
+    from clipfit.data.images import stored_in
 
     digest = hashlib.sha256()
-    for pair in pairs:
+    for pair in pairs:  # a table row's key names its row; its content is its table file's
         try:
-            digest.update(json.dumps([pair.key, list(pair.captions), content_digest(pair.image)]).encode())
+            digest.update(json.dumps([pair.key, list(pair.captions), content_digest(stored_in(pair.image))]).encode())
         except OSError as e:
             raise DataError(f"{printable(pair.image)}: vanished or became unreadable after the run checked it "
                             f"({e.strerror or e})") from None
@@ -69,7 +69,8 @@ def split_val(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair]
 def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) -> RunData:
     if config.layout == "webdataset":
         return load_stream(pairs_path, run_dir)
-    pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key)
+    pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key,
+                         config.image_column, config.caption_column)
     check = check_pairset(pairset, max_pixels=config.max_image_pixels, find_duplicates=False,
                           workers=max(1, config.workers))
     for warning in check.warnings:
@@ -88,8 +89,8 @@ def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress) ->
 
 
 def write_skipped(run_dir: Path, check: CheckReport) -> None:
-    """Written with run.json, not earlier: a run that fails while setting up leaves an empty
-    folder, which the corrected command may reuse without --overwrite."""
+    """Written with run.json, not earlier: a run that fails while setting up leaves no run.json,
+    so the corrected command may reuse the folder without --overwrite."""
     if check.skipped:
         write_text(run_dir / SKIPPED_TXT, "".join(f"{printable(p.path)}\t{printable(p.reason)}\n" for p in check.skipped))
 
@@ -100,7 +101,7 @@ def load_stream(pairs_path: str, run_dir: Path) -> RunData:
     from clipfit.data.shards import extract_sample, find_shards
 
     shards = find_shards(pairs_path)
-    sample = extract_sample(shards, run_dir / "eval-sample", limit=256)
+    sample = extract_sample(shards, run_dir / EVAL_SAMPLE, limit=256)
     check = CheckReport(root=str(shards.root), layout="webdataset", usable=sample)
     return RunData(sample, [], check, shards.identity, stream=shards)
 
@@ -129,52 +130,6 @@ def prepare_pixels(setup, locked) -> None:
         setup.progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
 
 
-def default_run_dir(method: str) -> Path:
-    return Path("runs") / f"{method.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare_run_dir(config: RefineConfig) -> Path:
-    run_dir = Path(config.out) if config.out else default_run_dir(config.method)
-    if config.resume:
-        if not (run_dir / RUN_JSON).is_file():
-            raise UsageError(f"{run_dir}: nothing to resume (no {RUN_JSON}); run without --resume")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not config.overwrite:
-            raise UsageError(f"{run_dir}: run folder exists; pass --overwrite to replace it or --resume to continue it")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"{run_dir}: cannot write to the run folder ({e.strerror or e})") from None
-    return run_dir
-
-
-def check_free_space(run_dir: Path, parameter_bytes: int, trainable_bytes: int, keep: int) -> None:
-    """Model + `keep` checkpoints (weights and two AdamW moments per trainable weight)."""
-    needed = parameter_bytes + keep * (parameter_bytes + 2 * trainable_bytes)
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise OutputError(f"{run_dir}: {free / 2**20:.0f} MiB free, the run needs about {needed / 2**20:.0f} MiB "
-                          "(model and checkpoints); free space, use another --out or --keep-checkpoints 1")
-
-
-def compare_with_saved(run_dir: Path, config: RefineConfig, pairs_path: str) -> dict[str, Any]:
-    saved = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
-    old, new = saved["config"], config.to_dict()
-    changed = [k for k in new if k not in RESULT_NEUTRAL and old.get(k) != new[k]]
-    if saved.get("pairs") != str(Path(pairs_path).resolve()):
-        changed.append("PAIRS")
-    if changed:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3] if k != "PAIRS")
-        raise UsageError(f"--resume refused: settings that change the result differ from the saved run "
-                         f"({', '.join(changed)}{'; ' + detail if detail else ''})")
-    return saved
-
-
 def environment() -> dict[str, Any]:
     from clipfit import installed_version
 
@@ -193,13 +148,6 @@ def peak_memory(device) -> dict[str, float]:
     if device.type == "cuda":
         peak["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
-
-
-def resume_command(argv: list[str]) -> str:
-    import shlex
-
-    args = [a for a in argv if a not in ("--resume", "--overwrite")]  # --overwrite would delete what we resume
-    return shlex.join(["clipfit", *args, "--resume"])
 
 
 def prepare_model(loaded, config: RefineConfig, device):
@@ -264,13 +212,25 @@ class Setup:
     dataset: Any
     settings: Any  # clipfit.train.LoopSettings
     info: dict  # run.json as it grows
+    folder: RunFolder | None = None  # the locked run folder (rank 0 only)
+    trackers: Any = None  # clipfit.trackers.Trackers (--report-to), rank 0 only
 
 
 def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> dict[str, Any]:
-    from clipfit.eval.suite import load_suite
-
     started = time.time()
     setup = set_up(pairs_path, config, argv, progress)
+    try:
+        train_and_finish(setup, argv, started)
+    finally:
+        if setup.folder is not None:
+            setup.folder.release()
+    return setup.info
+
+
+def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
+    from clipfit.eval.suite import load_suite
+
+    config = setup.config
     teacher, locked = precompute_frozen(setup)
     prepare_methods(setup)
     trainer = make_trainer(setup, argv, teacher, locked)
@@ -286,26 +246,52 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
             "teacher_forward_passes": teacher.forward_passes if teacher else 0,
             "locked_towers": locked.facts if locked else None})
     setup.dist.stop()
-    return setup.info
+
+
+def claim_folder(config: RefineConfig, pairs_path: str, warn) -> RunFolder:
+    """The run folder, checked and locked (see clipfit.rundir for what is refused and why)."""
+    out = Path(config.out) if config.out else default_run_dir(config.method)
+    protected = {"the cache folder": cache_dir(config)}
+    if Path(config.model).is_dir():  # a run folder to start from: replacing it would delete the start
+        protected["the --model folder"] = Path(config.model)
+    pairs = pairs_on_disk(pairs_path)
+    if pairs is not None:
+        protected["PAIRS"] = pairs
+    return claim_run_dir(out, config.resume, config.overwrite, protected, warn)
 
 
 def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> Setup:
-    """Methods, device, process group, run folder, data, model and dataset; run.json written."""
-    import torch
-
+    """Methods, device, process group, run folder, data, model and dataset; run.json written.
+    Until then a failure puts back the run that --overwrite was replacing."""
     from clipfit import models
     from clipfit.methods import build_methods, parse_weights
-    from clipfit.parallel import local_device, start_distributed
-    from clipfit.progress import Progress
+    from clipfit.parallel import start_distributed
+    from clipfit.progress import Progress, activate
 
     composite = build_methods(config.method, config, parse_weights(config.weight))
     device = models.resolve_device(config.device)
     dist = start_distributed(device)  # under torchrun: rank 0 prepares the folder and the data, and writes
-    progress = progress if dist.is_main else Progress(silent=True)
-    run_dir = dist.from_main(lambda: prepare_run_dir(config))
+    progress = activate(progress if dist.is_main else Progress(silent=True))
+    folder = claim_folder(config, pairs_path, progress.warn) if dist.is_main else None
+    try:
+        return set_up_in(folder, pairs_path, config, argv, progress, composite, device, dist)
+    except BaseException:
+        if folder is not None:
+            folder.abandon()
+        raise
+
+
+def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, argv: list[str], progress,
+              composite, device, dist) -> Setup:
+    import torch
+
+    from clipfit import models
+    from clipfit.parallel import local_device
+
+    run_dir = dist.from_main(lambda: folder.path)
     saved = compare_with_saved(run_dir, config, pairs_path) if config.resume else None
     data = dist.from_main(lambda: load_data(pairs_path, config, run_dir, progress))
-    check_resumable(saved, data, dist.world_size, pairs_path)
+    check_resumable(saved, saved is None or same_data(saved.get("data_hash"), data), dist.world_size, pairs_path)
     device = local_device(device, dist)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -317,8 +303,9 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     check_free_space(run_dir, counts["total"] * 4, counts["trainable"] * 4, config.keep_checkpoints)
     dataset = make_dataset(data, config, loaded, dist.rank, dist.world_size)
     settings = loop_settings(config, len(dataset), dist)
+    check_schedule(saved, config, settings.total_steps)
     info = {
-        "clipfit": "run", "run_dir": str(run_dir), "pairs": str(Path(pairs_path).resolve()), "config": config.to_dict(),
+        "clipfit": "run", "run_dir": str(run_dir), "pairs": recorded_pairs(pairs_path), "config": config.to_dict(),
         "resolved": {"lr": config.resolved_lr(), "device": str(device), "total_steps": settings.total_steps,
                      "world_size": dist.world_size,
                      "train_pairs": len(dataset), "val_pairs": len(data.val), "layout": data.check.layout,
@@ -326,11 +313,21 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
         "model": models.describe(loaded), "data_hash": data.data_hash, "skipped": len(data.check.skipped),
         "environment": environment(), "argv": argv,
     }
+    trackers = start_trackers(config, run_dir) if dist.is_main else None  # a failed login: nothing written yet
     if dist.is_main:
         write_skipped(run_dir, data.check)
     if not config.resume and dist.is_main:
         write_json(run_dir / RUN_JSON, info)
-    return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings, info)
+        folder.commit()  # the new run is in place: the one it replaces goes
+    return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings,
+                 info, folder, trackers)
+
+
+def start_trackers(config: RefineConfig, run_dir: Path):
+    from clipfit.trackers import Trackers, parse_report_to
+
+    names = parse_report_to(config.report_to)
+    return Trackers.start(names, run_dir, config.to_dict()) if names else None
 
 
 def stat_data_hash(pairs: list[Pair]) -> str:
@@ -347,14 +344,6 @@ def same_data(saved_hash: str | None, data: RunData) -> bool:
     if saved_hash == data.data_hash:
         return True
     return data.stream is None and saved_hash == stat_data_hash(data.check.usable)
-
-
-def check_resumable(saved: dict | None, data: RunData, world_size: int, pairs_path: str) -> None:
-    if saved and not same_data(saved.get("data_hash"), data):
-        raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
-    if saved and saved["resolved"].get("world_size", 1) != world_size:
-        raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "
-                         f"this is {world_size}; the global batch and data order depend on it")
 
 
 def loop_settings(config: RefineConfig, n_items: int, dist):
@@ -434,7 +423,7 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
     from clipfit.eval.encode import encoder_for
     from clipfit.parallel import build_encoder
     from clipfit.towers import frozen_parts
-    from clipfit.train import Trainer, build_optimizer, lr_factor
+    from clipfit.train import Trainer, build_optimizer, lr_factor, steps_per_epoch
 
     config, model = setup.config, setup.model
     named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(setup.composite.parameters())]
@@ -458,11 +447,13 @@ def make_trainer(setup: Setup, argv: list[str], teacher, locked):
                       on_epoch_end=on_epoch_end,
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
                       encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
-                      is_main=setup.dist.is_main, locked=locked,
+                      is_main=setup.dist.is_main, locked=locked, trackers=setup.trackers,
                       frozen_modules=[m for part in frozen_parts(model).values() for m in part.modules])
-    resumed = trainer.restore() if config.resume else False
+    setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(setup.dataset), setup.settings))
+    if config.resume:
+        trainer.restore()
     setup.progress.info(f"training {config.method} on {len(setup.dataset)} pairs for {setup.settings.total_steps} "
-                        f"steps" + (f" (resumed at step {trainer.position.step})" if resumed else ""))
+                        f"steps" + (f" (resumed at step {trainer.position.step})" if config.resume else ""))
     return trainer
 
 
@@ -522,6 +513,9 @@ def finish(setup: Setup, trainer, suite, timings: dict) -> None:
     })
     write_json(setup.run_dir / RUN_JSON, info)
     write_report(setup.run_dir, info)
+    if setup.trackers:  # a run that fails earlier leaves its trackers to their own exit hooks
+        setup.trackers.finish(setup.run_dir, after)
+        setup.trackers.close()
 
 
 def cache_dir(config: RefineConfig) -> Path:

@@ -13,14 +13,16 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
-from clipfit.checkpoint import CHECKPOINT_DIR, checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
+from clipfit.checkpoint import checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
-from clipfit.errors import Interrupted, OutputError, TrainingError
+from clipfit.data.workers import Loader, ignore_stop_signals
+from clipfit.errors import Interrupted, OutputError, TrainingError, UsageError
 from clipfit.io import append_jsonl, truncate_jsonl
 from clipfit.methods.base import StepInputs
 from clipfit.parallel import Distributed, PairEncoder, average_gradients, gather_features
+from clipfit.rundir import CHECKPOINT_DIR, METRICS_JSONL
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -132,7 +134,8 @@ class Trainer:
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
     locked: Any = None  # clipfit.towers.LockedInputs: precomputed inputs of the encoder's cached towers
     frozen_modules: list[nn.Module] = field(default_factory=list)  # kept in eval mode while training
-    data_loader: DataLoader | None = field(default=None, init=False, repr=False)
+    trackers: Any = None  # clipfit.trackers.Trackers (--report-to), rank 0 only
+    data_loader: Loader | None = field(default=None, init=False, repr=False)
     saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
 
     @property
@@ -162,16 +165,19 @@ class Trainer:
         try:
             path = save_checkpoint(self.run_dir, self.position.step, self.state(), self.settings.keep_checkpoints)
         except OutputError as e:
+            if not checkpoint_paths(self.run_dir):  # --resume would have nothing to continue from
+                raise OutputError(f"{e}; no checkpoint was kept: free space, then start again with --overwrite") from None
             raise OutputError(f"{e}; free space, then resume from the last good checkpoint with: "
                               f"{self.resume_command}") from None
         self.saved_step = self.position.step
         return path
 
-    def restore(self) -> bool:
+    def restore(self) -> None:
         found = load_latest(self.run_dir, self.progress.warn)
-        if found is None:  # nothing to continue from: start over, without the old run's metrics rows
-            truncate_jsonl(self.run_dir / "metrics.jsonl", lambda row: False)
-            return False
+        if found is None:  # never silently from step 0: the old run's metrics and run.json would lie
+            raise UsageError(f"--resume: no usable checkpoint in {self.run_dir / CHECKPOINT_DIR} "
+                             f"({'all damaged' if checkpoint_paths(self.run_dir) else 'none was written'}), "
+                             "nothing to continue from; start again with --overwrite instead of --resume")
         _path, state = found
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -184,8 +190,10 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         step = self.position.step
-        truncate_jsonl(self.run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= step)
-        return True
+        if step > self.settings.total_steps:
+            raise UsageError(f"--resume refused: the checkpoint is at step {step}, past the {self.settings.total_steps} "
+                             "steps this command asks for (--max-steps)")
+        truncate_jsonl(self.run_dir / METRICS_JSONL, lambda row: row.get("step", 0) <= step)
 
     # --- one step -------------------------------------------------------------------------
     @staticmethod
@@ -248,23 +256,33 @@ class Trainer:
             base_logit_scale(self.model).clamp_(0, math.log(100))
 
     # --- the loop -------------------------------------------------------------------------
-    def loader(self, epoch: int, start_batch: int) -> DataLoader:
-        """One DataLoader for the whole run, so worker processes persist across epochs; its
-        sampler is moved to each epoch (items carry their epoch, see PairDataset)."""
+    def loader(self, epoch: int, start_batch: int) -> Loader:
+        """One Loader for the whole run, so worker processes persist across epochs (`run` closes
+        it); its sampler is moved to each epoch (items carry their epoch, see PairDataset). A
+        stream gets a loader per epoch, closed when the epoch ends: workers copy the stream."""
         s = self.settings
-        if isinstance(self.dataset, IterableDataset):  # a stream: workers copy it, so one loader per epoch
+        if isinstance(self.dataset, IterableDataset):
             self.dataset.move_to(epoch, start_batch)
-            return DataLoader(self.dataset, batch_size=None, num_workers=s.workers, generator=self.loader_generator(),
-                              worker_init_fn=ignore_stop_signals, pin_memory=self.device.type == "cuda")
+            return Loader(self.dataset, batch_size=None, num_workers=s.workers, generator=self.loader_generator(),
+                          worker_init_fn=ignore_stop_signals, pin_memory=self.device.type == "cuda")
         if self.data_loader is None:
             lengths = self.dataset.caption_tokens if getattr(self.dataset, "token_lengths", None) else None
             sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size,
                                    lengths)
-            self.data_loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
-                                          generator=self.loader_generator(), worker_init_fn=ignore_stop_signals,
-                                          pin_memory=self.device.type == "cuda", persistent_workers=s.workers > 0)
+            self.data_loader = Loader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
+                                      generator=self.loader_generator(), worker_init_fn=ignore_stop_signals,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=s.workers > 0)
         self.data_loader.batch_sampler.move_to(epoch, start_batch)
         return self.data_loader
+
+    @contextmanager
+    def epoch_batches(self, epoch: int, start_batch: int):
+        loader = self.loader(epoch, start_batch)
+        try:
+            yield iter(loader)
+        finally:
+            if loader is not self.data_loader:
+                loader.close()
 
     def loader_generator(self) -> torch.Generator:
         # A DataLoader otherwise draws its worker seed from the global RNG each time it is iterated,
@@ -278,21 +296,33 @@ class Trainer:
         freeze_batchnorm(self.model)
         for module in self.frozen_modules:
             module.eval()
-        with self.stop.installed():
-            while self.position.step < s.total_steps and self.position.epoch < s.epochs:
-                self.run_epoch(per_epoch)
-                if self.position.batch >= per_epoch * s.grad_accum:
-                    self.end_epoch()
+        try:
+            with self.stop.installed():
+                while self.position.step < s.total_steps and self.position.epoch < s.epochs:
+                    self.run_epoch(per_epoch)
+                    if self.position.batch >= per_epoch * s.grad_accum:
+                        self.end_epoch()
+        finally:  # success, error or interrupt: the workers end here, not at interpreter exit
+            self.close_loader()
         if self.saved_step != self.position.step:  # stopped mid-epoch by --max-steps: --resume continues here
             self.save()
         return self.position
 
+    def close_loader(self) -> None:
+        if self.data_loader is not None:
+            self.data_loader.close()
+            self.data_loader = None
+
     def run_epoch(self, per_epoch: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.epoch_batches(self.position.epoch, self.position.batch) as batches:
+            self.run_batches(batches, per_epoch)
+
+    def run_batches(self, batches, per_epoch: int) -> None:
         s = self.settings
         accumulated: list[dict[str, float]] = []
         started = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        for batch in self.loader(self.position.epoch, self.position.batch):
+        for batch in batches:
             if self.position.batch >= per_epoch * s.grad_accum:
                 break
             self.position.batch += 1
@@ -324,7 +354,7 @@ class Trainer:
         self.position.batch = 0
         summary = self.on_epoch_end(finished) if self.on_epoch_end else {}
         if summary and self.is_main:
-            append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.position.step, "epoch": finished, **summary})
+            self.record({"step": self.position.step, "epoch": finished, **summary})
         self.save()
         if self.stop:
             self.interrupt()
@@ -366,18 +396,17 @@ class Trainer:
                "pairs_per_s": pairs / max(seconds, 1e-9), **values}
         self.progress.step(row, s.total_steps)
         if self.is_main and (step % s.log_every == 0 or step == s.total_steps or step == 1):
-            append_jsonl(self.run_dir / "metrics.jsonl", row)
+            self.record(row)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """The one place metrics rows are written: metrics.jsonl, and the --report-to trackers."""
+        append_jsonl(self.run_dir / METRICS_JSONL, row)
+        if self.trackers:
+            self.trackers.log(row)
 
 
 class NonFinite(Exception):
     pass
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes the step and
-    checkpoints; a worker killed by a signal sent to the whole process group would crash the run."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def base_logit_scale(model: nn.Module) -> torch.Tensor:

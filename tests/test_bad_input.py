@@ -382,7 +382,7 @@ def test_usage_mistake_is_one_line_exit_2(name, pairs_dir, tiny_config, tmp_path
     assert code == 2, err
     assert err.strip().splitlines() == [err.strip()] and err.startswith("clipfit: error: ") and message in err
     assert "Traceback" not in err
-    assert not out.exists() or not any(out.iterdir())  # a corrected command can reuse --out
+    assert not out.exists() or [p.name for p in out.iterdir()] == [".clipfit-run"]  # a corrected command reuses --out
 
 
 def test_debug_adds_the_traceback_and_keeps_the_exit_status(pairs_dir, tmp_path, capsys):

@@ -90,6 +90,16 @@ def test_disk_full_during_checkpoint_keeps_the_last_good_one(pairs_dir, tiny_con
     assert all(torch.equal(left[k], right[k]) for k in left)
 
 
+def test_disk_full_at_the_first_checkpoint_says_to_start_again(pairs_dir, tiny_config, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.setattr(torch, "save", failing_torch_save(fail_on_call=1))
+    out = tmp_path / "run"
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--batch-size", "4", "--save-every", "1")) == 7
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and "no checkpoint was kept" in line and "--overwrite" in line
+    assert "--resume" not in line and checkpoint_steps(out) == []
+
+
 def test_disk_full_while_writing_metrics_is_an_output_error(pairs_dir, tiny_config, tmp_path, capsys, monkeypatch):
     import clipfit.io
 

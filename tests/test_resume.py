@@ -286,3 +286,82 @@ def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(tmp_path, tiny_conf
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     whole, parts = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("whole", "parts"))
     assert all(torch.equal(whole[name], parts[name]) for name in whole)
+
+
+# --- what --resume refuses, and what it accepts -------------------------------------------------
+
+def test_resume_accepts_the_explicit_default(finished_run, tiny_config):
+    pairs, out = finished_run
+    assert run_main(tiny_refine_args(pairs, out, tiny_config, "--max-steps", "1", "--lr", "1e-5", "--resume")) == 0
+
+
+@pytest.fixture(scope="module")
+def cosine_run(tmp_path_factory, tiny_config) -> tuple[Path, Path, list[str]]:
+    root = tmp_path_factory.mktemp("cosine")
+    pairs, out = write_pairs(root / "pairs"), root / "run"
+    args = ["--batch-size", "4", "--epochs", "2", "--schedule", "cosine", "--max-steps", "6"]
+    assert run_main(tiny_refine_args(pairs, out, tiny_config, *args)) == 0
+    return pairs, out, args
+
+
+def test_resume_refuses_a_changed_cosine_length(cosine_run, tiny_config, capsys):
+    pairs, out, args = cosine_run
+    for max_steps in ("7", "5"):
+        changed = [a if a != "6" else max_steps for a in args]
+        assert run_main(tiny_refine_args(pairs, out, tiny_config, *changed, "--resume")) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("clipfit: error: --resume refused: the cosine schedule was planned over 6 steps")
+        assert not any("Traceback" in line for line in lines)
+
+
+def test_resume_with_a_constant_schedule_may_stop_later_but_not_before_the_checkpoint(tmp_path, tiny_config,
+                                                                                        capsys):
+    pairs = write_pairs(tmp_path / "pairs")
+    out, args = tmp_path / "run", ["--batch-size", "4", "--epochs", "2", "--warmup-steps", "2"]
+    assert run_main(tiny_refine_args(pairs, out, tiny_config, *args, "--max-steps", "3")) == 0
+    assert run_main(tiny_refine_args(pairs, out, tiny_config, *args, "--max-steps", "2", "--resume")) == 2
+    assert "checkpoint is at step 3, past the 2 steps" in capsys.readouterr().err
+    assert run_main(tiny_refine_args(pairs, out, tiny_config, *args, "--max-steps", "5", "--resume")) == 0
+    whole = tmp_path / "whole"
+    assert run_main(tiny_refine_args(pairs, whole, tiny_config, *args, "--max-steps", "5")) == 0
+    assert_same_weights(whole, out)
+
+
+def test_resume_without_a_usable_checkpoint_is_refused(pairs_dir, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "1")) == 0
+    for checkpoint in (out / "checkpoints").iterdir():
+        checkpoint.write_bytes(b"PK\x03\x04 torn")
+    metrics = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "1", "--resume")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no usable checkpoint" in line and "all damaged" in line and "--overwrite" in line
+    assert (out / "metrics.jsonl").read_bytes() == metrics  # nothing of the old run was rewritten
+
+
+@pytest.mark.parametrize("content", ["{ not json", "[1, 2]", '{"config": 3}'])
+def test_resume_with_a_corrupt_run_json_is_one_line_exit_2(content, pairs_dir, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".clipfit-run").write_text("clipfit run folder\n")
+    (out / "run.json").write_text(content)
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--resume")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"clipfit: error: {out / 'run.json'}: ") and "--overwrite" in lines[0]
+
+
+def test_sigterm_before_training_exits_130_like_ctrl_c(pairs_dir, tiny_config, tmp_path, capsys, monkeypatch):
+    from clipfit import models
+
+    real_load = models.load_model
+
+    def load_then_get_terminated(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, while the run sets up
+        return loaded
+
+    monkeypatch.setattr(models, "load_model", load_then_get_terminated)
+    assert run_main(tiny_refine_args(pairs_dir, tmp_path / "run", tiny_config)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "clipfit: interrupted by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is not left behind

@@ -15,6 +15,8 @@ from pathlib import Path
 from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, file_stamp, open_rgb
 from clipfit.data.layouts import Pair, PairSet, Problem, load_pairs
 from clipfit.data.tokens import count_tokens, exceeds_context
+from clipfit.errors import DataError
+from clipfit.progress import track
 
 
 @dataclass
@@ -86,15 +88,16 @@ def decode_or_reason(pair: Pair, max_pixels: int) -> Pair | str:
         open_rgb(pair.image, max_pixels)
     except BadImage as e:
         return str(e)
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
+    except (OSError, DataError) as e:  # DataError: the table holding the image cannot be opened
+        return f"cannot read: {getattr(e, 'strerror', None) or e}"
     return replace(pair, stamp=stamp)
 
 
 def split_decodable(pairs: list[Pair], max_pixels: int, workers: int = 4) -> tuple[list[Pair], list[Problem]]:
     """Decode every image once (threads: Pillow releases the GIL while decoding)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda p: decode_or_reason(p, max_pixels), pairs))
+        results = list(track(pool.map(lambda p: decode_or_reason(p, max_pixels), pairs), "checking images",
+                             len(pairs), size=lambda _result: 1))
     good = [r for r in results if isinstance(r, Pair)]
     bad = [Problem(str(p.image), r) for p, r in zip(pairs, results) if isinstance(r, str)]
     return good, bad
@@ -140,5 +143,7 @@ def check_pairset(
 
 
 def check_folder(path: str | Path, layout: str = "auto", csv_img_key: str = "filepath",
-                 csv_caption_key: str = "title", **kwargs) -> CheckReport:
-    return check_pairset(load_pairs(path, layout, csv_img_key, csv_caption_key), **kwargs)
+                 csv_caption_key: str = "title", image_column: str | None = None,
+                 caption_column: str | None = None, **kwargs) -> CheckReport:
+    return check_pairset(load_pairs(path, layout, csv_img_key, csv_caption_key, image_column, caption_column),
+                         **kwargs)

@@ -21,9 +21,15 @@ class BadImage(Exception):
     """The file cannot be used as a training image; str(e) is the reason."""
 
 
-def file_stamp(path: str | Path) -> tuple[int, int]:
-    """(size, modification time in ns): what tells a file changed, short of reading it."""
-    stat = Path(path).stat()
+def stored_in(image) -> Path:
+    """The file holding an image's bytes: the image file itself, or the table file of an image in
+    a table row (clipfit.data.tables.TableImage, whose str() names the row)."""
+    return Path(getattr(image, "file", image))
+
+
+def file_stamp(image) -> tuple[int, int]:
+    """(size, modification time in ns) of the file holding `image`: what tells it changed, short of reading it."""
+    stat = stored_in(image).stat()
     return stat.st_size, stat.st_mtime_ns
 
 
@@ -55,9 +61,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decode `source` (a path, or an image file's bytes, e.g. a tar shard member) to RGB,
-    or raise BadImage with a reason a person can act on."""
+def open_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode `source` (a path, an image file's bytes, e.g. a tar shard member, or an image
+    in a table row, clipfit.data.tables.TableImage) to RGB, or raise BadImage with a reason a
+    person can act on."""
+    if not isinstance(source, (str, Path, bytes)):
+        source = source.read_bytes()  # an OSError here is the caller's "cannot read"
     in_memory = isinstance(source, bytes)
     try:
         if (len(source) if in_memory else Path(source).stat().st_size) == 0:

@@ -4,6 +4,8 @@ Layouts:
   sidecar  `cat.jpg` + `cat.txt` side by side (recursive); one caption per line.
   hf       `metadata.jsonl` / `metadata.csv` with `file_name` and `text` (Hugging Face imagefolder).
   csv      an open_clip-style CSV/TSV with image-path and caption columns; separator sniffed.
+  parquet  Parquet files with an image and a caption column (clipfit.data.tables).
+  datasets a Hugging Face `datasets` save_to_disk folder, or hf://datasets/ORG/NAME (clipfit.data.tables).
 Problems (missing files, empty captions, escaping paths...) are collected, never raised,
 so `clipfit data check` can list them all; the caller decides whether they are fatal.
 """
@@ -25,13 +27,13 @@ from clipfit.data.images import is_image_path
 from clipfit.data.text import caption_lines, has_undecodable, lines, read_text, repaired, undecodable_reason
 from clipfit.errors import DataError, UsageError
 
-LAYOUTS = ("sidecar", "hf", "csv")
+LAYOUTS = ("sidecar", "hf", "csv", "parquet", "datasets")
 HF_MANIFESTS = ("metadata.jsonl", "metadata.csv")
 
 
 @dataclass(frozen=True)
 class Pair:
-    image: Path
+    image: Path  # or a clipfit.data.tables.TableImage: an image inside a table row, read when decoded
     captions: tuple[str, ...]
     key: str  # path relative to the data folder: a stable identity for caches and reports
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) when checked: see clipfit.data.dataset.open_checked
@@ -348,12 +350,18 @@ def read_csv_layout(root: Path, img_key: str, caption_key: str) -> PairSet:
 
 
 def detect_layout(root: Path) -> str:
+    from clipfit.data.tables import is_save_to_disk, parquet_files
+
     if root.is_file():
-        return "csv"
+        return "parquet" if root.suffix.lower() == ".parquet" else "csv"
     if any((root / m).is_file() for m in HF_MANIFESTS):
         return "hf"
+    if is_save_to_disk(root):
+        return "datasets"
     if find_csv(root) is not None:
         return "csv"
+    if parquet_files(root):
+        return "parquet"
     return "sidecar"
 
 
@@ -377,22 +385,36 @@ def load_pairs(
     layout: str = "auto",
     csv_img_key: str = "filepath",
     csv_caption_key: str = "title",
+    image_column: str | None = None,
+    caption_column: str | None = None,
 ) -> PairSet:
     """Read PAIRS in `layout` (auto-detected by default). Raises DataError when nothing usable is found."""
+    from clipfit.data.tables import HUB_DATASET_PREFIX, read_datasets, read_parquet
+
+    if str(path).startswith(HUB_DATASET_PREFIX) and layout in ("auto", "datasets"):
+        return with_pairs(Path(str(path)), read_datasets(str(path), image_column, caption_column))
     root = Path(path)
     readable_root(root)
     if layout not in ("auto", *LAYOUTS):
         raise UsageError(f"--layout {layout!r} is not one of auto, {', '.join(LAYOUTS)}")
     if layout == "auto":
         layout = detect_layout(root)
-    if root.is_file() and layout != "csv":
-        raise DataError(f"{root}: is a file; only the csv layout reads a single file")
+    if root.is_file() and layout not in ("csv", "parquet"):
+        raise DataError(f"{root}: is a file; only the csv and parquet layouts read a single file")
     if layout == "sidecar":
         pairset = read_sidecars(root)
     elif layout == "hf":
         pairset = read_hf(root)
+    elif layout == "parquet":
+        pairset = read_parquet(root, image_column, caption_column)
+    elif layout == "datasets":
+        pairset = read_datasets(str(root), image_column, caption_column)
     else:
         pairset = read_csv_layout(root, csv_img_key, csv_caption_key)
+    return with_pairs(root, pairset)
+
+
+def with_pairs(root: Path, pairset: PairSet) -> PairSet:
     if not pairset.pairs:
         raise DataError(no_pairs_message(root, pairset))
     return pairset
@@ -406,4 +428,5 @@ def no_pairs_message(root: Path, pairset: PairSet) -> str:
     else:
         detail = "folder holds no images"
     return (f"{root}: no image-caption pairs ({detail}); tried layout {pairset.layout} "
-            f"(layouts: sidecar image+.txt, hf metadata.jsonl/csv, csv with --csv-img-key/--csv-caption-key)")
+            f"(layouts: sidecar image+.txt, hf metadata.jsonl/csv, csv with --csv-img-key/--csv-caption-key, "
+            f"parquet and datasets with --image-column/--caption-column)")

@@ -55,11 +55,10 @@ def frozen(model: nn.Module):
 def encode_regions(model: nn.Module, pairs, regions: Regions, preprocess, device, batch_size: int,
                    workers: int = 0, max_pixels: int = 0) -> dict[str, Tensor]:
     """{"regions": [Σ R_i, d] normalised crop embeddings in pair order, "region_counts": [pairs]}."""
-    loader = ordered_loader(_RegionCrops(pairs, regions, preprocess, max_pixels), batch_size, workers,
-                            collate_fn=_concat_crops)
     vectors, counts = [], []
-    with frozen(model):
-        for pixels, per_image in loader:
+    with frozen(model), ordered_loader(_RegionCrops(pairs, regions, preprocess, max_pixels), batch_size,
+                                       workers, collate_fn=_concat_crops) as loader:
+        for pixels, per_image in track(loader, "dclip: image regions", len(pairs), size=lambda batch: len(batch[1])):
             vectors.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu())
             counts.append(per_image)
     return {"regions": torch.cat(vectors), "region_counts": torch.cat(counts)}
@@ -127,8 +126,9 @@ def encode_tokens(model: nn.Module, captions: list[str], tokenizer, device, batc
     rule = text_trim_rule(model)  # states exist for the trimmed batch only (token_states)
     vectors, counts, sentences = [], [], []
     with frozen(model):
-        for start in range(0, len(captions), batch_size):
-            ids = trim_tokens(tokenizer(captions[start:start + batch_size]).to(device), rule)
+        chunks = (captions[start:start + batch_size] for start in range(0, len(captions), batch_size))
+        for chunk in track(chunks, "dclip: caption tokens", len(captions)):
+            ids = trim_tokens(tokenizer(chunk).to(device), rule)
             sentence, states = token_states(model, ids)
             content = ~torch.isin(ids, special)
             for row in range(len(ids)):

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from clipfit.data.dataset import EpochBatches, caption_index
 from clipfit.errors import ModelError, UsageError
 from clipfit.losses import info_nce
+from clipfit.rundir import DCLIP_TEACHER
 
 HEADS = 8
 POOL_TEMPERATURE = 2.0
 TEACHER_TEMPERATURE = 0.05
-TEACHER_FILE = "teacher.safetensors"
+TEACHER_FILE = DCLIP_TEACHER
 
 
 def attention_pool(x: Tensor, mask: Tensor, temperature: float = POOL_TEMPERATURE) -> Tensor:

@@ -23,6 +23,7 @@ from clipfit.data.tokens import needed_lengths, text_trim_rule
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
 from clipfit.models import encode_text, evaluating
+from clipfit.progress import track
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,12 +74,14 @@ class Encoder:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def batches(self, loader, description: str):
+        if self.quiet:  # inside a command with its own Progress (refine): a phase of it
+            return track(loader, f"eval: {description}", len(loader), size=lambda _batch: 1)
         if not show_progress(self.quiet):
             return loader
         from rich.console import Console
-        from rich.progress import track
+        from rich.progress import track as rich_track
 
-        return track(loader, description=description, console=Console(stderr=True), transient=True)
+        return rich_track(loader, description=description, console=Console(stderr=True), transient=True)
 
     @torch.no_grad()
     def run(self, encode: Callable, loader, description: str) -> torch.Tensor:
@@ -102,8 +105,8 @@ class Encoder:
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
         """Normalised embeddings of the images at `paths`, computed once per `key`."""
         if ("images", key) not in self.cache:
-            loader = ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers)
-            self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
+            with ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers) as loader:
+                self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
         return self.cache["images", key]
 
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:

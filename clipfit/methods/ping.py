@@ -24,8 +24,9 @@ from clipfit.losses import clip_loss, ping_loss
 from clipfit.methods.base import Method
 from clipfit.models import encode_text
 from clipfit.neighbours import index_kind, nearest_neighbours
+from clipfit.rundir import PING_HEADS
 
-HEADS_FILE = "ping_heads.safetensors"
+HEADS_FILE = PING_HEADS
 BANK_FORMAT = 1
 HEAD_NAMES = ("h_I", "h_T", "x_I", "x_T")
 
@@ -110,10 +111,9 @@ class Ping(Method):
         loaded = encoder.load()
         batch, workers = self.config.batch_size, self.config.workers
         if tower == "image":
-            bank = image_bank(pairs, loaded.encode, loaded.preprocess, batch, workers,
-                              self.config.max_image_pixels, ctx.log)
+            bank = image_bank(pairs, loaded.encode, loaded.preprocess, batch, workers, self.config.max_image_pixels)
         else:
-            bank = text_bank(pairs, loaded.encode, batch, ctx.log)
+            bank = text_bank(pairs, loaded.encode, batch)
         return {"bank": bank}
 
     def find_neighbours(self, cache: FeatureCache, bank_keys: dict, ctx) -> None:

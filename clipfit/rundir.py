@@ -1,0 +1,376 @@
+"""The run-folder contract: what makes a folder a clipfit run, what clipfit may replace in it,
+and who may write it.
+
+- A clipfit run folder holds the marker file `.clipfit-run` (written first, when clipfit makes a
+  folder a run folder) and `run.json`. clipfit only ever replaces such a folder, and in it only the
+  entries named in `OWN_NAMES` (what a run writes); anything else in the folder stays.
+- A folder that is not empty and has no marker is never written to, with or without --overwrite.
+- `--out` may not be, contain, or lie inside PAIRS or the cache folder, nor be the current folder
+  or one of its parents; this is checked (symlinks resolved) before anything is touched.
+- A run holds an exclusive lock (`fcntl.flock` on the marker, which also holds its pid) for its
+  whole life; the OS drops it when the process ends, however it ends.
+- --overwrite is staged: the previous run's entries move into `.clipfit-replaced/` and are
+  deleted only once the new run has written its run.json. Until then any failure, or the next
+  clipfit run on the folder after a kill, moves them back (`recover`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from clipfit.config import RESULT_NEUTRAL, RefineConfig
+from clipfit.errors import OutputError, UsageError
+from clipfit.trackers import TENSORBOARD_DIR, WANDB_DIR  # --report-to writers
+
+MARKER = ".clipfit-run"
+STAGING = ".clipfit-replaced"  # the replaced run's entries, until the new run has its run.json
+DISCARDED = ".clipfit-discarded"  # a committed STAGING, renamed before it is deleted
+STAGED_ALL = ".staged"  # in STAGING: every entry has moved in (absent: staging was cut short)
+RESTORING = ".restoring"  # in STAGING: the new run was abandoned, entries are moving back
+WRITE_PROBE = ".write-test"
+
+RUN_JSON = "run.json"
+SKIPPED_TXT = "skipped.txt"
+METRICS_JSONL = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's own `local-dir:` format
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+LOSS_CURVES, BEFORE_AFTER = "loss_curves.png", "before_after.png"
+PING_HEADS = "ping_heads.safetensors"
+DCLIP_TEACHER = "teacher.safetensors"
+EVAL_SAMPLE = "eval-sample"
+
+# Everything a run writes into its folder; --overwrite replaces these and nothing else.
+OWN_NAMES = frozenset({RUN_JSON, SKIPPED_TXT, METRICS_JSONL, MODEL_FILE, OPEN_CLIP_CONFIG, ADAPTER_DIR,
+                       CHECKPOINT_DIR, REPORT_MD, REPORT_HTML, LOSS_CURVES, BEFORE_AFTER, PING_HEADS,
+                       DCLIP_TEACHER, EVAL_SAMPLE, WRITE_PROBE, TENSORBOARD_DIR, WANDB_DIR})
+HOUSEKEEPING = frozenset({MARKER, STAGING, DISCARDED})
+
+
+def is_own(name: str) -> bool:
+    """A name clipfit writes into a run folder: its files, and the temporary names of their
+    atomic writes (`.NAME.XXXX.tmp`, clipfit.io) and of the LoRA adapter (`.adapter.XXXX`)."""
+    if name in OWN_NAMES:
+        return True
+    if name.startswith(".") and name.endswith(".tmp"):
+        return name[1:].rsplit(".", 2)[0] in OWN_NAMES
+    return name.startswith(f".{ADAPTER_DIR}.")
+
+
+def default_run_dir(method: str) -> Path:
+    return Path("runs") / f"{method.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def listing(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# --- where --out may be ---------------------------------------------------------------------
+
+def check_location(out: Path, protected: dict[str, Path]) -> None:
+    """Refuse an --out that is, contains or lies inside a protected path (PAIRS, the cache
+    folder), or that is the current folder or one of its parents; symlinks resolved."""
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"{out}: --out is a symlink to {os.readlink(out)}, which does not exist")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out is a file, not a folder; choose a folder for the run")
+    target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise UsageError(f"{out}: --out is the current folder{'' if target == cwd else ' or a parent of it'}; "
+                         "choose a folder of its own for the run (e.g. runs/NAME)")
+    for what, path in protected.items():
+        where = path.resolve()
+        if target == where or where in target.parents or target in where.parents:
+            relation = "is" if target == where else "lies inside" if where in target.parents else "contains"
+            raise UsageError(f"{out}: --out {relation} {what} ({path}); choose a folder of its own for the run")
+
+
+def pairs_on_disk(pairs_path: str) -> Path | None:
+    """The path PAIRS names on disk (a folder, a CSV, or the folder of a shard pattern)."""
+    path = Path(pairs_path)
+    if path.exists():
+        return path
+    if "{" in pairs_path and path.parent.exists():  # webdataset brace pattern: shards/{000..009}.tar
+        return path.parent
+    return None
+
+
+# --- the lock ----------------------------------------------------------------------------------
+
+def lock_folder(path: Path) -> int:
+    """Create the marker if needed and hold an exclusive lock on it; the OS drops the lock with the
+    process. Returns the open descriptor (closing it releases the lock)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write to the run folder ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise OutputError(f"{path}: cannot lock the run folder ({e.strerror or e})") from None
+        raise UsageError(f"{path}: in use by another clipfit run ({holder(path)}); wait for it to finish "
+                         "or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"clipfit run folder\npid {os.getpid()}\n".encode())
+    return fd
+
+
+def holder(path: Path) -> str:
+    for _ in range(20):  # the holder writes its pid right after it gets the lock
+        try:
+            for line in (path / MARKER).read_text(encoding="utf-8").splitlines():
+                if line.startswith("pid "):
+                    return f"pid {line.split()[1]}"
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return "pid unknown"
+
+
+# --- staged replacement --------------------------------------------------------------------------
+
+def own_entries(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if is_own(p.name)]
+
+
+def foreign_entries(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if not is_own(p.name) and p.name not in HOUSEKEEPING]
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def stage(path: Path) -> Path | None:
+    """Move clipfit's own entries into STAGING (run.json last, so that a folder with run.json at the
+    top still holds the whole previous run); the sentinel says every entry made it."""
+    entries = sorted(own_entries(path), key=lambda p: p.name == RUN_JSON)
+    if not entries:
+        return None
+    staging = path / STAGING
+    staging.mkdir()
+    for entry in entries:
+        os.replace(entry, staging / entry.name)
+    (staging / STAGED_ALL).write_bytes(b"")
+    return staging
+
+
+def restore(path: Path) -> None:
+    """Move the staged previous run back (run.json last) and drop STAGING."""
+    staging = path / STAGING
+    if (staging / STAGED_ALL).exists():  # the new run's partial entries go first: they are worthless
+        for entry in own_entries(path):
+            remove(entry)
+        os.replace(staging / STAGED_ALL, staging / RESTORING)
+    for entry in sorted(staging.iterdir(), key=lambda p: p.name == RUN_JSON):
+        if entry.name not in (STAGED_ALL, RESTORING):
+            os.replace(entry, path / entry.name)
+    shutil.rmtree(staging)
+
+
+def discard_staged(path: Path) -> None:
+    """The new run has its run.json: the previous run's entries go (renamed first, so that a kill
+    half-way through the deletion cannot look like an unfinished replacement)."""
+    if (path / STAGING).exists():
+        os.replace(path / STAGING, path / DISCARDED)
+    if (path / DISCARDED).exists():
+        shutil.rmtree(path / DISCARDED)
+
+
+def recover(path: Path, warn: Callable[[str], None]) -> None:
+    """Finish what a killed --overwrite left: keep the new run if it has its run.json, else put
+    the previous run back."""
+    staging = path / STAGING
+    if (path / DISCARDED).exists():
+        discard_staged(path)
+    if not staging.exists():
+        return
+    if (staging / STAGED_ALL).exists() and (path / RUN_JSON).exists():
+        discard_staged(path)
+        warn(f"{path}: finished replacing the previous run, which an interrupted --overwrite had left in {STAGING}")
+    else:
+        restore(path)
+        warn(f"{path}: an interrupted --overwrite left the previous run in {STAGING}; it is back in place")
+
+
+def staged_bytes(path: Path) -> int:
+    staging = path / STAGING
+    if not staging.exists():
+        return 0
+    return sum(p.stat().st_size for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@dataclass
+class RunFolder:
+    """A locked run folder (the lock lasts until `release`, or the process ends)."""
+
+    path: Path
+    fd: int | None
+
+    def commit(self) -> None:
+        """The new run has written its run.json: a replaced run's staged entries can go."""
+        discard_staged(self.path)
+
+    def abandon(self) -> None:
+        """The new run failed before its run.json: a replaced run comes back; the lock goes."""
+        try:
+            if (self.path / STAGING).exists():
+                restore(self.path)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def claim_run_dir(out: Path, resume: bool, overwrite: bool, protected: dict[str, Path],
+                  warn: Callable[[str], None]) -> RunFolder:
+    """Check, lock and prepare the run folder for a new run (staging a replaced one) or a resumed one."""
+    check_location(out, protected)
+    refuse_foreign(out, resume)
+    folder = RunFolder(out, lock_folder(out))
+    try:
+        recover(out, warn)
+        prepare_locked(folder, resume, overwrite, warn)
+        probe_writable(out)
+    except OSError as e:
+        folder.abandon()
+        raise OutputError(f"{out}: cannot prepare the run folder ({e.strerror or e})") from None
+    except BaseException:
+        folder.abandon()
+        raise
+    return folder
+
+
+def refuse_foreign(out: Path, resume: bool) -> None:
+    """Before anything is written: a non-empty folder without the marker is not clipfit's."""
+    if not out.is_dir() or (out / MARKER).exists():
+        return
+    found = [p.name for p in out.iterdir()]
+    if not found or (resume and (out / RUN_JSON).is_file()):  # resume adopts a run made before the marker
+        return
+    legacy = " (it has a run.json: a run folder of clipfit 0.1.0? move it away or delete it yourself)" \
+        if RUN_JSON in found else ""
+    raise UsageError(f"{out}: not empty and not a clipfit run folder (found {listing(found)}){legacy}; "
+                     "clipfit never replaces files it did not write: choose a new --out")
+
+
+def prepare_locked(folder: RunFolder, resume: bool, overwrite: bool, warn: Callable[[str], None]) -> None:
+    out = folder.path
+    has_run = (out / RUN_JSON).is_file()
+    if resume:
+        if not has_run:
+            raise UsageError(f"{out}: nothing to resume (no {RUN_JSON}); run without --resume")
+        return
+    if has_run and not overwrite:
+        raise UsageError(f"{out}: run folder exists; pass --overwrite to replace it or --resume to continue it")
+    kept = foreign_entries(out)
+    staged = stage(out)  # a replaced run, or the leftovers of a run that failed while setting up
+    if kept and staged is not None:
+        warn(f"{out}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} clipfit did not write "
+             f"({listing([p.name for p in kept])}); only clipfit's own files are replaced")
+
+
+def probe_writable(out: Path) -> None:
+    probe = out / WRITE_PROBE
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write to the run folder ({e.strerror or e})") from None
+
+
+# --- free space, resume ------------------------------------------------------------------------
+
+def check_free_space(run_dir: Path, parameter_bytes: int, trainable_bytes: int, keep: int) -> None:
+    """Model + `keep` checkpoints (weights and two AdamW moments per trainable weight). A replaced
+    run's staged files count as free: they are deleted before training starts."""
+    needed = parameter_bytes + keep * (parameter_bytes + 2 * trainable_bytes)
+    free = shutil.disk_usage(run_dir).free + staged_bytes(run_dir)
+    if free < needed:
+        raise OutputError(f"{run_dir}: {free / 2**20:.0f} MiB free, the run needs about {needed / 2**20:.0f} MiB "
+                          "(model and checkpoints); free space, use another --out or --keep-checkpoints 1")
+
+
+def read_saved(run_dir: Path) -> dict[str, Any]:
+    """run.json of the run to resume, or one line saying why it cannot be used."""
+    path = run_dir / RUN_JSON
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: unreadable, cannot resume from it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); start again with --overwrite") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
+            and isinstance(saved.get("resolved"), dict)):
+        raise UsageError(f"{path}: not a clipfit run.json (no config/resolved tables), cannot resume from it; "
+                         "start again with --overwrite")
+    return saved
+
+
+def compare_with_saved(run_dir: Path, config: RefineConfig, pairs_path: str) -> dict[str, Any]:
+    """The saved run, if this one's settings would give its result; the explicit default of a
+    setting with a resolved default (--lr 1e-5 without --lora) counts as that default."""
+    saved = read_saved(run_dir)
+    old, new = dict(saved["config"]), config.to_dict()
+    old["lr"], new["lr"] = saved["resolved"].get("lr", old.get("lr")), config.resolved_lr()
+    changed = [k for k in new if k not in RESULT_NEUTRAL and old.get(k) != new[k]]
+    if saved.get("pairs") != recorded_pairs(pairs_path):
+        changed.append("PAIRS")
+    if changed:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3] if k != "PAIRS")
+        raise UsageError(f"--resume refused: settings that change the result differ from the saved run "
+                         f"({', '.join(changed)}{'; ' + detail if detail else ''})")
+    return saved
+
+
+def recorded_pairs(pairs_path: str) -> str:
+    """Where the pairs are, as run.json records it: an absolute path, or a hub address as given."""
+    from clipfit.data.tables import HUB_DATASET_PREFIX
+
+    return pairs_path if pairs_path.startswith(HUB_DATASET_PREFIX) else str(Path(pairs_path).resolve())
+
+
+def check_schedule(saved: dict | None, config: RefineConfig, total_steps: int) -> None:
+    """--max-steps decides where a cosine schedule ends, so it must match on resume; a constant
+    schedule (warm-up included, which counts from step 0) does not depend on it."""
+    if not saved or config.schedule != "cosine":
+        return
+    before = saved["resolved"].get("total_steps")
+    if before != total_steps:
+        raise UsageError(f"--resume refused: the cosine schedule was planned over {before} steps, this command "
+                         f"gives {total_steps} (--max-steps {saved['config'].get('max_steps')!r} -> "
+                         f"{config.max_steps!r}); the result would match no uninterrupted run")
+
+
+def check_resumable(saved: dict | None, same_data: bool, world_size: int, pairs_path: str) -> None:
+    if saved and not same_data:
+        raise UsageError(f"--resume refused: the pairs in {pairs_path} changed since the run started")
+    if saved and saved["resolved"].get("world_size", 1) != world_size:
+        raise UsageError(f"--resume refused: the run started with {saved['resolved'].get('world_size', 1)} process(es), "
+                         f"this is {world_size}; the global batch and data order depend on it")
+
+
+def resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]  # --overwrite would replace what we resume
+    return shlex.join(["clipfit", *args, "--resume"])
