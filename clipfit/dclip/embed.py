@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from clipfit.cache import FeatureCache, captions_hash, images_hash, starting_model_identity
 from clipfit.data.dataset import open_checked
 from clipfit.data.tokens import text_trim_rule, trim_tokens
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
-from clipfit.cache import FeatureCache, captions_hash, images_hash, starting_model_identity
 from clipfit.features import ordered_loader
 from clipfit.models import base_model, encode_text, evaluating
+from clipfit.progress import track
 
 CACHE_FORMAT = 1
 
