@@ -15,6 +15,14 @@ trainer always applies its training augmentation.
 
 Methods are whatever clipfit.methods.REGISTRY holds at run time, run with clipfit's defaults
 (no augmentation, so a frozen teacher's features are precomputed once).
+
+The real-caption case (`--real-captions`) gives every pair a caption of a typical length (8-25
+CLIP tokens, drawn evenly) instead of the short fixed one, and races clipfit against open_clip's
+trainer on two models whose context is 77: the reduced ViT above, and the offline starter
+`lite0-minilm` (open_clip's trainer gets it as a `local-dir:` config pointing at the same
+installed MiniLM folder). `--lock-image-pairs PAIRS --baseline-src DIR` trains the starter with
+--lock-image on a real pairs folder with this checkout and with an older one (DIR, e.g. the
+release before sequence trimming, unpacked with `git archive`), alternately.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,11 +54,31 @@ LOCKED_MODEL_CFG = {  # the starter's shape, small: a timm EfficientNet-Lite0 tr
                    "timm_pool": "avg", "timm_proj": "linear", "image_size": 64},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
 }
+VIT_77_CFG = {**MODEL_CFG, "text_cfg": {**MODEL_CFG["text_cfg"], "context_length": 77}}
 WARMUP_STEPS = 2
+CAPTION_TOKENS = (8, 25)  # typical captions, start and end tokens included
+WORDS = ("a photo of the small red old dog cat car boat house tree man woman child bird horse bike street "
+         "table chair window door sky field river road city park beach snow grass water light sitting standing "
+         "running near under next to with on in at and two three large white black green blue wooden").split()
 OPEN_CLIP_RATE = re.compile(r"Batch \(t\): [\d.]+, ([\d.]+)/s,")
 
 
-def write_data(folder: Path, n: int, size: int = 96) -> tuple[Path, Path]:
+def typical_captions(n: int, seed: int = 0) -> list[str]:
+    """n captions whose CLIP token counts (start and end included) are spread evenly over CAPTION_TOKENS."""
+    from clipfit.data.tokens import count_tokens
+
+    rng = np.random.default_rng(seed)
+    captions = []
+    for i in range(n):
+        target = CAPTION_TOKENS[0] + i % (CAPTION_TOKENS[1] - CAPTION_TOKENS[0] + 1)
+        words = list(rng.choice(WORDS, size=target - 2))
+        while count_tokens(" ".join(words)) > target:
+            words.pop()
+        captions.append(" ".join(words))
+    return captions
+
+
+def write_data(folder: Path, n: int, size: int = 96, captions: list[str] | None = None) -> tuple[Path, Path]:
     """n JPEG/caption pairs as a sidecar folder, and the same pairs as an open_clip CSV."""
     rng = np.random.default_rng(0)
     pairs = folder / "pairs"
@@ -58,7 +87,7 @@ def write_data(folder: Path, n: int, size: int = 96) -> tuple[Path, Path]:
     for i in range(n):
         image = pairs / f"{i:05d}.jpg"
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(image, quality=90)
-        caption = f"photo number {i} of a random texture"
+        caption = captions[i] if captions else f"photo number {i} of a random texture"
         (pairs / f"{i:05d}.txt").write_text(caption + "\n")
         rows.append(f"{image},{caption}")
     csv = folder / "train.csv"
@@ -72,31 +101,48 @@ def write_locked_model(folder: Path) -> Path:
     return config
 
 
-def write_model(folder: Path) -> tuple[Path, Path]:
+def write_model(folder: Path, model_cfg: dict = MODEL_CFG, name: str = "bench-vit") -> tuple[Path, Path]:
     """The model as a config JSON (clipfit --model) and as an open_clip `local-dir:` folder."""
-    config = folder / "bench-vit.json"
-    config.write_text(json.dumps(MODEL_CFG))
-    local_dir = folder / "bench-vit"
+    config = folder / f"{name}.json"
+    config.write_text(json.dumps(model_cfg))
+    local_dir = folder / name
     local_dir.mkdir()
-    (local_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": {}}))
+    (local_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
     return config, local_dir
+
+
+def write_starter_dir(folder: Path) -> Path:
+    """The starter as an open_clip `local-dir:` folder for open_clip's trainer (same installed towers)."""
+    sys.path.insert(0, str(REPO))
+    from clipfit import starter
+
+    local_dir = folder / "bench-starter"
+    local_dir.mkdir()
+    preprocess = {**starter.PREPROCESS, "size": 224}
+    (local_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": starter.starter_model_config(),
+                                                                 "preprocess_cfg": preprocess}))
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(starter.text_model_dir() / file, local_dir / file)  # open_clip reads a local-dir's tokenizer here
+    return local_dir
 
 
 THREADS = {"value": 1}
 
 
-def environment() -> dict:
+def environment(source: Path = REPO) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"  # the starter's text tower loads from its installed folder
     # Same intra-op threads for both trainers; on a loaded machine more threads than free cores
     # make each step many times slower (OpenMP threads wait on each other).
     env["OMP_NUM_THREADS"] = str(THREADS["value"])
     return env
 
 
-def run(command: list[str]) -> tuple[str, float]:
+def run(command: list[str], source: Path = REPO) -> tuple[str, float]:
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=environment())
+    # cwd: `python -m clipfit` imports the package of its working folder before any on PYTHONPATH
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(source), cwd=source)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} ... failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -107,12 +153,14 @@ def steady(rates: list[float]) -> float:
     return statistics.median(rates[WARMUP_STEPS:] or rates)
 
 
-def clipfit_run(args, work: Path, pairs: Path, config: Path, method: str, *extra: str) -> dict:
+def clipfit_run(args, work: Path, pairs: Path, config: Path | str, method: str, *extra: str,
+                pretrained: str = "none", source: Path = REPO) -> dict:
     out = work / f"clipfit-{method}-{time.time_ns()}"
-    command = [sys.executable, "-m", "clipfit", "refine", str(pairs), "--model", str(config), "--pretrained", "none",
+    command = [sys.executable, "-m", "clipfit", "refine", str(pairs), "--model", str(config), "--pretrained", pretrained,
                "--method", method, "--out", str(out), "--batch-size", str(args.batch_size), "--workers",
-               str(args.workers), "--precision", args.precision, "--log-every", "1", "--quiet", *extra]
-    _, seconds = run(command)
+               str(args.workers), "--precision", args.precision, "--log-every", "1", "--quiet",
+               "--cache-dir", str(work / f"cache-{time.time_ns()}"), *extra]  # nothing reused between runs
+    _, seconds = run(command, source)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     info = json.loads((out / "run.json").read_text())
     rates = [r["pairs_per_s"] for r in rows if "pairs_per_s" in r]
@@ -170,6 +218,46 @@ def precomputed_vs_per_step(args, work: Path, pairs: Path, config: Path, label: 
     return results
 
 
+def real_caption_case(args, work: Path) -> dict:
+    """clipfit contrastive vs open_clip's trainer on captions of typical length, context 77."""
+    folder = work / "real-captions"
+    n = args.steps * args.batch_size
+    pairs, csv = write_data(folder, n, captions=typical_captions(n))
+    models = {"vit": write_model(folder, VIT_77_CFG, "bench-vit-77"), "starter": ("lite0-minilm", write_starter_dir(folder))}
+    report = {}
+    for name in [m for m in args.real_models.split(",") if m]:
+        config, local_dir = models[name]
+        print(f"real-length captions, {name}: clipfit contrastive vs open_clip_train.main:", flush=True)
+        contenders = {
+            "clipfit contrastive": lambda: clipfit_run(args, folder, pairs, config, "contrastive", "--augment"),
+            "open_clip_train": lambda: open_clip_run(args, folder, csv, local_dir),
+        }
+        if args.length_buckets:
+            contenders["clipfit --length-buckets"] = lambda: clipfit_run(args, folder, pairs, config, "contrastive",
+                                                                         "--augment", "--length-buckets")
+        results = alternate(contenders, args.repeats)
+        ours, theirs = (median_of(results[k], "pairs_per_s") for k in ("clipfit contrastive", "open_clip_train"))
+        print(f"  median pairs/s: clipfit {ours:.1f}, open_clip {theirs:.1f}, ratio {ours / theirs:.2f}", flush=True)
+        report[name] = {"runs": results, "ratio": ours / theirs}
+    return report
+
+
+def lock_image_case(args, work: Path) -> dict:
+    """The starter with --lock-image on a real pairs folder: an older checkout against this one."""
+    flags = ("--lock-image", "--epochs", str(args.lock_image_epochs))
+    contenders = {"after (this checkout)": REPO}
+    if args.baseline_src:
+        contenders["before (--baseline-src)"] = args.baseline_src.resolve()
+    print(f"lite0-minilm --lock-image on {args.lock_image_pairs}:", flush=True)
+    results = alternate({label: (lambda source=source: clipfit_run(args, work, args.lock_image_pairs, "lite0-minilm",
+                                                                   "contrastive", *flags, pretrained="aligned",
+                                                                   source=source))
+                         for label, source in contenders.items()}, args.repeats)
+    rates = {label: median_of(runs, "pairs_per_s") for label, runs in results.items()}
+    print("  median pairs/s: " + ", ".join(f"{label} {rate:.1f}" for label, rate in rates.items()), flush=True)
+    return {"runs": results, "pairs_per_s": rates}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -184,6 +272,13 @@ def main() -> None:
     parser.add_argument("--locked-epochs", type=int, default=3,
                         help="Epochs of the locked-towers run, precomputed vs --no-precompute (0: skip).")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every training process.")
+    parser.add_argument("--real-captions", action="store_true",
+                        help="Also race clipfit and open_clip's trainer on captions of typical length (context 77).")
+    parser.add_argument("--real-models", default="vit,starter", help="Models of the real-caption case.")
+    parser.add_argument("--length-buckets", action="store_true", help="Real-caption case: also clipfit --length-buckets.")
+    parser.add_argument("--lock-image-pairs", type=Path, help="A real pairs folder: train the starter with --lock-image.")
+    parser.add_argument("--baseline-src", type=Path, help="An older clipfit checkout to compare --lock-image-pairs with.")
+    parser.add_argument("--lock-image-epochs", type=int, default=1)
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     args = parser.parse_args()
 
@@ -230,6 +325,12 @@ def main() -> None:
         report["locked_towers"] = precomputed_vs_per_step(
             args, work, pairs, write_locked_model(work), "locked",
             ["--epochs", str(args.locked_epochs), "--lock-image", "--lock-text"])
+
+    if args.real_captions:
+        report["real_captions"] = real_caption_case(args, work)
+
+    if args.lock_image_pairs:
+        report["lock_image"] = lock_image_case(args, work)
 
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

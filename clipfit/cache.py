@@ -134,6 +134,14 @@ def starting_model_identity(config) -> dict:
 
 # --- the on-disk feature cache ---------------------------------------------------------------
 
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/clipfit, or ~/.cache/clipfit."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clipfit"
+
+
 CACHE_FORMAT = "2"  # 2: per-tensor checksums, dtypes and shapes, and the key, in the metadata
 CACHE_SUBDIR = "features"
 ENTRY_NAME = re.compile(r"^(?P<kind>[A-Za-z0-9_-]+)-(?P<key>[0-9a-f]{20})\.safetensors$")

@@ -116,6 +116,7 @@ class RefineConfig:
     # performance and output
     workers: int = opt(2, "DataLoader worker processes.", PANEL_PERF)
     cache_images: bool = opt(False, "Decode and resize every image once, into one in-memory tensor shared with the workers (small folders; not with --augment).", PANEL_PERF)
+    length_buckets: bool = opt(False, "Draw each batch from captions of similar token length, so less padding is encoded (changes which pairs share a batch, hence the result).", PANEL_PERF)
     no_precompute: bool = opt(False, "Run the frozen teacher and locked towers at every step instead of once per item before training (less memory, more compute).", PANEL_PERF)
     grad_checkpointing: bool = opt(False, "open_clip gradient checkpointing (less memory, more compute).", PANEL_PERF)
     compile: bool = opt(False, "torch.compile the model.", PANEL_PERF)
@@ -323,5 +324,8 @@ def validate_combinations(c: RefineConfig) -> None:
     if c.layout == "webdataset" and (c.val_split or c.cache_images):
         raise UsageError("--layout webdataset streams its shards: hold validation pairs out as their own shards "
                          "instead of --val-split, and drop --cache-images")
+    if c.layout == "webdataset" and c.length_buckets:
+        raise UsageError("--length-buckets sorts a pairs list by caption length; a --layout webdataset stream "
+                         "has none: drop --length-buckets")
     if c.precision == "fp16" and c.device == "cpu":
         raise UsageError("--precision fp16 is not supported on CPU; use bf16")

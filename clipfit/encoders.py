@@ -22,7 +22,7 @@ from torch import nn
 
 from clipfit.errors import ModelError, UsageError
 from clipfit.cache import encoder_identity
-from clipfit.models import evaluating
+from clipfit.models import encode_text, evaluating
 
 
 @dataclass
@@ -87,7 +87,7 @@ def open_clip_encoder(spec: str, flag: str, tower: str, device: torch.device, se
             return LoadedEncoder(eval_no_grad(model, lambda pixels: model.encode_image(pixels.to(device))),
                                  loaded.preprocess_val)
         tokenizer = loaded.tokenizer
-        return LoadedEncoder(eval_no_grad(model, lambda texts: model.encode_text(tokenizer(texts).to(device))))
+        return LoadedEncoder(eval_no_grad(model, lambda texts: encode_text(model, tokenizer(texts).to(device))))
 
     return FrozenEncoder(spec, {**encoder_identity(name, pretrained, seed), "tower": tower}, load)
 
@@ -132,7 +132,7 @@ def starting_model_encoder(model: nn.Module, loaded, config, tower: str, device:
             forward = lambda pixels: model.encode_image(pixels.to(device), normalize=False)  # noqa: E731
             preprocess = loaded.preprocess_val
         else:
-            forward = lambda texts: model.encode_text(loaded.tokenizer(texts).to(device), normalize=False)  # noqa: E731
+            forward = lambda texts: encode_text(model, loaded.tokenizer(texts).to(device))  # noqa: E731
             preprocess = None
 
         @torch.no_grad()

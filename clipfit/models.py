@@ -266,6 +266,49 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+# --- text encoding at the batch's real length ----------------------------------------------
+
+def encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """`model.encode_text(tokens)`, computed on the tokens the output depends on.
+
+    The batch is trimmed to its longest real sequence (clipfit.data.tokens.trim_tokens, which
+    knows each text tower); the features are those of the padded batch up to float rounding,
+    and so are the gradients. Towers it does not know run on the full batch."""
+    from clipfit.data.tokens import text_trim_rule, trim_tokens
+
+    rule = text_trim_rule(model)
+    short = trim_tokens(tokens, rule)
+    if rule.native and short.shape[1] < native_text_tower(model).positional_embedding.shape[0]:
+        features = causal_text_features(model, short, rule)
+    else:
+        features = model.encode_text(short)  # open_clip's default: unnormalised
+    return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+
+def native_text_tower(model: nn.Module) -> nn.Module:
+    """open_clip's TextTransformer of a CustomTextCLIP, or the CLIP model that holds its text modules itself."""
+    inner = base_model(model)
+    return inner.text if getattr(inner, "text", None) is not None else inner
+
+
+def causal_text_features(model: nn.Module, tokens: torch.Tensor, rule) -> torch.Tensor:
+    """open_clip's causal text transformer (CLIP's own, or a TextTransformer) on a batch shorter
+    than its context: what its forward computes, with the positional embedding and the causal
+    mask sliced to the batch's length (open_clip's own forward would refuse the shorter batch)."""
+    from open_clip.transformer import text_global_pool
+
+    tower = native_text_tower(model)
+    length = tokens.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:length, :length]))
+    pooled = text_global_pool(x, tokens, rule.pool, eos_token_id=rule.eos_id)
+    projection = tower.text_projection
+    if projection is None:
+        return pooled
+    return projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
+
+
 # --- LoRA -----------------------------------------------------------------------------------
 
 def matching_modules(model: nn.Module, targets: list[str]) -> list[str]:

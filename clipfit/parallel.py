@@ -81,6 +81,7 @@ class PairEncoder(nn.Module):
     synchronises gradients of what runs through its wrapped module's forward, and torch.compile
     only compiles a module's forward. For a tower named in `rests` the input is a locked tower's
     precomputed output (clipfit.towers), and only the trainable remainder runs (None: nothing).
+    Token batches are trimmed to their longest real caption first (clipfit.models.encode_text).
     """
 
     def __init__(self, model: nn.Module, rests: dict[str, nn.Module | None] | None = None):
@@ -93,8 +94,13 @@ class PairEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = self.embed("image", images, self.model.encode_image)
-        text = self.embed("text", texts, self.model.encode_text)
+        text = self.embed("text", texts, self.encode_text)
         return image, text, self.logit_scale_of(self.model).exp()
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        from clipfit.models import encode_text  # trimmed to the batch's real length: same features, less work
+
+        return encode_text(self.model, tokens, normalize)
 
     def embed(self, tower: str, inputs: torch.Tensor, encode) -> torch.Tensor:
         if tower not in self.rests:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import random
 import sys
@@ -115,7 +114,10 @@ def make_dataset(data: RunData, config: RefineConfig, loaded, rank: int = 0, wor
     if data.stream is not None:
         return ShardStream(data.stream, transform, loaded.tokenizer, config.seed, config.batch_size,
                            config.max_image_pixels, rank, world_size)
-    return PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
+    dataset = PairDataset(data.train, transform, loaded.tokenizer, config.seed, config.max_image_pixels)
+    if config.length_buckets:
+        dataset.measure_lengths()
+    return dataset
 
 
 def prepare_pixels(setup, locked) -> None:
@@ -497,10 +499,15 @@ def measure_model(model, loaded, data: RunData, c: RefineConfig, device, suite, 
     return results
 
 
-def run_encoder(model, loaded, c: RefineConfig, device, label: str):
+def run_encoder(model, loaded, c: RefineConfig, device, label: str, starting: bool = False, progress=None):
+    """The `starting` model's zero-shot classifiers come from (and go to) the feature cache, keyed
+    by the model it was loaded as; a trained model's are computed afresh."""
+    from clipfit.cache import FeatureCache, starting_model_identity
     from clipfit.eval.encode import encoder_for
 
-    return encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label)
+    cache = FeatureCache(cache_dir(c), log=progress.info, warn=progress.warn) if starting else None
+    return encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label,
+                       identity=starting_model_identity(c) if starting else None, feature_cache=cache)
 
 
 def eval_key(data: RunData) -> str:
@@ -529,7 +536,8 @@ def measure_before(setup: Setup, suite) -> None:
     else:
         c = setup.config
         encoder = run_encoder(setup.model, setup.loaded, c, setup.device,
-                              f"the starting model {c.model} ({c.pretrained}), measured before training")
+                              f"the starting model {c.model} ({c.pretrained}), measured before training",
+                              starting=True, progress=setup.progress)
         setup.info["before"] = measure(setup, suite, "", encoder)
         setup.info["gallery_before"] = gallery_facts(setup, encoder)
     write_json(setup.run_dir / RUN_JSON, setup.info)
@@ -602,7 +610,6 @@ def keep_best(setup: Setup, evaluations, stopped_early: bool, last: dict[str, fl
 
 
 def cache_dir(config: RefineConfig) -> Path:
-    if config.cache_dir:
-        return Path(config.cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "clipfit"
+    from clipfit.cache import default_cache_dir
+
+    return Path(config.cache_dir) if config.cache_dir else default_cache_dir()

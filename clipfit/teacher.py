@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from clipfit.models import evaluating
+from clipfit.models import encode_text, evaluating
 from clipfit.precompute import ItemRows, encode_items
 
 
@@ -38,7 +38,7 @@ class FrozenTeacher:
         # Evaluation mode: the student's dropout (e.g. a Hugging Face text tower's) must not jitter the teacher.
         with torch.no_grad(), adapters_off, evaluating(model), self.autocast():
             image = model.encode_image(images.to(self.device), normalize=False).float() if images is not None else None
-            text = model.encode_text(texts.to(self.device), normalize=False).float() if texts is not None else None
+            text = encode_text(model, texts.to(self.device)).float() if texts is not None else None
         return image, text
 
     def precompute(self, dataset, batch_size: int, workers: int = 0, locked=None, shards=None, store=None) -> None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from clipfit.models import base_model, evaluating
+from clipfit.models import base_model, encode_text, evaluating
 from clipfit.precompute import ItemRows, encode_items
 
 
@@ -68,7 +69,7 @@ def frozen_parts(model: nn.Module) -> dict[str, FrozenPart]:
 
 def frozen_output(model: nn.Module, part: FrozenPart, inputs: Tensor) -> Tensor:
     """What the frozen part hands to the trainable remainder (the embedding, if none)."""
-    encode = model.encode_image if part.tower == "image" else model.encode_text
+    encode = model.encode_image if part.tower == "image" else partial(encode_text, model)
     if part.rest is None:
         return encode(inputs, normalize=False)
     captured: list[Tensor] = []

@@ -342,7 +342,9 @@ class Trainer:
             return Loader(self.dataset, batch_size=None, num_workers=s.workers, generator=self.loader_generator(),
                           worker_init_fn=ignore_stop_signals, pin_memory=self.device.type == "cuda")
         if self.data_loader is None:
-            sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size)
+            lengths = self.dataset.caption_tokens if getattr(self.dataset, "token_lengths", None) else None
+            sampler = EpochBatches(len(self.dataset), s.batch_size, s.seed, epoch, start_batch, s.rank, s.world_size,
+                                   lengths)
             self.data_loader = Loader(self.dataset, batch_sampler=sampler, num_workers=s.workers,
                                       generator=self.loader_generator(), worker_init_fn=ignore_stop_signals,
                                       pin_memory=self.device.type == "cuda", persistent_workers=s.workers > 0)

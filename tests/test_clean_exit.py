@@ -63,7 +63,7 @@ def refine_args(pairs: Path, out: Path, model: list[str], *extra: str) -> list[s
 @pytest.mark.parametrize("case, extra, interrupt_at, code", [
     ("success", ["--epochs", "1"], None, 0),
     ("error", ["--lr", "1e30", "--epochs", "2"], None, 5),
-    ("sigint", ["--epochs", "25", "--lr", "1e-4"], "] step 1 ", 130),
+    ("sigint", ["--epochs", "25", "--lr", "1e-4"], " step 1 ", 130),
 ])
 def test_multi_worker_refine_exits_after_its_last_line(case, extra, interrupt_at, code, pairs, tiny_config,
                                                        tmp_path):

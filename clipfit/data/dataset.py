@@ -62,6 +62,7 @@ class PairDataset(Dataset):
         self.with_images = True  # False: items carry no pixels (clipfit.run.prepare_pixels)
         self.seed, self.max_pixels = seed, max_pixels
         self.pixels: torch.Tensor | None = None  # every image, transformed, once preload() ran
+        self.token_lengths: list[list[int]] | None = None  # per pair, per caption (measure_lengths)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -88,6 +89,24 @@ class PairDataset(Dataset):
             images = list(pool.map(self.decode, range(len(self))))
         self.pixels = torch.stack(images).share_memory_()
 
+    def measure_lengths(self, batch_size: int = 256) -> None:
+        """Tokens of every caption, padding left out (for --length-buckets)."""
+        from clipfit.data.tokens import KEEP_THROUGH_REAL, TrimRule, needed_lengths
+
+        captions = [caption for pair in self.pairs for caption in pair.captions]
+        rule = TrimRule(KEEP_THROUGH_REAL, pad_id=0)  # open_clip's tokenizers pad with 0
+        flat = [n for start in range(0, len(captions), batch_size)
+                for n in needed_lengths(self.tokenizer(captions[start:start + batch_size]), rule).tolist()]
+        self.token_lengths, position = [], 0
+        for pair in self.pairs:
+            self.token_lengths.append(flat[position:position + len(pair.captions)])
+            position += len(pair.captions)
+
+    def caption_tokens(self, epoch: int, index: int) -> int:
+        """Tokens of the caption item `index` trains on in `epoch`."""
+        lengths = self.token_lengths[index]
+        return lengths[caption_index(self.seed, epoch, index, len(lengths))]
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         pair = self.pairs[index]
@@ -104,17 +123,35 @@ def batches_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return max(1, n // (batch_size * world_size))
 
 
+BUCKET_WINDOW = 50  # --length-buckets: global batches whose items are sorted by caption length together
+
+
+def length_bucketed(order: list[int], length_of: Callable[[int], int], global_size: int, batches: int,
+                    generator: torch.Generator) -> list[int]:
+    """The first `batches` global batches of `order`, regrouped so each holds captions of about one
+    length: windows of BUCKET_WINDOW batches are sorted by length and cut into batches again, and
+    the batches are then shuffled. Every item of those batches stays, once; the order is still a
+    function of the seed and the epoch alone."""
+    used, window = order[:batches * global_size], BUCKET_WINDOW * global_size
+    grouped = []
+    for start in range(0, len(used), window):
+        part = sorted(used[start:start + window], key=length_of)
+        grouped += [part[i:i + global_size] for i in range(0, len(part), global_size)]
+    return [item for b in torch.randperm(len(grouped), generator=generator).tolist() for item in grouped[b]]
+
+
 class EpochBatches(Sampler):
     """Seeded per-epoch permutation cut into batches, starting at batch `start`.
 
     With several processes each global batch of batch_size*world_size items is cut into
-    per-rank slices, so the union over ranks is what one process would see.
+    per-rank slices, so the union over ranks is what one process would see. With `lengths`
+    ((epoch, index) -> caption tokens; --length-buckets) batches hold captions of similar length.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, lengths: Callable[[int, int], int] | None = None):
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.lengths = rank, world_size, lengths
 
     def move_to(self, epoch: int, start: int = 0) -> None:
         """Point a sampler owned by a long-lived (persistent-worker) DataLoader at another epoch."""
@@ -127,6 +164,9 @@ class EpochBatches(Sampler):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
         global_size = min(self.batch_size * self.world_size, self.n)
+        if self.lengths is not None:
+            batches = batches_per_epoch(self.n, self.batch_size, self.world_size)
+            order = length_bucketed(order, lambda i: self.lengths(self.epoch, i), global_size, batches, generator)
         for b in range(self.start, batches_per_epoch(self.n, self.batch_size, self.world_size)):
             chunk = order[b * global_size:(b + 1) * global_size]
             per_rank = len(chunk) // self.world_size

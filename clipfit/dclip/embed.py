@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from clipfit.cache import FeatureCache, captions_hash, images_hash, starting_model_identity
 from clipfit.data.dataset import open_checked
-from clipfit.progress import track
+from clipfit.data.tokens import text_trim_rule, trim_tokens
 from clipfit.dclip.regions import Regions
 from clipfit.errors import UsageError
-from clipfit.cache import FeatureCache, captions_hash, images_hash, starting_model_identity
 from clipfit.features import ordered_loader
-from clipfit.models import base_model, evaluating
+from clipfit.models import base_model, encode_text, evaluating
+from clipfit.progress import track
 
 CACHE_FORMAT = 1
 
@@ -92,12 +93,16 @@ def token_tap(model: nn.Module) -> tuple[nn.Module, object, callable]:
 
 
 def token_states(model: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """(sentence embeddings [B, d], projected per-token states [B, L, d]) in one text-tower pass."""
+    """(sentence embeddings [B, d], projected per-token states [B, L, d]) in one text-tower pass.
+
+    L is the batch's real length: the tower runs on `tokens` trimmed of the padding that no output
+    depends on (clipfit.data.tokens.trim_tokens), so states exist for `tokens[:, :L]` only."""
     module, projection, read = token_tap(model)
+    tokens = trim_tokens(tokens, text_trim_rule(model))
     captured = []
     handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(read(output)))
     try:
-        sentence = model.encode_text(tokens)
+        sentence = encode_text(model, tokens)
     finally:
         handle.remove()
     states = captured[-1]
@@ -119,11 +124,12 @@ def encode_tokens(model: nn.Module, captions: list[str], tokenizer, device, batc
     A caption with no content token left (all special) keeps its sentence embedding as its one token.
     """
     special = special_token_ids(tokenizer).to(device)
+    rule = text_trim_rule(model)  # states exist for the trimmed batch only (token_states)
     vectors, counts, sentences = [], [], []
     with frozen(model):
         chunks = (captions[start:start + batch_size] for start in range(0, len(captions), batch_size))
         for chunk in track(chunks, "dclip: caption tokens", len(captions)):
-            ids = tokenizer(chunk).to(device)
+            ids = trim_tokens(tokenizer(chunk).to(device), rule)
             sentence, states = token_states(model, ids)
             content = ~torch.isin(ids, special)
             for row in range(len(ids)):

@@ -48,6 +48,22 @@ def quiet_option() -> Any:
     return typer.Option(False, "--quiet", help="No progress bar.")
 
 
+def fixed_identity(model: str, pretrained: str) -> dict | None:
+    """The model's identity for cache keys, when loading it twice gives the same weights: not for
+    random weights (`--pretrained none`), which this command draws unseeded."""
+    from clipfit.cache import encoder_identity
+    from clipfit.hub import HUB_PREFIX
+    from clipfit.models import is_run_dir
+
+    fixed = pretrained not in ("", "none") or is_run_dir(Path(model)) or model.startswith(HUB_PREFIX)
+    return encoder_identity(model, pretrained) if fixed else None
+
+
+def cache_dir_option() -> Any:
+    return typer.Option(None, "--cache-dir", help="Where zero-shot classifiers are kept between runs "
+                                                  "[default: $XDG_CACHE_HOME/clipfit or ~/.cache/clipfit].")
+
+
 def warn(message: str) -> None:
     typer.echo(f"warning: {message}", err=True)
 
@@ -65,7 +81,8 @@ class Session:
     """One loaded model on one device, with the feature cache of one command."""
 
     def __init__(self, model: str, pretrained: str, batch_size: int, workers: int, precision: str, device: str,
-                 quiet: bool):
+                 quiet: bool, cache_dir: Optional[Path] = None):
+        from clipfit.cache import FeatureCache, default_cache_dir
         from clipfit.errors import UsageError
         from clipfit.eval.encode import AUTOCAST, encoder_for
         from clipfit.models import load_model, resolve_device
@@ -78,7 +95,9 @@ class Session:
         self.loaded = load_model(model, pretrained)
         self.model_name, self.pretrained = self.names(model, pretrained)
         network = self.loaded.model.to(torch_device).eval()
-        self.encoder = encoder_for(self.loaded, network, torch_device, batch_size, workers, precision, quiet)
+        self.encoder = encoder_for(self.loaded, network, torch_device, batch_size, workers, precision, quiet,
+                                   identity=fixed_identity(model, pretrained),
+                                   feature_cache=FeatureCache(cache_dir or default_cache_dir(), warn=warn))
 
     def names(self, model: str, pretrained: str) -> tuple[str, str]:
         """What CLIP_benchmark's `model` and `pretrained` fields should say: the weights that were
@@ -110,6 +129,7 @@ def zeroshot_command(
     model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
     workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
     as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
+    cache_dir: Optional[Path] = cache_dir_option(),
 ) -> None:
     """Zero-shot classification: top-1, top-5 (more than 5 classes), mean per-class recall."""
     from clipfit.eval.datasets import load_labelled
@@ -117,7 +137,7 @@ def zeroshot_command(
 
     labelled = load_labelled(dataset, data, classnames, templates)
     warn_trivial(str(data), len(labelled.classes), "class")
-    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json)
+    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json, cache_dir)
     metrics = zeroshot(session.encoder, labelled)
     session.report(labelled.name, "zeroshot_classification", metrics, as_json, out,
                    {"images": len(labelled.images), "classes": len(labelled.classes), "templates": len(labelled.templates)})

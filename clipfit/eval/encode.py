@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from clipfit.data.tokens import needed_lengths, text_trim_rule
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
-from clipfit.models import evaluating
+from clipfit.models import encode_text, evaluating
 from clipfit.progress import track
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,6 +63,11 @@ class Encoder:
     quiet: bool = True
     label: str = "the model"  # names the model in errors
     cache: dict = field(default_factory=dict)
+    # What the model's weights are, when that is known and fixed (a starting model, a weights file);
+    # with a feature cache, zero-shot classifiers are then kept on disk for every later evaluation.
+    # None for weights changed in memory (a model being trained): nothing outlives this Encoder.
+    identity: dict | None = None
+    feature_cache: Any = None  # clipfit.cache.FeatureCache
 
     def autocast(self):
         dtype = AUTOCAST[self.precision]
@@ -103,15 +110,23 @@ class Encoder:
         return self.cache["images", key]
 
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:
-        """Normalised embeddings of `texts`, in order."""
-        chunks = [self.tokenizer(list(texts[i:i + self.batch_size])) for i in range(0, len(texts), self.batch_size)]
-        return self.run(self.model.encode_text, chunks, description)
+        """Normalised embeddings of `texts`, in order.
+
+        They are encoded shortest first, so each batch holds texts of about one length and is
+        trimmed to it (clipfit.models.encode_text); a text's embedding does not depend on the
+        others in its batch, so the order changes nothing but the work."""
+        tokens = self.tokenizer(list(texts))
+        order = torch.argsort(needed_lengths(tokens, text_trim_rule(self.model)), stable=True)
+        chunks = [tokens[order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
+        embedded = self.run(partial(encode_text, self.model), chunks, description)
+        return embedded[torch.argsort(order)]
 
 
 def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,
-                quiet: bool = True, label: str | None = None) -> Encoder:
+                quiet: bool = True, label: str | None = None, identity: dict | None = None,
+                feature_cache=None) -> Encoder:
     return Encoder(model, loaded.preprocess_val, loaded.tokenizer, device, batch_size, workers, precision, quiet,
-                   label or model_label(loaded))
+                   label or model_label(loaded), identity=identity, feature_cache=feature_cache)
 
 
 def model_label(loaded) -> str:

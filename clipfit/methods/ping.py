@@ -22,6 +22,7 @@ from clipfit.cache import FeatureCache, cache_key, captions_hash, images_hash, i
 from clipfit.features import image_bank, text_bank
 from clipfit.losses import clip_loss, ping_loss
 from clipfit.methods.base import Method
+from clipfit.models import encode_text
 from clipfit.neighbours import index_kind, nearest_neighbours
 from clipfit.rundir import PING_HEADS
 
@@ -134,7 +135,7 @@ class Ping(Method):
 
     def make_heads(self, ctx, encoders) -> PingHeads:
         with torch.no_grad():
-            probe = ctx.model.encode_text(ctx.loaded.tokenizer(["a"]).to(ctx.device), normalize=False)
+            probe = encode_text(ctx.model, ctx.loaded.tokenizer(["a"]).to(ctx.device))
         identity = {"h_I": encoders["image"].is_starting_model, "h_T": encoders["text"].is_starting_model,
                     "x_I": encoders["text"].is_starting_model, "x_T": encoders["image"].is_starting_model}
         heads = PingHeads(probe.shape[-1], self.image_bank.shape[1], self.text_bank.shape[1], identity,
