@@ -32,7 +32,7 @@ def trainer_for(pairs: Path, tiny_config: Path, out: Path, method: str, **settin
     setup = run.set_up(str(pairs), config, [], Progress(silent=True))
     teacher, locked = run.precompute_frozen(setup)
     run.prepare_methods(setup)
-    trainer = run.make_trainer(setup, [], teacher, locked)
+    trainer = run.make_trainer(setup, [], teacher, locked, suite=None)
     trainer.model.train()
     return trainer
 
