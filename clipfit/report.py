@@ -109,12 +109,14 @@ def selection_lines(selection: dict[str, Any] | None) -> list[str]:
 
 
 def candidates_table(selection: dict[str, Any]) -> list[str]:
-    lines = [f"| candidate | {selection['metric']} | held-out zero-shot top-1 drop | eligible | kept |",
-             "|---|---:|---:|---|---|"]
+    """One row per candidate; the held-out drop column only when a zero-shot set was measured."""
+    with_drop = any(c["zeroshot_drop"] is not None for c in selection["candidates"])
+    drop_head, drop_rule = (" held-out zero-shot top-1 drop |", "---:|") if with_drop else ("", "")
+    lines = [f"| candidate | {selection['metric']} |{drop_head} eligible | kept |", f"|---|---:|{drop_rule}---|---|"]
     for c in selection["candidates"]:
-        drop = "" if c["zeroshot_drop"] is None else f"{c['zeroshot_drop']:+.2f}"
+        drop = ("" if c["zeroshot_drop"] is None else f" {c['zeroshot_drop']:+.2f}") + " |" if with_drop else ""
         kept = "★ kept" if c["label"] == selection["chosen"] else ""
-        lines.append(f"| {c['label']} | {fmt(c['score'])} | {drop} | {'yes' if c['eligible'] else 'no'} | {kept} |")
+        lines.append(f"| {c['label']} | {fmt(c['score'])} |{drop} {'yes' if c['eligible'] else 'no'} | {kept} |")
     return lines
 
 

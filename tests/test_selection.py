@@ -332,3 +332,17 @@ def test_a_folder_zero_shot_set_may_bring_its_own_prompts(tmp_path):
     (root / "templates.txt").write_text("a photo of a {c}.\nart of the {c}\n")
     data = load_labelled("folder", root)
     assert data.templates == ["a photo of a {c}.", "art of the {c}"] and data.classes == ["cat", "dog"]
+
+
+def test_the_report_shows_the_held_out_drop_column_only_when_a_zero_shot_set_was_measured():
+    from clipfit.report import candidates_table
+
+    selection = {"metric": "mean-R@1", "chosen": "step 0 (start)", "candidates": [
+        {"label": "step 0 (start)", "score": 21.4, "zeroshot_drop": None, "eligible": True},
+        {"label": "step 2", "score": 20.0, "zeroshot_drop": None, "eligible": True}]}
+    without = candidates_table(selection)
+    assert "drop" not in without[0] and all(row.count("|") == 5 for row in without)
+    selection["candidates"][1]["zeroshot_drop"] = -1.5
+    with_drop = candidates_table(selection)
+    assert "held-out zero-shot top-1 drop" in with_drop[0] and all(row.count("|") == 6 for row in with_drop)
+    assert "-1.50" in with_drop[-1]
