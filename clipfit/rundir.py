@@ -518,6 +518,18 @@ def quiet_load(offline: bool) -> Iterator[None]:
         yield
 
 
+def folder_tokenizer(spec: str, folder: Path, model_cfg: dict):
+    """open_clip's tokenizer of the folder; a run folder written before folders held their
+    tokenizer files (clipfit 0.1.0) has a Hugging Face tokenizer only by the name its config gives."""
+    import open_clip
+
+    text_cfg = model_cfg.get("text_cfg", {})
+    name = text_cfg.get("hf_tokenizer_name")
+    if name and not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        return open_clip.tokenizer.HFTokenizer(name, context_length=text_cfg.get("context_length", 77))
+    return open_clip.get_tokenizer(spec)
+
+
 def open_folder(folder: Path):
     """(model, preprocess_train, preprocess_val, tokenizer, config) through open_clip's `local-dir:`.
 
@@ -539,7 +551,7 @@ def open_folder(folder: Path):
         with quiet_load(offline=bool(overrides)):
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 spec, load_weights=False, pretrained_text=False, **overrides)
-            tokenizer = open_clip.get_tokenizer(spec)
+            tokenizer = folder_tokenizer(spec, folder, config["model_cfg"])
     except Exception as e:  # open_clip and transformers raise many types; --debug shows the cause
         raise ModelError(f"{folder}: cannot build the model its {OPEN_CLIP_CONFIG} describes ({first_line(e)})") from e
     load_weights_into(model, weights)

