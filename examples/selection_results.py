@@ -111,6 +111,7 @@ def points(run: dict, wise: dict | None) -> dict[str, dict]:
     models = {"start": run["before"], "last step": run["last"], "selected step": run["after"]}
     if wise is not None:
         models[WISE] = wise["after"]
+        models.update({f"WiSE-FT {alpha}": m for alpha, m in wise["interpolation"]["measured"].items()})
     return {name: {"target": mean_r1(m), "heldout": zeroshot_top1(m)} for name, m in models.items()}
 
 
@@ -122,7 +123,7 @@ def mean_sd(values: list[float]) -> str:
 def method_table(per_seed: list[dict[str, dict]]) -> list[str]:
     lines = ["| model | seeds | mean R@1 (target) | Δ vs start | zero-shot top-1 (held-out) | Δ vs start |",
              "|---|---:|---:|---:|---:|---:|"]
-    for name in MODELS:
+    for name in dict.fromkeys([*MODELS, *(k for s in per_seed for k in s)]):  # then each α measured
         seeds = [s for s in per_seed if name in s]
         if not seeds:
             continue
