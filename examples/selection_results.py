@@ -230,7 +230,8 @@ def main(argv: list[str]) -> None:
     results = {m: runs for m, runs in results.items() if runs}
     done = [r for runs in results.values() for _, *pair in runs for r in pair if r is not None]
     minutes = sum(r["wall_seconds"] for r in done) / 60
-    commands = [f"python -m clipfit {shlex.join(r['argv'])}".replace(f"{REPO}/", "") for r in done]
+    commands = [f"python -m clipfit {shlex.join(r['argv'])}".replace(f"{REPO}/", "")
+                .replace(str(args.data), "DATA").replace(str(args.work), "WORK") for r in done]  # no machine paths
     markdown = args.markdown.read_text(encoding="utf-8") if args.markdown.exists() else ""
     write_text(args.markdown, replace_section(markdown, section(args, results, commands, minutes)))
     print(f"wrote the section into {args.markdown} ({(time.time() - started) / 60:.1f} minutes)")
