@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape as rich_escape
 
 from clipfit import __version__
 from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitError, message_of
@@ -73,7 +74,9 @@ def refine_parameters() -> list[inspect.Parameter]:
     ]
     for name, f in CONFIG_FIELDS.items():
         names = on_off_flags(name) if hints[name] is bool else flag(name)
-        option = typer.Option(field_default(name), names, help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
+        # escaped: rich would take "[default: …]" in a help text for markup and drop it
+        option = typer.Option(field_default(name), names, help=rich_escape(f.metadata["help"]),
+                              rich_help_panel=f.metadata["panel"])
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[name]))
     return params
 

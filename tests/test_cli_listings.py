@@ -28,3 +28,11 @@ def test_data_check_json_reports_bad_images_and_long_captions(tmp_path):
 def test_python_dash_m_and_version():
     result = run_cli("--version", subprocess_=True)
     assert result.returncode == 0 and result.stdout.startswith("clipfit ")
+
+
+
+def test_refine_help_keeps_bracketed_defaults_in_option_texts():
+    """rich reads "[default: …]" in a help text as markup and drops it unless the text is escaped."""
+    words = run_cli("refine", "--help").stdout.replace("│", " ").split()
+    text = " ".join(words)
+    assert "runs/<method>-<time>]" in text and "1e-4 with --lora]" in text
