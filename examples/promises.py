@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -53,7 +54,9 @@ REGIMES = {
     "text-tower": ("image tower locked, the whole text tower trains (regime (a) of issue 16)", ["--lock-image"]),
     "full": ("full fine-tuning at the forgetting lr (regime (b) of issue 16)", []),
 }
-SEARCH_LRS = ("1e-4", "1e-3", "1e-2")
+# lrs tried, lowest first, until contrastive forgets; the search runs with the flags of the regime it serves
+SEARCH_LRS = {"projections-forgetting": ("1e-4", "1e-3", "1e-2"), "full": ("1e-5", "3e-5", "1e-4")}
+FORGETTING = tuple(SEARCH_LRS)
 METRICS = (("image_to_text_R@1", "i→t R@1"), ("text_to_image_R@1", "t→i R@1"))
 
 
@@ -69,6 +72,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", default="32")
+    parser.add_argument("--full-batch-size", default=None,
+                        help="batch of the full fine-tuning regime and its lr search (default: --batch-size)")
+    parser.add_argument("--eval-every", default="1000", help="passed to clipfit refine; above --steps the "
+                        "validation and zero-shot sets are measured only before and after training")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--zeroshot-per-class", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--collect-only", action="store_true", help="start no run; tabulate the finished ones")
@@ -80,17 +88,26 @@ def run_dir(args, regime: str, method: str, seed: int, lr: str | None = None) ->
     return args.work / regime / (f"{method}-seed{seed}" + (f"-lr{lr}" if lr else ""))
 
 
+def batch_size(args, regime: str) -> str:
+    return args.full_batch_size if args.full_batch_size and regime in ("full", "search-full") else args.batch_size
+
+
 def command(args, regime: str, method: str, seed: int, lr: str | None, zeroshot: Path, passthrough) -> list[str]:
     flags = REGIMES[regime][1] + (["--lr", lr] if lr else [])
+    out = run_dir(args, regime, method, seed, lr if regime.startswith("search") else None)
+    if regime in FORGETTING and method == "contrastive" and seed == args.seeds[0]:
+        out = run_dir(args, f"search-{regime}", method, seed, lr)  # the search already ran this exact command
     return [sys.executable, "-m", "clipfit", "refine", str(args.data / "emoji" / "heldout"), "--method", method,
-            "--model", "lite0-minilm", "--val-split", "0.3", "--seed", str(seed), "--batch-size", args.batch_size,
-            "--epochs", "1000", "--max-steps", str(args.steps), *flags, "--workers", "0", "--log-every", "10",
+            "--model", "lite0-minilm", "--val-split", "0.3", "--seed", str(seed), "--batch-size", batch_size(args, regime),
+            "--epochs", "1000", "--max-steps", str(args.steps), *flags, "--workers", "0", "--log-every", "10", "--eval-every", args.eval_every,
             "--cache-dir", str(args.work / "cache"), "--eval-zeroshot", f"folder={zeroshot}",
-            "--out", str(run_dir(args, regime, method, seed, lr if regime == "search" else None)),
+            "--out", str(out),
             "--overwrite", "--json", *passthrough]
 
 
 COLLECT_ONLY = False  # --collect-only: write the markdown from the finished runs, start none
+THREADS = 1
+LOADS: Path | None = None  # file of the 1-minute load averages sampled when runs start and end
 
 
 def run(cmd: list[str]) -> dict:
@@ -100,7 +117,10 @@ def run(cmd: list[str]) -> dict:
     if COLLECT_ONLY:
         return {}
     print(f"running {out.relative_to(out.parents[1])} ...", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    note_load()
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    note_load()
     if done.returncode != 0:
         print(f"{out}: exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return {}
@@ -125,13 +145,36 @@ def standard_error(rate: float, n: int) -> float:
     return math.sqrt(rate * (100 - rate) / n)
 
 
+def search_lr(args, regime: str, zeroshot: Path, passthrough) -> dict[str, dict]:
+    """contrastive with the regime's flags (first seed) at each of the regime's lrs, lowest first, --jobs at a
+    time, until one forgets; lrs above the first forgetting chunk are not run."""
+    REGIMES[f"search-{regime}"] = REGIMES[regime]
+    found: dict[str, dict] = {}
+    values = SEARCH_LRS[regime]
+    for start in range(0, len(values), args.jobs):
+        chunk = values[start:start + args.jobs]
+        commands = [command(args, f"search-{regime}", "contrastive", args.seeds[0], v, zeroshot, passthrough)
+                    for v in chunk]
+        found.update(zip(chunk, run_many(commands, args.jobs)))
+        if forgets(found, count_images(zeroshot)):
+            break
+    return found
+
+
+def forgets(search: dict[str, dict], n: int) -> bool:
+    return any(info and dropped(info, n) for info in search.values())
+
+
+def dropped(info: dict, n: int) -> bool:
+    key = zeroshot_key(info)
+    return info["before"][key] - info["after"][key] > 2 * standard_error(info["before"][key], n)
+
+
 def forgetting_lr(search: dict[str, dict], n: int) -> str:
     """The smallest searched lr at which contrastive's zero-shot fell by more than two standard errors."""
     for lr, info in search.items():
-        if info:
-            key = zeroshot_key(info)
-            if info["before"][key] - info["after"][key] > 2 * standard_error(info["before"][key], n):
-                return lr
+        if info and dropped(info, n):
+            return lr
     return list(search)[-1] if any(search.values()) else None
 
 
@@ -212,6 +255,31 @@ def verdicts(by_method: dict[str, list[dict]], n_zeroshot: int) -> list[str]:
     return out
 
 
+def step_costs(regimes: dict[str, dict], searches: dict[str, dict]) -> str:
+    """Mean training seconds per optimiser step of each regime's finished runs (wall clock, under the load)."""
+    parts = []
+    for regime, by_method in regimes.items():
+        runs = [r for rs in by_method.values() for r in rs if r] + [r for r in searches.get(regime, {}).values() if r]
+        if runs:
+            per_step = statistics.mean(r["train_seconds"] / r["resolved"].get("total_steps", 1) for r in runs)
+            size = runs[0]["config"]["batch_size"]
+            parts.append(f"{per_step:.1f} s per step of batch {size} in `{regime}` (mean over {len(runs)} runs)")
+    return ("; ".join(parts) or "no run finished") + " (wall-clock training time, under the load below)"
+
+
+def note_load() -> None:
+    with LOADS.open("a") as f:  # several invocations may share --work; one short line each
+        f.write(f"{os.getloadavg()[0]:.2f}\n")
+
+
+def load_text() -> str:
+    """The 1-minute load averages sampled while runs went, over every invocation on --work."""
+    loads = [float(x) for x in LOADS.read_text().split()] if LOADS.is_file() else []
+    if not loads:
+        return "load not recorded"
+    return f"1-minute load average {min(loads):.1f}–{max(loads):.1f} sampled while the runs went"
+
+
 def strip_notes(argv: list[str]) -> list[str]:
     """The command line as run, without --collect-only and --note TEXT."""
     out, skip = [], False
@@ -226,14 +294,15 @@ def strip_notes(argv: list[str]) -> list[str]:
     return out
 
 
-def markdown(args, regimes: dict[str, dict], search: dict[str, dict], lr: str | None, zeroshot: Path,
+def markdown(args, regimes: dict[str, dict], searches: dict[str, dict], lrs: dict[str, str | None], zeroshot: Path,
              minutes: float, example: list[str]) -> str:
     n = count_images(zeroshot)
     finished = [r for runs in regimes.values() for rs in runs.values() for r in rs if r]
     planned = sum(len(rs) for runs in regimes.values() for rs in runs.values())
+    searched = [r for search in searches.values() for r in search.values() if r]
     pairs = len(list((args.data / "emoji" / "heldout").glob("*.txt")))
     val = max(1, round(pairs * 0.3))  # clipfit.run.split_val's count
-    first = finished[0] if finished else {"environment": {"python": sys.version.split()[0], "versions": {}},
+    first = (finished or searched or [None])[0] or {"environment": {"python": sys.version.split()[0], "versions": {}},
                                           "resolved": {"train_pairs": pairs - val, "val_pairs": val}}
     env = first["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
@@ -248,11 +317,19 @@ def markdown(args, regimes: dict[str, dict], search: dict[str, dict], lr: str | 
         "the starter was aligned on the emoji `align/` split and openclipart, never on these.",
         f"- **Held-out zero-shot**: Fashion-MNIST, {args.zeroshot_per_class} test images per class ({n} images; "
         f"one binomial standard error at 30% is {standard_error(30, n):.1f} points).",
-        f"- **Scale**: {args.steps} optimiser steps of batch {args.batch_size} per run, seeds "
+        f"- **Scale**: {args.steps} optimiser steps of batch {args.batch_size} per run"
+        + (f" (batch {args.full_batch_size} in the full fine-tuning regime and its lr search, to fit the time: "
+           "see the cost line)" if args.full_batch_size else "")
+        + ", seeds "
         f"{', '.join(map(str, args.seeds))}; clipfit's defaults otherwise (AdamW, lr 1e-5 unless the regime says, "
         "weight decay 0.1, constant lr, fp32, every method's defaults, including refine's `--hycd-logits auto`, "
         "lite's `--lite-critic heads` and dclip's `--dclip-vision proj`).",
-        f"- **Machine**: {cpu_name()}, 2 cores shared with up to 7 other jobs (load average 10–40 while these ran); "
+        f"- **Validation thinned**: `--eval-every {args.eval_every}` (more than the {args.steps} steps), so the "
+        "validation split and Fashion-MNIST are measured only before and after training, not after every epoch; "
+        "measuring does not change the weights, so the after-values are those of a run that measured every epoch.",
+        f"- **Cost**: {step_costs(regimes, searches)}.",
+        f"- **Machine**: {cpu_name()}, {os.cpu_count()} cores shared with other jobs ({load_text()}), "
+        f"{args.jobs} runs at once with {args.threads} torch thread(s) each, all under `nice -n 15`; "
         f"Python {env['python']}" + (f", {versions}." if versions else "."),
         f"- **{GAP}**: ‖mean of the normalised image embeddings − mean of the normalised text embeddings‖ on the "
         "validation pairs (run.json `modality_gap`; not `modality_gap_mse`, the squared form averaged over dimensions).",
@@ -261,9 +338,12 @@ def markdown(args, regimes: dict[str, dict], search: dict[str, dict], lr: str | 
            "are only judged where runs finished. What did not finish was NOT measured."),
         "", "Cells are before → after; after is mean ± std over seeds (before too where the seed changes the split).",
     ]
-    if search:
-        lines += ["", "## Finding the lr where contrastive forgets", "",
-                  f"contrastive, seed {args.seeds[0]}, both trunks locked, {args.steps} steps:", "",
+    for regime, search in searches.items():
+        lr = lrs[regime]
+        lines += ["", f"## Finding the lr where contrastive forgets ({regime})", "",
+                  f"contrastive, seed {args.seeds[0]}, with the flags of the `{regime}` regime "
+                  f"({REGIMES[regime][0]}), {args.steps} steps of batch {batch_size(args, regime)}; lrs tried lowest "
+                  f"first ({', '.join(SEARCH_LRS[regime])}), {args.jobs} at a time, stopping once one forgets:", "",
                   "| lr | Fashion-MNIST top-1 | i→t R@1 | " + GAP + " |", "|---|---|---|---|"]
         for value, info in search.items():
             if info:
@@ -271,13 +351,16 @@ def markdown(args, regimes: dict[str, dict], search: dict[str, dict], lr: str | 
                 lines.append(f"| {value} | {info['before'][key]:.1f} → {info['after'][key]:.1f} | "
                              f"{info['before']['image_to_text_R@1']:.1f} → {info['after']['image_to_text_R@1']:.1f} | "
                              f"{info['before']['modality_gap']:.3f} → {info['after']['modality_gap']:.3f} |")
+            else:
+                lines.append(f"| {value} | not run (or not finished) | – | – |")
         if any(search.values()):
-            lines += ["", f"The forgetting regime uses lr {lr}: the smallest searched lr at which contrastive's "
-                          "held-out zero-shot fell by more than two standard errors (the largest searched, if none did)."]
+            lines += ["", f"The `{regime}` regime uses lr {lr}: the smallest searched lr at which contrastive's "
+                          "held-out zero-shot fell by more than two standard errors (the largest searched, if none did). "
+                          f"Its contrastive seed-{args.seeds[0]} cell is that search run."]
         else:
             lines += ["", "No search run finished: the forgetting lr was NOT found."]
     for regime, by_method in regimes.items():
-        what = REGIMES[regime][0] + (f" (lr {lr})" if lr and regime in ("projections-forgetting", "full") else "")
+        what = REGIMES[regime][0] + (f" (lr {lrs[regime]})" if lrs.get(regime) else "")
         judged = verdicts(by_method, n) or ["- none judged: no run of this regime finished."]
         lines += ["", f"## Regime: {regime}", "", f"{what}.", "", *regime_table(by_method), "", "Claims:", "", *judged]
     shown = shlex.join(["python", *example[1:]]).replace(str(args.data), "DATA").replace(str(args.work), "WORK")
@@ -289,26 +372,22 @@ def markdown(args, regimes: dict[str, dict], search: dict[str, dict], lr: str | 
 def main(argv: list[str]) -> None:
     from clipfit.io import write_text
 
-    global COLLECT_ONLY
+    global COLLECT_ONLY, THREADS, LOADS
     args, passthrough = parse_args(argv)
-    COLLECT_ONLY = args.collect_only
+    COLLECT_ONLY, THREADS, LOADS = args.collect_only, args.threads, args.work / "loads.txt"
     args.work.mkdir(parents=True, exist_ok=True)
     zeroshot = args.work / f"fashion-mnist-{args.zeroshot_per_class}-per-class"
     if not zeroshot.is_dir():
         balanced_subset(args.data / "fashion-mnist", zeroshot, args.zeroshot_per_class, 0)
     n = count_images(zeroshot)
     started = time.time()
-    search, lr = {}, None
-    if {"projections-forgetting", "full"} & set(args.regimes):
-        REGIMES["search"] = REGIMES["projections"]
-        commands = [command(args, "search", "contrastive", args.seeds[0], value, zeroshot, passthrough)
-                    for value in SEARCH_LRS]
-        search = dict(zip(SEARCH_LRS, run_many(commands, args.jobs)))
-        lr = forgetting_lr(search, n)
-    regimes, example = {}, []
+    searches, lrs, regimes, example = {}, {}, {}, []
     for regime in args.regimes:
-        value = lr if regime in ("projections-forgetting", "full") else None
-        if regime in ("projections-forgetting", "full") and lr is None:  # no forgetting lr found: nothing to run
+        if regime in FORGETTING:
+            searches[regime] = search_lr(args, regime, zeroshot, passthrough)
+            lrs[regime] = forgetting_lr(searches[regime], n)
+        value = lrs.get(regime)
+        if regime in FORGETTING and value is None:  # no forgetting lr found: nothing to run
             regimes[regime] = {m: [{} for _ in args.seeds] for m in args.methods}
             continue
         commands = [command(args, regime, m, s, value, zeroshot, passthrough) for m in args.methods for s in args.seeds]
@@ -316,8 +395,8 @@ def main(argv: list[str]) -> None:
         done = run_many(commands, args.jobs)
         regimes[regime] = {m: done[i * len(args.seeds):(i + 1) * len(args.seeds)] for i, m in enumerate(args.methods)}
     minutes = sum(r.get("wall_seconds", 0) for rs in regimes.values() for runs in rs.values() for r in runs) / 60
-    minutes += sum(r.get("wall_seconds", 0) for r in search.values()) / 60
-    write_text(args.markdown, markdown(args, regimes, search, lr, zeroshot, minutes, example) + kept_sections(args.markdown))
+    minutes += sum(r.get("wall_seconds", 0) for search in searches.values() for r in search.values()) / 60
+    write_text(args.markdown, markdown(args, regimes, searches, lrs, zeroshot, minutes, example) + kept_sections(args.markdown))
     print(f"wrote {args.markdown} ({(time.time() - started) / 60:.0f} minutes)")
 
 
