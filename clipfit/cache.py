@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -136,10 +137,13 @@ def starting_model_identity(config) -> dict:
 
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/clipfit, or ~/.cache/clipfit."""
-    import os
-
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "clipfit"
+
+
+def resolve_cache_dir(given: str | Path | None) -> Path:
+    """The cache folder: --cache-dir when given, else the user cache folder (default_cache_dir)."""
+    return Path(given) if given else default_cache_dir()
 
 
 CACHE_FORMAT = "2"  # 2: per-tensor checksums, dtypes and shapes, and the key, in the metadata

@@ -393,11 +393,9 @@ CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="Cache folder [default
 
 
 def feature_cache(cache_dir: Optional[str]):
-    from clipfit.config import RefineConfig
-    from clipfit.cache import FeatureCache
-    from clipfit.run import cache_dir as resolve_cache_dir
+    from clipfit.cache import FeatureCache, resolve_cache_dir
 
-    return FeatureCache(resolve_cache_dir(RefineConfig(cache_dir=cache_dir)))
+    return FeatureCache(resolve_cache_dir(cache_dir))
 
 
 @cache_app.command("ls")

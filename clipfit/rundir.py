@@ -41,6 +41,7 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import shlex
 import shutil
 import time
@@ -49,12 +50,17 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from clipfit import installed_version
 from clipfit.config import RESULT_NEUTRAL, RefineConfig
 from clipfit.errors import ModelError, OutputError, UsageError
-from clipfit.io import write_json
+from clipfit.io import write_json, write_text
+from clipfit.progress import printable
 from clipfit.trackers import TENSORBOARD_DIR, WANDB_DIR  # --report-to writers
+
+if TYPE_CHECKING:  # rundir stays free of the data modules' imports (PIL, numpy)
+    from clipfit.data.check import CheckReport
 
 MARKER = ".clipfit-run"
 STAGING = ".clipfit-replaced"  # the replaced run's entries, until the new run has its run.json
@@ -333,6 +339,30 @@ def probe_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise OutputError(f"{out}: cannot write to the run folder ({e.strerror or e})") from None
+
+
+# --- run.json and the files written with it -----------------------------------------------------
+
+def write_run_json(run_dir: Path, record: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """The one writer of run.json: the run's `record` so far, with `sections` merged into it (in
+    place: the caller's record grows with it), written atomically. Returns the record."""
+    record.update(sections)
+    write_json(run_dir / RUN_JSON, record)
+    return record
+
+
+def write_skipped(run_dir: Path, check: CheckReport) -> None:
+    """The bad items a run skipped. Written with run.json, not earlier: a run that fails while
+    setting up leaves no run.json, so the corrected command may reuse the folder without --overwrite."""
+    if check.skipped:
+        write_text(run_dir / SKIPPED_TXT, "".join(f"{printable(p.path)}\t{printable(p.reason)}\n" for p in check.skipped))
+
+
+def environment() -> dict[str, Any]:
+    """What run.json records about the machine and the packages that made the run."""
+    versions = {package: installed_version(package)
+                for package in ("clipfit", "torch", "torchvision", "open_clip_torch", "peft", "faiss-cpu", "safetensors")}
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 
 # --- free space, resume ------------------------------------------------------------------------

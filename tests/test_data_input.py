@@ -342,11 +342,11 @@ def test_image_that_vanishes_or_changes_during_the_run_stops_it_naming_the_file(
                                                                                  monkeypatch, tiny_config):
     """The file is really deleted or rewritten on disk, right after `check_pairset` found it good
     (the hook only picks the moment); with workers the error crosses a DataLoader process."""
-    import clipfit.run
+    import clipfit.data.training
 
     folder = write_pairs(tmp_path / "pairs", n=16)
     victim = folder / "img005.png"
-    real_check = clipfit.run.check_pairset
+    real_check = clipfit.data.training.check_pairset
 
     def check_then_touch(*args, **kwargs):
         report = real_check(*args, **kwargs)
@@ -356,7 +356,7 @@ def test_image_that_vanishes_or_changes_during_the_run_stops_it_naming_the_file(
             Image.new("RGB", (40, 40), "black").save(victim)  # still a good image, but another one
         return report
 
-    monkeypatch.setattr(clipfit.run, "check_pairset", check_then_touch)
+    monkeypatch.setattr(clipfit.data.training, "check_pairset", check_then_touch)
     capsys.readouterr()
     code = run_main(tiny_refine_args(folder, tmp_path / "run", tiny_config, "--workers", workers,
                                      "--batch-size", "16", "--epochs", "1"))

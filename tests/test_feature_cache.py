@@ -183,7 +183,7 @@ def rewrite_keeping_size_and_mtime(path, content: bytes) -> None:
 
 
 def test_same_path_size_and_mtime_with_different_content_is_a_different_key(tmp_path):
-    from clipfit.run import data_hash
+    from clipfit.data.training import data_hash
 
     folder = write_pairs(tmp_path / "pairs", n=3)
     pairs = load_pairs(str(folder), "auto").pairs
@@ -198,7 +198,7 @@ def test_same_path_size_and_mtime_with_different_content_is_a_different_key(tmp_
 def test_a_touched_or_copied_file_keeps_its_key(tmp_path):
     from clipfit.cache import content_digest
 
-    from clipfit.run import data_hash
+    from clipfit.data.training import data_hash
 
     folder = write_pairs(tmp_path / "pairs", n=2)
     pairs = load_pairs(str(folder), "auto").pairs
@@ -245,7 +245,7 @@ def test_resume_checks_the_pairs_by_content(tiny_config, tmp_path, capsys):
 
 def test_runs_started_by_0_1_0_are_resumable_by_their_stat_hash(tmp_path):
     from clipfit.data.check import CheckReport
-    from clipfit.run import RunData, data_hash, same_data, stat_data_hash
+    from clipfit.data.training import RunData, data_hash, same_data, stat_data_hash
 
     pairs = load_pairs(str(write_pairs(tmp_path / "pairs", n=3)), "auto").pairs
     data = RunData(pairs, [], CheckReport(root=str(tmp_path), layout="sidecar", usable=pairs), data_hash(pairs))

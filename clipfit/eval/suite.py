@@ -1,7 +1,7 @@
 """Before/after evaluation inside `clipfit refine`, with the same code as `clipfit eval`.
 
 Results are flat `group/name/metric` keys in run.json's `before` and `after` (rates in
-points), next to the validation yardsticks of clipfit.run.evaluate_split:
+points), next to the validation yardsticks of clipfit.eval.split.evaluate_split:
   zeroshot/<dataset>/acc1 ...      one group per --eval-zeroshot DATASET=PATH
   retrieval/<folder>/... and       one group per --eval-retrieval PAIRS
   retrieval/validation/...         the run's own validation split, when --val-split > 0
