@@ -286,3 +286,21 @@ def test_refine_rebuilds_damaged_entries_and_trains_as_on_a_sound_cache(tiny_con
     warnings, replaced = refine("replaced")
     assert warnings.count("rows, ") == 2 and "are needed" in warnings and "IndexError" not in warnings
     assert all(torch.equal(replaced[k], sound[k]) for k in sound)
+
+
+def test_cache_commands_default_to_the_folder_refine_writes_into(tiny_config, tmp_path, monkeypatch):
+    """Without --cache-dir, `clipfit cache ls/clear` find the entries refine wrote (both resolve the
+    folder through clipfit.cache.resolve_cache_dir: $XDG_CACHE_HOME/clipfit here)."""
+    from conftest import run_cli, tiny_refine_args
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    write_pairs(tmp_path / "pairs", n=8)
+    run_cli(*tiny_refine_args(tmp_path / "pairs", tmp_path / "run", tiny_config, "--method", "refine",
+                              "--lock-text", "--max-steps", "1"), check=True)
+    listed = json.loads(run_cli("cache", "ls", "--json", check=True).stdout)
+    assert listed["cache_dir"] == str(tmp_path / "xdg" / "clipfit")
+    assert sorted(e["kind"] for e in listed["entries"]) == ["locked-rows", "teacher-rows"]
+    assert json.loads(run_cli("cache", "ls", "--cache-dir", tmp_path / "other", "--json", check=True).stdout)["entries"] == []
+    assert "removed 2 entries" in run_cli("cache", "clear", check=True).stdout
+    assert list((tmp_path / "xdg" / "clipfit" / "features").glob("*.safetensors")) == []
+    assert (tmp_path / "run" / "model.safetensors").is_file()
