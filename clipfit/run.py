@@ -16,16 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from clipfit.cache import FeatureCache, starting_model_identity
 from clipfit.config import RefineConfig
 from clipfit.data.check import CheckReport, check_pairset
 from clipfit.data.images import DEFAULT_MAX_PIXELS
 from clipfit.data.layouts import Pair, load_pairs
 from clipfit.errors import DataError, UsageError
+from clipfit.frozen.prepare import FrozenInputs, FrozenPlan, prepare_frozen
+from clipfit.frozen.rows import RowStore
 from clipfit.io import write_json, write_text
+from clipfit.parallel import build_encoder, unused_parameters
 from clipfit.progress import printable
 from clipfit.rundir import (EVAL_SAMPLE, LAST_MODEL, RUN_JSON, SKIPPED_TXT, RunFolder, check_free_space,
                             check_resumable, check_schedule, claim_run_dir, compare_with_saved, default_run_dir,
                             pairs_on_disk, recorded_pairs, resume_command)
+from clipfit.train import Trainer, build_optimizer, lr_factor, steps_per_epoch
 
 
 @dataclass
@@ -120,16 +127,6 @@ def make_dataset(data: RunData, config: RefineConfig, loaded, rank: int = 0, wor
     return dataset
 
 
-def prepare_pixels(setup, locked) -> None:
-    """What the loader decodes: no pixels when the locked image tower's outputs are precomputed
-    (steps never look at them); with --cache-images, every image once, up front."""
-    dataset, config = setup.dataset, setup.config
-    dataset.with_images = locked is None or "image" not in locked.parts
-    if config.cache_images and dataset.with_images:
-        dataset.preload(threads=max(1, config.workers))
-        setup.progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
-
-
 def environment() -> dict[str, Any]:
     from clipfit import installed_version
 
@@ -183,7 +180,7 @@ def evaluate_split(model, pairs: list[Pair], loaded, device, batch_size: int,
     from clipfit.eval.metrics import modality_gap, paired_retrieval
     from clipfit.eval.retrieval import encode_pairs_all_captions, first_captions
     from clipfit.losses import clip_loss
-    from clipfit.train import base_logit_scale
+    from clipfit.models import base_logit_scale
 
     encoder = encoder or encoder_for(loaded, model, device, batch_size, 0, "fp32")
     features = encode_pairs_all_captions(encoder, pairs, key, max_pixels)
@@ -233,9 +230,9 @@ def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
 
     config = setup.config
     suite = load_suite(config, setup.data.val, setup.progress.warn)
-    teacher, locked = precompute_frozen(setup)
+    frozen = precompute_frozen(setup)
     prepare_methods(setup)
-    trainer = make_trainer(setup, argv, teacher, locked, suite)
+    trainer = make_trainer(setup, argv, frozen, suite)
     measure_before(setup, suite)
     if trainer.evaluator is not None and setup.dist.is_main:
         trainer.evaluator.begin(setup.info["before"])
@@ -246,9 +243,7 @@ def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
     train_seconds = time.time() - train_started
     if setup.dist.is_main:
         finish(setup, trainer, suite, {
-            "wall_seconds": time.time() - started, "train_seconds": train_seconds,
-            "teacher_forward_passes": teacher.forward_passes if teacher else 0,
-            "locked_towers": locked.facts if locked else None})
+            "wall_seconds": time.time() - started, "train_seconds": train_seconds, **frozen.facts()})
     setup.dist.stop()
 
 
@@ -366,49 +361,30 @@ def loop_settings(config: RefineConfig, n_items: int, dist):
     return settings
 
 
-def precompute_frozen(setup: Setup):
-    """The frozen teacher's outputs and the locked towers' outputs, once per training item,
-    wherever the input is the same every epoch (no augmentation for images; never for streams)."""
-    from clipfit.teacher import FrozenTeacher
-    from clipfit.towers import precompute_locked
-    from clipfit.train import Trainer
-
-    config, progress = setup.config, setup.progress
-    autocast = Trainer.autocast_for(setup.device, config.precision)
-    teacher = FrozenTeacher(setup.model, setup.device, autocast) if setup.composite.needs_teacher else None
-    if setup.data.stream is not None:  # a stream has no stable per-pair index to key rows by
-        return teacher, None
-    if config.no_precompute:
-        prepare_pixels(setup, None)
-        return teacher, None
-    store = row_store(setup)
-    locked = precompute_locked(setup.model, setup.dataset, cacheable_towers(config), config.batch_size,
-                               config.workers, setup.device, autocast, setup.dist, store)
-    if locked is not None:
-        progress.info(f"locked {' and '.join(locked.parts)} tower: frozen outputs of every training item ready "
-                      f"({locked.seconds:.1f} s, {locked.facts['mib']:.1f} MiB)")
-    prepare_pixels(setup, locked)  # before the teacher, which reads --cache-images' pixels
-    if teacher is not None and not config.augment:
-        progress.info("encoding the training pairs once with the frozen teacher")
-        teacher.precompute(setup.dataset, config.batch_size, config.workers, locked, setup.dist, store)
-    return teacher, locked
+def precompute_frozen(setup: Setup) -> FrozenInputs:
+    """The run's frozen work (clipfit.frozen.prepare): locked towers' and the teacher's outputs once
+    per training item, wherever the input is the same every epoch (never for a stream: it has no
+    stable per-pair index to key rows by), and the pixels the loop reads."""
+    c, stream = setup.config, setup.data.stream is not None
+    plan = FrozenPlan(teacher_towers=setup.composite.teacher_towers,
+                      cacheable=frozenset() if c.no_precompute or stream else cacheable_towers(c),
+                      preload_images=c.cache_images and not stream, batch_size=c.batch_size, workers=c.workers,
+                      device=setup.device, precision=c.precision)
+    return prepare_frozen(setup.model, setup.dataset, plan, row_store(setup), setup.dist, setup.progress.info)
 
 
-def row_store(setup: Setup):
+def row_store(setup: Setup) -> RowStore:
     """Precomputed rows live in the feature cache, keyed by the starting model and the settings
     that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
-    from clipfit.cache import FeatureCache, starting_model_identity
-    from clipfit.precompute import RowStore
-
     c = setup.config
     return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn), starting_model_identity(c),
                     {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
                      "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
 
 
-def cacheable_towers(config: RefineConfig) -> set[str]:
+def cacheable_towers(config: RefineConfig) -> frozenset[str]:
     """Towers whose input is the same every epoch: captions always, images unless augmented."""
-    return {"text"} | (set() if config.augment else {"image"})
+    return frozenset({"text"} | (set() if config.augment else {"image"}))
 
 
 def prepare_methods(setup: Setup) -> None:
@@ -446,33 +422,26 @@ def make_evaluator(setup: Setup, suite):
     return TrainingEvaluations(lambda: measure(setup, suite, label), setup.model, rule, c.patience, bool(setup.data.val))
 
 
-def make_trainer(setup: Setup, argv: list[str], teacher, locked, suite):
-    import torch
-
-    from clipfit.parallel import build_encoder
-    from clipfit.towers import frozen_parts
-    from clipfit.train import Trainer, build_optimizer, lr_factor, steps_per_epoch
-
+def make_trainer(setup: Setup, argv: list[str], frozen: FrozenInputs, suite) -> Trainer:
     config, model = setup.config, setup.model
     named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(setup.composite.parameters())]
     optimizer = build_optimizer(named, config.resolved_lr(), config.weight_decay, (config.adam_beta1, config.adam_beta2),
                                 config.adam_eps, config.decay_all)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.warmup_steps, setup.settings.total_steps, config.schedule))
-
-    rests = {tower: part.rest for tower, part in locked.parts.items()} if locked else {}
-    trainer = Trainer(model=model, methods=setup.composite, dataset=setup.dataset, settings=setup.settings,
+    # after prepare_methods: a method's choices there (refine's --hycd-logits auto) decide what it reads
+    unused = unused_parameters(model, setup.composite.outputs_read, config.grad_accum)
+    trainer = Trainer(model=model, methods=setup.composite, dataset=frozen.dataset, settings=setup.settings,
                       device=setup.device, run_dir=setup.run_dir, optimizer=optimizer, scheduler=scheduler,
-                      teacher=teacher, progress=setup.progress, resume_command=resume_command(argv),
+                      frozen=frozen, progress=setup.progress, resume_command=resume_command(argv),
                       evaluator=make_evaluator(setup, suite),
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
-                      encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
-                      is_main=setup.dist.is_main, locked=locked, trackers=setup.trackers,
-                      frozen_modules=[m for part in frozen_parts(model).values() for m in part.modules])
-    setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(setup.dataset), setup.settings))
+                      encoder=build_encoder(model, config.compile, setup.dist, setup.device, frozen.rests, bool(unused)),
+                      is_main=setup.dist.is_main, trackers=setup.trackers)
+    setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(frozen.dataset), setup.settings))
     if config.resume:
         trainer.restore()
-    setup.progress.info(f"training {config.method} on {len(setup.dataset)} pairs for {setup.settings.total_steps} "
+    setup.progress.info(f"training {config.method} on {len(frozen.dataset)} pairs for {setup.settings.total_steps} "
                         f"steps" + (f" (resumed at step {trainer.position.step})" if config.resume else ""))
     return trainer
 
