@@ -85,10 +85,6 @@ class Composite:
         which may settle a method's choice, e.g. refine's --hycd-logits auto)."""
         return frozenset().union(*(m.outputs_read(self.wanted(m)) for m in self.methods))
 
-    @property
-    def uses_logit_scale(self) -> bool:
-        return "logit_scale" in self.outputs_read
-
     def parameters(self) -> list:
         return [p for m in self.methods for p in m.parameters()]
 
