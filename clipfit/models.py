@@ -344,6 +344,12 @@ def base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def base_logit_scale(model: nn.Module) -> torch.Tensor:
+    """The open_clip model's own logit scale (log-space), through a peft or DistributedDataParallel wrapper."""
+    inner = base_model(model)
+    return getattr(inner, "module", inner).logit_scale
+
+
 def merged_copy(model: nn.Module) -> nn.Module:
     """A plain open_clip model with LoRA deltas folded in; the trained wrapper is left intact.
 

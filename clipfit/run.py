@@ -30,8 +30,10 @@ from clipfit.eval.encode import Encoder, encoder_for
 from clipfit.eval.retrieval import encode_pairs_all_captions
 from clipfit.eval.split import eval_key, eval_pairs, evaluate_split
 from clipfit.eval.suite import Suite, deltas, evaluate_suite, gate, load_suite, set_names
+from clipfit.frozen.prepare import FrozenInputs, FrozenPlan, prepare_frozen
+from clipfit.frozen.rows import RowStore
 from clipfit.methods import Composite
-from clipfit.parallel import Distributed, local_device, start_distributed
+from clipfit.parallel import Distributed, build_encoder, local_device, start_distributed, unused_parameters
 from clipfit.progress import Progress, activate
 from clipfit.report import write_report
 from clipfit.report_gallery import ranking_facts, sample_indices
@@ -40,17 +42,7 @@ from clipfit.rundir import (LAST_MODEL, RunFolder, check_free_space, check_resum
                             resume_command, write_run_json, write_skipped)
 from clipfit.selection import Rule, check_metric, metric_value, record, selectable_metrics
 from clipfit.trackers import Trackers, parse_report_to
-from clipfit.train import LoopSettings, Trainer, steps_per_epoch
-
-
-def prepare_pixels(setup, locked) -> None:
-    """What the loader decodes: no pixels when the locked image tower's outputs are precomputed
-    (steps never look at them); with --cache-images, every image once, up front."""
-    dataset, config = setup.dataset, setup.config
-    dataset.with_images = locked is None or "image" not in locked.parts
-    if config.cache_images and dataset.with_images:
-        dataset.preload(threads=max(1, config.workers))
-        setup.progress.info(f"cached {len(dataset)} images in memory ({dataset.pixels.nbytes / 2**20:.0f} MiB)")
+from clipfit.train import LoopSettings, Trainer, build_optimizer, lr_factor, steps_per_epoch
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -115,9 +107,9 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress: Pro
 def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
     config = setup.config
     suite = load_suite(config, setup.data.val, setup.progress.warn)
-    teacher, locked = precompute_frozen(setup)
+    frozen = precompute_frozen(setup)
     prepare_methods(setup)
-    trainer = make_trainer(setup, argv, teacher, locked, suite)
+    trainer = make_trainer(setup, argv, frozen, suite)
     measure_before(setup, suite)
     if trainer.evaluator is not None and setup.dist.is_main:
         trainer.evaluator.begin(setup.info["before"])
@@ -128,9 +120,7 @@ def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
     train_seconds = time.time() - train_started
     if setup.dist.is_main:
         finish(setup, trainer, suite, {
-            "wall_seconds": time.time() - started, "train_seconds": train_seconds,
-            "teacher_forward_passes": teacher.forward_passes if teacher else 0,
-            "locked_towers": locked.facts if locked else None})
+            "wall_seconds": time.time() - started, "train_seconds": train_seconds, **frozen.facts()})
     setup.dist.stop()
 
 
@@ -220,49 +210,30 @@ def loop_settings(config: RefineConfig, n_items: int, dist: Distributed) -> Loop
     return settings
 
 
-def precompute_frozen(setup: Setup):
-    """The frozen teacher's outputs and the locked towers' outputs, once per training item,
-    wherever the input is the same every epoch (no augmentation for images; never for streams)."""
-    from clipfit.teacher import FrozenTeacher
-    from clipfit.towers import precompute_locked
-    from clipfit.train import Trainer
-
-    config, progress = setup.config, setup.progress
-    autocast = Trainer.autocast_for(setup.device, config.precision)
-    teacher = FrozenTeacher(setup.model, setup.device, autocast) if setup.composite.needs_teacher else None
-    if setup.data.stream is not None:  # a stream has no stable per-pair index to key rows by
-        return teacher, None
-    if config.no_precompute:
-        prepare_pixels(setup, None)
-        return teacher, None
-    store = row_store(setup)
-    locked = precompute_locked(setup.model, setup.dataset, cacheable_towers(config), config.batch_size,
-                               config.workers, setup.device, autocast, setup.dist, store)
-    if locked is not None:
-        progress.info(f"locked {' and '.join(locked.parts)} tower: frozen outputs of every training item ready "
-                      f"({locked.seconds:.1f} s, {locked.facts['mib']:.1f} MiB)")
-    prepare_pixels(setup, locked)  # before the teacher, which reads --cache-images' pixels
-    if teacher is not None and not config.augment:
-        progress.info("encoding the training pairs once with the frozen teacher")
-        teacher.precompute(setup.dataset, config.batch_size, config.workers, locked, setup.dist, store)
-    return teacher, locked
+def precompute_frozen(setup: Setup) -> FrozenInputs:
+    """The run's frozen work (clipfit.frozen.prepare): locked towers' and the teacher's outputs once
+    per training item, wherever the input is the same every epoch (never for a stream: it has no
+    stable per-pair index to key rows by), and the pixels the loop reads."""
+    c, stream = setup.config, setup.data.stream is not None
+    plan = FrozenPlan(teacher_towers=setup.composite.teacher_towers,
+                      cacheable=frozenset() if c.no_precompute or stream else cacheable_towers(c),
+                      preload_images=c.cache_images and not stream, batch_size=c.batch_size, workers=c.workers,
+                      device=setup.device, precision=c.precision)
+    return prepare_frozen(setup.model, setup.dataset, plan, row_store(setup), setup.dist, setup.progress.info)
 
 
-def row_store(setup: Setup):
+def row_store(setup: Setup) -> RowStore:
     """Precomputed rows live in the feature cache, keyed by the starting model and the settings
     that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
-    from clipfit.cache import FeatureCache, starting_model_identity
-    from clipfit.precompute import RowStore
-
     c = setup.config
     return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn), starting_model_identity(c),
                     {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
                      "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
 
 
-def cacheable_towers(config: RefineConfig) -> set[str]:
+def cacheable_towers(config: RefineConfig) -> frozenset[str]:
     """Towers whose input is the same every epoch: captions always, images unless augmented."""
-    return {"text"} | (set() if config.augment else {"image"})
+    return frozenset({"text"} | (set() if config.augment else {"image"}))
 
 
 def prepare_methods(setup: Setup) -> None:
@@ -294,33 +265,26 @@ def make_evaluator(setup: Setup, suite: Suite | None) -> TrainingEvaluations | N
     return TrainingEvaluations(lambda: measure(setup, suite, label), setup.model, rule, c.patience, bool(setup.data.val))
 
 
-def make_trainer(setup: Setup, argv: list[str], teacher, locked, suite):
-    import torch
-
-    from clipfit.parallel import build_encoder
-    from clipfit.towers import frozen_parts
-    from clipfit.train import Trainer, build_optimizer, lr_factor, steps_per_epoch
-
+def make_trainer(setup: Setup, argv: list[str], frozen: FrozenInputs, suite) -> Trainer:
     config, model = setup.config, setup.model
     named = list(model.named_parameters()) + [(f"method.{i}", p) for i, p in enumerate(setup.composite.parameters())]
     optimizer = build_optimizer(named, config.resolved_lr(), config.weight_decay, (config.adam_beta1, config.adam_beta2),
                                 config.adam_eps, config.decay_all)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.warmup_steps, setup.settings.total_steps, config.schedule))
-
-    rests = {tower: part.rest for tower, part in locked.parts.items()} if locked else {}
-    trainer = Trainer(model=model, methods=setup.composite, dataset=setup.dataset, settings=setup.settings,
+    # after prepare_methods: a method's choices there (refine's --hycd-logits auto) decide what it reads
+    unused = unused_parameters(model, setup.composite.outputs_read, config.grad_accum)
+    trainer = Trainer(model=model, methods=setup.composite, dataset=frozen.dataset, settings=setup.settings,
                       device=setup.device, run_dir=setup.run_dir, optimizer=optimizer, scheduler=scheduler,
-                      teacher=teacher, progress=setup.progress, resume_command=resume_command(argv),
+                      frozen=frozen, progress=setup.progress, resume_command=resume_command(argv),
                       evaluator=make_evaluator(setup, suite),
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
-                      encoder=build_encoder(model, config.compile, setup.dist, setup.device, rests),
-                      is_main=setup.dist.is_main, locked=locked, trackers=setup.trackers,
-                      frozen_modules=[m for part in frozen_parts(model).values() for m in part.modules])
-    setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(setup.dataset), setup.settings))
+                      encoder=build_encoder(model, config.compile, setup.dist, setup.device, frozen.rests, bool(unused)),
+                      is_main=setup.dist.is_main, trackers=setup.trackers)
+    setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(frozen.dataset), setup.settings))
     if config.resume:
         trainer.restore()
-    setup.progress.info(f"training {config.method} on {len(setup.dataset)} pairs for {setup.settings.total_steps} "
+    setup.progress.info(f"training {config.method} on {len(frozen.dataset)} pairs for {setup.settings.total_steps} "
                         f"steps" + (f" (resumed at step {trainer.position.step})" if config.resume else ""))
     return trainer
 

@@ -10,7 +10,7 @@ from clipfit.config import RefineConfig
 from clipfit.data.dataset import PairDataset
 from clipfit.models import evaluating, load_model
 from clipfit.run import prepare_model
-from clipfit.towers import frozen_output, frozen_parts
+from clipfit.frozen.towers import frozen_output, frozen_parts
 from conftest import run_cli, tiny_refine_args, write_pairs
 from test_locking import TIMM_TINY, timm_model
 

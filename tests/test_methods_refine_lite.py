@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from clipfit import run as run_module
-from clipfit import teacher as teacher_module
+from clipfit.frozen import prepare as teacher_module  # where prepare_frozen finds FrozenTeacher
 from clipfit.config import build_config
 from clipfit.errors import UsageError
 from clipfit.methods import build_methods, parse_weights

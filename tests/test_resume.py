@@ -37,7 +37,7 @@ class TeacherNoise(Method):
     name = "teacher-noise"
     summary = "test only: anchor to the teacher with random jitter"
     terms = {"anchor": 0.5}
-    needs_teacher = True
+    teacher_towers = frozenset({"image"})
 
     def losses(self, step, wanted):
         pause_if_asked(step.step + 1)

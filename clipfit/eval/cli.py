@@ -84,8 +84,9 @@ class Session:
                  quiet: bool, cache_dir: Optional[Path] = None):
         from clipfit.cache import FeatureCache, resolve_cache_dir
         from clipfit.errors import UsageError
-        from clipfit.eval.encode import AUTOCAST, encoder_for
+        from clipfit.eval.encode import encoder_for
         from clipfit.models import load_model, resolve_device
+        from clipfit.precision import AUTOCAST
 
         if precision not in AUTOCAST:
             raise UsageError(f"--precision {precision!r}: choose one of {', '.join(AUTOCAST)}")

@@ -63,12 +63,27 @@ class Composite:
     owners: dict[str, object]
 
     @property
+    def teacher_towers(self) -> frozenset[str]:
+        """The frozen teacher's towers some method reads; the teacher encodes only these."""
+        return frozenset().union(*(m.teacher_towers for m in self.methods))
+
+    @property
     def needs_teacher(self) -> bool:
-        return any(m.needs_teacher for m in self.methods)
+        return bool(self.teacher_towers)
 
     @property
     def active_terms(self) -> list[str]:
         return [t for t, w in self.weights.items() if w != 0]
+
+    def wanted(self, method) -> set[str]:
+        """The active terms `method` computes (a term two methods declare is the first one's)."""
+        return {t for t in self.active_terms if self.owners[t] is method}
+
+    @property
+    def outputs_read(self) -> frozenset[str]:
+        """The step outputs ("image", "text", "logit_scale") some active term reads (after `prepare`,
+        which may settle a method's choice, e.g. refine's --hycd-logits auto)."""
+        return frozenset().union(*(m.outputs_read(self.wanted(m)) for m in self.methods))
 
     def parameters(self) -> list:
         return [p for m in self.methods for p in m.parameters()]
@@ -81,7 +96,7 @@ class Composite:
         """Weighted terms for one step; their sum is the training loss."""
         parts = {}
         for method in self.methods:
-            wanted = {t for t in self.active_terms if self.owners[t] is method}
+            wanted = self.wanted(method)
             if wanted:
                 computed = method.losses(step, wanted)
                 parts.update({t: computed[t] for t in wanted})

@@ -21,10 +21,10 @@ class StepInputs:
     """Everything a method may look at in one training step.
 
     `images`/`texts` are what the encoder was given: pixels and tokens, or a locked tower's
-    precomputed outputs (clipfit.towers). `image_raw`/`text_raw` are the projected, unnormalised
+    precomputed outputs (clipfit.frozen). `image_raw`/`text_raw` are the projected, unnormalised
     embeddings (encode_*(normalize=False)); `image`/`text` their L2-normalised versions. `teacher()` returns the frozen starting
     model's unnormalised (image, text) embeddings for this batch, computed at most once per
-    step however many methods ask. With --grad-accum N every field holds the step's whole batch
+    step however many methods ask; a tower no method names in `Method.teacher_towers` is None. With --grad-accum N every field holds the step's whole batch
     (all N micro-batches, rows in order): a method computes its loss on "the batch" and the loop
     turns that into one accumulated gradient (Trainer.accumulated_gradients). `generator` is
     seeded from (seed, step) and the loss is computed once per step, so each pair of the batch gets
@@ -43,7 +43,7 @@ class StepInputs:
     logit_scale: Tensor
     generator: torch.Generator
     step: int
-    teacher: Callable[[], tuple[Tensor, Tensor]]
+    teacher: Callable[[], tuple[Tensor | None, Tensor | None]]
     captions: Tensor | None = None  # which of each image's captions this row trains on
     gather: Callable[[Tensor], Tensor] = lambda t: t
 
@@ -69,13 +69,23 @@ class MethodContext:
     warn: Callable[[str], None] | None = None  # shown even with --quiet (e.g. a damaged cache entry)
 
 
+ALL_OUTPUTS = frozenset({"image", "text", "logit_scale"})  # what a step's encoder returns (Method.outputs_read)
+
+
 class Method:
-    """Base class. Subclasses set `name`, `summary` and `terms` (term -> default weight)."""
+    """Base class. Subclasses set `name`, `summary` and `terms` (term -> default weight), and
+    `teacher_towers` when their terms read `StepInputs.teacher()`."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     terms: ClassVar[dict[str, float]] = {}
-    needs_teacher: ClassVar[bool] = False
+    teacher_towers: ClassVar[frozenset[str]] = frozenset()  # "image", "text": what step.teacher() must fill
+
+    def outputs_read(self, terms: set[str]) -> frozenset[str]:
+        """Which of the step's model outputs ("image", "text", "logit_scale") computing `terms` reads.
+        A trainable part nothing reads gets no gradient, which DDP must be told; the default claims
+        nothing, so a method that does not say runs with DDP's slower, always-safe setting."""
+        return frozenset()
 
     def __init__(self, config: Any):
         self.config = config

@@ -35,7 +35,8 @@ class DCLIP(Method):
     name = "dclip"
     summary = "Distill CLIP: a region/token cross-attention teacher trained on your pairs, then distillation."
     terms = {"dclip_img": 1.0, "dclip_txt": 1.0, "dclip_con": 1.0}
-    needs_teacher = True
+    teacher_towers = frozenset({"text"})  # only the frozen text embedding; t_img comes from its own teacher
+    term_outputs = {"dclip_img": {"image"}, "dclip_txt": {"text"}, "dclip_con": {"image", "text"}}  # fixed τ, no scale
 
     def __init__(self, config):
         super().__init__(config)
@@ -141,6 +142,9 @@ class DCLIP(Method):
         how = f"grid {c.dclip_grid}x{c.dclip_grid} + full + centre" if c.dclip_regions == "grid" else \
             f"full + boxes from {c.dclip_boxes}"
         return f"{how}, {float(bank.region_counts.float().mean()):.1f} per image"
+
+    def outputs_read(self, terms):
+        return frozenset().union(*(self.term_outputs[t] for t in terms))
 
     def losses(self, step, wanted):
         device = step.image_raw.device

@@ -61,7 +61,6 @@ def embedding_dim(ctx) -> int:
 class Lite(Method):
     name = "lite"
     summary = "CLIP-Lite: Jensen-Shannon mutual-information bound with one negative per pair."
-    needs_teacher = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -100,6 +99,10 @@ class Lite(Method):
     def parameters(self):
         own = [self.log_scale] if self.log_scale is not None else []
         return own + [p for module in self.own_modules() for p in module.parameters()]
+
+    def outputs_read(self, terms):
+        scale = "lite" in terms and self.log_scale is None  # --lite-critic fixed: the model's logit scale
+        return frozenset({"image", "text"} | ({"logit_scale"} if scale else set())) if terms else frozenset()
 
     def critic_scale(self, step) -> torch.Tensor:
         return self.log_scale.exp() if self.log_scale is not None else step.logit_scale

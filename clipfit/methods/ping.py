@@ -54,6 +54,9 @@ class Ping(Method):
     summary = "CLIP-PING: nearest neighbours from frozen encoders' cached feature banks as extra contrastive targets."
     terms = {"clip": 1.0, "nn": 0.5, "xnn": 0.5}
 
+    def outputs_read(self, terms):
+        return frozenset({"image", "text"} | ({"logit_scale"} if "clip" in terms else set())) if terms else frozenset()
+
     def __init__(self, config):
         super().__init__(config)
         self.heads: PingHeads | None = None

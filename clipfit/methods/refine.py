@@ -85,7 +85,7 @@ class Refine(Method):
     summary = "CLIP-Refine: random feature alignment (RaFA) + hybrid contrastive distillation (HyCD)."
     # `clip` is the contrastive term's name: 0 by default (the authors' lambda_cont = 0), settable.
     terms = {"rafa": 1.0, "hycd": 1.0, "clip": 0.0}
-    needs_teacher = True
+    teacher_towers = frozenset({"image", "text"})  # HyCD distils the teacher's image-text similarities
 
     def __init__(self, config):
         super().__init__(config)
@@ -95,7 +95,7 @@ class Refine(Method):
     def prepare(self, ctx):
         if self.config.hycd_logits != "auto":
             return
-        from clipfit.train import base_logit_scale
+        from clipfit.models import base_logit_scale
 
         pairs = ctx.pairs[:PROBE_PAIRS]
         image, text = starting_embeddings(ctx, pairs)
@@ -106,6 +106,11 @@ class Refine(Method):
         reason = describe_probe(probe)
         ctx.log(f"refine: {reason}")
         self.facts = {"hycd_logits": probe["choice"], "hycd_logits_reason": reason, "hycd_logits_probe": probe}
+
+    def outputs_read(self, terms):
+        # Only the contrastive term and HyCD's scaled-cos logits use the model's logit scale.
+        scale = "clip" in terms or ("hycd" in terms and self.hycd_logits == "scaled-cos")
+        return frozenset({"image", "text"} | ({"logit_scale"} if scale else set())) if terms else frozenset()
 
     def losses(self, step, wanted):
         c = self.config
