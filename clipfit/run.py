@@ -232,7 +232,8 @@ def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
     from clipfit.eval.suite import load_suite
 
     config = setup.config
-    suite = load_suite(config, setup.data.val, setup.progress.warn)
+    suite = load_suite(config.eval_zeroshot, config.eval_retrieval, setup.data.val, config.workers,
+                       setup.progress.warn)
     teacher, locked = precompute_frozen(setup)
     prepare_methods(setup)
     trainer = make_trainer(setup, argv, teacher, locked, suite)
@@ -272,7 +273,7 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     from clipfit.parallel import start_distributed
     from clipfit.progress import Progress, activate
 
-    composite = build_methods(config.method, config, parse_weights(config.weight))
+    composite = build_methods(config.method, config.method_options(), method_run(config), parse_weights(config.weight))
     device = models.resolve_device(config.device)
     dist = start_distributed(device)  # under torchrun: rank 0 prepares the folder and the data, and writes
     progress = activate(progress if dist.is_main else Progress(silent=True))
@@ -401,7 +402,8 @@ def row_store(setup: Setup):
     from clipfit.precompute import RowStore
 
     c = setup.config
-    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn), starting_model_identity(c),
+    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn),
+                    starting_model_identity(c.model, c.pretrained, c.seed),
                     {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
                      "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
 
@@ -411,10 +413,19 @@ def cacheable_towers(config: RefineConfig) -> set[str]:
     return {"text"} | (set() if config.augment else {"image"})
 
 
+def method_run(config: RefineConfig):
+    """What the methods are told about the run (their own settings are their options)."""
+    from clipfit.methods.base import RunContext
+
+    return RunContext(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                      workers=config.workers, max_image_pixels=config.max_image_pixels, lora=config.lora,
+                      resuming=config.resume, model=config.model, pretrained=config.pretrained)
+
+
 def prepare_methods(setup: Setup) -> None:
     from clipfit.methods.base import MethodContext
 
-    ctx = MethodContext(model=setup.model, loaded=setup.loaded, config=setup.config, pairs=setup.data.train,
+    ctx = MethodContext(model=setup.model, loaded=setup.loaded, pairs=setup.data.train,
                         device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
                         log=setup.progress.info, dist=setup.dist, warn=setup.progress.warn)
     for method in setup.composite.methods:
@@ -430,7 +441,8 @@ def check_selection(config: RefineConfig) -> None:
 
     if config.select_best:
         has_validation = config.val_split > 0
-        check_metric(config.select_best, selectable_metrics(has_validation, *set_names(config, has_validation)))
+        sets = set_names(config.eval_zeroshot, config.eval_retrieval, has_validation)
+        check_metric(config.select_best, selectable_metrics(has_validation, *sets))
 
 
 def make_evaluator(setup: Setup, suite):
@@ -507,7 +519,8 @@ def run_encoder(model, loaded, c: RefineConfig, device, label: str, starting: bo
 
     cache = FeatureCache(cache_dir(c), log=progress.info, warn=progress.warn) if starting else None
     return encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label,
-                       identity=starting_model_identity(c) if starting else None, feature_cache=cache)
+                       identity=starting_model_identity(c.model, c.pretrained, c.seed) if starting else None,
+                       feature_cache=cache)
 
 
 def eval_key(data: RunData) -> str:
