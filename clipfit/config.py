@@ -122,7 +122,7 @@ class RefineSettings:
 
     def options_for(self, method: str) -> Any:
         """The method's options dataclass filled from these settings; None if it has no flags."""
-        cls = methods.options_class(method)
+        cls = OPTIONS_CLASSES.get(method)
         return None if cls is None else cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
 
     def method_options(self) -> dict[str, Any]:
@@ -132,13 +132,9 @@ class RefineSettings:
 
 def composed_fields(core: type, options: dict[str, type]) -> list[tuple[str, Any, Any]]:
     """(name, type, field) of the core settings with each method's options inserted, in order,
-    before METHOD_OPTIONS_BEFORE. A name declared twice is a programming error, refused here."""
+    before METHOD_OPTIONS_BEFORE (no name is declared twice: clipfit.methods.options_classes)."""
     method_fields = [(f, typing.get_type_hints(cls)[f.name]) for cls in options.values() for f in fields(cls)]
     core_hints = typing.get_type_hints(core)
-    declared = [f.name for f in fields(core)] + [f.name for f, _ in method_fields]
-    twice = sorted({name for name in declared if declared.count(name) > 1})
-    if twice:
-        raise TypeError(f"setting(s) {', '.join(twice)} declared twice (core settings or method options)")
     composed = []
     for f in fields(core):
         if f.name == METHOD_OPTIONS_BEFORE:
@@ -153,7 +149,7 @@ def copied(f: Any) -> Any:
 
 
 methods.load_plugins()  # before the options are read: a plugin may register a method with flags
-OPTIONS_CLASSES = methods.options_classes()
+OPTIONS_CLASSES = methods.options_classes({f.name for f in fields(CoreSettings)})
 RefineConfig = make_dataclass("RefineConfig", composed_fields(CoreSettings, OPTIONS_CLASSES), bases=(RefineSettings,),
                               namespace={"__module__": __name__, "__qualname__": "RefineConfig", "__doc__":
                                          "Every setting of a refine run: CoreSettings and each method's options."})

@@ -109,12 +109,25 @@ def options_class(name: str):
     return imported(REGISTRY[name].options)
 
 
-def options_classes() -> dict[str, type]:
+def options_classes(taken: set[str]) -> dict[str, type]:
     """Every registered method's options class, in registry order (the order of their flags).
-    Called by clipfit.config to compose the settings; later registrations may not add options."""
+    Called by clipfit.config to compose the settings; later registrations may not add options.
+    A method whose option names are `taken` (core settings) or another method's is unregistered
+    and reported in PLUGIN_ERRORS (only a plugin can do that: the built-in names are distinct)."""
+    from dataclasses import fields
+
     SEALED["options"] = True
-    found = {name: options_class(name) for name in REGISTRY}
-    return {name: cls for name, cls in found.items() if cls is not None}
+    found, taken = {}, set(taken)
+    for name in list(REGISTRY):
+        cls = options_class(name)
+        names = {f.name for f in fields(cls)} if cls is not None else set()
+        if names & taken:
+            del REGISTRY[name]
+            PLUGIN_ERRORS.append(f"method {name}: option(s) {', '.join(sorted(names & taken))} are already settings "
+                                 "of clipfit or of another method; rename them with the method's prefix")
+        elif cls is not None:
+            found[name], taken = cls, taken | names
+    return found
 
 
 def parse_weights(items: list[str]) -> dict[str, float]:
