@@ -273,7 +273,8 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     from clipfit.parallel import start_distributed
     from clipfit.progress import Progress, activate
 
-    composite = build_methods(config.method, config.method_options(), method_run(config), parse_weights(config.weight))
+    composite = build_methods(config.method, config.method_options(), method_run(config),
+                              parse_weights(config.weight))
     device = models.resolve_device(config.device)
     dist = start_distributed(device)  # under torchrun: rank 0 prepares the folder and the data, and writes
     progress = activate(progress if dist.is_main else Progress(silent=True))
