@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clipfit.eval.results import listed_once
 from clipfit.io import read_jsonl, write_text
 from clipfit.rundir import METRICS_JSONL, REPORT_HTML, REPORT_MD
 
@@ -36,19 +37,6 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> lis
         mark = "" if abs(delta) < 1e-12 else (" (better)" if better else " (worse)")
         lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | {delta:+.4f}{mark} |")
     return lines
-
-
-# The validation split's yardsticks that its `retrieval/validation` group also reports (R@1 as
-# image/text_retrieval_recall@1, counting every caption; the same gap): listed there only.
-SHOWN_IN_VALIDATION_GROUP = ("image_to_text_R@1", "text_to_image_R@1", "modality_gap")
-VALIDATION_GROUP = "retrieval/validation/"
-
-
-def listed_once(metrics: dict[str, float]) -> dict[str, float]:
-    """`metrics` without the yardsticks that the validation group lists as well."""
-    if not any(name.startswith(VALIDATION_GROUP) for name in metrics):
-        return metrics
-    return {k: v for k, v in metrics.items() if k not in SHOWN_IN_VALIDATION_GROUP}
 
 
 def grouped_before_after(before: dict[str, float], after: dict[str, float]) -> list[str]:

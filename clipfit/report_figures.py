@@ -56,8 +56,7 @@ def loss_curves(rows: list[dict[str, Any]], path: Path) -> bool:
 def before_after_bars(before: dict[str, float], after: dict[str, float], path: Path) -> bool:
     """Horizontal bars: rates (percent) on one axis, the headline measures on another."""
     from clipfit.eval.metrics import is_number
-    from clipfit.eval.results import is_rate
-    from clipfit.report import listed_once
+    from clipfit.eval.results import is_rate, listed_once
 
     names = [k for k in listed_once(after) if is_number(after[k]) and is_number(before.get(k))]
     measures = [n for n in names if n.rpartition("/")[2] in HEADLINE_MEASURES]

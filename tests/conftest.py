@@ -108,6 +108,15 @@ def run_in_process(argv: list[str], cwd: Path | None) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(["clipfit", *argv], code or 0, out.getvalue(), err.getvalue())
 
 
+def error_line(capsys, alone: bool = True) -> str:
+    """The one-line error a failed in-process CLI call printed; with alone=False, warnings may precede it."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("clipfit: error: "), lines
+    assert not any("Traceback" in line for line in lines), lines
+    assert len(lines) == 1 or not alone, lines
+    return lines[-1]
+
+
 def tiny_refine_args(pairs: Path, out: Path, config: Path, *extra: str) -> list[str]:
     """A refine command line that finishes in seconds on a tiny model."""
     return ["refine", str(pairs), "--model", str(config), "--pretrained", "none", "--out", str(out),

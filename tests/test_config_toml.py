@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_main
+from conftest import error_line, run_main
 
 
 def refine_with(tmp_path, toml: str, *flags: str) -> list:
     config = tmp_path / "fit.toml"
     config.write_text(toml)
     return ["refine", tmp_path / "missing-pairs", "--config", config, "--out", tmp_path / "run", *flags]
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("clipfit: error: ") and "Traceback" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("toml, message", [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_main, tiny_refine_args, write_pairs
+from conftest import cli_env, error_line, run_main, tiny_refine_args, write_pairs
 from test_resume import PAUSE_AT, PAUSE_FILE, long_run_args, many_pairs, start, wait_for  # noqa: F401 (fixture)
 from clipfit import rundir
 from clipfit.io import read_jsonl
@@ -25,12 +25,6 @@ from clipfit.io import read_jsonl
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (hidden ones and .git included) with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines and lines[-1].startswith("clipfit: error: ") and not any("Traceback" in x for x in lines), lines
-    return lines[-1]
 
 
 @pytest.fixture
@@ -54,7 +48,7 @@ def test_out_on_the_users_files_is_refused_and_nothing_is_touched(where, expecte
     before = snapshot(project.parent)
     code = run_in(project, tiny_refine_args(Path("pairs"), Path(where), tiny_config, "--overwrite"))
     assert code == 2
-    assert expected in error_line(capsys)
+    assert expected in error_line(capsys, alone=False)
     assert snapshot(project.parent) == before
 
 
@@ -70,7 +64,7 @@ def run_in(cwd: Path, argv: list) -> int:
 def test_out_containing_pairs_is_refused(project, tiny_config, tmp_path, capsys):
     before = snapshot(project)
     assert run_main(tiny_refine_args(project / "pairs", project, tiny_config, "--overwrite")) == 2
-    assert "--out contains PAIRS" in error_line(capsys)
+    assert "--out contains PAIRS" in error_line(capsys, alone=False)
     assert snapshot(project) == before
 
 
@@ -81,7 +75,7 @@ def test_out_on_the_cache_folder_is_refused(inside, pairs_dir, tiny_config, tmp_
     (cache / "features" / "entry.safetensors").write_bytes(b"cached")
     out = cache / "run" if inside else cache.parent
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--cache-dir", cache, "--overwrite")) == 2
-    assert "the cache folder" in error_line(capsys)
+    assert "the cache folder" in error_line(capsys, alone=False)
     assert (cache / "features" / "entry.safetensors").read_bytes() == b"cached"
     assert not (cache / "run").exists()
 
@@ -94,7 +88,7 @@ def test_a_users_folder_is_never_replaced(pairs_dir, tiny_config, tmp_path, caps
     before = snapshot(thesis)
     for flags in (["--overwrite"], []):
         assert run_main(tiny_refine_args(pairs_dir, thesis, tiny_config, *flags)) == 2
-        line = error_line(capsys)
+        line = error_line(capsys, alone=False)
         assert "not a clipfit run folder" in line and "chapter1.tex" in line and "figures" in line
     assert snapshot(thesis) == before  # not even a marker or lock file was written
 
@@ -133,7 +127,7 @@ def test_a_failed_overwrite_leaves_the_previous_run(pairs_dir, tiny_config, tmp_
     argv = tiny_refine_args(pairs_dir, out, tiny_config, "--overwrite")
     argv[argv.index("--model") + 1] = "no-such-model-xyz"
     assert run_main(argv) == 2
-    assert "no-such-model-xyz" in error_line(capsys)
+    assert "no-such-model-xyz" in error_line(capsys, alone=False)
     assert snapshot(out) == before
 
 
@@ -222,9 +216,9 @@ def test_a_second_run_on_a_locked_folder_exits_2_naming_the_holder(pairs_dir, ti
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--overwrite")) == 2
-        assert f"in use by another clipfit run (pid {holder.pid})" in error_line(capsys)
+        assert f"in use by another clipfit run (pid {holder.pid})" in error_line(capsys, alone=False)
         assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--resume")) == 2
-        assert f"pid {holder.pid}" in error_line(capsys)
+        assert f"pid {holder.pid}" in error_line(capsys, alone=False)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
@@ -262,7 +256,7 @@ def test_out_that_is_not_a_folder_is_a_usage_error(kind, pairs_dir, tiny_config,
     else:
         out.symlink_to(tmp_path / "nowhere" if kind == "dangling symlink" else target)
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--overwrite")) == 2
-    line = error_line(capsys)
+    line = error_line(capsys, alone=False)
     assert str(out) in line and ("is a file" in line or "does not exist" in line)
     assert target.read_text() == "precious"
 
@@ -281,7 +275,7 @@ def test_read_only_out_is_an_output_error(pairs_dir, tiny_config, tmp_path, caps
     out.chmod(0o555)
     try:
         assert run_main(tiny_refine_args(pairs_dir, out, tiny_config)) == 7
-        assert "cannot write to the run folder" in error_line(capsys)
+        assert "cannot write to the run folder" in error_line(capsys, alone=False)
     finally:
         out.chmod(0o755)
 
@@ -299,7 +293,7 @@ def test_read_only_out_is_an_output_error_even_for_root(pairs_dir, tiny_config, 
     out = tmp_path / "readonly"
     out.mkdir()
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config)) == 7
-    assert f"{out}: cannot write to the run folder (Permission denied)" in error_line(capsys)
+    assert f"{out}: cannot write to the run folder (Permission denied)" in error_line(capsys, alone=False)
     assert list(out.iterdir()) == []
 
 
@@ -319,5 +313,5 @@ def test_out_on_the_model_run_folder_is_refused(pairs_dir, tiny_config, tmp_path
     argv = tiny_refine_args(pairs_dir, start, tiny_config, "--overwrite")
     argv[argv.index("--model") + 1] = str(start)
     assert run_main(argv) == 2
-    assert "--out is the --model folder" in error_line(capsys)
+    assert "--out is the --model folder" in error_line(capsys, alone=False)
     assert snapshot(start) == before
