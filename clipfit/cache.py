@@ -128,9 +128,9 @@ def encoder_identity(spec: str, pretrained: str | None = None, seed: int | None 
     return identity
 
 
-def starting_model_identity(config) -> dict:
-    """encoder_identity of a run's starting model (--model, --pretrained, --seed)."""
-    return encoder_identity(config.model, config.pretrained, config.seed)
+def starting_model_identity(model: str, pretrained: str, seed: int) -> dict:
+    """encoder_identity of a run's starting model (its --model, --pretrained and --seed)."""
+    return encoder_identity(model, pretrained, seed)
 
 
 # --- the on-disk feature cache ---------------------------------------------------------------

@@ -137,7 +137,7 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[flo
     if not same_data(saved.get("data_hash"), data):
         raise UsageError(f"{saved['pairs']}: the pairs changed since {run_dir} was trained; its validation split "
                          "cannot be rebuilt")
-    suite = load_suite(cfg, data.val, progress.warn)
+    suite = load_suite(cfg.eval_zeroshot, cfg.eval_retrieval, data.val, cfg.workers, progress.warn)
     rule = rule_for(cfg, alphas, select_best, max_drop, data, suite)
     device = models.resolve_device(device_name or cfg.device)
     start_state = {k: v.detach().clone() for k, v in load_start(cfg).model.state_dict().items()}

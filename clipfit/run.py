@@ -106,7 +106,8 @@ def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress: Pro
 
 def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
     config = setup.config
-    suite = load_suite(config, setup.data.val, setup.progress.warn)
+    suite = load_suite(config.eval_zeroshot, config.eval_retrieval, setup.data.val, config.workers,
+                       setup.progress.warn)
     frozen = precompute_frozen(setup)
     prepare_methods(setup)
     trainer = make_trainer(setup, argv, frozen, suite)
@@ -141,7 +142,8 @@ def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> 
     Until then a failure puts back the run that --overwrite was replacing."""
     from clipfit.methods import build_methods, parse_weights
 
-    composite = build_methods(config.method, config, parse_weights(config.weight))
+    composite = build_methods(config.method, config.method_options(), method_run(config),
+                              parse_weights(config.weight))
     device = models.resolve_device(config.device)
     dist = start_distributed(device)  # under torchrun: rank 0 prepares the folder and the data, and writes
     progress = activate(progress if dist.is_main else Progress(silent=True))
@@ -226,7 +228,8 @@ def row_store(setup: Setup) -> RowStore:
     """Precomputed rows live in the feature cache, keyed by the starting model and the settings
     that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
     c = setup.config
-    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn), starting_model_identity(c),
+    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn),
+                    starting_model_identity(c.model, c.pretrained, c.seed),
                     {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
                      "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
 
@@ -236,10 +239,19 @@ def cacheable_towers(config: RefineConfig) -> frozenset[str]:
     return frozenset({"text"} | (set() if config.augment else {"image"}))
 
 
+def method_run(config: RefineConfig):
+    """What the methods are told about the run (their own settings are their options)."""
+    from clipfit.methods.base import RunContext
+
+    return RunContext(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                      workers=config.workers, max_image_pixels=config.max_image_pixels, lora=config.lora,
+                      resuming=config.resume, model=config.model, pretrained=config.pretrained)
+
+
 def prepare_methods(setup: Setup) -> None:
     from clipfit.methods.base import MethodContext
 
-    ctx = MethodContext(model=setup.model, loaded=setup.loaded, config=setup.config, pairs=setup.data.train,
+    ctx = MethodContext(model=setup.model, loaded=setup.loaded, pairs=setup.data.train,
                         device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
                         log=setup.progress.info, dist=setup.dist, warn=setup.progress.warn)
     for method in setup.composite.methods:
@@ -252,7 +264,8 @@ def check_selection(config: RefineConfig) -> None:
     """--select-best names a metric this run will measure: checked before the run folder is made."""
     if config.select_best:
         has_validation = config.val_split > 0
-        check_metric(config.select_best, selectable_metrics(has_validation, *set_names(config, has_validation)))
+        sets = set_names(config.eval_zeroshot, config.eval_retrieval, has_validation)
+        check_metric(config.select_best, selectable_metrics(has_validation, *sets))
 
 
 def make_evaluator(setup: Setup, suite: Suite | None) -> TrainingEvaluations | None:
@@ -311,7 +324,8 @@ def run_encoder(model: nn.Module, loaded: models.LoadedModel, c: RefineConfig, d
     by the model it was loaded as; a trained model's are computed afresh."""
     cache = FeatureCache(cache_dir(c), log=progress.info, warn=progress.warn) if starting else None
     return encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label,
-                       identity=starting_model_identity(c) if starting else None, feature_cache=cache)
+                       identity=starting_model_identity(c.model, c.pretrained, c.seed) if starting else None,
+                       feature_cache=cache)
 
 
 def gallery_facts(setup: Setup, encoder: Encoder) -> dict:

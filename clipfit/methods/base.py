@@ -48,13 +48,30 @@ class StepInputs:
     gather: Callable[[Tensor], Tensor] = lambda t: t
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a method is told about the run it is part of, when it is built (its own settings are
+    its options). `weights` are the loss weights of every term of the run after --weight: the
+    method's defaults (`Method.default_terms`) merged with the other methods' and the user's."""
+
+    seed: int
+    batch_size: int  # pairs per step and process
+    grad_accum: int  # micro-batches per step: a batch-level loss spans batch_size x grad_accum pairs
+    workers: int  # DataLoader worker processes the method may use to encode its own inputs
+    max_image_pixels: int  # decompression-bomb limit for the images the method opens itself
+    lora: bool  # only LoRA adapters train (the base weights are frozen already)
+    resuming: bool  # continuing an interrupted run in the same folder (--resume)
+    model: str  # the starting model as --model and --pretrained name it (its feature-cache identity)
+    pretrained: str
+    weights: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class MethodContext:
     """What a method gets once, before training: see `Method.prepare`."""
 
     model: nn.Module  # the (possibly peft-wrapped) student
     loaded: Any  # clipfit.models.LoadedModel of the starting model
-    config: Any  # clipfit.config.RefineConfig
     pairs: list  # the training pairs (clipfit.data.layouts.Pair), indexed like StepInputs.indices
     device: torch.device
     run_dir: Path
@@ -73,11 +90,12 @@ ALL_OUTPUTS = frozenset({"image", "text", "logit_scale"})  # what a step's encod
 
 
 class Method:
-    """Base class. Subclasses set `name`, `summary` and `terms` (term -> default weight), and
-    `teacher_towers` when their terms read `StepInputs.teacher()`."""
+    """Base class. Subclasses set `name` and `terms` (term -> default weight), and `teacher_towers`
+    when their terms read `StepInputs.teacher()`; the one-line summary is the registry's
+    (clipfit.methods.REGISTRY). A method is built with its options (its MethodOptions dataclass, or
+    None when it has no flags) and the run's RunContext."""
 
     name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     terms: ClassVar[dict[str, float]] = {}
     teacher_towers: ClassVar[frozenset[str]] = frozenset()  # "image", "text": what step.teacher() must fill
 
@@ -87,8 +105,14 @@ class Method:
         nothing, so a method that does not say runs with DDP's slower, always-safe setting."""
         return frozenset()
 
-    def __init__(self, config: Any):
-        self.config = config
+    def __init__(self, options: Any, run: RunContext):
+        self.options = options
+        self.run = run
+
+    @classmethod
+    def default_terms(cls, options: Any) -> dict[str, float]:
+        """Loss terms and their default weights under these options (before --weight)."""
+        return dict(cls.terms)
 
     def prepare(self, ctx: MethodContext) -> None:
         """One-off work before the first step (feature banks, teacher training...)."""

@@ -8,7 +8,6 @@ from clipfit.methods.base import ALL_OUTPUTS, Method
 
 class Contrastive(Method):
     name = "contrastive"
-    summary = "CLIP's symmetric InfoNCE with the learnable logit scale (plain fine-tuning)."
     terms = {"clip": 1.0}
 
     def outputs_read(self, terms):
