@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from clipfit.errors import OutputError
-from clipfit.parallel import Distributed, build_in_shares, gather_rows
+from clipfit.distributed import Distributed, build_in_shares, gather_rows
 
 # --- file content identity ---------------------------------------------------------------------
 
@@ -225,7 +225,7 @@ class FeatureCache:
 
     Under torchrun every rank calls `get_or_build` with `shards=ctx.dist` and the entry is built
     once for all of them. With `items=N` the work is split by item: `build(part)` gets this
-    rank's `range` of the N items (`clipfit.parallel.shard_range`; the whole range in a single
+    rank's `range` of the N items (`clipfit.distributed.shard_range`; the whole range in a single
     process) and returns the rows of those items only, in order; every tensor is concatenated
     over the ranks' parts, so per-item tensors of variable length (regions per image, tokens
     per caption, with per-item counts) keep their layout. Without `items` rank 0 alone calls

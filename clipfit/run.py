@@ -32,8 +32,10 @@ from clipfit.eval.split import eval_key, eval_pairs, evaluate_split
 from clipfit.eval.suite import Suite, deltas, evaluate_suite, gate, load_suite, set_names
 from clipfit.frozen.prepare import FrozenInputs, FrozenPlan, prepare_frozen
 from clipfit.frozen.rows import RowStore
-from clipfit.methods import Composite
-from clipfit.parallel import Distributed, build_encoder, local_device, start_distributed, unused_parameters
+from clipfit.methods import Composite, build_methods, parse_weights
+from clipfit.methods.base import MethodContext, RunContext
+from clipfit.distributed import Distributed, local_device, start_distributed
+from clipfit.parallel import build_encoder, unused_parameters
 from clipfit.progress import Progress, activate
 from clipfit.report import write_report
 from clipfit.report_gallery import ranking_facts, sample_indices
@@ -140,8 +142,6 @@ def claim_folder(config: RefineConfig, pairs_path: str, warn) -> RunFolder:
 def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> Setup:
     """Methods, device, process group, run folder, data, model and dataset; run.json written.
     Until then a failure puts back the run that --overwrite was replacing."""
-    from clipfit.methods import build_methods, parse_weights
-
     composite = build_methods(config.method, config.method_options(), method_run(config),
                               parse_weights(config.weight))
     device = models.resolve_device(config.device)
@@ -241,16 +241,12 @@ def cacheable_towers(config: RefineConfig) -> frozenset[str]:
 
 def method_run(config: RefineConfig):
     """What the methods are told about the run (their own settings are their options)."""
-    from clipfit.methods.base import RunContext
-
     return RunContext(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
                       workers=config.workers, max_image_pixels=config.max_image_pixels, lora=config.lora,
                       resuming=config.resume, model=config.model, pretrained=config.pretrained)
 
 
 def prepare_methods(setup: Setup) -> None:
-    from clipfit.methods.base import MethodContext
-
     ctx = MethodContext(model=setup.model, loaded=setup.loaded, pairs=setup.data.train,
                         device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
                         log=setup.progress.info, dist=setup.dist, warn=setup.progress.warn)

@@ -23,7 +23,8 @@ from clipfit.frozen.prepare import FrozenInputs
 from clipfit.io import append_jsonl, truncate_jsonl
 from clipfit.methods.base import StepInputs
 from clipfit.models import base_logit_scale
-from clipfit.parallel import Distributed, PairEncoder, average_gradients, gather_features
+from clipfit.distributed import Distributed, average_gradients, gather_features
+from clipfit.parallel import PairEncoder
 from clipfit.precision import autocast
 from clipfit.rundir import CHECKPOINT_DIR, METRICS_JSONL
 

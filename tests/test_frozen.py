@@ -15,8 +15,10 @@ from clipfit.frozen.prepare import FrozenPlan, prepare_frozen
 from clipfit.frozen.teacher import FrozenTeacher
 from clipfit.methods import build_methods
 from clipfit.models import load_model
-from clipfit.parallel import Distributed, build_encoder, unused_parameters
+from clipfit.distributed import Distributed
+from clipfit.parallel import build_encoder, unused_parameters
 from clipfit.precision import autocast_for
+from clipfit.run import method_run
 from conftest import run_cli, tiny_refine_args, write_pairs
 
 
@@ -33,7 +35,7 @@ def dataset(tmp_path_factory, tiny):
 
 def composite(spec: str, *weights: str, **settings):
     config = RefineConfig(method=spec, weight=list(weights), **settings)
-    return build_methods(spec, config, {w.split("=")[0]: float(w.split("=")[1]) for w in weights})
+    return build_methods(spec, config.method_options(), method_run(config), {w.split("=")[0]: float(w.split("=")[1]) for w in weights})
 
 
 # --- which teacher towers, and which outputs the loss reads -------------------------------------

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from clipfit.frozen.rows import RowStore
 from clipfit.frozen.teacher import FrozenTeacher
 from clipfit.frozen.towers import FrozenPart, LockedInputs, frozen_parts, precompute_locked
-from clipfit.parallel import Distributed
+from clipfit.distributed import Distributed
 from clipfit.precision import autocast_for
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 
 from clipfit.cache import FeatureCache, captions_hash, images_hash
 from clipfit.features import ordered_loader
-from clipfit.parallel import Distributed, build_in_shares
+from clipfit.distributed import Distributed, build_in_shares
 from clipfit.progress import track
 
 Encode = Callable[[Tensor], Tensor]

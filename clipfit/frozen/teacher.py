@@ -18,7 +18,7 @@ from torch import nn
 from clipfit.frozen.rows import ItemRows, RowStore, encode_items
 from clipfit.frozen.towers import FrozenPart, LockedInputs
 from clipfit.models import encode_text, evaluating
-from clipfit.parallel import Distributed
+from clipfit.distributed import Distributed
 
 TOWERS = frozenset({"image", "text"})
 

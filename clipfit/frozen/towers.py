@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from clipfit.frozen.rows import ItemRows, RowStore, encode_items
 from clipfit.models import base_model, encode_text, evaluating
-from clipfit.parallel import Distributed
+from clipfit.distributed import Distributed
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from clipfit.parallel import Distributed
+from clipfit.distributed import Distributed
 
 
 @dataclass
