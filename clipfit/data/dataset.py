@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from clipfit.data.images import BadImage, file_stamp, open_rgb
-from clipfit.data.layouts import Pair
+from clipfit.data.pairs import Pair
 from clipfit.errors import DataError
 from clipfit.progress import printable
 

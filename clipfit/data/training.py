@@ -17,7 +17,8 @@ from clipfit.config import RefineConfig
 from clipfit.data.check import CheckReport, check_pairset
 from clipfit.data.dataset import PairDataset
 from clipfit.data.images import stored_in
-from clipfit.data.layouts import Pair, load_pairs
+from clipfit.data.pairs import Pair
+from clipfit.data.layouts import load_pairs
 from clipfit.data.shards import ShardSet, ShardStream, extract_sample, find_shards
 from clipfit.errors import DataError, UsageError
 from clipfit.progress import Progress, printable

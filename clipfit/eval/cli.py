@@ -53,7 +53,7 @@ def fixed_identity(model: str, pretrained: str) -> dict | None:
     random weights (`--pretrained none`), which this command draws unseeded."""
     from clipfit.cache import encoder_identity
     from clipfit.hub import HUB_PREFIX
-    from clipfit.models import is_run_dir
+    from clipfit.rundir import is_run_dir
 
     fixed = pretrained not in ("", "none") or is_run_dir(Path(model)) or model.startswith(HUB_PREFIX)
     return encoder_identity(model, pretrained) if fixed else None

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from clipfit.data.images import DEFAULT_MAX_PIXELS
-from clipfit.data.layouts import Pair
+from clipfit.data.pairs import Pair
 from clipfit.data.training import RunData
 from clipfit.eval.encode import Encoder, encoder_for
 from clipfit.eval.metrics import modality_gap, paired_retrieval

@@ -47,7 +47,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def needs_weights(name: str) -> bool:
-    from clipfit.models import is_run_dir
+    from clipfit.rundir import is_run_dir
 
     return not (name.startswith("hf-hub:") or name == "lite0-minilm" or is_run_dir(Path(name)))
 
