@@ -130,7 +130,7 @@ def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
 def claim_folder(config: RefineConfig, pairs_path: str, warn) -> RunFolder:
     """The run folder, checked and locked (see clipfit.rundir for what is refused and why)."""
     out = Path(config.out) if config.out else default_run_dir(config.method)
-    protected = {"the cache folder": cache_dir(config)}
+    protected = {"the cache folder": resolve_cache_dir(config.cache_dir)}
     if Path(config.model).is_dir():  # a run folder to start from: replacing it would delete the start
         protected["the --model folder"] = Path(config.model)
     pairs = pairs_on_disk(pairs_path)
@@ -228,7 +228,7 @@ def row_store(setup: Setup) -> RowStore:
     """Precomputed rows live in the feature cache, keyed by the starting model and the settings
     that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
     c = setup.config
-    return RowStore(FeatureCache(cache_dir(c), log=setup.progress.info, warn=setup.progress.warn),
+    return RowStore(FeatureCache(resolve_cache_dir(c.cache_dir), log=setup.progress.info, warn=setup.progress.warn),
                     starting_model_identity(c.model, c.pretrained, c.seed),
                     {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
                      "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
@@ -248,7 +248,7 @@ def method_run(config: RefineConfig):
 
 def prepare_methods(setup: Setup) -> None:
     ctx = MethodContext(model=setup.model, loaded=setup.loaded, pairs=setup.data.train,
-                        device=setup.device, run_dir=setup.run_dir, cache_dir=cache_dir(setup.config),
+                        device=setup.device, run_dir=setup.run_dir, cache_dir=resolve_cache_dir(setup.config.cache_dir),
                         log=setup.progress.info, dist=setup.dist, warn=setup.progress.warn)
     for method in setup.composite.methods:
         method.prepare(ctx)
@@ -318,7 +318,7 @@ def run_encoder(model: nn.Module, loaded: models.LoadedModel, c: RefineConfig, d
                 starting: bool = False, progress: Progress | None = None) -> Encoder:
     """The `starting` model's zero-shot classifiers come from (and go to) the feature cache, keyed
     by the model it was loaded as; a trained model's are computed afresh."""
-    cache = FeatureCache(cache_dir(c), log=progress.info, warn=progress.warn) if starting else None
+    cache = FeatureCache(resolve_cache_dir(c.cache_dir), log=progress.info, warn=progress.warn) if starting else None
     return encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label,
                        identity=starting_model_identity(c.model, c.pretrained, c.seed) if starting else None,
                        feature_cache=cache)
@@ -402,8 +402,3 @@ def keep_best(setup: Setup, evaluations: TrainingEvaluations, stopped_early: boo
     }
     setup.progress.info(f"--select-best {c.select_best}: kept {choice.reason(evaluations.rule)}")
     return chosen["metrics"]
-
-
-def cache_dir(config: RefineConfig) -> Path:
-    """The run's feature cache folder (--cache-dir, resolved by clipfit.cache)."""
-    return resolve_cache_dir(config.cache_dir)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from clipfit.distributed import Distributed
+
+if TYPE_CHECKING:  # a real import would load the model code while plugins register (clipfit.config)
+    from clipfit.data.pairs import Pair
+    from clipfit.models import LoadedModel
 
 
 @dataclass
@@ -71,14 +75,12 @@ class MethodContext:
     """What a method gets once, before training: see `Method.prepare`."""
 
     model: nn.Module  # the (possibly peft-wrapped) student
-    loaded: Any  # clipfit.models.LoadedModel of the starting model
-    pairs: list  # the training pairs (clipfit.data.layouts.Pair), indexed like StepInputs.indices
+    loaded: LoadedModel  # the starting model
+    pairs: list[Pair]  # the training pairs, indexed like StepInputs.indices
     device: torch.device
     run_dir: Path
     cache_dir: Path
     log: Callable[[str], None]
-    frozen_features: Callable[..., Any] = None  # encodes a pair list with the frozen model
-    extra: dict = field(default_factory=dict)  # timings and facts for the report
     # The processes of a torchrun run: every rank prepares, so work done once (feature banks,
     # a teacher) must be shared (FeatureCache.get_or_build(shards=dist), dist.from_main), and
     # only rank 0 may write the run folder.
