@@ -18,7 +18,6 @@ from PIL import Image
 
 from conftest import cli_env, run_main, tiny_refine_args, write_pairs
 from clipfit.data.layouts import load_pairs
-from clipfit.errors import DataError
 
 
 def image(path: Path, colour: str = "red") -> Path:
@@ -389,7 +388,7 @@ def test_webdataset_captions_split_on_newlines_only(tmp_path, capsys):
     import tarfile
     from io import BytesIO
 
-    from clipfit.data.shards import ShardSet, extract_sample, find_shards
+    from clipfit.data.shards import extract_sample, find_shards
 
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -107,20 +107,7 @@ def plan(**changes) -> FrozenPlan:
     return FrozenPlan(**{**settings, **changes})
 
 
-def counted_decodes(monkeypatch) -> dict:
-    count = {"n": 0}
-    original = PairDataset.decode
-
-    def counting(self, *args, **kwargs):
-        count["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PairDataset, "decode", counting)
-    return count
-
-
-def test_cache_images_decodes_once_before_the_teacher_reads_the_pixels(tiny_config, dataset, monkeypatch):
-    decodes = counted_decodes(monkeypatch)
+def test_cache_images_decodes_once_before_the_teacher_reads_the_pixels(tiny_config, dataset, decodes):
     model = load_model(str(tiny_config), "none").model
     own = PairDataset(dataset.pairs, dataset.transform, dataset.tokenizer, 0, 10**8)
     frozen = prepare_frozen(model, own, plan(preload_images=True), None, Distributed(), lambda _message: None)
@@ -128,8 +115,7 @@ def test_cache_images_decodes_once_before_the_teacher_reads_the_pixels(tiny_conf
     assert frozen.teacher.rows is not None and frozen.locked is None and frozen.rests == {}
 
 
-def test_a_cached_locked_image_tower_leaves_the_loop_without_pixels(tiny_config, dataset, monkeypatch):
-    decodes = counted_decodes(monkeypatch)
+def test_a_cached_locked_image_tower_leaves_the_loop_without_pixels(tiny_config, dataset, decodes):
     model = load_model(str(tiny_config), "none").model
     model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
     frozen = prepare_frozen(model, dataset, plan(preload_images=True), None, Distributed(), lambda _message: None)
