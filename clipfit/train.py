@@ -13,20 +13,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from clipfit.checkpoint import checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.data.workers import Loader, ignore_stop_signals
 from clipfit.errors import Interrupted, OutputError, TrainingError, UsageError
 from clipfit.frozen.prepare import FrozenInputs
+from clipfit.best import TrainingEvaluations
 from clipfit.io import append_jsonl, truncate_jsonl
+from clipfit.methods import Composite
 from clipfit.methods.base import StepInputs
-from clipfit.models import base_logit_scale
 from clipfit.distributed import Distributed, average_gradients, gather_features
+from clipfit.models import base_logit_scale
 from clipfit.parallel import PairEncoder
 from clipfit.precision import autocast
+from clipfit.progress import Progress
 from clipfit.rundir import CHECKPOINT_DIR, METRICS_JSONL
+from clipfit.trackers import Trackers
 
 
 @dataclass
@@ -127,23 +131,23 @@ class StopFlag:
 @dataclass
 class Trainer:
     model: nn.Module
-    methods: Any  # clipfit.methods.Composite
-    dataset: Any
+    methods: Composite
+    dataset: Dataset | IterableDataset
     settings: LoopSettings
     device: torch.device
     run_dir: Path
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     frozen: FrozenInputs  # the teacher, locked towers' rows, and what stays in eval mode
-    progress: Any  # clipfit.progress.Progress
+    progress: Progress
     resume_command: str = ""
     position: Position = field(default_factory=Position)
     stop: StopFlag = field(default_factory=StopFlag)
-    evaluator: Any = None  # measures the model during training (clipfit.best.TrainingEvaluations)
-    scaler: Any = None
+    evaluator: TrainingEvaluations | None = None  # measures the model during training
+    scaler: torch.amp.GradScaler | None = None
     is_main: bool = True
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
-    trackers: Any = None  # clipfit.trackers.Trackers (--report-to), rank 0 only
+    trackers: Trackers | None = None  # --report-to, rank 0 only
     data_loader: Loader | None = field(default=None, init=False, repr=False)
     saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
     stopped_early: bool = field(default=False, init=False)  # the evaluator said stop (--patience)
