@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from clipfit.errors import OutputError
-from clipfit.parallel import Distributed, build_in_shares, gather_rows
+from clipfit.distributed import Distributed, build_in_shares, gather_rows
 
 # --- file content identity ---------------------------------------------------------------------
 
@@ -127,19 +128,22 @@ def encoder_identity(spec: str, pretrained: str | None = None, seed: int | None 
     return identity
 
 
-def starting_model_identity(config) -> dict:
-    """encoder_identity of a run's starting model (--model, --pretrained, --seed)."""
-    return encoder_identity(config.model, config.pretrained, config.seed)
+def starting_model_identity(model: str, pretrained: str, seed: int) -> dict:
+    """encoder_identity of a run's starting model (its --model, --pretrained and --seed)."""
+    return encoder_identity(model, pretrained, seed)
 
 
 # --- the on-disk feature cache ---------------------------------------------------------------
 
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/clipfit, or ~/.cache/clipfit."""
-    import os
-
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "clipfit"
+
+
+def resolve_cache_dir(given: str | Path | None) -> Path:
+    """The cache folder: --cache-dir when given, else the user cache folder (default_cache_dir)."""
+    return Path(given) if given else default_cache_dir()
 
 
 CACHE_FORMAT = "2"  # 2: per-tensor checksums, dtypes and shapes, and the key, in the metadata
@@ -221,7 +225,7 @@ class FeatureCache:
 
     Under torchrun every rank calls `get_or_build` with `shards=ctx.dist` and the entry is built
     once for all of them. With `items=N` the work is split by item: `build(part)` gets this
-    rank's `range` of the N items (`clipfit.parallel.shard_range`; the whole range in a single
+    rank's `range` of the N items (`clipfit.distributed.shard_range`; the whole range in a single
     process) and returns the rows of those items only, in order; every tensor is concatenated
     over the ranks' parts, so per-item tensors of variable length (regions per image, tokens
     per caption, with per-item counts) keep their layout. Without `items` rank 0 alone calls

@@ -366,10 +366,10 @@ def methods_command(as_json: bool = typer.Option(False, "--json", help="Print as
     from clipfit.methods import REGISTRY
 
     if as_json:
-        print_json({name: summary for name, (_, summary) in REGISTRY.items()})
+        print_json({name: entry.summary for name, entry in REGISTRY.items()})
         return
-    for name, (_, summary) in REGISTRY.items():
-        typer.echo(f"{name:<12} {summary}")
+    for name, entry in REGISTRY.items():
+        typer.echo(f"{name:<12} {entry.summary}")
 
 
 @app.command("models")
@@ -393,11 +393,9 @@ CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="Cache folder [default
 
 
 def feature_cache(cache_dir: Optional[str]):
-    from clipfit.config import RefineConfig
-    from clipfit.cache import FeatureCache
-    from clipfit.run import cache_dir as resolve_cache_dir
+    from clipfit.cache import FeatureCache, resolve_cache_dir
 
-    return FeatureCache(resolve_cache_dir(RefineConfig(cache_dir=cache_dir)))
+    return FeatureCache(resolve_cache_dir(cache_dir))
 
 
 @cache_app.command("ls")
@@ -482,6 +480,16 @@ def stop_on_sigterm(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
+def refuse_broken_plugins() -> None:
+    """A module named in CLIPFIT_PLUGINS that failed to import (when this module was imported) is
+    a usage error, reported here as one line."""
+    from clipfit.errors import UsageError
+    from clipfit.methods import PLUGIN_ERRORS
+
+    if PLUGIN_ERRORS:
+        raise UsageError(PLUGIN_ERRORS[0])
+
+
 def run_command(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     STATE["argv"] = list(args)  # as typed: the resume command repeats it
@@ -491,6 +499,7 @@ def run_command(argv: list[str] | None) -> None:
     configure_logging(STATE["debug"])
     command = typer.main.get_command(app)
     try:
+        refuse_broken_plugins()
         code = command.main(args, prog_name="clipfit", standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)

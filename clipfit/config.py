@@ -1,31 +1,28 @@
-"""Every setting of a refine run, in one place: defaults, help text, TOML loading, validation.
+"""Every setting of a refine run: defaults, help text, TOML loading, validation.
 
-The CLI builds its options from `RefineConfig`'s fields, so a setting is declared once.
-A `--config FILE` (TOML) sets any field by name; flags given on the command line win.
+`CoreSettings` declares the settings every run has; each method declares its own options
+(clipfit.methods.*_options, named by the registry). `RefineConfig` composes the two into one flat
+dataclass: the CLI builds its options from its fields, a `--config FILE` (TOML) sets any field by
+name, and run.json saves it whole, so a setting is declared once and its flag, TOML key and
+run.json key are the same name. Flags given on the command line win over the file.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import math
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from clipfit import methods
 from clipfit.errors import UsageError
+from clipfit.options import (PANEL_DATA, PANEL_EVAL, PANEL_LORA, PANEL_OUTPUT, PANEL_PERF, PANEL_RUN, check_at_least_one,
+                             check_choice, check_not_negative, check_positive, check_positive_finite, flag, opt)
 from clipfit.trackers import check_available, parse_report_to
-
-PANEL_RUN, PANEL_TRAIN, PANEL_LORA, PANEL_DATA = "Run", "Training", "LoRA", "Data"
-PANEL_METHOD, PANEL_EVAL, PANEL_PERF, PANEL_OUTPUT = "Method options", "Evaluation", "Performance", "Output"
-
-
-def opt(default: Any, help: str, panel: str = PANEL_TRAIN, **extra: Any) -> Any:
-    kwargs = {"default_factory": default} if callable(default) else {"default": default}
-    return field(metadata={"help": help, "panel": panel, **extra}, **kwargs)
 
 
 # Settings that change what a run computes: --resume refuses to continue if these differ.
@@ -35,7 +32,9 @@ RESULT_NEUTRAL = {"out", "overwrite", "resume", "quiet", "json", "debug", "worke
 
 
 @dataclass
-class RefineConfig:
+class CoreSettings:
+    """The settings of every run, whatever its method (the methods' own are their options)."""
+
     # run
     recipe: str = opt("clipfit", "Defaults: clipfit (tuned for small data, docs/methods.md) or paper: every training setting the method's authors' code sets (refine, lite, dclip; flags given still win).", PANEL_RUN)
     method: str = opt("contrastive", "Method, or several joined by + (e.g. refine+lite); `clipfit methods` lists them.", PANEL_RUN)
@@ -82,29 +81,7 @@ class RefineConfig:
     lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r).", PANEL_LORA)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA input.", PANEL_LORA)
     lora_targets: str = opt("auto", "Comma-separated module names to adapt (attn = nn.MultiheadAttention); auto: attn,c_fc,c_proj for open_clip towers, query,key,value for Hugging Face text towers.", PANEL_LORA)
-    # method options: CLIP-Refine
-    rafa_sigma: float = opt(1.0, "refine: std of RaFA's random reference z ~ N(0, sigma^2 I).", PANEL_METHOD)
-    hycd_alpha: float = opt(0.5, "refine: HyCD weight of the identity in the target Q = a I + (1-a) softmax(G/T).", PANEL_METHOD)
-    hycd_temperature: float = opt(1.0, "refine: HyCD distillation temperature T.", PANEL_METHOD)
-    hycd_logits: str = opt("auto", "refine: HyCD logits: raw-dot (unnormalised, authors'), scaled-cos, or auto: whichever makes the starting model the better in-batch teacher on the first training pairs (said in the log, run.json and report).", PANEL_METHOD)
-    # method options: CLIP-Lite
-    lite_critic: str = opt("heads", "lite: critic: heads (the authors': exp(t)·cos of MLP+LayerNorm heads, t learned from ln(1/0.07); saved as lite_critic.safetensors), learned (exp(t)·cos of the embeddings) or logit-scale (the model's own scale times cos).", PANEL_METHOD)
-    lite_negatives: str = opt("roll", "lite: negative for pair i: roll (caption i+1) or shuffle (seeded derangement).", PANEL_METHOD)
-    lite_prior_weight: float = opt(0.0, "lite: weight of the authors' prior-matching term (off for pre-trained models).", PANEL_METHOD)
-    # method options: CLIP-PING
-    ping_image_encoder: Optional[str] = opt(None, "ping: frozen image encoder (open_clip spec) [default: the starting model].", PANEL_METHOD)
-    ping_text_encoder: Optional[str] = opt(None, "ping: frozen text encoder (open_clip spec or local HF/sentence-transformers folder).", PANEL_METHOD)
-    ping_k: int = opt(1, "ping: sample the neighbour from the top k.", PANEL_METHOD)
-    ping_temperature: float = opt(0.07, "ping: InfoNCE temperature of the neighbour terms.", PANEL_METHOD)
-    ping_index: str = opt("auto", "ping: faiss index: flat (exact), ivf, or auto (ivf above 100k items).", PANEL_METHOD)
-    # method options: DCLIP
-    dclip_regions: str = opt("grid", "dclip: regions: grid (full + grid + centre crop) or boxes (--dclip-boxes).", PANEL_METHOD)
-    dclip_grid: int = opt(2, "dclip: grid size for --dclip-regions grid.", PANEL_METHOD)
-    dclip_boxes: Optional[str] = opt(None, "dclip: JSONL of boxes: {file_name, boxes: [[x0,y0,x1,y1], ...]}.", PANEL_METHOD)
-    dclip_teacher: Optional[str] = opt(None, "dclip: reuse a trained teacher.safetensors (skips stage 1).", PANEL_METHOD)
-    dclip_teacher_epochs: int = opt(5, "dclip: teacher training epochs.", PANEL_METHOD)
-    dclip_teacher_lr: float = opt(1e-5, "dclip: teacher Adam learning rate.", PANEL_METHOD)
-    dclip_vision: str = opt("proj", "dclip: image-tower weights that train: proj (the authors': only those whose name contains 'proj', i.e. attention and output projections) or all.", PANEL_METHOD)
+    # (each method's options are composed in here: see METHOD_OPTIONS_BEFORE)
     # evaluation
     eval_zeroshot: list[str] = opt(list, "Zero-shot set before/after, DATASET=PATH (repeatable).", PANEL_EVAL)
     eval_retrieval: list[str] = opt(list, "Pairs folder for retrieval before/after (repeatable).", PANEL_EVAL)
@@ -128,6 +105,13 @@ class RefineConfig:
     quiet: bool = opt(False, "Print nothing but errors and the final line.", PANEL_OUTPUT)
     json: bool = opt(False, "Print one machine-readable JSON summary at the end.", PANEL_OUTPUT)
 
+
+METHOD_OPTIONS_BEFORE = "eval_zeroshot"  # methods' options sit between LoRA and evaluation (--help, run.json)
+
+
+class RefineSettings:
+    """What RefineConfig adds to its fields: the run's settings as the parts that use them."""
+
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
@@ -136,7 +120,39 @@ class RefineConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def options_for(self, method: str) -> Any:
+        """The method's options dataclass filled from these settings; None if it has no flags."""
+        cls = OPTIONS_CLASSES.get(method)
+        return None if cls is None else cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
 
+    def method_options(self) -> dict[str, Any]:
+        """Every registered method's options (clipfit.methods.build_methods takes them by name)."""
+        return {name: self.options_for(name) for name in OPTIONS_CLASSES}
+
+
+def composed_fields(core: type, options: dict[str, type]) -> list[tuple[str, Any, Any]]:
+    """(name, type, field) of the core settings with each method's options inserted, in order,
+    before METHOD_OPTIONS_BEFORE (no name is declared twice: clipfit.methods.options_classes)."""
+    method_fields = [(f, typing.get_type_hints(cls)[f.name]) for cls in options.values() for f in fields(cls)]
+    core_hints = typing.get_type_hints(core)
+    composed = []
+    for f in fields(core):
+        if f.name == METHOD_OPTIONS_BEFORE:
+            composed += [(m.name, hint, copied(m)) for m, hint in method_fields]
+        composed.append((f.name, core_hints[f.name], copied(f)))
+    return composed
+
+
+def copied(f: Any) -> Any:
+    """A fresh field like `f` (a dataclass records its own state in the field objects it is given)."""
+    return field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
+methods.load_plugins()  # before the options are read: a plugin may register a method with flags
+OPTIONS_CLASSES = methods.options_classes({f.name for f in fields(CoreSettings)})
+RefineConfig = make_dataclass("RefineConfig", composed_fields(CoreSettings, OPTIONS_CLASSES), bases=(RefineSettings,),
+                              namespace={"__module__": __name__, "__qualname__": "RefineConfig", "__doc__":
+                                         "Every setting of a refine run: CoreSettings and each method's options."})
 CONFIG_FIELDS = {f.name: f for f in fields(RefineConfig)}
 CONFIG_HINTS = typing.get_type_hints(RefineConfig)
 
@@ -238,51 +254,32 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
     "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset"),
-    "hycd_logits": ("auto", "raw-dot", "scaled-cos"),
-    "lite_critic": ("heads", "learned", "logit-scale"),
-    "lite_negatives": ("roll", "shuffle"),
-    "ping_index": ("auto", "flat", "ivf"),
-    "dclip_regions": ("grid", "boxes"),
-    "dclip_vision": ("proj", "all"),
 }
-POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_rank", "ping_k", "dclip_grid", "keep_checkpoints",
-            "log_every", "max_image_pixels", "nan_limit")
-NON_NEGATIVE = ("weight_decay", "warmup_steps", "lite_prior_weight", "save_every", "workers", "lora_dropout",
-                "dclip_teacher_epochs", "eval_every")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_rank", "keep_checkpoints", "log_every", "max_image_pixels",
+            "nan_limit")
+NON_NEGATIVE = ("weight_decay", "warmup_steps", "save_every", "workers", "lora_dropout", "eval_every")
 
 
 def validate(c: RefineConfig) -> None:
     for name, allowed in CHOICES.items():
-        if getattr(c, name) not in allowed:
-            raise UsageError(f"{flag(name)} {getattr(c, name)!r}: choose one of {', '.join(allowed)}")
+        check_choice(c, name, allowed)
     for name in POSITIVE:
-        if getattr(c, name) < 1:
-            raise UsageError(f"{flag(name)} must be at least 1 (got {getattr(c, name)})")
+        check_at_least_one(c, name)
     for name in NON_NEGATIVE:
-        if getattr(c, name) < 0:
-            raise UsageError(f"{flag(name)} must not be negative (got {getattr(c, name)})")
-    if c.lr is not None and not (c.lr > 0 and math.isfinite(c.lr)):
-        raise UsageError(f"--lr must be a positive number (got {c.lr})")
+        check_not_negative(c, name)
+    check_positive_finite(c, "lr")
     if not 0 <= c.val_split < 1:
         raise UsageError(f"--val-split must be in [0, 1) (got {c.val_split})")
     if c.max_steps is not None and c.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1 (got {c.max_steps})")
     if c.grad_clip is not None and c.grad_clip <= 0:
         raise UsageError(f"--grad-clip must be positive (got {c.grad_clip})")
-    for name in ("rafa_sigma", "hycd_temperature", "ping_temperature", "dclip_teacher_lr", "adam_eps"):
-        if getattr(c, name) <= 0:
-            raise UsageError(f"{flag(name)} must be positive (got {getattr(c, name)})")
+    check_positive(c, "adam_eps")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(c, name) < 1:
             raise UsageError(f"{flag(name)} must be in [0, 1) (got {getattr(c, name)})")
-    if not 0 <= c.hycd_alpha <= 1:
-        raise UsageError(f"--hycd-alpha must be in [0, 1] (got {c.hycd_alpha})")
-    if not 0 <= c.lite_prior_weight < 1:
-        raise UsageError(f"--lite-prior-weight must be in [0, 1): the lite term gets 1 - w (got {c.lite_prior_weight})")
+    for options in c.method_options().values():  # every method's, as before they were split out
+        options.validate()
     check_available(parse_report_to(c.report_to))
     validate_combinations(c)
 
@@ -311,10 +308,6 @@ def validate_combinations(c: RefineConfig) -> None:
         raise UsageError("--lora freezes the base weights already; --lock-image/--lock-text contradict it")
     if c.resume and c.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: resume keeps the run folder, overwrite deletes it")
-    if c.dclip_regions == "boxes" and not c.dclip_boxes:
-        raise UsageError("--dclip-regions boxes needs --dclip-boxes FILE")
-    if c.dclip_boxes and c.dclip_regions != "boxes":
-        raise UsageError("--dclip-boxes is only read with --dclip-regions boxes")
     validate_selection(c)
     if c.fail_on_zeroshot_drop is not None and not c.eval_zeroshot:
         raise UsageError("--fail-on-zeroshot-drop needs --eval-zeroshot DATASET=PATH to measure the drop")

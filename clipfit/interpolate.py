@@ -103,7 +103,7 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
                 max_drop: float | None, device_name: str | None, argv: list[str], progress,
                 which: str = "model") -> dict[str, Any]:
     from clipfit.eval.compare import read_run
-    from clipfit.rundir import claim_run_dir
+    from clipfit.rundir import RUN_JSON, claim_run_dir
 
     saved = read_run(run_dir)
     if not saved.get("after"):
@@ -113,7 +113,7 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
     try:
         info = interpolate_into(out, run_dir, saved, alphas, select_best, max_drop, device_name, argv, progress, which)
     except BaseException:
-        if not (out / "run.json").is_file():
+        if not (out / RUN_JSON).is_file():
             folder.abandon()
         raise
     folder.commit()
@@ -124,10 +124,11 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
 def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[float], select_best: str | None,
                      max_drop: float | None, device_name: str | None, argv: list[str], progress, which: str):
     from clipfit import models
+    from clipfit.data.training import load_data, same_data
     from clipfit.eval.suite import deltas, load_suite
-    from clipfit.io import write_json
     from clipfit.report import write_report
-    from clipfit.run import RUN_JSON, load_data, measure_model, same_data
+    from clipfit.run import measure_model
+    from clipfit.rundir import write_run_json
     from clipfit.selection import choose, metric_value, record
 
     started = time.time()
@@ -136,7 +137,7 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[flo
     if not same_data(saved.get("data_hash"), data):
         raise UsageError(f"{saved['pairs']}: the pairs changed since {run_dir} was trained; its validation split "
                          "cannot be rebuilt")
-    suite = load_suite(cfg, data.val, progress.warn)
+    suite = load_suite(cfg.eval_zeroshot, cfg.eval_retrieval, data.val, cfg.workers, progress.warn)
     rule = rule_for(cfg, alphas, select_best, max_drop, data, suite)
     device = models.resolve_device(device_name or cfg.device)
     start_state = {k: v.detach().clone() for k, v in load_start(cfg).model.state_dict().items()}
@@ -165,6 +166,6 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[flo
             "before": before, "after": after, "delta": deltas(before, after),
             "selection": {**record(choice, rule), "start_score": metric_value(before, rule.metric)},
             "wall_seconds": time.time() - started, "train_seconds": 0.0, "methods": {}}
-    write_json(out_dir / RUN_JSON, info)
+    write_run_json(out_dir, info)
     write_report(out_dir, info)
     return info

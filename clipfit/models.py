@@ -12,8 +12,9 @@ import logging
 import os
 import pickle
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,7 +24,8 @@ from torch import nn
 from clipfit.errors import ModelError, UsageError
 from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, check_hub_name, first_line, hub_source, model_files, tag_files
 from clipfit.io import atomic_path
-from clipfit.rundir import ADAPTER_DIR, MODEL_FILE, OPEN_CLIP_CONFIG, is_run_dir  # noqa: F401  (re-exported)
+from clipfit.rundir import (ADAPTER_DIR, HF_TEXT_CONFIG, MODEL_FILE, OPEN_CLIP_CONFIG, TOKENIZER_FILES, is_run_dir,
+                            read_config)
 
 log = logging.getLogger("clipfit")
 
@@ -202,11 +204,70 @@ def load_hub(spec: str) -> LoadedModel:
                        "hub", {"kind": "hf-hub"})
 
 
+def text_tower_overrides(folder: Path, model_cfg: dict) -> dict:
+    """Build a Hugging Face text tower from the folder's own config.json, not from its hub id."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    if not text_cfg.get("hf_model_name") or not (folder / HF_TEXT_CONFIG).is_file():
+        return {}
+    # every weight comes from model.safetensors; the tower only needs its architecture
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder.resolve()), "hf_model_pretrained": False}}
+
+
+@contextmanager
+def quiet_load(offline: bool) -> Iterator[None]:
+    """Without warnings and transformers' chatter; with the hub switched off when nothing needs it."""
+    from clipfit.starter import offline_hub, quiet_loading
+
+    with ExitStack() as stack, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if offline:
+            stack.enter_context(offline_hub())
+        if find_spec("transformers") is not None:
+            stack.enter_context(quiet_loading())
+        yield
+
+
+def folder_tokenizer(spec: str, folder: Path, model_cfg: dict):
+    """open_clip's tokenizer of the folder; a run folder written before folders held their
+    tokenizer files (clipfit 0.1.0) has a Hugging Face tokenizer only by the name its config gives."""
+    import open_clip
+
+    text_cfg = model_cfg.get("text_cfg", {})
+    name = text_cfg.get("hf_tokenizer_name")
+    if name and not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        return open_clip.tokenizer.HFTokenizer(name, context_length=text_cfg.get("context_length", 77))
+    return open_clip.get_tokenizer(spec)
+
+
+def open_folder(folder: Path):
+    """(model, preprocess_train, preprocess_val, tokenizer, config) of a run folder (clipfit.rundir)
+    through open_clip's `local-dir:`.
+
+    open_clip builds the model, its preprocessing and tokenizer from the folder; the weights are
+    then read by clipfit's checked loader, so a damaged or mismatched model.safetensors is one
+    line naming the file and tensor rather than open_clip's traceback (the tensors are the same)."""
+    import open_clip
+
+    config = read_config(folder)
+    weights = folder / MODEL_FILE
+    if not weights.is_file():
+        raise ModelError(f"{folder}: run folder has no {MODEL_FILE} (did the run finish? try --resume)")
+    spec = f"local-dir:{folder}"
+    overrides = text_tower_overrides(folder, config["model_cfg"])
+    try:
+        with quiet_load(offline=bool(overrides)):
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                spec, load_weights=False, pretrained_text=False, **overrides)
+            tokenizer = folder_tokenizer(spec, folder, config["model_cfg"])
+    except Exception as e:  # open_clip and transformers raise many types; --debug shows the cause
+        raise ModelError(f"{folder}: cannot build the model its {OPEN_CLIP_CONFIG} describes ({first_line(e)})") from e
+    load_weights_into(model, weights)
+    return model, preprocess_train, preprocess_val, tokenizer, config
+
+
 def load_run_dir(path: Path) -> LoadedModel:
     """A run folder, through open_clip's `local-dir:` loader, whatever the model (clipfit.rundir)."""
-    from clipfit import rundir
-
-    model, preprocess_train, preprocess_val, tokenizer, config = rundir.open_folder(path)
+    model, preprocess_train, preprocess_val, tokenizer, config = open_folder(path)
     return LoadedModel(model, preprocess_train, preprocess_val, tokenizer, config.get("clipfit", {}).get("arch", path.name),
                        config["model_cfg"], dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
                        str(path / MODEL_FILE), {"kind": "run", "path": str(path)})
@@ -342,6 +403,12 @@ def base_model(model: nn.Module) -> nn.Module:
     """The open_clip model inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def base_logit_scale(model: nn.Module) -> torch.Tensor:
+    """The open_clip model's own logit scale (log-space), through a peft or DistributedDataParallel wrapper."""
+    inner = base_model(model)
+    return getattr(inner, "module", inner).logit_scale
 
 
 def merged_copy(model: nn.Module) -> nn.Module:

@@ -86,7 +86,8 @@ def write_tokenizer(run_dir: Path, stage: Path) -> None:
     """What open_clip's push writes for a Hugging Face tokenizer: its save_pretrained files."""
     import open_clip
 
-    from clipfit.rundir import drop_load_time_keys, quiet_load
+    from clipfit.models import quiet_load
+    from clipfit.rundir import drop_load_time_keys
 
     if not read_config(run_dir)["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name"):
         return  # open_clip's own CLIP tokenizer ships with open_clip

@@ -41,20 +41,23 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import shlex
 import shutil
 import time
-import warnings
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
+from clipfit import installed_version
 from clipfit.config import RESULT_NEUTRAL, RefineConfig
 from clipfit.errors import ModelError, OutputError, UsageError
-from clipfit.io import write_json
+from clipfit.io import write_json, write_text
+from clipfit.progress import printable
 from clipfit.trackers import TENSORBOARD_DIR, WANDB_DIR  # --report-to writers
+
+if TYPE_CHECKING:  # rundir stays free of the data modules' imports (PIL, numpy)
+    from clipfit.data.check import CheckReport
 
 MARKER = ".clipfit-run"
 STAGING = ".clipfit-replaced"  # the replaced run's entries, until the new run has its run.json
@@ -335,6 +338,30 @@ def probe_writable(out: Path) -> None:
         raise OutputError(f"{out}: cannot write to the run folder ({e.strerror or e})") from None
 
 
+# --- run.json and the files written with it -----------------------------------------------------
+
+def write_run_json(run_dir: Path, record: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """The one writer of run.json: the run's `record` so far, with `sections` merged into it (in
+    place: the caller's record grows with it), written atomically. Returns the record."""
+    record.update(sections)
+    write_json(run_dir / RUN_JSON, record)
+    return record
+
+
+def write_skipped(run_dir: Path, check: CheckReport) -> None:
+    """The bad items a run skipped. Written with run.json, not earlier: a run that fails while
+    setting up leaves no run.json, so the corrected command may reuse the folder without --overwrite."""
+    if check.skipped:
+        write_text(run_dir / SKIPPED_TXT, "".join(f"{printable(p.path)}\t{printable(p.reason)}\n" for p in check.skipped))
+
+
+def environment() -> dict[str, Any]:
+    """What run.json records about the machine and the packages that made the run."""
+    versions = {package: installed_version(package)
+                for package in ("clipfit", "torch", "torchvision", "open_clip_torch", "peft", "faiss-cpu", "safetensors")}
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
 # --- free space, resume ------------------------------------------------------------------------
 
 def check_free_space(run_dir: Path, parameter_bytes: int, trainable_bytes: int, keep: int) -> None:
@@ -493,66 +520,3 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config.get("clipfit"), dict):
         config["clipfit"] = {}
     return config
-
-
-def text_tower_overrides(folder: Path, model_cfg: dict) -> dict:
-    """Build a Hugging Face text tower from the folder's own config.json, not from its hub id."""
-    text_cfg = model_cfg.get("text_cfg", {})
-    if not text_cfg.get("hf_model_name") or not (folder / HF_TEXT_CONFIG).is_file():
-        return {}
-    # every weight comes from model.safetensors; the tower only needs its architecture
-    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder.resolve()), "hf_model_pretrained": False}}
-
-
-@contextmanager
-def quiet_load(offline: bool) -> Iterator[None]:
-    """Without warnings and transformers' chatter; with the hub switched off when nothing needs it."""
-    from clipfit.starter import offline_hub, quiet_loading
-
-    with ExitStack() as stack, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if offline:
-            stack.enter_context(offline_hub())
-        if find_spec("transformers") is not None:
-            stack.enter_context(quiet_loading())
-        yield
-
-
-def folder_tokenizer(spec: str, folder: Path, model_cfg: dict):
-    """open_clip's tokenizer of the folder; a run folder written before folders held their
-    tokenizer files (clipfit 0.1.0) has a Hugging Face tokenizer only by the name its config gives."""
-    import open_clip
-
-    text_cfg = model_cfg.get("text_cfg", {})
-    name = text_cfg.get("hf_tokenizer_name")
-    if name and not any((folder / file).is_file() for file in TOKENIZER_FILES):
-        return open_clip.tokenizer.HFTokenizer(name, context_length=text_cfg.get("context_length", 77))
-    return open_clip.get_tokenizer(spec)
-
-
-def open_folder(folder: Path):
-    """(model, preprocess_train, preprocess_val, tokenizer, config) through open_clip's `local-dir:`.
-
-    open_clip builds the model, its preprocessing and tokenizer from the folder; the weights are
-    then read by clipfit's checked loader, so a damaged or mismatched model.safetensors is one
-    line naming the file and tensor rather than open_clip's traceback (the tensors are the same)."""
-    import open_clip
-
-    from clipfit.hub import first_line
-    from clipfit.models import load_weights_into
-
-    config = read_config(folder)
-    weights = folder / MODEL_FILE
-    if not weights.is_file():
-        raise ModelError(f"{folder}: run folder has no {MODEL_FILE} (did the run finish? try --resume)")
-    spec = f"local-dir:{folder}"
-    overrides = text_tower_overrides(folder, config["model_cfg"])
-    try:
-        with quiet_load(offline=bool(overrides)):
-            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                spec, load_weights=False, pretrained_text=False, **overrides)
-            tokenizer = folder_tokenizer(spec, folder, config["model_cfg"])
-    except Exception as e:  # open_clip and transformers raise many types; --debug shows the cause
-        raise ModelError(f"{folder}: cannot build the model its {OPEN_CLIP_CONFIG} describes ({first_line(e)})") from e
-    load_weights_into(model, weights)
-    return model, preprocess_train, preprocess_val, tokenizer, config

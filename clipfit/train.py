@@ -6,25 +6,31 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from clipfit.checkpoint import checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.data.workers import Loader, ignore_stop_signals
 from clipfit.errors import Interrupted, OutputError, TrainingError, UsageError
+from clipfit.frozen.prepare import FrozenInputs
+from clipfit.best import TrainingEvaluations
 from clipfit.io import append_jsonl, truncate_jsonl
+from clipfit.methods import Composite
 from clipfit.methods.base import StepInputs
-from clipfit.parallel import Distributed, PairEncoder, average_gradients, gather_features
+from clipfit.distributed import Distributed, average_gradients, gather_features
+from clipfit.models import base_logit_scale
+from clipfit.parallel import PairEncoder
+from clipfit.precision import autocast
+from clipfit.progress import Progress
 from clipfit.rundir import CHECKPOINT_DIR, METRICS_JSONL
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from clipfit.trackers import Trackers
 
 
 @dataclass
@@ -125,25 +131,23 @@ class StopFlag:
 @dataclass
 class Trainer:
     model: nn.Module
-    methods: Any  # clipfit.methods.Composite
-    dataset: Any
+    methods: Composite
+    dataset: Dataset | IterableDataset
     settings: LoopSettings
     device: torch.device
     run_dir: Path
     optimizer: torch.optim.Optimizer
-    scheduler: Any
-    teacher: Callable[[dict], tuple[torch.Tensor, torch.Tensor]] | None
-    progress: Any  # clipfit.progress.Progress
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    frozen: FrozenInputs  # the teacher, locked towers' rows, and what stays in eval mode
+    progress: Progress
     resume_command: str = ""
     position: Position = field(default_factory=Position)
     stop: StopFlag = field(default_factory=StopFlag)
-    evaluator: Any = None  # measures the model during training (clipfit.best.TrainingEvaluations)
-    scaler: Any = None
+    evaluator: TrainingEvaluations | None = None  # measures the model during training
+    scaler: torch.amp.GradScaler | None = None
     is_main: bool = True
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
-    locked: Any = None  # clipfit.towers.LockedInputs: precomputed inputs of the encoder's cached towers
-    frozen_modules: list[nn.Module] = field(default_factory=list)  # kept in eval mode while training
-    trackers: Any = None  # clipfit.trackers.Trackers (--report-to), rank 0 only
+    trackers: Trackers | None = None  # --report-to, rank 0 only
     data_loader: Loader | None = field(default=None, init=False, repr=False)
     saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
     stopped_early: bool = field(default=False, init=False)  # the evaluator said stop (--patience)
@@ -154,7 +158,7 @@ class Trainer:
 
     def __post_init__(self):
         if self.encoder is None:
-            self.encoder = PairEncoder(self.model)
+            self.encoder = PairEncoder(self.model, self.frozen.rests)
 
     # --- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -209,19 +213,12 @@ class Trainer:
         truncate_jsonl(self.run_dir / METRICS_JSONL, lambda row: row.get("step", 0) <= step)
 
     # --- one step -------------------------------------------------------------------------
-    @staticmethod
-    def autocast_for(device: torch.device, precision: str) -> Callable:
-        dtype = AUTOCAST[precision]
-        return lambda: torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
     def autocast(self):
-        return self.autocast_for(self.device, self.settings.precision)()
+        return autocast(self.device, self.settings.precision)
 
     def encoder_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """What the encoder takes for this batch: pixels and tokens, or locked towers' rows."""
-        inputs = {"image": batch.get("image"), "text": batch["text"]}
-        if self.locked is not None:
-            inputs.update(self.locked.step_inputs(batch, self.device))
+        inputs = {"image": batch.get("image"), "text": batch["text"], **self.frozen.step_inputs(batch, self.device)}
         return (inputs["image"].to(self.device, non_blocking=True),
                 inputs["text"].to(self.device, non_blocking=True))
 
@@ -232,8 +229,8 @@ class Trainer:
 
         def teacher():
             if not cached:
-                outputs = [self.teacher(batch) for batch in window]
-                cached.append(tuple(torch.cat(rows) for rows in zip(*outputs)))
+                outputs = [self.frozen.teacher_features(batch) for batch in window]
+                cached.append(tuple(None if rows[0] is None else torch.cat(rows) for rows in zip(*outputs)))
             return cached[0]
 
         captions = [batch.get("caption") for batch in window]
@@ -370,7 +367,7 @@ class Trainer:
         per_epoch = steps_per_epoch(len(self.dataset), s)
         self.model.train()
         freeze_batchnorm(self.model)
-        for module in self.frozen_modules:
+        for module in self.frozen.eval_modules:
             module.eval()
         try:
             with self.stop.installed():
@@ -508,8 +505,3 @@ def set_torch_rng_state(state: tuple, device: torch.device) -> None:
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
 
-
-def base_logit_scale(model: nn.Module) -> torch.Tensor:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(inner, "module", inner)  # DistributedDataParallel
-    return inner.logit_scale

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from clipfit.data.dataset import PairDataset
+
 torch.set_num_threads(1)  # CI has 2 cores; threads fight more than they help for tiny models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,3 +151,17 @@ def tiny_run(tmp_path_factory, tiny_config):
     out = root / "run"
     run_cli(*tiny_refine_args(pairs, out, tiny_config, "--epochs", "2", "--lr", "1e-3", "--val-split", "0.5"), check=True)
     return root, pairs, out
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """How many times training images are decoded."""
+    count = {"n": 0}
+    original = PairDataset.decode
+
+    def counting(self, *args, **kwargs):
+        count["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PairDataset, "decode", counting)
+    return count

@@ -18,7 +18,6 @@ from PIL import Image
 
 from conftest import cli_env, run_main, tiny_refine_args, write_pairs
 from clipfit.data.layouts import load_pairs
-from clipfit.errors import DataError
 
 
 def image(path: Path, colour: str = "red") -> Path:
@@ -342,11 +341,11 @@ def test_image_that_vanishes_or_changes_during_the_run_stops_it_naming_the_file(
                                                                                  monkeypatch, tiny_config):
     """The file is really deleted or rewritten on disk, right after `check_pairset` found it good
     (the hook only picks the moment); with workers the error crosses a DataLoader process."""
-    import clipfit.run
+    import clipfit.data.training
 
     folder = write_pairs(tmp_path / "pairs", n=16)
     victim = folder / "img005.png"
-    real_check = clipfit.run.check_pairset
+    real_check = clipfit.data.training.check_pairset
 
     def check_then_touch(*args, **kwargs):
         report = real_check(*args, **kwargs)
@@ -356,7 +355,7 @@ def test_image_that_vanishes_or_changes_during_the_run_stops_it_naming_the_file(
             Image.new("RGB", (40, 40), "black").save(victim)  # still a good image, but another one
         return report
 
-    monkeypatch.setattr(clipfit.run, "check_pairset", check_then_touch)
+    monkeypatch.setattr(clipfit.data.training, "check_pairset", check_then_touch)
     capsys.readouterr()
     code = run_main(tiny_refine_args(folder, tmp_path / "run", tiny_config, "--workers", workers,
                                      "--batch-size", "16", "--epochs", "1"))
@@ -389,7 +388,7 @@ def test_webdataset_captions_split_on_newlines_only(tmp_path, capsys):
     import tarfile
     from io import BytesIO
 
-    from clipfit.data.shards import ShardSet, extract_sample, find_shards
+    from clipfit.data.shards import extract_sample, find_shards
 
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -78,7 +78,7 @@ def test_refine_refuses_a_starting_model_with_nan_outputs(tiny_config, weights, 
 def test_epoch_validation_names_the_model_after_that_epoch(tiny_config, weights, data):
     from clipfit.errors import TrainingError
     from clipfit.eval.encode import encoder_for
-    from clipfit.run import evaluate_split
+    from clipfit.eval.split import evaluate_split
     from clipfit.data.layouts import load_pairs
 
     loaded = models.load_model(str(tiny_config), str(weights["nan"]))

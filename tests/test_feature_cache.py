@@ -183,7 +183,7 @@ def rewrite_keeping_size_and_mtime(path, content: bytes) -> None:
 
 
 def test_same_path_size_and_mtime_with_different_content_is_a_different_key(tmp_path):
-    from clipfit.run import data_hash
+    from clipfit.data.training import data_hash
 
     folder = write_pairs(tmp_path / "pairs", n=3)
     pairs = load_pairs(str(folder), "auto").pairs
@@ -198,7 +198,7 @@ def test_same_path_size_and_mtime_with_different_content_is_a_different_key(tmp_
 def test_a_touched_or_copied_file_keeps_its_key(tmp_path):
     from clipfit.cache import content_digest
 
-    from clipfit.run import data_hash
+    from clipfit.data.training import data_hash
 
     folder = write_pairs(tmp_path / "pairs", n=2)
     pairs = load_pairs(str(folder), "auto").pairs
@@ -245,7 +245,7 @@ def test_resume_checks_the_pairs_by_content(tiny_config, tmp_path, capsys):
 
 def test_runs_started_by_0_1_0_are_resumable_by_their_stat_hash(tmp_path):
     from clipfit.data.check import CheckReport
-    from clipfit.run import RunData, data_hash, same_data, stat_data_hash
+    from clipfit.data.training import RunData, data_hash, same_data, stat_data_hash
 
     pairs = load_pairs(str(write_pairs(tmp_path / "pairs", n=3)), "auto").pairs
     data = RunData(pairs, [], CheckReport(root=str(tmp_path), layout="sidecar", usable=pairs), data_hash(pairs))
@@ -286,3 +286,21 @@ def test_refine_rebuilds_damaged_entries_and_trains_as_on_a_sound_cache(tiny_con
     warnings, replaced = refine("replaced")
     assert warnings.count("rows, ") == 2 and "are needed" in warnings and "IndexError" not in warnings
     assert all(torch.equal(replaced[k], sound[k]) for k in sound)
+
+
+def test_cache_commands_default_to_the_folder_refine_writes_into(tiny_config, tmp_path, monkeypatch):
+    """Without --cache-dir, `clipfit cache ls/clear` find the entries refine wrote (both resolve the
+    folder through clipfit.cache.resolve_cache_dir: $XDG_CACHE_HOME/clipfit here)."""
+    from conftest import run_cli, tiny_refine_args
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    write_pairs(tmp_path / "pairs", n=8)
+    run_cli(*tiny_refine_args(tmp_path / "pairs", tmp_path / "run", tiny_config, "--method", "refine",
+                              "--lock-text", "--max-steps", "1"), check=True)
+    listed = json.loads(run_cli("cache", "ls", "--json", check=True).stdout)
+    assert listed["cache_dir"] == str(tmp_path / "xdg" / "clipfit")
+    assert sorted(e["kind"] for e in listed["entries"]) == ["locked-rows", "teacher-rows"]
+    assert json.loads(run_cli("cache", "ls", "--cache-dir", tmp_path / "other", "--json", check=True).stdout)["entries"] == []
+    assert "removed 2 entries" in run_cli("cache", "clear", check=True).stdout
+    assert list((tmp_path / "xdg" / "clipfit" / "features").glob("*.safetensors")) == []
+    assert (tmp_path / "run" / "model.safetensors").is_file()

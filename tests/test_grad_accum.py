@@ -30,9 +30,9 @@ def trainer_for(pairs: Path, tiny_config: Path, out: Path, method: str, **settin
                           grad_accum=4, workers=0, lr=1e-3, cache_dir=str(out.parent / "cache"), **settings)
     validate(config)
     setup = run.set_up(str(pairs), config, [], Progress(silent=True))
-    teacher, locked = run.precompute_frozen(setup)
+    frozen = run.precompute_frozen(setup)
     run.prepare_methods(setup)
-    trainer = run.make_trainer(setup, [], teacher, locked, suite=None)
+    trainer = run.make_trainer(setup, [], frozen, suite=None)
     trainer.model.train()
     return trainer
 

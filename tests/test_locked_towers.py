@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from clipfit.config import RefineConfig
-from clipfit.data.dataset import PairDataset
 from clipfit.models import evaluating, load_model
 from clipfit.run import prepare_model
-from clipfit.towers import frozen_output, frozen_parts
+from clipfit.frozen.towers import frozen_output, frozen_parts
 from conftest import run_cli, tiny_refine_args, write_pairs
 from test_locking import TIMM_TINY, timm_model
 
@@ -48,20 +47,6 @@ def test_hugging_face_text_transformer_is_frozen_and_its_projection_trains():
     tokens = loaded.tokenizer(["a red bicycle", "two cats asleep on a sofa"])
     with evaluating(model), torch.no_grad():
         assert torch.allclose(part.rest(frozen_output(model, part, tokens)), model.encode_text(tokens), atol=1e-5)
-
-
-@pytest.fixture
-def decodes(monkeypatch):
-    """How many times training images are decoded."""
-    count = {"n": 0}
-    original = PairDataset.decode
-
-    def counting(self, *args, **kwargs):
-        count["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PairDataset, "decode", counting)
-    return count
 
 
 def timm_run(tmp_path, name, *extra, lock=("--lock-image", "--lock-text")):

@@ -12,17 +12,26 @@ import torch
 import torch.nn.functional as F
 
 from clipfit import run as run_module
-from clipfit import teacher as teacher_module
+from clipfit.frozen import prepare as teacher_module  # where prepare_frozen finds FrozenTeacher
 from clipfit.config import build_config
 from clipfit.errors import UsageError
-from clipfit.methods import build_methods, parse_weights
-from clipfit.methods.lite import INITIAL_TEMPERATURE, Lite
+from clipfit.methods import build_methods as build_from_run, parse_weights
+from clipfit.methods.lite import INITIAL_TEMPERATURE
 from clipfit.progress import Progress
 from conftest import run_cli, tiny_refine_args
 
 
 def config(**settings):
     return build_config({}, set(), settings)
+
+
+def build_methods(spec, config, overrides):
+    """The methods of `spec` as a run with `config` builds them: options and run context."""
+    return build_from_run(spec, config.method_options(), run_module.method_run(config), overrides)
+
+
+def built_lite(config):
+    return build_methods("lite", config, {}).methods[0]
 
 
 # --- composition ------------------------------------------------------------------------------
@@ -57,10 +66,10 @@ def test_lite_prior_weight_must_leave_the_jsd_term_positive():
 # --- lite state -------------------------------------------------------------------------------
 
 def test_learned_critic_starts_at_one_over_0_07_and_restores_in_place():
-    method = Lite(config(lite_critic="learned"))
+    method = built_lite(config(lite_critic="learned"))
     (log_scale,) = method.parameters()
     assert log_scale.exp().item() == pytest.approx(1 / INITIAL_TEMPERATURE)
-    other = Lite(config(lite_critic="learned"))
+    other = built_lite(config(lite_critic="learned"))
     with torch.no_grad():
         log_scale.fill_(1.25)
     other_param = other.parameters()[0]
@@ -69,7 +78,7 @@ def test_learned_critic_starts_at_one_over_0_07_and_restores_in_place():
 
 
 def prepared_lite_with_prior(dim=8):
-    method = Lite(config(lite_prior_weight=0.1, lite_critic="logit-scale"))
+    method = built_lite(config(lite_prior_weight=0.1, lite_critic="logit-scale"))
     ctx = SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": dim}), model=None, pairs=[0, 1, 2],
                           device=torch.device("cpu"))
     method.prepare(ctx)
@@ -108,14 +117,14 @@ def test_lite_prior_state_restores_in_place():
 
 
 def test_lite_with_model_logit_scale_has_no_parameters():
-    plain = Lite(config(lite_critic="logit-scale"))
+    plain = built_lite(config(lite_critic="logit-scale"))
     assert plain.parameters() == [] and plain.state_dict() == {}
 
 
 def test_lite_default_critic_is_the_authors_heads_with_a_learned_temperature():
     from clipfit.losses import lite_loss
 
-    method = Lite(config())
+    method = built_lite(config())
     method.prepare(SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": 8}), model=None, pairs=[0, 1, 2],
                                    device=torch.device("cpu")))
     shortcut = method.heads["image"].shortcut.weight
@@ -128,7 +137,7 @@ def test_lite_default_critic_is_the_authors_heads_with_a_learned_temperature():
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     got.backward()
     assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
-    restored = Lite(config())
+    restored = built_lite(config())
     restored.prepare(SimpleNamespace(loaded=SimpleNamespace(model_cfg={"embed_dim": 8}), model=None,
                                      pairs=[0, 1, 2], device=torch.device("cpu")))
     with torch.no_grad():

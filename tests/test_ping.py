@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +17,10 @@ from clipfit.config import build_config
 from clipfit.data.layouts import load_pairs
 from clipfit.errors import UsageError
 from clipfit.losses import ping_loss
+from clipfit.methods import build_methods
 from clipfit.methods.base import MethodContext
 from clipfit.methods.ping import HEADS_FILE, Ping, load_heads
+from clipfit.run import method_run
 from conftest import run_cli, tiny_refine_args, write_pairs
 
 
@@ -86,22 +89,27 @@ def test_ping_loss_sends_no_gradient_into_the_targets():
 
 # --- banks, cache, heads --------------------------------------------------------------------
 
-def make_context(tiny_config: Path, pairs_folder: Path, tmp_path: Path, messages: list, **settings) -> MethodContext:
+@dataclass
+class ContextWithMethod(MethodContext):
+    method: Ping | None = None  # built from the same settings, as clipfit.run builds it
+
+
+def make_context(tiny_config: Path, pairs_folder: Path, tmp_path: Path, messages: list, **settings) -> ContextWithMethod:
     config = build_config({}, set(), {"method": "ping", "model": str(tiny_config), "pretrained": "none",
                                       "batch_size": 8, "workers": 0, **settings})
     torch.manual_seed(config.seed)
     loaded = models.load_model(str(tiny_config), "none")
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
-    return MethodContext(model=loaded.model, loaded=loaded, config=config,
-                         pairs=load_pairs(str(pairs_folder), "auto").pairs, device=torch.device("cpu"),
-                         run_dir=run_dir, cache_dir=tmp_path / "cache", log=messages.append)
+    method = build_methods("ping", config.method_options(), method_run(config), {}).methods[0]
+    return ContextWithMethod(model=loaded.model, loaded=loaded, method=method,
+                             pairs=load_pairs(str(pairs_folder), "auto").pairs, device=torch.device("cpu"),
+                             run_dir=run_dir, cache_dir=tmp_path / "cache", log=messages.append)
 
 
-def prepared(ctx) -> Ping:
-    method = Ping(ctx.config)
-    method.prepare(ctx)
-    return method
+def prepared(ctx: ContextWithMethod) -> Ping:
+    ctx.method.prepare(ctx)
+    return ctx.method
 
 
 def encoded(messages):

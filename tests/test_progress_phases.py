@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from clipfit.data.layouts import Pair
+from clipfit.data.pairs import Pair
 from clipfit.features import text_bank
 from clipfit.progress import PlainProgress, Progress, RichProgress, activate, phase
 

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from clipfit.data.layouts import load_pairs
+from clipfit.data.training import split_val
+from clipfit.eval.split import evaluate_split
 from clipfit.models import load_model
-from clipfit.run import evaluate_split, split_val
 from conftest import run_cli, tiny_refine_args, write_pairs
 
 

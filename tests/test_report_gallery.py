@@ -8,11 +8,11 @@ import re
 import torch
 
 from clipfit.data.layouts import load_pairs
+from clipfit.data.training import split_val
 from clipfit.eval.encode import encoder_for
 from clipfit.eval.retrieval import encode_pairs_all_captions
 from clipfit.models import load_model
 from clipfit.report_gallery import TOP_CAPTIONS, movers, ranking_facts
-from clipfit.run import split_val
 
 
 def validation_facts(run_dir, pairs_dir, info):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 from conftest import checkpoint_steps, cli_env, run_main, tiny_refine_args, write_pairs
 from clipfit.cli import main
 from clipfit.io import read_jsonl
-from clipfit.methods import REGISTRY
+from clipfit.methods import REGISTRY, register
 from clipfit.methods.base import Method
 
 PAUSE_FILE = "CLIPFIT_TEST_PAUSE_FILE"  # the driver pauses at step PAUSE_AT until the test removes it
@@ -35,9 +34,8 @@ class TeacherNoise(Method):
     """A pull towards the frozen teacher's image embedding, jittered by draws from the global RNG."""
 
     name = "teacher-noise"
-    summary = "test only: anchor to the teacher with random jitter"
     terms = {"anchor": 0.5}
-    needs_teacher = True
+    teacher_towers = frozenset({"image"})
 
     def losses(self, step, wanted):
         pause_if_asked(step.step + 1)
@@ -56,7 +54,8 @@ def pause_if_asked(step: int) -> None:
 
 
 def register_test_method() -> None:
-    REGISTRY["teacher-noise"] = (f"{__name__}:TeacherNoise", TeacherNoise.summary)
+    if "teacher-noise" not in REGISTRY:
+        register("teacher-noise", f"{__name__}:TeacherNoise", summary="test only: anchor to the teacher with random jitter")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from clipfit.errors import UsageError
 from clipfit.interpolate import interpolate_state
 from clipfit.io import read_jsonl
 from clipfit.losses import clip_loss
-from clipfit.methods import REGISTRY
+from clipfit.methods import REGISTRY, register
 from clipfit.methods.base import Method
 from clipfit.selection import Rule, check_metric, choose, metric_value, patience_exhausted, selectable_metrics
 from test_eval_zeroshot import write_image_folder
@@ -105,7 +105,6 @@ class ThereAndBack(Method):
     """A scripted trajectory: the validation loss falls, then rises, so the best step is mid-run."""
 
     name = "there-and-back"
-    summary = "test only: contrastive, reversed after step TURN"
     terms = {"clip": 1.0}
 
     def losses(self, step, wanted):
@@ -115,7 +114,7 @@ class ThereAndBack(Method):
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    REGISTRY["there-and-back"] = (f"{__name__}:ThereAndBack", ThereAndBack.summary)
+    register("there-and-back", f"{__name__}:ThereAndBack", summary="test only: contrastive, reversed after step TURN")
     yield
     REGISTRY.pop("there-and-back", None)
 
@@ -282,7 +281,6 @@ class InterruptOnce(Method):
     as Ctrl-C would send it: the loop finishes the step, checkpoints and stops."""
 
     name = "interrupt-once"
-    summary = "test only: contrastive, Ctrl-C once at step INTERRUPT_AT"
     terms = {"clip": 1.0}
     sent = False
 
@@ -294,7 +292,8 @@ class InterruptOnce(Method):
 
 
 def test_an_interrupted_sweep_resumes_skipping_finished_runs(tmp_path, tiny_config, capsys):
-    REGISTRY["interrupt-once"] = (f"{__name__}:InterruptOnce", InterruptOnce.summary)
+    if "interrupt-once" not in REGISTRY:
+        register("interrupt-once", f"{__name__}:InterruptOnce", summary="test only: contrastive, Ctrl-C once at step INTERRUPT_AT")
     pairs = write_pairs(tmp_path / "pairs", n=40, size=16)
     out = tmp_path / "sweep"
     argv = ["sweep", pairs, "--model", tiny_config, "--pretrained", "none", "--out", out, "--lock-image",

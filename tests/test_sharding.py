@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from clipfit.features import FeatureCache, items_built_by_rank
-from clipfit.parallel import Distributed, gather_rows, shard_range
+from clipfit.distributed import Distributed, gather_rows, shard_range
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])

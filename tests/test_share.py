@@ -220,7 +220,7 @@ def test_a_run_folder_from_before_tokenizer_files_still_tokenizes_by_its_configs
     import open_clip
 
     from clipfit import starter
-    from clipfit.rundir import folder_tokenizer
+    from clipfit.models import folder_tokenizer
 
     old = tmp_path / "old-run"
     old.mkdir()

@@ -4,7 +4,6 @@ import json
 import tarfile
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from clipfit.data.shards import ShardStream, find_shards

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, file_stamp, open_rgb
-from clipfit.data.layouts import Pair, PairSet, Problem, load_pairs
+from clipfit.data.pairs import Pair, PairSet, Problem
+from clipfit.data.layouts import load_pairs
 from clipfit.data.tokens import count_tokens, exceeds_context
 from clipfit.errors import DataError
 from clipfit.progress import track

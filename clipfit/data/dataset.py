@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from clipfit.data.images import BadImage, file_stamp, open_rgb
-from clipfit.data.layouts import Pair
+from clipfit.data.pairs import Pair
 from clipfit.errors import DataError
 from clipfit.progress import printable
 
@@ -59,7 +59,7 @@ class PairDataset(Dataset):
     def __init__(self, pairs: list[Pair], transform: Callable, tokenizer: Callable, seed: int,
                  max_pixels: int):
         self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
-        self.with_images = True  # False: items carry no pixels (clipfit.run.prepare_pixels)
+        self.with_images = True  # False: items carry no pixels (clipfit.frozen.prepare.loop_dataset)
         self.seed, self.max_pixels = seed, max_pixels
         self.pixels: torch.Tensor | None = None  # every image, transformed, once preload() ran
         self.token_lengths: list[list[int]] | None = None  # per pair, per caption (measure_lengths)

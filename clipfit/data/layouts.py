@@ -19,41 +19,17 @@ import json
 import os
 import stat
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from clipfit.data.images import is_image_path
 from clipfit.data.text import caption_lines, has_undecodable, lines, read_text, repaired, undecodable_reason
+from clipfit.data.pairs import Pair, PairSet, Problem, resolve_inside
+from clipfit.data.tables import HUB_DATASET_PREFIX, is_save_to_disk, parquet_files, read_datasets, read_parquet
 from clipfit.errors import DataError, UsageError
 
 LAYOUTS = ("sidecar", "hf", "csv", "parquet", "datasets")
 HF_MANIFESTS = ("metadata.jsonl", "metadata.csv")
-
-
-@dataclass(frozen=True)
-class Pair:
-    image: Path  # or a clipfit.data.tables.TableImage: an image inside a table row, read when decoded
-    captions: tuple[str, ...]
-    key: str  # path relative to the data folder: a stable identity for caches and reports
-    stamp: tuple[int, int] | None = None  # (size, mtime_ns) when checked: see clipfit.data.dataset.open_checked
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    reason: str
-
-
-@dataclass
-class PairSet:
-    root: Path
-    layout: str
-    pairs: list[Pair]
-    problems: list[Problem] = field(default_factory=list)  # items that cannot be used
-    warnings: list[Problem] = field(default_factory=list)  # items used, but worth knowing
-    images_without_captions: list[str] = field(default_factory=list)
-    captions_without_images: list[str] = field(default_factory=list)
 
 
 def read_caption_file(path: Path, warnings: list[Problem]) -> list[str]:
@@ -167,21 +143,6 @@ def duplicate_name_warnings(root: Path, images: list[Path]) -> list[Problem]:
                       "pairs are keyed by relative path, so both are kept")
         for name, folders in sorted(folders_by_name.items()) if len(folders) > 1
     ]
-
-
-def resolve_inside(root: Path, name: str) -> tuple[Path | None, str | None]:
-    """Resolve a manifest path against root; refuse anything that escapes it."""
-    try:
-        candidate = (root / name).resolve()
-    except RuntimeError:  # Python < 3.13 raises this for a symlink loop
-        return None, f"symlink loop: {name}"
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
-        return None, f"unusable file name {name!r} ({e})"
-    if not candidate.is_relative_to(root.resolve()):
-        return None, f"path escapes the data folder: {name}"
-    if not candidate.is_file():  # a pipe or device is never opened: reading it could block
-        return None, f"not a regular file: {name}" if candidate.exists() else f"missing file: {name}"
-    return candidate, None
 
 
 # A manifest row: (where, e.g. "metadata.jsonl:7", file name, caption or list of captions)
@@ -350,8 +311,6 @@ def read_csv_layout(root: Path, img_key: str, caption_key: str) -> PairSet:
 
 
 def detect_layout(root: Path) -> str:
-    from clipfit.data.tables import is_save_to_disk, parquet_files
-
     if root.is_file():
         return "parquet" if root.suffix.lower() == ".parquet" else "csv"
     if any((root / m).is_file() for m in HF_MANIFESTS):
@@ -389,8 +348,6 @@ def load_pairs(
     caption_column: str | None = None,
 ) -> PairSet:
     """Read PAIRS in `layout` (auto-detected by default). Raises DataError when nothing usable is found."""
-    from clipfit.data.tables import HUB_DATASET_PREFIX, read_datasets, read_parquet
-
     if str(path).startswith(HUB_DATASET_PREFIX) and layout in ("auto", "datasets"):
         return with_pairs(Path(str(path)), read_datasets(str(path), image_column, caption_column))
     root = Path(path)

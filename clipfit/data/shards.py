@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipfit.data.dataset import batches_per_epoch
 from clipfit.data.images import IMAGE_EXTENSIONS, BadImage, open_rgb
 from clipfit.data.text import captions_of
-from clipfit.data.layouts import Pair
+from clipfit.data.pairs import Pair
 from clipfit.errors import DataError
 from clipfit.io import atomic_path, write_json
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipfit.data.layouts import Pair, PairSet, Problem, resolve_inside
+from clipfit.data.pairs import Pair, PairSet, Problem, resolve_inside
 from clipfit.errors import DataError, NetworkError, UsageError
 from clipfit.hub import first_line
 

@@ -145,12 +145,13 @@ def keys_hash(pairs) -> str:
     return hashlib.sha256("\n".join(p.key for p in pairs).encode()).hexdigest()[:16]
 
 
-def cached_inputs(ctx, regions: Regions, cache: FeatureCache) -> dict[str, Tensor]:
+def cached_inputs(ctx, regions: Regions, cache: FeatureCache, run) -> dict[str, Tensor]:
     """Region and token embeddings of the training pairs, from the feature cache or encoded now;
     under torchrun each rank encodes its share of the pairs (contiguous, so the flat tables and
-    their per-pair counts concatenate in pair order) and all ranks map the same entries."""
-    c, loaded, model = ctx.config, ctx.loaded, ctx.model
-    encoder = starting_model_identity(c)
+    their per-pair counts concatenate in pair order) and all ranks map the same entries. `run`: the
+    run's clipfit.methods.base.RunContext (its starting model, batch size, workers, pixel limit)."""
+    loaded, model = ctx.loaded, ctx.model
+    encoder = starting_model_identity(run.model, run.pretrained, run.seed)
 
     def captions_of(part: range) -> list[str]:
         return [caption for i in part for caption in ctx.pairs[i].captions]
@@ -161,11 +162,11 @@ def cached_inputs(ctx, regions: Regions, cache: FeatureCache) -> dict[str, Tenso
              "keys": keys_hash(ctx.pairs), "regions": regions.identity(),
              "preprocess": loaded.preprocess_cfg, "format": CACHE_FORMAT},
             lambda part: encode_regions(model, [ctx.pairs[i] for i in part], regions, loaded.preprocess_val,
-                                        ctx.device, c.batch_size, c.workers, c.max_image_pixels),
+                                        ctx.device, run.batch_size, run.workers, run.max_image_pixels),
             shards=ctx.dist, items=len(ctx.pairs), rows={"region_counts": len(ctx.pairs)})
         token_part = cache.get_or_build(
             {"kind": "dclip-tokens", "encoder": encoder, "captions": captions_hash(ctx.pairs),
              "context_length": loaded.context_length, "format": CACHE_FORMAT},
-            lambda part: encode_tokens(model, captions_of(part), loaded.tokenizer, ctx.device, c.batch_size),
+            lambda part: encode_tokens(model, captions_of(part), loaded.tokenizer, ctx.device, run.batch_size),
             shards=ctx.dist, items=len(ctx.pairs), rows={"token_counts": len(captions_of(range(len(ctx.pairs))))})
     return {**region_part, **token_part}

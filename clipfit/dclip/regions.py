@@ -88,8 +88,9 @@ class Regions:
         self.entries = read_boxes_file(self.boxes_file) if mode == "boxes" else {}
 
     @classmethod
-    def from_config(cls, config) -> "Regions":
-        return cls(config.dclip_regions, config.dclip_grid, config.dclip_boxes)
+    def from_options(cls, options) -> "Regions":
+        """From DCLIP's options (clipfit.methods.dclip_options.DCLIPOptions)."""
+        return cls(options.dclip_regions, options.dclip_grid, options.dclip_boxes)
 
     def boxes(self, key: str, width: int, height: int) -> list[Box]:
         if self.mode == "grid":

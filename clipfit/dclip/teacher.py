@@ -157,7 +157,7 @@ def teacher_image_embeddings(teacher: CrossModalTeacher, bank: RegionTokenBank, 
                              shards=None) -> Tensor:
     """t_img for every caption row (float32, CPU): what the student's image side is pulled towards.
     Under torchrun (`shards`) each rank computes its share of the rows and every rank gets all."""
-    from clipfit.parallel import Distributed, build_in_shares
+    from clipfit.distributed import Distributed, build_in_shares
 
     teacher.eval()
     pairs = [i for i in range(bank.pairs) for _ in range(int(bank.caption_counts[i]))]

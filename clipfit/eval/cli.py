@@ -53,7 +53,7 @@ def fixed_identity(model: str, pretrained: str) -> dict | None:
     random weights (`--pretrained none`), which this command draws unseeded."""
     from clipfit.cache import encoder_identity
     from clipfit.hub import HUB_PREFIX
-    from clipfit.models import is_run_dir
+    from clipfit.rundir import is_run_dir
 
     fixed = pretrained not in ("", "none") or is_run_dir(Path(model)) or model.startswith(HUB_PREFIX)
     return encoder_identity(model, pretrained) if fixed else None
@@ -82,10 +82,11 @@ class Session:
 
     def __init__(self, model: str, pretrained: str, batch_size: int, workers: int, precision: str, device: str,
                  quiet: bool, cache_dir: Optional[Path] = None):
-        from clipfit.cache import FeatureCache, default_cache_dir
+        from clipfit.cache import FeatureCache, resolve_cache_dir
         from clipfit.errors import UsageError
-        from clipfit.eval.encode import AUTOCAST, encoder_for
+        from clipfit.eval.encode import encoder_for
         from clipfit.models import load_model, resolve_device
+        from clipfit.precision import AUTOCAST
 
         if precision not in AUTOCAST:
             raise UsageError(f"--precision {precision!r}: choose one of {', '.join(AUTOCAST)}")
@@ -97,7 +98,7 @@ class Session:
         network = self.loaded.model.to(torch_device).eval()
         self.encoder = encoder_for(self.loaded, network, torch_device, batch_size, workers, precision, quiet,
                                    identity=fixed_identity(model, pretrained),
-                                   feature_cache=FeatureCache(cache_dir or default_cache_dir(), warn=warn))
+                                   feature_cache=FeatureCache(resolve_cache_dir(cache_dir), warn=warn))
 
     def names(self, model: str, pretrained: str) -> tuple[str, str]:
         """What CLIP_benchmark's `model` and `pretrained` fields should say: the weights that were

@@ -23,9 +23,8 @@ from clipfit.data.tokens import needed_lengths, text_trim_rule
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
 from clipfit.models import encode_text, evaluating
+from clipfit.precision import autocast
 from clipfit.progress import track
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ImageFiles(Dataset):
@@ -70,8 +69,7 @@ class Encoder:
     feature_cache: Any = None  # clipfit.cache.FeatureCache
 
     def autocast(self):
-        dtype = AUTOCAST[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast(self.device, self.precision)
 
     def batches(self, loader, description: str):
         if self.quiet:  # inside a command with its own Progress (refine): a phase of it

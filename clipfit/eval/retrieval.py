@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from clipfit.data.layouts import Pair
+from clipfit.data.pairs import Pair
 from clipfit.eval.encode import Encoder
 from clipfit.eval.metrics import caption_retrieval, geometry
 

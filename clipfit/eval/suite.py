@@ -1,7 +1,7 @@
 """Before/after evaluation inside `clipfit refine`, with the same code as `clipfit eval`.
 
 Results are flat `group/name/metric` keys in run.json's `before` and `after` (rates in
-points), next to the validation yardsticks of clipfit.run.evaluate_split:
+points), next to the validation yardsticks of clipfit.eval.split.evaluate_split:
   zeroshot/<dataset>/acc1 ...      one group per --eval-zeroshot DATASET=PATH
   retrieval/<folder>/... and       one group per --eval-retrieval PAIRS
   retrieval/validation/...         the run's own validation split, when --val-split > 0
@@ -43,32 +43,33 @@ def unique_name(name: str, taken: dict) -> str:
     return candidate
 
 
-def set_names(config, with_validation: bool) -> tuple[list[str], list[str]]:
-    """The names load_suite gives the zero-shot and the retrieval sets, known before anything is read."""
+def set_names(zeroshot_specs: list[str], retrieval_paths: list[str], with_validation: bool) -> tuple[list[str], list[str]]:
+    """The names load_suite gives the zero-shot sets (--eval-zeroshot DATASET=PATH) and the retrieval
+    sets (--eval-retrieval PAIRS, after the validation split), known before anything is read."""
     zeroshot: dict[str, None] = {}
-    for spec in config.eval_zeroshot:
+    for spec in zeroshot_specs:
         dataset, path = parse_zeroshot_spec(spec)
         zeroshot[unique_name(dataset if dataset != "folder" else Path(path).resolve().name, zeroshot)] = None
     retrieval: dict[str, None] = {"validation": None} if with_validation else {}
-    for path in config.eval_retrieval:
+    for path in retrieval_paths:
         retrieval[unique_name(Path(path).resolve().name, retrieval)] = None
     return list(zeroshot), list(retrieval)
 
 
-def load_suite(config, val_pairs: list, warn) -> Suite:
-    """Read every set once; before and after evaluate the same data."""
+def load_suite(zeroshot_specs: list[str], retrieval_paths: list[str], val_pairs: list, workers: int, warn) -> Suite:
+    """Read every set once (`workers` threads check a retrieval folder); before and after evaluate the same data."""
     from clipfit.eval.datasets import load_labelled
     from clipfit.eval.retrieval import load_eval_pairs
 
-    zeroshot_names, retrieval_names = set_names(config, bool(val_pairs))
+    zeroshot_names, retrieval_names = set_names(zeroshot_specs, retrieval_paths, bool(val_pairs))
     suite = Suite()
-    for name, spec in zip(zeroshot_names, config.eval_zeroshot):
+    for name, spec in zip(zeroshot_names, zeroshot_specs):
         dataset, path = parse_zeroshot_spec(spec)
         suite.zeroshot[name] = load_labelled(dataset, path)
     if val_pairs:
         suite.retrieval["validation"] = val_pairs
-    for name, path in zip(retrieval_names[bool(val_pairs):], config.eval_retrieval):
-        suite.retrieval[name] = load_eval_pairs(path, config.workers, warn)
+    for name, path in zip(retrieval_names[bool(val_pairs):], retrieval_paths):
+        suite.retrieval[name] = load_eval_pairs(path, workers, warn)
     warn_trivial(suite, warn)
     return suite
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from clipfit.parallel import Distributed
+from clipfit.distributed import Distributed
+
+if TYPE_CHECKING:  # a real import would load the model code while plugins register (clipfit.config)
+    from clipfit.data.pairs import Pair
+    from clipfit.models import LoadedModel
 
 
 @dataclass
@@ -21,10 +25,10 @@ class StepInputs:
     """Everything a method may look at in one training step.
 
     `images`/`texts` are what the encoder was given: pixels and tokens, or a locked tower's
-    precomputed outputs (clipfit.towers). `image_raw`/`text_raw` are the projected, unnormalised
+    precomputed outputs (clipfit.frozen). `image_raw`/`text_raw` are the projected, unnormalised
     embeddings (encode_*(normalize=False)); `image`/`text` their L2-normalised versions. `teacher()` returns the frozen starting
     model's unnormalised (image, text) embeddings for this batch, computed at most once per
-    step however many methods ask. With --grad-accum N every field holds the step's whole batch
+    step however many methods ask; a tower no method names in `Method.teacher_towers` is None. With --grad-accum N every field holds the step's whole batch
     (all N micro-batches, rows in order): a method computes its loss on "the batch" and the loop
     turns that into one accumulated gradient (Trainer.accumulated_gradients). `generator` is
     seeded from (seed, step) and the loss is computed once per step, so each pair of the batch gets
@@ -43,9 +47,27 @@ class StepInputs:
     logit_scale: Tensor
     generator: torch.Generator
     step: int
-    teacher: Callable[[], tuple[Tensor, Tensor]]
+    teacher: Callable[[], tuple[Tensor | None, Tensor | None]]
     captions: Tensor | None = None  # which of each image's captions this row trains on
     gather: Callable[[Tensor], Tensor] = lambda t: t
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a method is told about the run it is part of, when it is built (its own settings are
+    its options). `weights` are the loss weights of every term of the run after --weight: the
+    method's defaults (`Method.default_terms`) merged with the other methods' and the user's."""
+
+    seed: int
+    batch_size: int  # pairs per step and process
+    grad_accum: int  # micro-batches per step: a batch-level loss spans batch_size x grad_accum pairs
+    workers: int  # DataLoader worker processes the method may use to encode its own inputs
+    max_image_pixels: int  # decompression-bomb limit for the images the method opens itself
+    lora: bool  # only LoRA adapters train (the base weights are frozen already)
+    resuming: bool  # continuing an interrupted run in the same folder (--resume)
+    model: str  # the starting model as --model and --pretrained name it (its feature-cache identity)
+    pretrained: str
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,15 +75,12 @@ class MethodContext:
     """What a method gets once, before training: see `Method.prepare`."""
 
     model: nn.Module  # the (possibly peft-wrapped) student
-    loaded: Any  # clipfit.models.LoadedModel of the starting model
-    config: Any  # clipfit.config.RefineConfig
-    pairs: list  # the training pairs (clipfit.data.layouts.Pair), indexed like StepInputs.indices
+    loaded: LoadedModel  # the starting model
+    pairs: list[Pair]  # the training pairs, indexed like StepInputs.indices
     device: torch.device
     run_dir: Path
     cache_dir: Path
     log: Callable[[str], None]
-    frozen_features: Callable[..., Any] = None  # encodes a pair list with the frozen model
-    extra: dict = field(default_factory=dict)  # timings and facts for the report
     # The processes of a torchrun run: every rank prepares, so work done once (feature banks,
     # a teacher) must be shared (FeatureCache.get_or_build(shards=dist), dist.from_main), and
     # only rank 0 may write the run folder.
@@ -69,16 +88,33 @@ class MethodContext:
     warn: Callable[[str], None] | None = None  # shown even with --quiet (e.g. a damaged cache entry)
 
 
+ALL_OUTPUTS = frozenset({"image", "text", "logit_scale"})  # what a step's encoder returns (Method.outputs_read)
+
+
 class Method:
-    """Base class. Subclasses set `name`, `summary` and `terms` (term -> default weight)."""
+    """Base class. Subclasses set `name` and `terms` (term -> default weight), and `teacher_towers`
+    when their terms read `StepInputs.teacher()`; the one-line summary is the registry's
+    (clipfit.methods.REGISTRY). A method is built with its options (its MethodOptions dataclass, or
+    None when it has no flags) and the run's RunContext."""
 
     name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     terms: ClassVar[dict[str, float]] = {}
-    needs_teacher: ClassVar[bool] = False
+    teacher_towers: ClassVar[frozenset[str]] = frozenset()  # "image", "text": what step.teacher() must fill
 
-    def __init__(self, config: Any):
-        self.config = config
+    def outputs_read(self, terms: set[str]) -> frozenset[str]:
+        """Which of the step's model outputs ("image", "text", "logit_scale") computing `terms` reads.
+        A trainable part nothing reads gets no gradient, which DDP must be told; the default claims
+        nothing, so a method that does not say runs with DDP's slower, always-safe setting."""
+        return frozenset()
+
+    def __init__(self, options: Any, run: RunContext):
+        self.options = options
+        self.run = run
+
+    @classmethod
+    def default_terms(cls, options: Any) -> dict[str, float]:
+        """Loss terms and their default weights under these options (before --weight)."""
+        return dict(cls.terms)
 
     def prepare(self, ctx: MethodContext) -> None:
         """One-off work before the first step (feature banks, teacher training...)."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from clipfit.losses import clip_loss
-from clipfit.methods.base import Method
+from clipfit.methods.base import ALL_OUTPUTS, Method
 
 
 class Contrastive(Method):
     name = "contrastive"
-    summary = "CLIP's symmetric InfoNCE with the learnable logit scale (plain fine-tuning)."
     terms = {"clip": 1.0}
+
+    def outputs_read(self, terms):
+        return ALL_OUTPUTS if "clip" in terms else frozenset()
 
     def losses(self, step, wanted):
         return {"clip": clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)}

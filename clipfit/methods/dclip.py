@@ -33,12 +33,12 @@ def describe_curve(losses: list[float]) -> str:
 
 class DCLIP(Method):
     name = "dclip"
-    summary = "Distill CLIP: a region/token cross-attention teacher trained on your pairs, then distillation."
     terms = {"dclip_img": 1.0, "dclip_txt": 1.0, "dclip_con": 1.0}
-    needs_teacher = True
+    teacher_towers = frozenset({"text"})  # only the frozen text embedding; t_img comes from its own teacher
+    term_outputs = {"dclip_img": {"image"}, "dclip_txt": {"text"}, "dclip_con": {"image", "text"}}  # fixed τ, no scale
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, options, run):
+        super().__init__(options, run)
         self.targets: torch.Tensor | None = None  # t_img per caption row
         self.caption_starts: torch.Tensor | None = None
         self.facts: dict = {}
@@ -51,7 +51,7 @@ class DCLIP(Method):
         output (mlp.c_proj, Hugging Face's fc2, frozen there) is kept frozen here as well."""
         from clipfit.models import base_model
 
-        if self.config.dclip_vision != "proj" or self.config.lora:  # LoRA freezes the base weights already
+        if self.options.dclip_vision != "proj" or self.run.lora:  # LoRA freezes the base weights already
             return
         frozen = 0
         for name, param in base_model(model).visual.named_parameters():
@@ -69,7 +69,7 @@ class DCLIP(Method):
         from clipfit.dclip.teacher import RegionTokenBank, TEACHER_FILE, load_teacher, teacher_image_embeddings
         from clipfit.cache import FeatureCache, items_built_by_rank
 
-        regions = Regions.from_config(self.config)
+        regions = Regions.from_options(self.options)
         unused = regions.unused_names([p.key for p in ctx.pairs])
         if unused:
             ctx.log(f"dclip: {len(unused)} name(s) in {regions.boxes_file} match no training pair, e.g. {unused[0]}")
@@ -77,14 +77,14 @@ class DCLIP(Method):
         saved = load_teacher(source) if source else None  # before encoding: a bad path fails fast
         cache = FeatureCache(ctx.cache_dir, log=ctx.log, warn=ctx.warn)
         inputs = {name: t.float() if t.is_floating_point() else t
-                  for name, t in cached_inputs(ctx, regions, cache).items()}
+                  for name, t in cached_inputs(ctx, regions, cache, self.run).items()}
         bank = RegionTokenBank(caption_counts=torch.tensor([len(p.captions) for p in ctx.pairs]), **inputs)
         if saved:
             teacher = self.reuse_teacher(ctx, source, *saved, bank.regions.shape[1])
         else:
             teacher = self.teacher_trained_once(ctx, bank, bank.regions.shape[1], ctx.run_dir / TEACHER_FILE)
         teacher = teacher.to(ctx.device)
-        self.targets = teacher_image_embeddings(teacher, bank, ctx.device, self.config.batch_size,
+        self.targets = teacher_image_embeddings(teacher, bank, ctx.device, self.run.batch_size,
                                                 ctx.dist).to(ctx.device)
         self.caption_starts = bank.caption_starts.to(ctx.device)
         self.facts.update({"regions": self.describe_regions(bank), "tokens per caption (mean)":
@@ -94,9 +94,9 @@ class DCLIP(Method):
 
     def saved_teacher(self, own: Path) -> Path | None:
         """--dclip-teacher, or this run's own teacher when resuming; None means stage 1 runs."""
-        if self.config.dclip_teacher:
-            return Path(self.config.dclip_teacher)
-        return own if self.config.resume and own.is_file() else None
+        if self.options.dclip_teacher:
+            return Path(self.options.dclip_teacher)
+        return own if self.run.resuming and own.is_file() else None
 
     def reuse_teacher(self, ctx, source: Path, teacher, metadata: dict, dim: int):
         from clipfit.dclip.teacher import TEACHER_FILE, check_teacher_dim
@@ -122,13 +122,13 @@ class DCLIP(Method):
     def train_new_teacher(self, ctx, bank, dim: int, path: Path):
         from clipfit.dclip.teacher import CrossModalTeacher, TeacherTraining, save_teacher, train_teacher
 
-        c = self.config
+        o, run = self.options, self.run
         with torch.random.fork_rng(devices=[]):  # the student's random stream stays as without DCLIP
-            torch.manual_seed(c.seed)
+            torch.manual_seed(run.seed)
             teacher = CrossModalTeacher(dim)
-        ctx.log(f"dclip stage 1: training the cross-modal teacher for {c.dclip_teacher_epochs} epoch(s)")
+        ctx.log(f"dclip stage 1: training the cross-modal teacher for {o.dclip_teacher_epochs} epoch(s)")
         # the run's global batch: under torchrun this one process trains what a single-process run would
-        plan = TeacherTraining(c.dclip_teacher_epochs, c.dclip_teacher_lr, c.batch_size * ctx.dist.world_size, c.seed)
+        plan = TeacherTraining(o.dclip_teacher_epochs, o.dclip_teacher_lr, run.batch_size * ctx.dist.world_size, run.seed)
         train_teacher(teacher.to(ctx.device), bank, plan, ctx.device, ctx.log)
         save_teacher(teacher, path, plan)
         self.facts.update({"stage 1": f"teacher trained {plan.epochs} epoch(s), Adam lr {plan.lr:g}, saved to {path}",
@@ -137,10 +137,13 @@ class DCLIP(Method):
         return teacher
 
     def describe_regions(self, bank) -> str:
-        c = self.config
-        how = f"grid {c.dclip_grid}x{c.dclip_grid} + full + centre" if c.dclip_regions == "grid" else \
-            f"full + boxes from {c.dclip_boxes}"
+        o = self.options
+        how = f"grid {o.dclip_grid}x{o.dclip_grid} + full + centre" if o.dclip_regions == "grid" else \
+            f"full + boxes from {o.dclip_boxes}"
         return f"{how}, {float(bank.region_counts.float().mean()):.1f} per image"
+
+    def outputs_read(self, terms):
+        return frozenset().union(*(self.term_outputs[t] for t in terms))
 
     def losses(self, step, wanted):
         device = step.image_raw.device

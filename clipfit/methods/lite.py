@@ -60,37 +60,35 @@ def embedding_dim(ctx) -> int:
 
 class Lite(Method):
     name = "lite"
-    summary = "CLIP-Lite: Jensen-Shannon mutual-information bound with one negative per pair."
-    needs_teacher = False
 
-    def __init__(self, config):
-        super().__init__(config)
-        prior = config.lite_prior_weight
+    @classmethod
+    def default_terms(cls, options):
         # The authors' total is (1 - w)·JSD + w·prior; --weight overrides either term.
-        self.terms = {"lite": 1.0 - prior, "lite_prior": prior}
+        return {"lite": 1.0 - options.lite_prior_weight, "lite_prior": options.lite_prior_weight}
+
+    def __init__(self, options, run):
+        super().__init__(options, run)
         self.log_scale = (nn.Parameter(torch.tensor(math.log(1 / INITIAL_TEMPERATURE)))
-                          if config.lite_critic in ("learned", "heads") else None)
+                          if options.lite_critic in ("learned", "heads") else None)
         self.prior: nn.Module | None = None
         self.heads: nn.Module | None = None  # --lite-critic heads: the authors' critic heads
 
     def prior_wanted(self) -> bool:
-        from clipfit.methods import parse_weights
-
-        return parse_weights(self.config.weight).get("lite_prior", self.terms["lite_prior"]) != 0
+        return self.run.weights["lite_prior"] != 0
 
     def prepare(self, ctx):
-        if min(self.config.batch_size, len(ctx.pairs)) < 2:
+        if min(self.run.batch_size, len(ctx.pairs)) < 2:
             raise UsageError("--method lite needs at least 2 pairs per batch to form a negative (--batch-size)")
         if self.prior_wanted():
             with torch.random.fork_rng(devices=[]):  # seeded init without moving the global RNG
-                torch.manual_seed(self.config.seed)
+                torch.manual_seed(self.run.seed)
                 dim = embedding_dim(ctx)
                 # The authors' configuration matches both modalities to the prior, each with its own discriminator.
                 self.prior = nn.ModuleDict({"image": prior_discriminator(dim), "text": prior_discriminator(dim)})
                 self.prior.to(ctx.device)
-        if self.config.lite_critic == "heads":
+        if self.options.lite_critic == "heads":
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.seed + 1)
+                torch.manual_seed(self.run.seed + 1)
                 dim = embedding_dim(ctx)
                 self.heads = nn.ModuleDict({"image": CriticHead(dim), "text": CriticHead(dim)}).to(ctx.device)
 
@@ -100,6 +98,10 @@ class Lite(Method):
     def parameters(self):
         own = [self.log_scale] if self.log_scale is not None else []
         return own + [p for module in self.own_modules() for p in module.parameters()]
+
+    def outputs_read(self, terms):
+        scale = "lite" in terms and self.log_scale is None  # --lite-critic fixed: the model's logit scale
+        return frozenset({"image", "text"} | ({"logit_scale"} if scale else set())) if terms else frozenset()
 
     def critic_scale(self, step) -> torch.Tensor:
         return self.log_scale.exp() if self.log_scale is not None else step.logit_scale
@@ -111,7 +113,7 @@ class Lite(Method):
             image, text = step.gather(step.image), step.gather(step.text)
             if self.heads is not None:  # the authors feed the encoders' raw outputs to their heads
                 image, text = self.heads["image"](step.gather(step.image_raw)), self.heads["text"](step.gather(step.text_raw))
-            parts["lite"] = lite_loss(image, text, self.critic_scale(step), negatives=self.config.lite_negatives,
+            parts["lite"] = lite_loss(image, text, self.critic_scale(step), negatives=self.options.lite_negatives,
                                       generator=step.generator)
         if "lite_prior" in wanted:
             # On the raw (unnormalised) embeddings, as the authors feed the encoders' outputs.
@@ -145,7 +147,7 @@ class Lite(Method):
                             {"critic": "exp(log_scale) * cos(image(f_v), text(f_t))"})
 
     def report(self):
-        facts = {"critic": self.config.lite_critic, "negatives": self.config.lite_negatives}
+        facts = {"critic": self.options.lite_critic, "negatives": self.options.lite_negatives}
         if self.log_scale is not None:
             facts["learned_critic_scale"] = float(self.log_scale.detach().exp())
         if self.prior is not None:

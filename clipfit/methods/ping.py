@@ -51,11 +51,10 @@ class PingHeads(nn.Module):
 
 class Ping(Method):
     name = "ping"
-    summary = "CLIP-PING: nearest neighbours from frozen encoders' cached feature banks as extra contrastive targets."
     terms = {"clip": 1.0, "nn": 0.5, "xnn": 0.5}
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, options, run):
+        super().__init__(options, run)
         self.heads: PingHeads | None = None
         self.image_bank = self.text_bank = None
         self.image_neighbours = self.text_neighbours = None
@@ -64,17 +63,20 @@ class Ping(Method):
         self.step_seconds: list[float] = []
         self.last_call: float | None = None
 
+    def outputs_read(self, terms):
+        return frozenset({"image", "text"} | ({"logit_scale"} if "clip" in terms else set())) if terms else frozenset()
+
     # --- before training ------------------------------------------------------------------
     def prepare(self, ctx) -> None:
-        from clipfit.encoders import image_encoder, text_encoder
+        from clipfit.methods.ping_encoders import image_encoder, text_encoder
 
-        n = len(ctx.pairs)
-        if self.config.ping_k >= n:
-            raise UsageError(f"--ping-k {self.config.ping_k} needs more than {self.config.ping_k} training pairs "
+        n, k = len(ctx.pairs), self.options.ping_k
+        if k >= n:
+            raise UsageError(f"--ping-k {k} needs more than {k} training pairs "
                              f"(there are {n}): each pair's neighbours exclude the pair itself")
         cache = FeatureCache(ctx.cache_dir, log=ctx.log, warn=ctx.warn)
-        encoders = {"image": image_encoder(self.config.ping_image_encoder, ctx),
-                    "text": text_encoder(self.config.ping_text_encoder, ctx)}
+        encoders = {"image": image_encoder(self.options.ping_image_encoder, ctx, self.run),
+                    "text": text_encoder(self.options.ping_text_encoder, ctx, self.run)}
         started = time.perf_counter()
         keys = {tower: self.bank_key(tower, encoder, ctx.pairs) for tower, encoder in encoders.items()}
         self.image_bank, self.text_bank = (
@@ -109,9 +111,9 @@ class Ping(Method):
         share = f" (pairs {part.start}-{part.stop - 1} on this process)" if len(pairs) < len(ctx.pairs) else ""
         ctx.log(f"ping: encoding the {tower} bank of {len(ctx.pairs)} pairs{share} with the frozen {encoder.label}")
         loaded = encoder.load()
-        batch, workers = self.config.batch_size, self.config.workers
+        batch, workers = self.run.batch_size, self.run.workers
         if tower == "image":
-            bank = image_bank(pairs, loaded.encode, loaded.preprocess, batch, workers, self.config.max_image_pixels)
+            bank = image_bank(pairs, loaded.encode, loaded.preprocess, batch, workers, self.run.max_image_pixels)
         else:
             bank = text_bank(pairs, loaded.encode, batch)
         return {"bank": bank}
@@ -119,7 +121,7 @@ class Ping(Method):
     def find_neighbours(self, cache: FeatureCache, bank_keys: dict, ctx) -> None:
         """Top-k neighbours in each bank, computed once (the banks are frozen; under torchrun by
         rank 0 alone) and cached with them."""
-        k, kind = self.config.ping_k, index_kind(self.image_bank.shape[0], self.config.ping_index)
+        k, kind = self.options.ping_k, index_kind(self.image_bank.shape[0], self.options.ping_index)
         key = {"kind": "ping-neighbours", "format": BANK_FORMAT, "k": k, "index": kind,
                "image_bank": cache_key(bank_keys["image"]), "text_bank": cache_key(bank_keys["text"])}
         started = time.perf_counter()
@@ -139,7 +141,7 @@ class Ping(Method):
         identity = {"h_I": encoders["image"].is_starting_model, "h_T": encoders["text"].is_starting_model,
                     "x_I": encoders["text"].is_starting_model, "x_T": encoders["image"].is_starting_model}
         heads = PingHeads(probe.shape[-1], self.image_bank.shape[1], self.text_bank.shape[1], identity,
-                          self.config.seed)
+                          self.run.seed)
         return heads.to(ctx.device)
 
     # --- each step ------------------------------------------------------------------------
@@ -151,7 +153,7 @@ class Ping(Method):
         for every pair of the global batch: each rank draws the picks a single process would."""
         device = step.image.device
         indices = step.gather(step.indices.to(device)).cpu().long()
-        k = self.config.ping_k
+        k = self.options.ping_k
         image_pick = torch.randint(0, k, (len(indices),), generator=step.generator) if k > 1 else torch.zeros_like(indices)
         text_pick = torch.randint(0, k, (len(indices),), generator=step.generator) if k > 1 else torch.zeros_like(indices)
         return self.image_neighbours[indices, image_pick], self.text_neighbours[indices, text_pick]
@@ -172,7 +174,7 @@ class Ping(Method):
             image, text = step.gather(step.image.float()), step.gather(step.text.float())
             image_nn, text_nn = self.neighbour_picks(step)
             image_target, text_target = self.targets(image_nn, text_nn, step.image.device)
-            h, tau = self.heads, self.config.ping_temperature
+            h, tau = self.heads, self.options.ping_temperature
             # small heads and unit-norm targets: float32 keeps the τ=0.07 logits exact under autocast
             with torch.autocast(step.image.device.type, enabled=False):
                 # pairs sharing a neighbour share a target: ping_loss does not count it as their negative
@@ -211,7 +213,7 @@ class Ping(Method):
 
         save_state_dict(self.heads.state_dict(), run_dir / HEADS_FILE, {
             "image_encoder": self.facts.get("image_encoder"), "text_encoder": self.facts.get("text_encoder"),
-            "temperature": self.config.ping_temperature})
+            "temperature": self.options.ping_temperature})
 
     def report(self):
         facts = dict(self.facts)

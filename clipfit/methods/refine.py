@@ -63,7 +63,7 @@ def describe_probe(probe: dict) -> str:
 
 
 @torch.no_grad()
-def starting_embeddings(ctx, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+def starting_embeddings(ctx, pairs, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The starting model's unnormalised embeddings of `pairs` (each image with its first caption)."""
     from clipfit.data.images import open_rgb
     from clipfit.models import base_model, evaluating
@@ -73,7 +73,7 @@ def starting_embeddings(ctx, pairs) -> tuple[torch.Tensor, torch.Tensor]:
     with evaluating(model):
         for start in range(0, len(pairs), 64):
             part = pairs[start:start + 64]
-            pixels = torch.stack([loaded.preprocess_val(open_rgb(p.image, ctx.config.max_image_pixels)) for p in part])
+            pixels = torch.stack([loaded.preprocess_val(open_rgb(p.image, max_pixels)) for p in part])
             tokens = loaded.tokenizer([p.captions[0] for p in part])
             images.append(model.encode_image(pixels.to(ctx.device), normalize=False).float().cpu())
             texts.append(model.encode_text(tokens.to(ctx.device), normalize=False).float().cpu())
@@ -82,33 +82,37 @@ def starting_embeddings(ctx, pairs) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Refine(Method):
     name = "refine"
-    summary = "CLIP-Refine: random feature alignment (RaFA) + hybrid contrastive distillation (HyCD)."
     # `clip` is the contrastive term's name: 0 by default (the authors' lambda_cont = 0), settable.
     terms = {"rafa": 1.0, "hycd": 1.0, "clip": 0.0}
-    needs_teacher = True
+    teacher_towers = frozenset({"image", "text"})  # HyCD distils the teacher's image-text similarities
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.hycd_logits = config.hycd_logits
-        self.facts: dict = {"hycd_logits": config.hycd_logits, "hycd_logits_reason": "set by --hycd-logits"}
+    def __init__(self, options, run):
+        super().__init__(options, run)
+        self.hycd_logits = options.hycd_logits
+        self.facts: dict = {"hycd_logits": options.hycd_logits, "hycd_logits_reason": "set by --hycd-logits"}
 
     def prepare(self, ctx):
-        if self.config.hycd_logits != "auto":
+        if self.options.hycd_logits != "auto":
             return
-        from clipfit.train import base_logit_scale
+        from clipfit.models import base_logit_scale
 
         pairs = ctx.pairs[:PROBE_PAIRS]
-        image, text = starting_embeddings(ctx, pairs)
+        image, text = starting_embeddings(ctx, pairs, self.run.max_image_pixels)
         scale = float(base_logit_scale(ctx.model).detach().exp())
-        batch = self.config.batch_size * self.config.grad_accum * ctx.dist.world_size  # what HyCD's softmax spans
+        batch = self.run.batch_size * self.run.grad_accum * ctx.dist.world_size  # what HyCD's softmax spans
         probe = probe_hycd_logits(image, text, scale, min(batch, len(pairs)))
         self.hycd_logits = probe["choice"]
         reason = describe_probe(probe)
         ctx.log(f"refine: {reason}")
         self.facts = {"hycd_logits": probe["choice"], "hycd_logits_reason": reason, "hycd_logits_probe": probe}
 
+    def outputs_read(self, terms):
+        # Only the contrastive term and HyCD's scaled-cos logits use the model's logit scale.
+        scale = "clip" in terms or ("hycd" in terms and self.hycd_logits == "scaled-cos")
+        return frozenset({"image", "text"} | ({"logit_scale"} if scale else set())) if terms else frozenset()
+
     def losses(self, step, wanted):
-        c = self.config
+        o = self.options
         parts = {}
         if "rafa" in wanted:  # over the global batch, so the draws of z do not depend on the process count
             image, text = step.gather(step.image_raw), step.gather(step.text_raw)
@@ -120,8 +124,8 @@ class Refine(Method):
             with torch.autocast(step.image_raw.device.type, enabled=False):
                 image, text, teacher_image, teacher_text = (step.gather(t.float()) for t in (
                     step.image_raw, step.text_raw, teacher_image, teacher_text))
-                parts["hycd"] = hycd_loss(image, text, teacher_image, teacher_text, alpha=c.hycd_alpha,
-                                          temperature=c.hycd_temperature, logits=self.hycd_logits,
+                parts["hycd"] = hycd_loss(image, text, teacher_image, teacher_text, alpha=o.hycd_alpha,
+                                          temperature=o.hycd_temperature, logits=self.hycd_logits,
                                           logit_scale=step.logit_scale.float())
         if "clip" in wanted:
             parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)
@@ -130,7 +134,7 @@ class Refine(Method):
     def random_reference(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
         """z ~ N(0, σ²I), one row per pair; drawn on the CPU (the loss moves it to the features'
         device) so the numbers do not depend on the device."""
-        return torch.randn(shape, generator=generator) * self.config.rafa_sigma
+        return torch.randn(shape, generator=generator) * self.options.rafa_sigma
 
     def report(self):
         return dict(self.facts)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from clipfit.cache import FeatureCache, captions_hash, images_hash
 from clipfit.features import ordered_loader
-from clipfit.parallel import Distributed, build_in_shares
+from clipfit.distributed import Distributed, build_in_shares
 from clipfit.progress import track
 
 Encode = Callable[[Tensor], Tensor]
@@ -87,17 +88,15 @@ def encode_share(dataset, encode_images: Encode | None, encode_texts: Encode | N
 
 @dataclass
 class RowStore:
-    """Where precomputed rows are kept: a clipfit.cache.FeatureCache, and what rows depend on
-    besides the pairs and what is encoded (the starting model's identity; settings such as
-    precision and device type that change the numbers)."""
+    """Where precomputed rows are kept: a feature cache, and what rows depend on besides the
+    pairs and what is encoded (the starting model's identity; settings such as precision and
+    device type that change the numbers)."""
 
-    cache: Any
+    cache: FeatureCache
     model: dict
     settings: dict
 
     def key(self, kind: str, dataset, what: dict) -> dict:
-        from clipfit.cache import captions_hash, images_hash
-
         return {"kind": kind, "format": ROWS_FORMAT, "model": self.model, "images": images_hash(dataset.pairs),
                 "captions": captions_hash(dataset.pairs), "items": len(dataset), "what": what, **self.settings}
 

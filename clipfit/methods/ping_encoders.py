@@ -1,4 +1,5 @@
-"""Frozen encoders named by the user, loaded only when something must actually be encoded.
+"""CLIP-PING's frozen encoders (--ping-image-encoder, --ping-text-encoder), loaded only when
+something must actually be encoded.
 
 An encoder is described by its `identity` (what a FeatureCache key needs; computable without
 loading) and a `load()` returning a callable that maps a batch of inputs to embeddings:
@@ -46,7 +47,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def needs_weights(name: str) -> bool:
-    from clipfit.models import is_run_dir
+    from clipfit.rundir import is_run_dir
 
     return not (name.startswith("hf-hub:") or name == "lite0-minilm" or is_run_dir(Path(name)))
 
@@ -119,13 +120,13 @@ def hf_text_encoder(folder: str, flag: str, device: torch.device) -> FrozenEncod
     return FrozenEncoder(folder, identity, load)
 
 
-def starting_model_encoder(model: nn.Module, loaded, config, tower: str, device: torch.device) -> FrozenEncoder:
+def starting_model_encoder(model: nn.Module, loaded, identity: dict, tower: str, device: torch.device) -> FrozenEncoder:
     """The run's own starting model, used as it is before the first step.
 
     `model` is the student, still at its starting weights when methods prepare (LoRA adapters
     start as a no-op), so no second copy is loaded. Its train/eval mode is restored after use.
+    `identity`: the starting model's feature-cache identity (clipfit.cache.starting_model_identity).
     """
-    from clipfit.cache import starting_model_identity
 
     def load() -> LoadedEncoder:
         if tower == "image":
@@ -142,19 +143,25 @@ def starting_model_encoder(model: nn.Module, loaded, config, tower: str, device:
 
         return LoadedEncoder(encode, preprocess)
 
-    identity = {**starting_model_identity(config), "tower": tower}
-    return FrozenEncoder("starting model", identity, load, is_starting_model=True)
+    return FrozenEncoder("starting model", {**identity, "tower": tower}, load, is_starting_model=True)
 
 
-def image_encoder(spec: str | None, ctx) -> FrozenEncoder:
+def starting_identity(run) -> dict:
+    """The run's starting model's feature-cache identity; `run`: clipfit.methods.base.RunContext."""
+    from clipfit.cache import starting_model_identity
+
+    return starting_model_identity(run.model, run.pretrained, run.seed)
+
+
+def image_encoder(spec: str | None, ctx, run) -> FrozenEncoder:
     if spec is None:
-        return starting_model_encoder(ctx.model, ctx.loaded, ctx.config, "image", ctx.device)
-    return open_clip_encoder(spec, "--ping-image-encoder", "image", ctx.device, ctx.config.seed)
+        return starting_model_encoder(ctx.model, ctx.loaded, starting_identity(run), "image", ctx.device)
+    return open_clip_encoder(spec, "--ping-image-encoder", "image", ctx.device, run.seed)
 
 
-def text_encoder(spec: str | None, ctx) -> FrozenEncoder:
+def text_encoder(spec: str | None, ctx, run) -> FrozenEncoder:
     if spec is None:
-        return starting_model_encoder(ctx.model, ctx.loaded, ctx.config, "text", ctx.device)
+        return starting_model_encoder(ctx.model, ctx.loaded, starting_identity(run), "text", ctx.device)
     if is_hf_text_folder(spec):
         return hf_text_encoder(spec, "--ping-text-encoder", ctx.device)
-    return open_clip_encoder(spec, "--ping-text-encoder", "text", ctx.device, ctx.config.seed)
+    return open_clip_encoder(spec, "--ping-text-encoder", "text", ctx.device, run.seed)

@@ -19,8 +19,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from clipfit.frozen.rows import ItemRows, RowStore, encode_items
 from clipfit.models import base_model, encode_text, evaluating
-from clipfit.precompute import ItemRows, encode_items
+from clipfit.distributed import Distributed
 
 
 @dataclass
@@ -100,14 +101,11 @@ class LockedInputs:
         return found
 
 
-def precompute_locked(model: nn.Module, dataset, cacheable: set[str], batch_size: int, workers: int,
-                      device: torch.device, autocast, shards=None, store=None) -> LockedInputs | None:
-    """Outputs of every frozen part whose tower is in `cacheable`, for every training item
-    (under torchrun, `shards`: each rank encodes its share; with a `store`, kept in the feature
-    cache for later runs)."""
-    parts = {tower: part for tower, part in frozen_parts(model).items() if tower in cacheable}
-    if not parts:
-        return None
+def precompute_locked(model: nn.Module, dataset, parts: dict[str, FrozenPart], batch_size: int, workers: int,
+                      device: torch.device, autocast, shards: Distributed | None = None,
+                      store: RowStore | None = None) -> LockedInputs:
+    """Outputs of the frozen `parts` for every training item (under torchrun, `shards`: each rank
+    encodes its share; with a `store`, kept in the feature cache for later runs)."""
 
     def encoder(tower: str):
         if tower not in parts:

@@ -1,0 +1,45 @@
+"""Evaluating a run's own split: the validation yardsticks every method is judged by (CLIP loss,
+R@1 both ways, modality gap), on the validation pairs or, without them, a training subset."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipfit.data.images import DEFAULT_MAX_PIXELS
+from clipfit.data.pairs import Pair
+from clipfit.data.training import RunData
+from clipfit.eval.encode import Encoder, encoder_for
+from clipfit.eval.metrics import modality_gap, paired_retrieval
+from clipfit.eval.retrieval import encode_pairs_all_captions, first_captions
+from clipfit.losses import clip_loss
+from clipfit.models import LoadedModel
+from clipfit.models import base_logit_scale
+
+VALIDATION_KEY = "retrieval:validation"  # the suite's name for the validation split: encoded once for both
+TRAINING_SUBSET = 256  # pairs measured when there is no validation split
+
+
+def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
+    """The pairs a run is measured on, and what run.json calls them."""
+    return (data.val, "validation") if data.val else (data.train[:TRAINING_SUBSET], "training subset")
+
+
+def eval_key(data: RunData) -> str:
+    """The evaluation pairs' name in an Encoder's cache."""
+    return VALIDATION_KEY if data.val else eval_pairs(data)[1]
+
+
+def evaluate_split(model: nn.Module, pairs: list[Pair], loaded: LoadedModel, device: torch.device, batch_size: int,
+                   max_pixels: int = DEFAULT_MAX_PIXELS, encoder: Encoder | None = None,
+                   key: str = VALIDATION_KEY) -> dict[str, float]:
+    """Validation yardsticks every method is judged by: CLIP loss, R@1 both ways, modality gap,
+    on each image with its first caption. `key` names the pairs in `encoder`'s cache."""
+    encoder = encoder or encoder_for(loaded, model, device, batch_size, 0, "fp32")
+    features = encode_pairs_all_captions(encoder, pairs, key, max_pixels)
+    image, text = features.image, first_captions(features)
+    retrieval = paired_retrieval(image, text, ks=(1,))
+    with torch.no_grad():
+        loss = clip_loss(image, text, base_logit_scale(model).exp().float().cpu()).item()
+    return {"clip_loss": loss, "image_to_text_R@1": retrieval["image_to_text_R@1"],
+            "text_to_image_R@1": retrieval["text_to_image_R@1"], "modality_gap": modality_gap(image, text)}
