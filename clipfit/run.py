@@ -67,6 +67,7 @@ def prepare_model(loaded: models.LoadedModel, config: RefineConfig, device: torc
         model.lock_text_tower(unlocked_layers=0)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    models.use_channels_last(model, device)
     if config.lora:
         targets = models.resolve_lora_targets(model, config.lora_targets)
         model = models.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, targets)
