@@ -66,6 +66,9 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bias" in name or "logit_scale" in name or ".ln" in name or "norm" in name
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, decay_all: bool = False):
     """AdamW; open_clip's decay groups unless `decay_all` (decay on every parameter, torch's plain
@@ -76,7 +79,9 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], lr: float, wei
         {"params": [p for n, p in trainable if exempt(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in trainable if not exempt(n, p)], "weight_decay": weight_decay},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    # torch's fused kernel: the same update to float rounding, ~5x faster a step on CPU (benchmarks/adamw_step.py)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for _, p in trainable)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:

@@ -45,6 +45,24 @@ def test_decay_all_and_torch_betas_reach_the_optimiser():
         [(0.1, (0.9, 0.999), 1e-8, 2)]
 
 
+def test_the_fused_optimiser_steps_as_torch_plain_adamw_does():
+    torch.manual_seed(0)
+    weight, bias = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in (weight, bias)]
+    start = weight.detach().clone()
+    ours = build_optimizer([("w", weight), ("b", bias)], 1e-2, 0.1)
+    plain = torch.optim.AdamW([{"params": [twin[1]], "weight_decay": 0.0}, {"params": [twin[0]], "weight_decay": 0.1}],
+                              lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    assert all(g["fused"] for g in ours.param_groups)
+    for _ in range(3):
+        for p in (weight, bias, *twin):
+            p.grad = torch.ones_like(p) * p.detach().sum().sign()
+        ours.step()
+        plain.step()
+    assert torch.allclose(weight, twin[0], atol=1e-7) and torch.allclose(bias, twin[1], atol=1e-7)
+    assert (weight - start).abs().min() > 1e-3  # every weight moved: the comparison is not of untouched tensors
+
+
 def test_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step():
     assert [lr_factor(s, 2, 6, "linear") for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
 
