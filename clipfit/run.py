@@ -25,6 +25,7 @@ from clipfit.best import TrainingEvaluations
 from clipfit.cache import FeatureCache, resolve_cache_dir, starting_model_identity
 from clipfit.config import RefineConfig
 from clipfit.data.training import RunData, load_data, make_dataset, same_data
+from clipfit.distributed import Distributed, local_device, start_distributed
 from clipfit.errors import UsageError
 from clipfit.eval.encode import Encoder, encoder_for
 from clipfit.eval.retrieval import encode_pairs_all_captions
@@ -34,7 +35,6 @@ from clipfit.frozen.prepare import FrozenInputs, FrozenPlan, prepare_frozen
 from clipfit.frozen.rows import RowStore
 from clipfit.methods import Composite, build_methods, parse_weights
 from clipfit.methods.base import MethodContext, RunContext
-from clipfit.distributed import Distributed, local_device, start_distributed
 from clipfit.parallel import build_encoder, unused_parameters
 from clipfit.progress import Progress, activate
 from clipfit.report import write_report

@@ -19,12 +19,12 @@ from clipfit.checkpoint import checkpoint_paths, load_latest, rng_state, save_ch
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.data.workers import Loader, ignore_stop_signals
 from clipfit.errors import Interrupted, OutputError, TrainingError, UsageError
-from clipfit.frozen.prepare import FrozenInputs
 from clipfit.best import TrainingEvaluations
+from clipfit.distributed import Distributed, average_gradients, gather_features
+from clipfit.frozen.prepare import FrozenInputs
 from clipfit.io import append_jsonl, truncate_jsonl
 from clipfit.methods import Composite
 from clipfit.methods.base import StepInputs
-from clipfit.distributed import Distributed, average_gradients, gather_features
 from clipfit.models import base_logit_scale
 from clipfit.parallel import PairEncoder
 from clipfit.precision import autocast

@@ -13,8 +13,7 @@ from clipfit.eval.encode import Encoder, encoder_for
 from clipfit.eval.metrics import modality_gap, paired_retrieval
 from clipfit.eval.retrieval import encode_pairs_all_captions, first_captions
 from clipfit.losses import clip_loss
-from clipfit.models import LoadedModel
-from clipfit.models import base_logit_scale
+from clipfit.models import LoadedModel, base_logit_scale
 
 VALIDATION_KEY = "retrieval:validation"  # the suite's name for the validation split: encoded once for both
 TRAINING_SUBSET = 256  # pairs measured when there is no validation split

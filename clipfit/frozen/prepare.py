@@ -23,10 +23,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from clipfit.distributed import Distributed
 from clipfit.frozen.rows import RowStore
 from clipfit.frozen.teacher import FrozenTeacher
 from clipfit.frozen.towers import FrozenPart, LockedInputs, frozen_parts, precompute_locked
-from clipfit.distributed import Distributed
 from clipfit.precision import autocast_for
 
 
