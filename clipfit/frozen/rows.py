@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from clipfit.cache import FeatureCache, captions_hash, images_hash
-from clipfit.features import ordered_loader
 from clipfit.distributed import Distributed, build_in_shares
+from clipfit.features import ordered_loader
 from clipfit.progress import track
 
 Encode = Callable[[Tensor], Tensor]

@@ -15,10 +15,10 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from clipfit.distributed import Distributed
 from clipfit.frozen.rows import ItemRows, RowStore, encode_items
 from clipfit.frozen.towers import FrozenPart, LockedInputs
 from clipfit.models import encode_text, evaluating
-from clipfit.distributed import Distributed
 
 TOWERS = frozenset({"image", "text"})
 

@@ -19,9 +19,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from clipfit.distributed import Distributed
 from clipfit.frozen.rows import ItemRows, RowStore, encode_items
 from clipfit.models import base_model, encode_text, evaluating
-from clipfit.distributed import Distributed
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clipfit.errors import UsageError
@@ -114,8 +114,6 @@ def options_classes(taken: set[str]) -> dict[str, type]:
     Called by clipfit.config to compose the settings; later registrations may not add options.
     A method whose option names are `taken` (core settings) or another method's is unregistered
     and reported in PLUGIN_ERRORS (only a plugin can do that: the built-in names are distinct)."""
-    from dataclasses import fields
-
     SEALED["options"] = True
     found, taken = {}, set(taken)
     for name in list(REGISTRY):

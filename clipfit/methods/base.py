@@ -91,6 +91,14 @@ class MethodContext:
 ALL_OUTPUTS = frozenset({"image", "text", "logit_scale"})  # what a step's encoder returns (Method.outputs_read)
 
 
+def both_towers_read(terms: set[str], logit_scale: bool) -> frozenset[str]:
+    """`Method.outputs_read` of terms that read both towers' features, and the model's logit scale
+    when `logit_scale`; nothing when no term is computed."""
+    if not terms:
+        return frozenset()
+    return ALL_OUTPUTS if logit_scale else ALL_OUTPUTS - {"logit_scale"}
+
+
 class Method:
     """Base class. Subclasses set `name` and `terms` (term -> default weight), and `teacher_towers`
     when their terms read `StepInputs.teacher()`; the one-line summary is the registry's

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clipfit.losses import clip_loss
-from clipfit.methods.base import ALL_OUTPUTS, Method
+from clipfit.methods.base import Method, both_towers_read
 
 
 class Contrastive(Method):
@@ -11,7 +11,7 @@ class Contrastive(Method):
     terms = {"clip": 1.0}
 
     def outputs_read(self, terms):
-        return ALL_OUTPUTS if "clip" in terms else frozenset()
+        return both_towers_read(terms, "clip" in terms)
 
     def losses(self, step, wanted):
         return {"clip": clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)}

@@ -12,7 +12,7 @@ from torch import nn
 
 from clipfit.errors import ModelError, UsageError
 from clipfit.losses import lite_loss, prior_matching_loss
-from clipfit.methods.base import Method
+from clipfit.methods.base import Method, both_towers_read
 from clipfit.rundir import LITE_CRITIC
 
 INITIAL_TEMPERATURE = 0.07  # the authors' critic temperature: log-scale starts at ln(1/0.07)
@@ -101,7 +101,7 @@ class Lite(Method):
 
     def outputs_read(self, terms):
         scale = "lite" in terms and self.log_scale is None  # --lite-critic fixed: the model's logit scale
-        return frozenset({"image", "text"} | ({"logit_scale"} if scale else set())) if terms else frozenset()
+        return both_towers_read(terms, scale)
 
     def critic_scale(self, step) -> torch.Tensor:
         return self.log_scale.exp() if self.log_scale is not None else step.logit_scale

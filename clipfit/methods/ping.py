@@ -21,7 +21,7 @@ from clipfit.errors import UsageError
 from clipfit.cache import FeatureCache, cache_key, captions_hash, images_hash, items_built_by_rank
 from clipfit.features import image_bank, text_bank
 from clipfit.losses import clip_loss, ping_loss
-from clipfit.methods.base import Method
+from clipfit.methods.base import Method, both_towers_read
 from clipfit.models import encode_text
 from clipfit.neighbours import index_kind, nearest_neighbours
 from clipfit.rundir import PING_HEADS
@@ -64,7 +64,7 @@ class Ping(Method):
         self.last_call: float | None = None
 
     def outputs_read(self, terms):
-        return frozenset({"image", "text"} | ({"logit_scale"} if "clip" in terms else set())) if terms else frozenset()
+        return both_towers_read(terms, "clip" in terms)
 
     # --- before training ------------------------------------------------------------------
     def prepare(self, ctx) -> None:

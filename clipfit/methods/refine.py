@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from clipfit.losses import clip_loss, hycd_loss, rafa_loss
-from clipfit.methods.base import Method
+from clipfit.methods.base import Method, both_towers_read
 
 PROBE_PAIRS = 256  # the first training pairs the HyCD logits choice looks at
 
@@ -109,7 +109,7 @@ class Refine(Method):
     def outputs_read(self, terms):
         # Only the contrastive term and HyCD's scaled-cos logits use the model's logit scale.
         scale = "clip" in terms or ("hycd" in terms and self.hycd_logits == "scaled-cos")
-        return frozenset({"image", "text"} | ({"logit_scale"} if scale else set())) if terms else frozenset()
+        return both_towers_read(terms, scale)
 
     def losses(self, step, wanted):
         o = self.options
