@@ -240,7 +240,7 @@ def cacheable_towers(config: RefineConfig) -> frozenset[str]:
     return frozenset({"text"} | (set() if config.augment else {"image"}))
 
 
-def method_run(config: RefineConfig):
+def method_run(config: RefineConfig) -> RunContext:
     """What the methods are told about the run (their own settings are their options)."""
     return RunContext(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
                       workers=config.workers, max_image_pixels=config.max_image_pixels, lora=config.lora,
