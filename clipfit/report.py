@@ -8,10 +8,10 @@ from typing import Any
 from clipfit.eval.results import listed_once
 from clipfit.io import read_jsonl, write_text
 from clipfit.rundir import METRICS_JSONL, REPORT_HTML, REPORT_MD
+from clipfit.selection import lower_is_better
 
 GAP_FORMS = ("modality_gap: L2 distance between the centroids of the normalised image and text embeddings; "
              "modality_gap_mse: the squared centroid difference averaged over dimensions.")
-LOWER_IS_BETTER = {"clip_loss", "modality_gap", "modality_gap_mse", "alignment", "uniformity_image", "uniformity_text"}
 
 
 def fmt(value: Any) -> str:
@@ -33,7 +33,7 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> lis
             lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | n/a |")
             continue
         delta = after[name] - before[name]
-        better = (delta < 0) if name in LOWER_IS_BETTER else (delta > 0)
+        better = (delta < 0) if lower_is_better(name) else (delta > 0)
         mark = "" if abs(delta) < 1e-12 else (" (better)" if better else " (worse)")
         lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | {delta:+.4f}{mark} |")
     return lines

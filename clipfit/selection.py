@@ -24,10 +24,10 @@ from clipfit.errors import UsageError
 SPLIT_METRICS = ("clip_loss", "image_to_text_R@1", "text_to_image_R@1", "modality_gap")
 MEAN_R1 = "mean-R@1"
 GEOMETRY_METRICS = ("modality_gap", "modality_gap_mse", "alignment", "uniformity_image", "uniformity_text")
-ZEROSHOT_METRICS = ("acc1", "acc5", "mean_per_class_recall", *GEOMETRY_METRICS)
+ZEROSHOT_METRICS = ("acc1", "acc5", "mean_per_class_recall", "ece", *GEOMETRY_METRICS)
 RETRIEVAL_METRICS = tuple(f"{kind}_retrieval_recall@{k}" for kind in ("image", "text") for k in (1, 5, 10)) + (
     "image_retrieval_mrr", "text_retrieval_mrr", *GEOMETRY_METRICS)
-LOWER_IS_BETTER = {"clip_loss", *GEOMETRY_METRICS}  # as clipfit.report marks them
+LOWER_IS_BETTER = {"clip_loss", "ece", *GEOMETRY_METRICS}  # what clipfit.report marks better when it falls
 HELD_OUT = "zeroshot/"  # the sets --max-zeroshot-drop guards
 GUARDED_METRIC = "acc1"
 
@@ -66,6 +66,7 @@ def metric_key(metric: str) -> str:
 
 
 def lower_is_better(metric: str) -> bool:
+    """For a user's metric name or a measurement's key (`zeroshot/SET/ece`, `clip_loss`)."""
     return metric != MEAN_R1 and metric_key(metric).rpartition("/")[2] in LOWER_IS_BETTER
 
 

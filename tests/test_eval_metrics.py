@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipfit.eval.metrics import (caption_retrieval, geometry, mean_reciprocal_rank, modality_gap_mse, paired_retrieval,
-                                  recall_at_k, uniformity)
+from clipfit.eval.metrics import (caption_retrieval, expected_calibration_error, geometry, mean_reciprocal_rank,
+                                  modality_gap_mse, paired_retrieval, recall_at_k, uniformity)
 from clipfit.eval.results import benchmark_json, is_rate
 from clipfit.eval.suite import gate, parse_zeroshot_spec
 from clipfit.errors import GateFailed, UsageError
@@ -114,3 +114,23 @@ def test_zeroshot_spec_parsing():
         with pytest.raises(UsageError):
             parse_zeroshot_spec(bad)
     assert GateFailed.exit_code == 6
+
+
+def test_expected_calibration_error_by_hand():
+    # confidences 0.75, 0.75, 0.9, 0.7 (softmax of [ln p/(1-p), 0]); 15 bins of width 1/15:
+    # bin (11/15, 12/15]: 0.75 right, 0.75 wrong -> |0.5 - 0.75| * 2/4 = 0.125
+    # bin (13/15, 14/15]: 0.9 right              -> |1 - 0.9|    * 1/4 = 0.025
+    # bin (10/15, 11/15]: 0.7 wrong              -> |0 - 0.7|    * 1/4 = 0.175   total 0.325
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    logits = torch.tensor([[logit(0.75), 0.0], [logit(0.75), 0.0], [0.0, logit(0.9)], [logit(0.7), 0.0]])
+    targets = torch.tensor([0, 1, 1, 1])
+    assert expected_calibration_error(logits, targets) == pytest.approx(32.5)
+    # the same predictions at a lower temperature are more confident, and here worse calibrated
+    assert expected_calibration_error(4 * logits, targets) > 32.5
+
+
+def test_expected_calibration_error_is_zero_when_confidence_matches_accuracy():
+    # two rows at confidence 0.5 exactly (one right, one wrong) and one certain, right row
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [100.0, 0.0]])
+    assert expected_calibration_error(logits, torch.tensor([0, 1, 0])) == pytest.approx(0.0, abs=1e-9)
+    assert math.isnan(expected_calibration_error(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))

@@ -75,7 +75,23 @@ def test_zeroshot_matches_a_direct_implementation(tmp_path, tiny_model):
     assert ours["acc5"] == pytest.approx(top5, abs=1e-4)  # float32 means; one image is 4.8 points
     assert ours["mean_per_class_recall"] == pytest.approx(np.mean(per_class), abs=1e-4)  # float32 means; one image is 4.8 points
     assert torch.allclose(class_embeddings(encoder, CLASSES, templates), classifier, atol=1e-5)
+    scale = tiny_model.model.logit_scale.exp().item()  # calibration at the model's own temperature
+    assert ours["ece"] == pytest.approx(numpy_ece(scale / 100.0 * logits.numpy(), targets.numpy()), abs=1e-4)
     assert len(set(logits.argmax(1).tolist())) > 1  # the random model is not constant, so the check has teeth
+
+
+def numpy_ece(logits: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """Guo et al.'s ECE written out with numpy's bin edges, as a cross-check."""
+    exp = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities = exp / exp.sum(1, keepdims=True)
+    confidence, correct = probabilities.max(1), probabilities.argmax(1) == targets
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        members = (confidence > low) & (confidence <= high)
+        if members.any():
+            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return 100.0 * total
 
 
 class FakeEncoder:

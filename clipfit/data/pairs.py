@@ -13,6 +13,7 @@ class Pair:
     captions: tuple[str, ...]
     key: str  # path relative to the data folder: a stable identity for caches and reports
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) when checked: see clipfit.data.dataset.open_checked
+    label: int | None = None  # class index in a labelled folder: pairs of one class are positives of each other
 
 
 @dataclass(frozen=True)

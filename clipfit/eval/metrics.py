@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 NO_POSITIVE = math.inf
+ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) and the robust fine-tuning papers use
 UNIFORMITY_SAMPLE = 4096  # a seeded subsample keeps the pairwise distances at 8M
 CHUNK = 1024  # query rows scored at a time: a (CHUNK x keys) matrix instead of (queries x keys)
 
@@ -160,3 +161,26 @@ def geometry(image: Tensor, text: Tensor, matched: tuple[Tensor, Tensor] | None 
         "uniformity_image": uniformity(image),
         "uniformity_text": uniformity(text),
     }
+
+
+def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error (Guo et al. 2017), in percent like top-1.
+
+    With p_i = max_c softmax(logits_i) the confidence of row i and B_1..B_M the rows whose
+    confidence falls in (m−1)/M < p ≤ m/M (M = `bins` equal-width bins):
+        ECE = Σ_m (|B_m| / n) · | acc(B_m) − conf(B_m) |
+    where acc is the fraction of B_m whose arg-max is the target and conf the mean p over B_m.
+    `logits` are at the temperature being judged: for a CLIP classifier, the model's logit scale
+    times the cosine similarities.
+    """
+    if len(targets) == 0:
+        return undefined("calibration error needs at least one prediction")
+    probabilities = torch.softmax(logits.double(), dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    correct = (predicted == targets.to(predicted.device)).double()
+    which = torch.clamp(torch.ceil(confidence * bins).long() - 1, 0, bins - 1)
+    error = torch.zeros((), dtype=torch.float64)
+    for m in which.unique():
+        members = which == m
+        error += members.double().mean() * (correct[members].mean() - confidence[members].mean()).abs()
+    return 100.0 * error.item()

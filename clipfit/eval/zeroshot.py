@@ -3,8 +3,9 @@
 Class embedding = mean of the L2-normalised embeddings of the class name in every template,
 renormalised. Logits = 100 · cos(image, class). The classifier (one row per class) of a model
 with fixed weights is kept in the feature cache, keyed by the model, the class names and the
-templates: ImageNet's 80,000 prompts are encoded once per model, not once per evaluation. Top-1, top-5 (with more than 5 classes) and
-mean per-class recall (sklearn's balanced accuracy: classes without images are left out).
+templates: ImageNet's 80,000 prompts are encoded once per model, not once per evaluation. Top-1, top-5 (with more than 5 classes),
+mean per-class recall (sklearn's balanced accuracy: classes without images are left out), and the
+expected calibration error `ece` of the softmax at the model's own logit scale.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from clipfit.eval.datasets import LabelledImages, fill
 from clipfit.eval.encode import Encoder
-from clipfit.eval.metrics import geometry
+from clipfit.eval.metrics import expected_calibration_error, geometry
+from clipfit.models import base_logit_scale
 
 
 CLASSIFIER_FORMAT = 1
@@ -69,5 +71,13 @@ def zeroshot(encoder: Encoder, data: LabelledImages) -> dict[str, float]:
     classifier = class_embeddings(encoder, data.classes, data.templates)
     images = encoder.images(data.images, data.load, data.key)
     labels = torch.tensor(data.labels)
-    logits = 100.0 * images @ classifier.T
-    return {**classification_metrics(logits, labels), **geometry(images, classifier, (images, classifier[labels]))}
+    similarity = images @ classifier.T
+    metrics = classification_metrics(100.0 * similarity, labels)
+    metrics["ece"] = expected_calibration_error(model_logit_scale(encoder) * similarity, labels)
+    return {**metrics, **geometry(images, classifier, (images, classifier[labels]))}
+
+
+def model_logit_scale(encoder: Encoder) -> float:
+    """exp(logit_scale) of the encoder's model: the temperature its own softmax uses, at which
+    calibration is judged (ranking metrics use CLIP_benchmark's fixed 100, which ranks alike)."""
+    return float(base_logit_scale(encoder.model).detach().exp())
