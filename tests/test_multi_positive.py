@@ -43,6 +43,16 @@ def test_a_labelled_pair_is_grouped_by_its_class_whatever_its_caption():
     assert item_group(plain, 0) == item_group(plain, 1) == caption_group("a cat")
 
 
+def test_dataset_items_carry_their_group():
+    from clipfit.data.dataset import PairDataset
+
+    pairs = [Pair(Path("a.png"), ("A cat",), "a.png", label=1), Pair(Path("b.png"), ("a  dog", "A dog"), "b.png")]
+    dataset = PairDataset(pairs, transform=None, tokenizer=lambda texts: torch.zeros(len(texts), 4), seed=0,
+                          max_pixels=1)
+    dataset.with_images = False  # as the loop reads a locked image tower's rows: groups travel all the same
+    assert [dataset[(epoch, i)]["group"] for epoch in (0, 1) for i in (0, 1)] == [1, caption_group("a dog")] * 2
+
+
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> Path:
     """16 pairs, 4 captions written in different case and spacing: any 8 pairs repeat one."""
