@@ -124,6 +124,8 @@ def test_a_folder_whose_captions_repeat_trains_on_other_negatives(repeated):
     _, root = repeated
     configs = [json.loads((root / name / "run.json").read_text())["config"] for name in ("on", "off")]
     assert [c["multi_positive"] for c in configs] == [True, False]
+    reports = [(root / name / "report.md").read_text() for name in ("on", "off")]
+    assert "; multi-positive targets" in reports[0] and "; one-hot targets (--no-multi-positive)" in reports[1]
     losses = [read_jsonl(root / name / "metrics.jsonl")[0]["lite"] for name in ("on", "off")]
     assert losses[0] != pytest.approx(losses[1], rel=1e-3)  # the rolled negative was often the same caption
 
