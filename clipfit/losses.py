@@ -32,8 +32,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 
 
 def symmetric_cross_entropy(logits: Tensor, positives: Tensor | None = None) -> Tensor:
-    """½ [ CE(X, T) + CE(Xᵀ, Tᵀ) ] with T = P / rowsum(P) for the transposed side Pᵀ likewise;
-    `positives=None` is the one-hot y_i = i, computed with class indices (as before P existed)."""
+    """½ [ CE(X, T) + CE(Xᵀ, T') ] with T = P / rowsum(P) and T' = Pᵀ / rowsum(Pᵀ) (T' = T for a
+    symmetric P); `positives=None` is the one-hot y_i = i, computed with class indices."""
     if positives is None:
         labels = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
@@ -126,7 +126,7 @@ def hycd_loss(image_features: Tensor, text_features: Tensor, teacher_image_featu
     Target Q = α·P̃ + (1−α)·softmax(G/T) row-wise, P̃ = P / rowsum(P) (the authors' α·I when
     P = I, `positives=None`), then
         L = ½ [ T²·KL(Q ‖ softmax(S/T)) + T²·KL(Qᵀ-side ‖ softmax(Sᵀ/T)) ]
-    where the second term uses Sᵀ, Gᵀ and Pᵀ (text→image), and KL(Q‖P) = (1/B) Σ_i Σ_j Q_ij log(Q_ij / P_ij).
+    where the second term uses Sᵀ, Gᵀ and Pᵀ (text→image), and KL(Q‖R) = (1/B) Σ_i Σ_j Q_ij log(Q_ij / R_ij).
     The teacher logits are a target: no gradient flows into them.
     """
     if logits == "scaled-cos":
