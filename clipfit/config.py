@@ -29,6 +29,14 @@ from clipfit.trackers import check_available, parse_report_to
 RESULT_NEUTRAL = {"out", "overwrite", "resume", "quiet", "json", "debug", "workers", "save_every",
                   "keep_checkpoints", "log_every", "cache_dir", "config", "eval_zeroshot",
                   "eval_retrieval", "fail_on_zeroshot_drop", "max_steps", "strict", "report_to"}
+# Result-affecting settings added after runs were recorded: the value a run.json without the key
+# was trained with, so --resume and sweeps compare an older run's settings truthfully.
+ADDED_LATER = {"multi_positive": False}
+
+
+def saved_settings(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run.json's "config" with the settings it predates filled in as that run used them."""
+    return {**ADDED_LATER, **recorded}
 
 
 @dataclass
@@ -59,6 +67,7 @@ class CoreSettings:
     max_steps: Optional[int] = opt(None, "Stop after this many optimiser steps.")
     batch_size: int = opt(32, "Pairs per step (per process).")
     grad_accum: int = opt(1, "Micro-batches per optimiser step, trained as ONE batch of batch-size x N: every batch-level loss sees all their pairs (open_clip's --accum-freq). Costs one extra forward (without gradients) per micro-batch.")
+    multi_positive: bool = opt(True, "Items of one batch with the same class (labelled folders) or the same caption (after whitespace and case normalisation) are positives of each other: targets uniform over them, never a negative (every method). --no-multi-positive: one-hot targets, each item's own pair its only positive.")
     lr: Optional[float] = opt(None, "AdamW learning rate [default: 1e-5 full fine-tuning, 1e-4 with --lora].")
     weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, logit scale unless --decay-all).")
     decay_all: bool = opt(False, "Apply weight decay to every parameter (torch's AdamW(model.parameters()), as CLIP-Refine's and DCLIP's code).")

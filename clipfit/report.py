@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clipfit.config import saved_settings
 from clipfit.eval.results import listed_once
 from clipfit.io import read_jsonl, write_text
 from clipfit.rundir import METRICS_JSONL, REPORT_HTML, REPORT_MD
@@ -132,6 +133,12 @@ def method_sections(methods: dict[str, dict]) -> list[str]:
     return lines
 
 
+def targets_line(config: dict[str, Any]) -> str:
+    if saved_settings(config)["multi_positive"]:
+        return "multi-positive targets (items of one class or caption in a batch are not each other's negatives)"
+    return "one-hot targets (--no-multi-positive)"
+
+
 def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str, str]] = (), pairs=None) -> str:
     from clipfit.report_gallery import gallery_markdown
 
@@ -141,7 +148,7 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
         f"- data: `{run_info['pairs']}` ({r['layout']} layout), {r['train_pairs']} training pairs, "
         f"{r['val_pairs']} validation pairs, {run_info.get('skipped', 0)} skipped",
         f"- model: {run_info['model']['arch']} ({run_info['model']['pretrained']})",
-        f"- loss weights: {', '.join(f'{k}={v:g}' for k, v in r['weights'].items())}",
+        f"- loss weights: {', '.join(f'{k}={v:g}' for k, v in r['weights'].items())}; {targets_line(c)}",
         f"- {run_info.get('steps', 0)} steps of batch {c['batch_size']} × accumulation {c['grad_accum']}, "
         f"lr {r['lr']:g}, {'LoRA r=' + str(c['lora_rank']) if c['lora'] else 'all unlocked weights'}, "
         f"{r['parameters']['trainable']:,} of {r['parameters']['total']:,} parameters trained",

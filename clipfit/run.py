@@ -206,7 +206,7 @@ def loop_settings(config: RefineConfig, n_items: int, dist: Distributed) -> Loop
         seed=config.seed, precision=config.precision, grad_clip=config.grad_clip, nan_policy=config.nan_policy,
         nan_limit=config.nan_limit, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
         log_every=config.log_every, workers=config.workers, rank=dist.rank, world_size=dist.world_size,
-        eval_every=config.eval_every,
+        eval_every=config.eval_every, multi_positive=config.multi_positive,
     )
     total = config.epochs * steps_per_epoch(n_items, settings)
     settings.total_steps = min(total, config.max_steps) if config.max_steps else total
@@ -244,7 +244,8 @@ def method_run(config: RefineConfig) -> RunContext:
     """What the methods are told about the run (their own settings are their options)."""
     return RunContext(seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
                       workers=config.workers, max_image_pixels=config.max_image_pixels, lora=config.lora,
-                      resuming=config.resume, model=config.model, pretrained=config.pretrained)
+                      resuming=config.resume, model=config.model, pretrained=config.pretrained,
+                      multi_positive=config.multi_positive)
 
 
 def prepare_methods(setup: Setup) -> None:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from clipfit import installed_version
-from clipfit.config import RESULT_NEUTRAL, RefineConfig
+from clipfit.config import RESULT_NEUTRAL, RefineConfig, saved_settings
 from clipfit.errors import ModelError, OutputError, UsageError
 from clipfit.io import write_json, write_text
 from clipfit.progress import printable
@@ -393,7 +393,7 @@ def compare_with_saved(run_dir: Path, config: RefineConfig, pairs_path: str) -> 
     """The saved run, if this one's settings would give its result; the explicit default of a
     setting with a resolved default (--lr 1e-5 without --lora) counts as that default."""
     saved = read_saved(run_dir)
-    old, new = dict(saved["config"]), config.to_dict()
+    old, new = saved_settings(saved["config"]), config.to_dict()
     old["lr"], new["lr"] = saved["resolved"].get("lr", old.get("lr")), config.resolved_lr()
     changed = [k for k in new if k not in RESULT_NEUTRAL and old.get(k) != new[k]]
     if saved.get("pairs") != recorded_pairs(pairs_path):

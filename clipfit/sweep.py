@@ -134,9 +134,9 @@ def sweep_rule(values: dict[str, Any], axes: dict[str, list[Any]]):
 
 
 def check_same_settings(run_dir: Path, config) -> None:
-    from clipfit.config import RESULT_NEUTRAL
+    from clipfit.config import RESULT_NEUTRAL, saved_settings
 
-    saved = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["config"]
+    saved = saved_settings(json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["config"])
     changed = [k for k, v in config.to_dict().items() if k not in RESULT_NEUTRAL and saved.get(k) != v]
     if changed:
         raise UsageError(f"{run_dir}: a finished run with other settings ({', '.join(changed)}); "

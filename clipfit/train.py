@@ -59,6 +59,7 @@ class LoopSettings:
     rank: int = 0
     world_size: int = 1
     eval_every: int = 0  # measure every N optimiser steps; 0: at the end of each epoch
+    multi_positive: bool = True  # pass the batches' positives groups on to the step (StepInputs.groups)
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -239,6 +240,7 @@ class Trainer:
             return cached[0]
 
         captions = [batch.get("caption") for batch in window]
+        groups = [batch.get("group") for batch in window] if self.settings.multi_positive else [None]
         # One draw per step over the whole batch: every pair of every micro-batch gets its own.
         generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.position.step)
         return StepInputs(
@@ -248,6 +250,7 @@ class Trainer:
             logit_scale=logit_scale, generator=generator, step=self.position.step, teacher=teacher,
             captions=None if captions[0] is None else torch.cat(captions),
             gather=lambda t: gather_features(t, self.distributed),
+            groups=None if groups[0] is None else torch.cat(groups),
         )
 
     def loss(self, step: StepInputs) -> tuple[torch.Tensor, dict[str, float]]:

@@ -64,6 +64,16 @@ def write_pairs(folder: Path, n: int = 16, size: int = 40, captions_per_image: i
     return folder
 
 
+def repeat_captions(folder: Path, kinds: int) -> Path:
+    """Give a write_pairs folder's images only `kinds` first captions, "a COLOUR picture", image i
+    the i-th colour modulo `kinds`: in a batch of more than `kinds` pairs some caption repeats.
+    Other caption lines stay ("caption k of a COLOUR image" repeats already)."""
+    for i, path in enumerate(sorted(folder.glob("img*.txt"))):
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([f"a {COLOURS[i % kinds]} picture", *lines[1:]]) + "\n")
+    return folder
+
+
 @pytest.fixture
 def pairs_dir(tmp_path) -> Path:
     return write_pairs(tmp_path / "pairs")

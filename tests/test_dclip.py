@@ -154,6 +154,23 @@ def test_teacher_training_lowers_the_infonce_and_changes_only_the_teacher():
     assert torch.equal(bank.tokens, before)
 
 
+def test_teacher_training_takes_multi_positive_targets_from_the_caption_groups():
+    """One step over the whole bank logs the initial teacher's InfoNCE: bit for bit the one-hot value
+    when no caption group repeats, another when captions share groups."""
+    def first_loss(groups):
+        bank = toy_bank()
+        bank.caption_groups = groups
+        torch.manual_seed(0)
+        teacher = CrossModalTeacher(16)
+        plan = TeacherTraining(epochs=1, lr=1e-2, batch_size=8, seed=0)
+        train_teacher(teacher, bank, plan, "cpu", lambda _: None)
+        return plan.loss_per_epoch[0]
+
+    captions = int(toy_bank().caption_counts.sum())
+    assert first_loss(torch.arange(captions)) == first_loss(None)
+    assert first_loss(torch.arange(captions) % 2) != pytest.approx(first_loss(None), rel=1e-3)
+
+
 # --- per-token states of the frozen text tower ----------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, run_cli, tiny_refine_args, write_pairs
+from conftest import cli_env, repeat_captions, run_cli, tiny_refine_args, write_pairs
+from clipfit.io import read_jsonl
 
 
 def torchrun_two(args: list[str]) -> subprocess.CompletedProcess:
@@ -84,3 +85,27 @@ def test_ping_and_dclip_banks_are_encoded_once_in_shares_and_train_as_one_proces
     assert len(rows[0]) == 2
     for single_row, parallel_row in zip(*rows):
         assert {t: parallel_row[t] for t in terms} == pytest.approx({t: single_row[t] for t in terms}, abs=1e-5)
+
+
+def test_positives_are_gathered_across_processes_with_the_features(tmp_path, tiny_config):
+    """Three captions over a global batch of 8: every caption of one rank's 4 pairs repeats on the
+    other rank or its own. Multi-positive targets are built from the gathered groups, so two processes
+    train what one does; the step logs of a one-hot run differ (the targets did change)."""
+    pairs = repeat_captions(write_pairs(tmp_path / "pairs", n=16), kinds=3)
+    common = ["--method", "contrastive+refine+lite", "--lite-critic", "learned", "--lite-negatives", "shuffle",
+              "--epochs", "1", "--lr", "1e-3", "--log-every", "1"]
+    one_and_two_processes(pairs, tmp_path, tiny_config, common)
+    one_hot = run_cli(*tiny_refine_args(pairs, tmp_path / "one-hot", tiny_config, *common, "--no-multi-positive",
+                                        "--cache-dir", tmp_path / "cache1"))
+    assert one_hot.returncode == 0, one_hot.stderr
+
+    terms = ("loss", "clip", "rafa", "hycd", "lite")
+    rows = {run: [{t: row[t] for t in terms} for row in read_jsonl(tmp_path / run / "metrics.jsonl")]
+            for run in ("one", "two", "one-hot")}
+    assert len(rows["one"]) == 2
+    for single, parallel in zip(rows["one"], rows["two"]):
+        assert parallel == pytest.approx(single, abs=1e-5)
+    assert rows["one-hot"][0]["lite"] != pytest.approx(rows["one"][0]["lite"], abs=1e-3)
+    single, parallel = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "two/model.safetensors"))
+    for name in single:  # as in the first test: Adam turns rounding noise on gradient-free biases into steps
+        assert torch.allclose(single[name], parallel[name], atol=1e-4, rtol=0), name

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_main, tiny_refine_args, write_pairs
+from conftest import repeat_captions, run_main, tiny_refine_args, write_pairs
 from clipfit.config import RefineConfig, validate
 from clipfit.io import read_jsonl
 from clipfit.progress import Progress
@@ -21,6 +21,12 @@ from clipfit.progress import Progress
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     return write_pairs(tmp_path_factory.mktemp("accum") / "pairs", n=16, size=24, captions_per_image=2)
+
+
+@pytest.fixture(scope="module")
+def repeated_pairs(tmp_path_factory) -> Path:
+    """Three first captions over 16 pairs: every batch of 8 has positives (multi-positive targets)."""
+    return repeat_captions(write_pairs(tmp_path_factory.mktemp("accum-repeated") / "pairs", n=16, size=24), kinds=3)
 
 
 def trainer_for(pairs: Path, tiny_config: Path, out: Path, method: str, **settings):
@@ -66,12 +72,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("data", ["pairs", "repeated_pairs"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_four_micro_batches_give_the_loss_and_gradient_of_one_batch(case, pairs, tiny_config, tmp_path):
+def test_four_micro_batches_give_the_loss_and_gradient_of_one_batch(case, data, request, tiny_config, tmp_path):
     method, settings = CASES[case]
-    trainer = trainer_for(pairs, tiny_config, tmp_path / "run", method, **settings)
+    trainer = trainer_for(request.getfixturevalue(data), tiny_config, tmp_path / "run", method, **settings)
     window = [batch for _, batch in zip(range(4), trainer.loader(0, 0))]
     assert [len(b["index"]) for b in window] == [2, 2, 2, 2]
+    if data == "repeated_pairs":  # positives across micro-batches: the targets span the whole step
+        groups, micro_batch = one_batch(window)["group"], torch.arange(8) // 2
+        assert ((groups[:, None] == groups[None, :]) & (micro_batch[:, None] != micro_batch[None, :])).any()
 
     whole_values, whole = gradients_of(trainer, [one_batch(window)])
     accumulated_values, accumulated = gradients_of(trainer, window)

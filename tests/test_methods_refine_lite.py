@@ -89,7 +89,8 @@ def lite_step(seed):
     image_raw, text_raw = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     return SimpleNamespace(image_raw=image_raw, text_raw=text_raw, image=F.normalize(image_raw, dim=-1),
                            text=F.normalize(text_raw, dim=-1), logit_scale=torch.tensor(10.0),
-                           generator=torch.Generator().manual_seed(seed), gather=lambda t: t)
+                           generator=torch.Generator().manual_seed(seed), gather=lambda t: t,
+                           positives=lambda: None)  # no repeats: one-hot targets
 
 
 def test_lite_prior_trains_two_discriminators_and_the_features_reproducibly():

@@ -173,7 +173,8 @@ def step_for(method, indices, seed):
     return SimpleNamespace(indices=torch.tensor(indices), generator=torch.Generator().manual_seed(seed),
                            image=torch.nn.functional.normalize(torch.randn(b, 32), dim=-1),
                            text=torch.nn.functional.normalize(torch.randn(b, 32), dim=-1),
-                           logit_scale=torch.tensor(10.0), gather=lambda t: t)
+                           logit_scale=torch.tensor(10.0), gather=lambda t: t,
+                           positives=lambda: None)  # no repeats: one-hot targets
 
 
 def test_ping_k_samples_among_the_top_k_reproducibly(tiny_config, tmp_path):

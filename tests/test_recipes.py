@@ -26,6 +26,8 @@ def test_paper_recipe_sets_the_authors_settings_and_nothing_else():
         ("linear", 4, 0.5, 0.01, "proj")
     lite = build_config({}, set(), {"method": "lite", "recipe": "paper"})
     assert (lite.lite_critic, lite.lite_prior_weight, lite.batch_size) == ("heads", 0.1, 256)
+    # the authors' targets are one-hot whatever repeats; clipfit's default is multi-positive
+    assert [c.multi_positive for c in (refine, dclip, lite, untouched)] == [False, False, False, True]
 
 
 def test_flags_given_win_over_the_recipe_and_combinations_have_none():

@@ -10,7 +10,7 @@ from clipfit.data.shards import ShardStream, find_shards
 from clipfit.errors import UsageError
 from clipfit.config import RefineConfig, validate
 from clipfit.models import load_model
-from conftest import run_cli, run_main, tiny_refine_args, write_pairs
+from conftest import COLOURS, run_cli, run_main, tiny_refine_args, write_pairs
 
 
 
@@ -57,6 +57,14 @@ def test_an_epoch_is_whole_batches_shuffled_by_epoch_and_repeatable(shards, tiny
     data.move_to(1)
     assert keys(list(data)) != keys(epoch0)
     assert sorted(keys(epoch0)) == sorted(set(keys(epoch0)))  # one pass: no pair twice
+
+
+def test_streamed_batches_carry_each_captions_positives_group(shards, tiny):
+    from clipfit.data.dataset import caption_group
+
+    captions = [f"a {COLOURS[i % len(COLOURS)]} picture number {i}" for i in range(20)]
+    groups = [g for batch in stream(shards, tiny) for g in batch["group"].tolist()]
+    assert sorted(groups) == sorted(caption_group(c) for c in captions)  # each of the 20 captions once
 
 
 def test_ranks_and_workers_read_different_pairs(shards, tiny):

@@ -6,6 +6,7 @@ timing, so an interrupted run resumed from a checkpoint reads exactly what it wo
 
 from __future__ import annotations
 
+import hashlib
 import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -42,6 +43,21 @@ def caption_index(seed: int, epoch: int, index: int, count: int) -> int:
     if count == 1:
         return 0
     return random.Random(f"{seed}:{epoch}:{index}").randrange(count)
+
+
+def caption_group(caption: str) -> int:
+    """A caption's positives group: a 63-bit id of its text after whitespace and case normalisation
+    (runs of whitespace as one space, ends stripped, casefolded), the same in every process and run."""
+    normalised = " ".join(caption.split()).casefold()
+    digest = hashlib.blake2b(normalised.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def item_group(pair: Pair, caption: int) -> int:
+    """The positives group of `pair` trained on its caption number `caption`: rows of one group are
+    positives of each other (multi-positive targets). A labelled pair's group is its class; any
+    other pair's, the caption's (`caption_group`)."""
+    return pair.label if pair.label is not None else caption_group(pair.captions[caption])
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -111,7 +127,8 @@ class PairDataset(Dataset):
         epoch, index = key
         pair = self.pairs[index]
         which = caption_index(self.seed, epoch, index, len(pair.captions))
-        item = {"text": self.tokenizer([pair.captions[which]])[0], "index": index, "caption": which}
+        item = {"text": self.tokenizer([pair.captions[which]])[0], "index": index, "caption": which,
+                "group": item_group(pair, which)}
         if self.with_images:
             item["image"] = self.image(index, epoch)
         return item

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipfit.data.dataset import batches_per_epoch
+from clipfit.data.dataset import batches_per_epoch, caption_group
 from clipfit.data.images import IMAGE_EXTENSIONS, BadImage, open_rgb
 from clipfit.data.text import captions_of
 from clipfit.data.pairs import Pair
@@ -239,6 +239,7 @@ class ShardStream(IterableDataset):
             "text": self.tokenizer([caption for _, caption, _ in items]),
             "index": torch.full((len(items),), -1),  # streamed pairs have no stable index
             "caption": torch.tensor([which for _, _, which in items]),
+            "group": torch.tensor([caption_group(caption) for _, caption, _ in items]),
         }
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from clipfit.data.dataset import EpochBatches, caption_index
 from clipfit.errors import ModelError, UsageError
-from clipfit.losses import info_nce
+from clipfit.losses import info_nce, positives_of
 from clipfit.rundir import DCLIP_TEACHER
 
 HEADS = 8
@@ -93,6 +93,7 @@ class RegionTokenBank:
     token_counts: Tensor  # [captions]
     sentences: Tensor  # [captions, d], the frozen sentence embeddings (the teacher's text side)
     caption_counts: Tensor  # [pairs]
+    caption_groups: Tensor | None = None  # [captions]: positives groups (item_group); None: one-hot targets
     region_starts: Tensor = field(init=False)
     token_starts: Tensor = field(init=False)
     caption_starts: Tensor = field(init=False)
@@ -127,7 +128,8 @@ class TeacherTraining:
 
 def train_teacher(teacher: CrossModalTeacher, bank: RegionTokenBank, plan: TeacherTraining, device,
                   log: Callable[[str], None]) -> TeacherTraining:
-    """Symmetric InfoNCE (τ = 0.05) between teacher image and frozen sentence embeddings, Adam.
+    """Symmetric InfoNCE (τ = 0.05) between teacher image and frozen sentence embeddings, Adam,
+    with the batch's multi-positive targets when the bank has caption groups.
 
     Batches and caption choice follow the student's rules (clipfit.data.dataset), seeded."""
     started = time.time()
@@ -140,7 +142,8 @@ def train_teacher(teacher: CrossModalTeacher, bank: RegionTokenBank, plan: Teach
             chosen = [caption_index(plan.seed, epoch, i, int(bank.caption_counts[i])) for i in pairs]
             rows = bank.caption_rows(pairs, chosen)
             image = teacher(*bank.teacher_inputs(pairs, rows, device))
-            loss = info_nce(image, bank.sentences[rows].to(device), TEACHER_TEMPERATURE)
+            positives = None if bank.caption_groups is None else positives_of(bank.caption_groups[rows])
+            loss = info_nce(image, bank.sentences[rows].to(device), TEACHER_TEMPERATURE, positives=positives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from clipfit.distributed import Distributed
+from clipfit.losses import positives_of
 
 if TYPE_CHECKING:  # a real import would load the model code while plugins register (clipfit.config)
     from clipfit.data.pairs import Pair
@@ -34,7 +35,9 @@ class StepInputs:
     seeded from (seed, step) and the loss is computed once per step, so each pair of the batch gets
     its own draws, and they are reproducible across interruption and resume. `gather(t)` returns the rows of `t` from
     every process of a distributed run (this process's rows keep their gradient): a loss over the
-    batch computed on gathered features sees the global batch; alone, `t` itself.
+    batch computed on gathered features sees the global batch; alone, `t` itself. `groups` holds
+    each row's positives group (clipfit.data.dataset.item_group: its class, or its normalised
+    caption), None with --no-multi-positive; `positives()` turns it into the batch's targets.
     """
 
     images: Tensor
@@ -50,6 +53,18 @@ class StepInputs:
     teacher: Callable[[], tuple[Tensor | None, Tensor | None]]
     captions: Tensor | None = None  # which of each image's captions this row trains on
     gather: Callable[[Tensor], Tensor] = lambda t: t
+    groups: Tensor | None = None  # int64 per row: rows of one group are positives of each other
+    found: dict[str, Tensor | None] = field(default_factory=dict, repr=False)  # positives(), once per step
+
+    def positives(self) -> Tensor | None:
+        """P over the global batch (the groups gathered as the features are): B×B bool, P_ij when
+        rows i and j are positives of each other, on the features' device. None when no two rows
+        share a group or without groups (--no-multi-positive): the losses' one-hot targets
+        (clipfit.losses). Every loss with in-batch negatives passes it on."""
+        if "positives" not in self.found:
+            groups = None if self.groups is None else self.gather(self.groups.to(self.image.device))
+            self.found["positives"] = None if groups is None else positives_of(groups)
+        return self.found["positives"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,7 @@ class RunContext:
     resuming: bool  # continuing an interrupted run in the same folder (--resume)
     model: str  # the starting model as --model and --pretrained name it (its feature-cache identity)
     pretrained: str
+    multi_positive: bool = True  # rows of one class or caption are positives (work a method does itself)
     weights: dict[str, float] = field(default_factory=dict)
 
 

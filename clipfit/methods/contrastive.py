@@ -14,4 +14,4 @@ class Contrastive(Method):
         return both_towers_read(terms, "clip" in terms)
 
     def losses(self, step, wanted):
-        return {"clip": clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)}
+        return {"clip": clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale, step.positives())}

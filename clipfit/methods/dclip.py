@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from clipfit.data.dataset import item_group
 from clipfit.losses import dclip_loss_parts
 from clipfit.methods.base import Method
 
@@ -78,7 +79,8 @@ class DCLIP(Method):
         cache = FeatureCache(ctx.cache_dir, log=ctx.log, warn=ctx.warn)
         inputs = {name: t.float() if t.is_floating_point() else t
                   for name, t in cached_inputs(ctx, regions, cache, self.run).items()}
-        bank = RegionTokenBank(caption_counts=torch.tensor([len(p.captions) for p in ctx.pairs]), **inputs)
+        bank = RegionTokenBank(caption_counts=torch.tensor([len(p.captions) for p in ctx.pairs]),
+                               caption_groups=self.caption_groups(ctx.pairs), **inputs)
         if saved:
             teacher = self.reuse_teacher(ctx, source, *saved, bank.regions.shape[1])
         else:
@@ -91,6 +93,12 @@ class DCLIP(Method):
                            float(bank.token_counts.float().mean()),
                            "pairs encoded by rank": items_built_by_rank(cache, ["dclip-regions", "dclip-tokens"],
                                                                         ctx.dist)})
+
+    def caption_groups(self, pairs) -> torch.Tensor | None:
+        """Every caption's positives group, in the bank's caption order, for stage 1's targets."""
+        if not self.run.multi_positive:
+            return None
+        return torch.tensor([item_group(pair, c) for pair in pairs for c in range(len(pair.captions))])
 
     def saved_teacher(self, own: Path) -> Path | None:
         """--dclip-teacher, or this run's own teacher when resuming; None means stage 1 runs."""
@@ -154,7 +162,8 @@ class DCLIP(Method):
                                                                   step.text_raw.float(), frozen_text.float()))
         # Cosines and a τ = 0.05 softmax: keep them in float32 under bf16/fp16 autocast.
         with torch.autocast(device.type, enabled=False):
-            parts = dclip_loss_parts(image, text, self.targets[rows], frozen_text, STUDENT_TEMPERATURE)
+            parts = dclip_loss_parts(image, text, self.targets[rows], frozen_text, STUDENT_TEMPERATURE,
+                                     step.positives())
         return {f"dclip_{name}": value for name, value in parts.items() if f"dclip_{name}" in wanted}
 
     def report(self):

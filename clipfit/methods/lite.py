@@ -114,7 +114,7 @@ class Lite(Method):
             if self.heads is not None:  # the authors feed the encoders' raw outputs to their heads
                 image, text = self.heads["image"](step.gather(step.image_raw)), self.heads["text"](step.gather(step.text_raw))
             parts["lite"] = lite_loss(image, text, self.critic_scale(step), negatives=self.options.lite_negatives,
-                                      generator=step.generator)
+                                      generator=step.generator, positives=step.positives())
         if "lite_prior" in wanted:
             # On the raw (unnormalised) embeddings, as the authors feed the encoders' outputs.
             parts["lite_prior"] = (prior_term(self.prior["image"], step.gather(step.image_raw), step.generator)

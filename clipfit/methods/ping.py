@@ -174,17 +174,20 @@ class Ping(Method):
             image, text = step.gather(step.image.float()), step.gather(step.text.float())
             image_nn, text_nn = self.neighbour_picks(step)
             image_target, text_target = self.targets(image_nn, text_nn, step.image.device)
-            h, tau = self.heads, self.options.ping_temperature
+            h, tau, positives = self.heads, self.options.ping_temperature, step.positives()
             # small heads and unit-norm targets: float32 keeps the τ=0.07 logits exact under autocast
             with torch.autocast(step.image.device.type, enabled=False):
-                # pairs sharing a neighbour share a target: ping_loss does not count it as their negative
+                # pairs sharing a neighbour share a target, and positives are not negatives: ping_loss ignores both
                 if "nn" in wanted:
-                    parts["nn"] = ping_loss(h.h_I(image), h.h_T(text), image_target, text_target, tau, image_nn, text_nn)
+                    parts["nn"] = ping_loss(h.h_I(image), h.h_T(text), image_target, text_target, tau, image_nn, text_nn,
+                                            positives)
                 if "xnn" in wanted:
-                    parts["xnn"] = ping_loss(h.x_I(image), h.x_T(text), text_target, image_target, tau, text_nn, image_nn)
+                    parts["xnn"] = ping_loss(h.x_I(image), h.x_T(text), text_target, image_target, tau, text_nn, image_nn,
+                                             positives)
         self.record_time(started, self.clock(step.image.device))
         if "clip" in wanted:
-            parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)
+            parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale,
+                                      step.positives())
         return parts
 
     @staticmethod

@@ -126,9 +126,10 @@ class Refine(Method):
                     step.image_raw, step.text_raw, teacher_image, teacher_text))
                 parts["hycd"] = hycd_loss(image, text, teacher_image, teacher_text, alpha=o.hycd_alpha,
                                           temperature=o.hycd_temperature, logits=self.hycd_logits,
-                                          logit_scale=step.logit_scale.float())
+                                          logit_scale=step.logit_scale.float(), positives=step.positives())
         if "clip" in wanted:
-            parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale)
+            parts["clip"] = clip_loss(step.gather(step.image), step.gather(step.text), step.logit_scale,
+                                      step.positives())
         return parts
 
     def random_reference(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
