@@ -200,21 +200,29 @@ sweep_command.__signature__ = inspect.Signature(sweep_parameters())
 app.command("sweep", no_args_is_help=True)(sweep_command)
 
 
+EVAL_ZEROSHOT_HELP = "Zero-shot set to measure on as well, DATASET=PATH (repeatable); with the run's own, the held-out sets the limit guards."
+EVAL_RETRIEVAL_HELP = "Pairs folder to measure retrieval on as well (repeatable); with the run's own sets."
+MAX_DROP_HELP = rich_escape("Only models whose held-out zero-shot top-1 is at most this many points below the start's may be "
+                 "kept [default: the run's, else 1 when zero-shot sets are measured].")
+
+
 @app.command("interpolate", no_args_is_help=True)
 def interpolate_command(
     run: Path = typer.Argument(..., help="A finished clipfit run folder."),
     alpha: str = typer.Option("0.25,0.5,0.75", "--alpha", help="α values (comma list, or one): θ = (1−α)·θ_start + α·θ_tuned."),
-    out: Optional[Path] = typer.Option(None, "--out", help="New run folder for the chosen α [default: RUN-wise]."),
+    out: Optional[Path] = typer.Option(None, "--out", help=rich_escape("New run folder for the chosen α [default: RUN-wise].")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out run folder."),
-    select_best: Optional[str] = typer.Option(None, "--select-best", help="Metric that chooses α [default: the run's --select-best, else mean-R@1]."),
-    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help="Only α whose zero-shot top-1 is at most this many points below the start are eligible [default: the run's]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: the run's]."),
+    select_best: Optional[str] = typer.Option(None, "--select-best", help=rich_escape("Target metric that chooses α [default: the run's --select-best, else mean-R@1 on the validation split, else the first --eval-retrieval set's R@1, else the first zero-shot set's top-1].")),
+    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help=MAX_DROP_HELP),
+    eval_zeroshot: Optional[list[str]] = typer.Option(None, "--eval-zeroshot", help=EVAL_ZEROSHOT_HELP),
+    eval_retrieval: Optional[list[str]] = typer.Option(None, "--eval-retrieval", help=EVAL_RETRIEVAL_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help=rich_escape("auto, cpu, cuda or mps [default: the run's].")),
     tuned: str = typer.Option("model", "--tuned", help="θ_tuned: model (model.safetensors) or last (last.safetensors of a --select-best run)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only the final lines."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
-    """WiSE-FT: interpolate a run's weights towards its starting model, measure each α on the run's
-    validation and --eval-* sets, and write the chosen α as a new run folder with its report."""
+    """WiSE-FT: interpolate a run's weights towards its starting model, measure each α as the run was
+    measured, and write the chosen α (one α: that one) as a new run folder with its report."""
     from clipfit.errors import UsageError
     from clipfit.interpolate import TUNED_FILES, interpolate, parse_alphas
     from clipfit.progress import make_progress
@@ -222,12 +230,14 @@ def interpolate_command(
     if tuned not in TUNED_FILES:
         raise UsageError(f"--tuned {tuned!r}: choose one of {', '.join(TUNED_FILES)}")
     info = interpolate(run, parse_alphas(alpha), out, overwrite, select_best, max_zeroshot_drop, device,
-                       STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json), tuned)
+                       STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json), tuned,
+                       eval_zeroshot or [], eval_retrieval or [])
     if as_json:
         print_json({k: info[k] for k in ("run_dir", "interpolation", "selection", "before", "after")})
         return
-    typer.echo(f"chosen α = {info['interpolation']['alpha']:g}: {info['selection']['reason']}")
-    typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
+    reason = info["selection"]["reason"] if info["selection"] else "the only α given"
+    typer.echo(f"kept α = {info['interpolation']['alpha']:g}: {reason}")
+    typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
 
 
 # --- data ---------------------------------------------------------------------------------

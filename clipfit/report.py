@@ -10,6 +10,7 @@ from clipfit.io import read_jsonl, write_text
 from clipfit.rundir import METRICS_JSONL, REPORT_HTML, REPORT_MD
 from clipfit.selection import lower_is_better
 
+DERIVED = ("interpolate", "soup")  # runs made without training: no loss to report
 GAP_FORMS = ("modality_gap: L2 distance between the centroids of the normalised image and text embeddings; "
              "modality_gap_mse: the squared centroid difference averaged over dimensions.")
 
@@ -155,7 +156,7 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
         lines += ["", GAP_FORMS]
     lines += gate_lines(run_info.get("gate"))
     lines += selection_lines(run_info.get("selection"))
-    lines += ["", "## Loss", ""] + loss_summary(rows) + [""]
+    lines += [""] if run_info.get("clipfit") in DERIVED else ["", "## Loss", ""] + loss_summary(rows) + [""]
     lines += picture_lines(list(pictures))
     sections = method_sections(run_info.get("methods", {}))
     if sections:

@@ -153,7 +153,7 @@ def write_summary(out: Path, run_dirs: list[Path], combos: list[dict], rule) -> 
     table = compare_runs(run_dirs)
     start = table["runs"][0]["before"]
     choice = choose([r["after"] for r in table["runs"]], start, rule, [d.name for d in run_dirs])
-    selection = {**record(choice, rule), "start_score": metric_value(start, rule.metric)}
+    selection = {**record(choice, rule, "none is chosen"), "start_score": metric_value(start, rule.metric)}
     summary = {"clipfit": "sweep", "out": str(out), "grid": combos, "runs": table["runs"], "metrics": table["metrics"],
                "selection": selection,
                "chosen_run": str(run_dirs[choice.index]) if choice.index is not None else None}
@@ -169,13 +169,11 @@ def plot(out: Path, selection: dict) -> str | None:
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    from clipfit.report_figures import gain_vs_drop
-    from clipfit.selection import gain_points
+    from clipfit.report_figures import GAIN_LABEL, tradeoff_figure
+    from clipfit.selection import tradeoff_points
 
-    labels = [c["label"] for c in selection["candidates"]]
-    chosen = labels.index(selection["chosen"]) if selection["chosen"] in labels else None
-    drawn = gain_vs_drop(gain_points(selection), chosen, selection["max_zeroshot_drop"],
-                         f"{selection['metric']} gain over the starting model", out / SWEEP_PNG)
+    drawn = tradeoff_figure(tradeoff_points(selection, "run"), selection["chosen"], selection["max_zeroshot_drop"],
+                            GAIN_LABEL.format(metric=selection["metric"]), out / SWEEP_PNG)
     return SWEEP_PNG if drawn else None
 
 
@@ -199,5 +197,5 @@ def render(summary: dict, combos: list[dict], picture: str | None) -> str:
     lines += ["", "After (change from each run's own before); rates in %, changes in points.", "",
               "## Selection", ""] + candidates_table(selection)
     if picture:
-        lines += ["", "## Target gain against held-out zero-shot drop", "", f"![gain against drop]({picture})"]
+        lines += ["", "## Target gain against held-out zero-shot change", "", f"![gain against drop]({picture})"]
     return "\n".join(lines) + "\n"
