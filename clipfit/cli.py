@@ -240,6 +240,35 @@ def interpolate_command(
     typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
 
 
+@app.command("soup", no_args_is_help=True)
+def soup_command(
+    runs: list[Path] = typer.Argument(..., help="Two or more finished run folders with one architecture and one start."),
+    out: Path = typer.Option(..., "--out", help="New run folder for the soup."),
+    recipe: str = typer.Option("uniform", "--recipe", help="uniform (the mean), greedy (runs join best first while the soup scores no worse and keeps held-out top-1 within the limit) or stock (Model Stock: per tensor, towards the start by the angle between the runs' updates)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out run folder."),
+    select_best: Optional[str] = typer.Option(None, "--select-best", help=rich_escape("greedy: the target metric [default: the first run's --select-best, else as interpolate].")),
+    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help="greedy: " + MAX_DROP_HELP.replace("the run's, else ", "")),
+    eval_zeroshot: Optional[list[str]] = typer.Option(None, "--eval-zeroshot", help=EVAL_ZEROSHOT_HELP),
+    eval_retrieval: Optional[list[str]] = typer.Option(None, "--eval-retrieval", help=EVAL_RETRIEVAL_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help=rich_escape("auto, cpu, cuda or mps [default: the first run's].")),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the final lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Average the weights of runs that share a start (a model soup), measure it as the first run
+    was measured, and write it as a new run folder with its report."""
+    from clipfit.progress import make_progress
+    from clipfit.soup import soup
+
+    info = soup(runs, out, recipe, select_best, max_zeroshot_drop, device, STATE.get("argv", sys.argv[1:]),
+                make_progress(quiet or as_json), overwrite, eval_zeroshot or [], eval_retrieval or [])
+    if as_json:
+        print_json({k: info[k] for k in ("run_dir", "soup", "before", "after")})
+        return
+    typer.echo(f"{recipe} soup of {len(info['soup']['ingredients'])} of {len(runs)} runs: "
+               f"{', '.join(info['soup']['ingredients'])}")
+    typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
+
+
 # --- data ---------------------------------------------------------------------------------
 
 @data_app.command("check")
