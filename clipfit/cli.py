@@ -164,7 +164,30 @@ def sweep_parameters() -> list[inspect.Parameter]:
         elif param.name == "out":
             params[i] = param.replace(default=typer.Option(..., "--out", rich_help_panel="Output",
                                                            help="Sweep folder: one run folder per grid point, sweep.md/html/json."))
-    return params
+    return params + after_sweep_parameters()
+
+
+def after_sweep_parameters() -> list[inspect.Parameter]:
+    """What a sweep makes from its runs: soups of them all, WiSE-FT of the chosen one."""
+    soup = typer.Option(None, "--soup", rich_help_panel="Sweep", show_default=False,
+                        help="Also average the runs: uniform, greedy and/or stock (comma list), each a run folder "
+                             "soup-RECIPE in --out, chosen among with the runs (see clipfit soup --help).")
+    wise = typer.Option(None, "--wise", rich_help_panel="Sweep", show_default=False,
+                        help="Also interpolate the chosen run or soup towards the start at these α (comma list), "
+                             "as clipfit interpolate does, into the run folder wise in --out.")
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[str])
+            for name, option in (("soup", soup), ("wise", wise))]
+
+
+def parse_soups(text: Optional[str]) -> list[str]:
+    from clipfit.errors import UsageError
+    from clipfit.soup import RECIPES
+
+    recipes = [r.strip() for r in (text or "").split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown or (text is not None and not recipes):
+        raise UsageError(f"--soup {text!r}: a comma list of {', '.join(RECIPES)}")
+    return list(dict.fromkeys(recipes))
 
 
 def sweep_command(**values: Any) -> None:
@@ -173,13 +196,13 @@ def sweep_command(**values: Any) -> None:
     Every value setting takes a comma list; the grid is their product. Example:
     clipfit sweep ./pairs --model lite0-minilm --method refine,contrastive --lr 1e-6,1e-5 --val-split 0.2 --out runs/sweep
     """
-    from clipfit.config import field_default
+    from clipfit.config import CONFIG_FIELDS, field_default
+    from clipfit.interpolate import parse_alphas
     from clipfit.progress import make_progress
     from clipfit.sweep import gridded_fields, parse_values, sweep
 
-    from clipfit.config import CONFIG_FIELDS
-
     explicit = explicit_parameters(values.pop("ctx")) & set(CONFIG_FIELDS)
+    soups, wise = parse_soups(values.pop("soup")), values.pop("wise")
     pairs = values.pop("pairs")
     if not pairs:
         raise typer.BadParameter("missing PAIRS (a folder of image-caption pairs)")
@@ -191,7 +214,8 @@ def sweep_command(**values: Any) -> None:
             axes[name] = parse_values(name, text)
     axes = axes or {"method": [values["method"]]}
     values.update({name: field_default(name) for name in SWEEP_LEFT_OUT})
-    summary = sweep(str(pairs), values, explicit - set(axes), axes, Path(values["out"]), make_progress(values["quiet"]))
+    summary = sweep(str(pairs), values, explicit - set(axes), axes, Path(values["out"]), make_progress(values["quiet"]),
+                    soups, parse_alphas(wise) if wise is not None else [])
     typer.echo(f"chosen: {summary['chosen_run']} ({summary['selection']['reason']})")
     typer.echo(f"sweep: {Path(values['out']) / 'sweep.md'}")
 

@@ -281,3 +281,34 @@ def test_interpolate_keeps_the_start_when_no_alpha_keeps_held_out_accuracy(root,
     record = info(out)
     assert record["after"] == record["before"] and record["interpolation"]["chosen"] == "start"
     assert "the start (α = 0) is kept" in (out / "report.md").read_text()
+
+
+def test_sweep_soups_its_runs_and_shows_the_trade_off(root, tiny_config, start_weights, capsys):
+    out = root / "sweep"
+    argv = ["sweep", root / "pairs", "--model", tiny_config, "--pretrained", start_weights, "--out", out,
+            "--lr", "1e-3,3e-3", "--val-split", "0.3", "--epochs", "2", "--batch-size", "8", "--workers", "0",
+            "--eval-zeroshot", f"folder={root / 'heldout'}", "--select-best", "val/clip_loss",
+            "--soup", "uniform,greedy", "--wise", "0.5", "--quiet"]
+    assert run_main(argv) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    runs = [out / "01-lr=0.001", out / "02-lr=0.003"]
+    assert [Path(s["run_dir"]).name for s in summary["soups"]] == ["soup-uniform", "soup-greedy"]
+    means = [floats(r / "model.safetensors") for r in runs]
+    uniform = floats(out / "soup-uniform" / "model.safetensors")
+    assert all(torch.equal(uniform[k], (means[0][k] + means[1][k]) / 2) for k in uniform)
+    labels = [c["label"] for c in summary["selection"]["candidates"]]
+    assert labels == ["01-lr=0.001", "02-lr=0.003", "soup-uniform", "soup-greedy"]
+    assert summary["selection"]["metric"] == "val/clip_loss" and summary["selection"]["max_zeroshot_drop"] == 1.0
+    assert json.loads((out / "soup-greedy" / "run.json").read_text())["soup"]["metric"] == "val/clip_loss"
+    assert Path(summary["wise"]["source_run"]).name == Path(summary["chosen_run"]).name
+    assert summary["pareto"] and set(summary["pareto"]) <= set(labels) | {"start", "wise α=0.5", "wise α=1 (tuned)"}
+    markdown = (out / "sweep.md").read_text()
+    assert "Pareto-optimal" in markdown and all(f"`{label}`" in markdown for label in summary["pareto"])
+    assert (out / "sweep.png").is_file() and "data:image/png;base64," in (out / "sweep.html").read_text()
+    made = {d: (d / "model.safetensors").stat().st_mtime_ns for d in (out / "soup-uniform", out / "soup-greedy", out / "wise")}
+
+    capsys.readouterr()
+    assert run_main(argv[:-1]) == 0  # the same sweep again: nothing is made twice
+    err = capsys.readouterr().err
+    assert "soup-uniform made earlier, kept" in err and "wise made earlier, kept" in err
+    assert {d: (d / "model.safetensors").stat().st_mtime_ns for d in made} == made
