@@ -107,7 +107,7 @@ CHANGE_LABEL = "held-out zero-shot top-1 change from the start (worst set, point
 
 
 def tradeoff_figure(points: list, chosen: str | None, limit: float | None, gain_label: str, path: Path,
-                    trajectory: list[int] = ()) -> bool:
+                    trajectory: list[int] = (), size: tuple[float, float] = (7, 4.5)) -> bool:
     """Target gain (up is better) against held-out change (right is better) for each
     clipfit.selection.TradeoffPoint, drawn by kind; `trajectory` (indices) joined in order (steps,
     α), the Pareto front dashed, the `chosen` label starred, the --max-zeroshot-drop limit dotted."""
@@ -116,7 +116,7 @@ def tradeoff_figure(points: list, chosen: str | None, limit: float | None, gain_
     placed = [p for p in points if p.placed]
     if not placed:
         return False
-    figure = new_figure(7, 4.5)
+    figure = new_figure(*size)
     axes = figure.add_subplot()
     line = [points[i] for i in trajectory if points[i].placed]
     if len(line) > 1:

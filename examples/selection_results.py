@@ -143,13 +143,13 @@ def seed_lines(method: str, runs: list[tuple[int, dict, dict | None]]) -> list[s
     return out
 
 
-def difference(values: list[float]) -> str:
+def difference(values: list[float], digits: int = 1) -> str:
     """A mean paired difference, called clear when every seed agrees in sign and the mean exceeds two
     standard errors over the seeds; otherwise it is not a finding."""
     mean = statistics.mean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("inf")
     clear = len(values) > 1 and abs(mean) > 2 * se and (all(v > 0 for v in values) or all(v < 0 for v in values))
-    return f"{mean:+.1f}" + ("" if clear else " (not clear)")
+    return f"{mean:+.{digits}f}" + ("" if clear else " (not clear)")
 
 
 def verdict(per_seed: list[dict[str, dict]]) -> str:
@@ -205,10 +205,15 @@ def section(args, results: dict[str, list[tuple[int, dict, dict | None]]], comma
     return "\n".join(lines)
 
 
-def replace_section(markdown: str, text: str) -> str:
-    if START in markdown and END in markdown:
-        head, rest = markdown.split(START, 1)
-        return head + text + rest.split(END, 1)[1]
+def replace_section(markdown: str, text: str, start: str = START, end: str = END, before: str | None = None) -> str:
+    """`text` (which begins with `start` and ends with `end`) in place of the marked section; the
+    first time, just before the heading `before` when given and present, else at the end."""
+    if start in markdown and end in markdown:
+        head, rest = markdown.split(start, 1)
+        return head + text + rest.split(end, 1)[1]
+    if before and before in markdown:
+        head, rest = markdown.split(before, 1)
+        return head + text + "\n\n" + before + rest
     return markdown.rstrip() + "\n\n" + text + "\n"
 
 
