@@ -204,7 +204,11 @@ def make_wise(out: Path, source: Path | None, alphas: list[float], rule, progres
         progress.info(f"sweep: {folder.name} made earlier, kept")
         return folder
     argv = ["interpolate", str(source), "--alpha", ",".join(f"{a:g}" for a in alphas), "--out", str(folder)]
-    interpolate(source, alphas, folder, True, rule.metric, rule.max_zeroshot_drop, None, argv, progress)
+    try:
+        interpolate(source, alphas, folder, True, rule.metric, rule.max_zeroshot_drop, None, argv, progress)
+    except UsageError as e:
+        progress.warn(f"sweep --wise: no interpolation ({e})")
+        return None
     return folder
 
 
