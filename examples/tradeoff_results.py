@@ -44,7 +44,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from promises import load_text, note_load  # noqa: E402
 import promises  # noqa: E402
 from results import DEFAULT_DATA, REPO, TARGET, ZEROSHOT, balanced_subset, count_images, cpu_name, noise  # noqa: E402
 from selection_results import difference, finished, flags, mean_r1, mean_sd, replace_section, zeroshot_top1  # noqa: E402
@@ -101,9 +100,9 @@ def folders(args, variant: str, seed: int) -> tuple[Path, Path]:
 def clipfit(args, *command: str) -> bool:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     print("+ clipfit", promises.portable(shlex.join(command), args), file=sys.stderr, flush=True)
-    note_load()
+    promises.note_load()
     done = subprocess.run([sys.executable, "-m", "clipfit", *command], capture_output=True, text=True, cwd=REPO, env=env)
-    note_load()
+    promises.note_load()
     if done.returncode != 0:
         print(f"  exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr, flush=True)
     return done.returncode == 0
@@ -286,7 +285,7 @@ def section(args, results: dict[str, list[dict]], first: dict, zeroshot: Path, m
              f"validation pairs and {noise(30, n_zeroshot):.0f} points on {n_zeroshot} zero-shot images; paired "
              "differences are called clear only when every seed agrees in sign and the mean exceeds two standard "
              "errors over the seeds.",
-             f"- **Machine**: {cpu_name()}, {os.cpu_count()} CPU cores ({load_text()}), {args.jobs} sweep(s) at once "
+             f"- **Machine**: {cpu_name()}, {os.cpu_count()} CPU cores ({promises.load_text()}), {args.jobs} sweep(s) at once "
              f"with {args.threads} torch thread(s) each.", ""]
     for variant, per_seed in results.items():
         lines += [f"### `{variant}`", "", *variant_table(per_seed), ""]

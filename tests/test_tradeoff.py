@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_main, tiny_refine_args, write_pairs
+from clipfit.derived import Measured
 from clipfit.errors import UsageError
 from clipfit.interpolate import alpha_rule, choose_alpha
-from clipfit.derived import Measured
 from clipfit.selection import Rule, TradeoffPoint, pareto_front
 from clipfit.soup import check_same_start, greedy_soup, stock_soup, uniform_soup, update_cosine
 from test_eval_zeroshot import write_image_folder
