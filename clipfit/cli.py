@@ -215,7 +215,7 @@ def sweep_command(**values: Any) -> None:
     axes = axes or {"method": [values["method"]]}
     values.update({name: field_default(name) for name in SWEEP_LEFT_OUT})
     summary = sweep(str(pairs), values, explicit - set(axes), axes, Path(values["out"]), make_progress(values["quiet"]),
-                    soups, parse_alphas(wise) if wise is not None else [])
+                    soups, parse_alphas(wise, "--wise") if wise is not None else [])
     typer.echo(f"chosen: {summary['chosen_run']} ({summary['selection']['reason']})")
     typer.echo(f"sweep: {Path(values['out']) / 'sweep.md'}")
 

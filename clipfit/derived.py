@@ -176,13 +176,13 @@ def write_derived(out_dir: Path, bench: Bench, state: dict[str, torch.Tensor], i
     return record
 
 
-def into_new_folder(out: Path, sources: list[Path], overwrite: bool, progress,
+def into_new_folder(out: Path, sources: dict[str, Path], overwrite: bool, progress,
                     make: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Claim `out` as a run folder (never one of the `sources`), fill it with `make`, and put a
-    replaced run back if `make` fails before run.json is written."""
+    """Claim `out` as a run folder (never one of the `sources`, named by what they are), fill it
+    with `make`, and put a replaced run back if `make` fails before run.json is written."""
     from clipfit.rundir import RUN_JSON, claim_run_dir
 
-    protected = {f"the run {source}": source for source in sources}
+    protected = dict(sources)
     folder = claim_run_dir(out, False, overwrite, protected, progress.warn)
     try:
         info = make(out)

@@ -39,13 +39,13 @@ def interpolate_state(start: dict[str, torch.Tensor], tuned: dict[str, torch.Ten
     return out
 
 
-def parse_alphas(text: str) -> list[float]:
+def parse_alphas(text: str, flag: str = "--alpha") -> list[float]:
     try:
         alphas = [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
-        raise UsageError(f"--alpha {text!r}: expected numbers separated by commas, e.g. 0.25,0.5,0.75") from None
+        raise UsageError(f"{flag} {text!r}: expected numbers separated by commas, e.g. 0.25,0.5,0.75") from None
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
-        raise UsageError(f"--alpha {text!r}: every α must be in [0, 1]")
+        raise UsageError(f"{flag} {text!r}: every α must be in [0, 1]")
     return list(dict.fromkeys(alphas))
 
 
@@ -99,7 +99,7 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
     metric, rule = alpha_rule(run_dir, Measured.of(config), alphas, select_best, config.select_best, max_drop,
                               config.max_zeroshot_drop)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-wise"
-    return into_new_folder(out, [run_dir], overwrite, progress, lambda folder: interpolate_into(
+    return into_new_folder(out, {"the run being interpolated": run_dir}, overwrite, progress, lambda folder: interpolate_into(
         folder, run_dir, saved, config, alphas, metric, rule, device_name, argv, progress, which))
 
 

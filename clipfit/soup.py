@@ -209,7 +209,8 @@ def soup(run_dirs: list[Path], out: Path, recipe: str, select_best: str | None, 
         raise UsageError(f"--select-best and --max-zeroshot-drop choose which runs --recipe greedy keeps; "
                          f"--recipe {recipe} averages every run")
     rule = soup_rule(run_dirs[0], measured, select_best or config.select_best, max_drop) if recipe == "greedy" else None
-    return into_new_folder(Path(out), run_dirs, overwrite, progress, lambda folder: soup_into(
+    sources = {f"run {i} of the soup": d for i, d in enumerate(run_dirs, 1)}
+    return into_new_folder(Path(out), sources, overwrite, progress, lambda folder: soup_into(
         folder, run_dirs, saveds, config, recipe, rule, device_name, argv, progress))
 
 
