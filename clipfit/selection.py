@@ -116,6 +116,8 @@ def default_metric(has_validation: bool, zeroshot_sets: list[str], retrieval_set
 def retention_limit(given: float | None, zeroshot_sets: list[str], flag: str = "--max-zeroshot-drop") -> float | None:
     """The held-out guard of sweep, soup and interpolate: the limit given, else DEFAULT_MAX_DROP
     points when zero-shot sets are measured, else none."""
+    if given is not None and not math.isfinite(given):
+        raise UsageError(f"{flag} {given}: expected a finite number of points")
     if given is not None and not zeroshot_sets:
         raise UsageError(f"{flag} {given:g} guards held-out zero-shot top-1, but no zero-shot set is measured "
                          "(add --eval-zeroshot DATASET=PATH)")

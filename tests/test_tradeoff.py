@@ -118,6 +118,8 @@ def test_the_alpha_rule_defaults_to_one_point_with_held_out_sets_and_says_what_w
         alpha_rule(Path("run"), nothing, [0.5, 1], None, None, None, None)
     with pytest.raises(UsageError, match="no zero-shot set is measured"):
         alpha_rule(Path("run"), retrieval_only, [0.5, 1], None, None, 1.0, None)
+    with pytest.raises(UsageError, match="expected a finite number"):
+        alpha_rule(Path("run"), with_sets, [0.5, 1], None, None, float("nan"), None)
 
 
 def test_the_pareto_front_holds_the_points_nothing_beats_on_both_axes():
