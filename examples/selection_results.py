@@ -178,11 +178,13 @@ def section(args, results: dict[str, list[tuple[int, dict, dict | None]]], comma
              "(both towers frozen: the two projections and the logit scale train): "
              f"the validation split and held-out zero-shot are measured every {EVAL_EVERY} steps and at the last, "
              f"and `--select-best {METRIC}` keeps the best (the starting model included). Then `clipfit interpolate "
-             f"RUN --tuned last --alpha {ALPHAS}`: WiSE-FT of the *last* weights, the α kept by the same rule "
-             f"(`{METRIC}` on the validation split).",
+             f"RUN --tuned last --alpha {ALPHAS}`: WiSE-FT of the *last* weights, the α kept by interpolate's default "
+             f"rule (the best `{METRIC}` on the validation split among the α whose held-out top-1 stays within 1 point "
+             "of the start's, else the start).",
              f"- **Held-out**: zero-shot top-1 on {n_zeroshot} Fashion-MNIST test images ({args.zeroshot_per_class} "
              f"per class) with the one prompt `{TEMPLATE}` (the folder's `templates.txt`; not the 80 of the table "
-             "above, so its numbers differ), a set no run trains on; nothing guards it here (no `--max-zeroshot-drop`).",
+             "above, so its numbers differ), a set no run trains on; it guards WiSE-FT's α (1 point, interpolate's "
+             "default) but not the selected step (no `--max-zeroshot-drop` given to refine).",
              f"- **Noise**: one measurement has two binomial standard errors of about {noise(50, n_val):.0f} points "
              f"on {n_val} validation pairs and {noise(35, n_zeroshot):.0f} points on {n_zeroshot} zero-shot images. "
              "The differences below are paired (same seed, same split) and averaged over seeds; one is called "
