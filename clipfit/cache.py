@@ -133,6 +133,24 @@ def starting_model_identity(model: str, pretrained: str, seed: int) -> dict:
     return encoder_identity(model, pretrained, seed)
 
 
+def start_identity(model: str, pretrained: str, seed: int) -> dict:
+    """run.json's `start`: what a run started from, comparable between runs made in other folders.
+
+    `fingerprint` hashes starting_model_identity without where its files lie (a local config or
+    weights file counts by its size and content, not its path) and without clipfit's version
+    (which does not draw weights), so two runs share it exactly when they start from the same
+    weights: the same named architecture and tag, the same file contents, or, for random
+    weights, the same seed and torch and open_clip versions."""
+    identity = starting_model_identity(model, pretrained, seed)
+    identity.pop("clipfit", None)
+    identity["files"] = [entry[1:] for entry in identity["files"]]
+    for key in ("spec", "pretrained"):
+        if identity[key] and (Path(identity[key]).is_file() or Path(identity[key]).is_dir()):
+            identity[key] = "local"  # its files are in identity["files"]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return {"model": model, "pretrained": pretrained, "seed": identity.get("seed"), "fingerprint": digest}
+
+
 # --- the on-disk feature cache ---------------------------------------------------------------
 
 def default_cache_dir() -> Path:

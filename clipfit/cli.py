@@ -164,7 +164,30 @@ def sweep_parameters() -> list[inspect.Parameter]:
         elif param.name == "out":
             params[i] = param.replace(default=typer.Option(..., "--out", rich_help_panel="Output",
                                                            help="Sweep folder: one run folder per grid point, sweep.md/html/json."))
-    return params
+    return params + after_sweep_parameters()
+
+
+def after_sweep_parameters() -> list[inspect.Parameter]:
+    """What a sweep makes from its runs: soups of them all, WiSE-FT of the chosen one."""
+    soup = typer.Option(None, "--soup", rich_help_panel="Sweep", show_default=False,
+                        help="Also average the runs: uniform, greedy and/or stock (comma list), each a run folder "
+                             "soup-RECIPE in --out, chosen among with the runs (see clipfit soup --help).")
+    wise = typer.Option(None, "--wise", rich_help_panel="Sweep", show_default=False,
+                        help="Also interpolate the chosen run or soup towards the start at these α (comma list), "
+                             "as clipfit interpolate does, into the run folder wise in --out.")
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[str])
+            for name, option in (("soup", soup), ("wise", wise))]
+
+
+def parse_soups(text: Optional[str]) -> list[str]:
+    from clipfit.errors import UsageError
+    from clipfit.soup import RECIPES
+
+    recipes = [r.strip() for r in (text or "").split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown or (text is not None and not recipes):
+        raise UsageError(f"--soup {text!r}: a comma list of {', '.join(RECIPES)}")
+    return list(dict.fromkeys(recipes))
 
 
 def sweep_command(**values: Any) -> None:
@@ -173,13 +196,13 @@ def sweep_command(**values: Any) -> None:
     Every value setting takes a comma list; the grid is their product. Example:
     clipfit sweep ./pairs --model lite0-minilm --method refine,contrastive --lr 1e-6,1e-5 --val-split 0.2 --out runs/sweep
     """
-    from clipfit.config import field_default
+    from clipfit.config import CONFIG_FIELDS, field_default
+    from clipfit.interpolate import parse_alphas
     from clipfit.progress import make_progress
     from clipfit.sweep import gridded_fields, parse_values, sweep
 
-    from clipfit.config import CONFIG_FIELDS
-
     explicit = explicit_parameters(values.pop("ctx")) & set(CONFIG_FIELDS)
+    soups, wise = parse_soups(values.pop("soup")), values.pop("wise")
     pairs = values.pop("pairs")
     if not pairs:
         raise typer.BadParameter("missing PAIRS (a folder of image-caption pairs)")
@@ -191,7 +214,8 @@ def sweep_command(**values: Any) -> None:
             axes[name] = parse_values(name, text)
     axes = axes or {"method": [values["method"]]}
     values.update({name: field_default(name) for name in SWEEP_LEFT_OUT})
-    summary = sweep(str(pairs), values, explicit - set(axes), axes, Path(values["out"]), make_progress(values["quiet"]))
+    summary = sweep(str(pairs), values, explicit - set(axes), axes, Path(values["out"]), make_progress(values["quiet"]),
+                    soups, parse_alphas(wise, "--wise") if wise is not None else [])
     typer.echo(f"chosen: {summary['chosen_run']} ({summary['selection']['reason']})")
     typer.echo(f"sweep: {Path(values['out']) / 'sweep.md'}")
 
@@ -200,21 +224,29 @@ sweep_command.__signature__ = inspect.Signature(sweep_parameters())
 app.command("sweep", no_args_is_help=True)(sweep_command)
 
 
+EVAL_ZEROSHOT_HELP = "Zero-shot set to measure on as well, DATASET=PATH (repeatable); with the run's own, the held-out sets the limit guards."
+EVAL_RETRIEVAL_HELP = "Pairs folder to measure retrieval on as well (repeatable); with the run's own sets."
+MAX_DROP_HELP = rich_escape("Only models whose held-out zero-shot top-1 is at most this many points below the start's may be "
+                 "kept [default: the run's, else 1 when zero-shot sets are measured].")
+
+
 @app.command("interpolate", no_args_is_help=True)
 def interpolate_command(
     run: Path = typer.Argument(..., help="A finished clipfit run folder."),
     alpha: str = typer.Option("0.25,0.5,0.75", "--alpha", help="α values (comma list, or one): θ = (1−α)·θ_start + α·θ_tuned."),
-    out: Optional[Path] = typer.Option(None, "--out", help="New run folder for the chosen α [default: RUN-wise]."),
+    out: Optional[Path] = typer.Option(None, "--out", help=rich_escape("New run folder for the chosen α [default: RUN-wise].")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out run folder."),
-    select_best: Optional[str] = typer.Option(None, "--select-best", help="Metric that chooses α [default: the run's --select-best, else mean-R@1]."),
-    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help="Only α whose zero-shot top-1 is at most this many points below the start are eligible [default: the run's]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: the run's]."),
+    select_best: Optional[str] = typer.Option(None, "--select-best", help=rich_escape("Target metric that chooses α [default: the run's --select-best, else mean-R@1 on the validation split, else the first --eval-retrieval set's R@1, else the first zero-shot set's top-1].")),
+    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help=MAX_DROP_HELP),
+    eval_zeroshot: Optional[list[str]] = typer.Option(None, "--eval-zeroshot", help=EVAL_ZEROSHOT_HELP),
+    eval_retrieval: Optional[list[str]] = typer.Option(None, "--eval-retrieval", help=EVAL_RETRIEVAL_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help=rich_escape("auto, cpu, cuda or mps [default: the run's].")),
     tuned: str = typer.Option("model", "--tuned", help="θ_tuned: model (model.safetensors) or last (last.safetensors of a --select-best run)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only the final lines."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
-    """WiSE-FT: interpolate a run's weights towards its starting model, measure each α on the run's
-    validation and --eval-* sets, and write the chosen α as a new run folder with its report."""
+    """WiSE-FT: interpolate a run's weights towards its starting model, measure each α as the run was
+    measured, and write the chosen α (one α: that one) as a new run folder with its report."""
     from clipfit.errors import UsageError
     from clipfit.interpolate import TUNED_FILES, interpolate, parse_alphas
     from clipfit.progress import make_progress
@@ -222,12 +254,43 @@ def interpolate_command(
     if tuned not in TUNED_FILES:
         raise UsageError(f"--tuned {tuned!r}: choose one of {', '.join(TUNED_FILES)}")
     info = interpolate(run, parse_alphas(alpha), out, overwrite, select_best, max_zeroshot_drop, device,
-                       STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json), tuned)
+                       STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json), tuned,
+                       eval_zeroshot or [], eval_retrieval or [])
     if as_json:
         print_json({k: info[k] for k in ("run_dir", "interpolation", "selection", "before", "after")})
         return
-    typer.echo(f"chosen α = {info['interpolation']['alpha']:g}: {info['selection']['reason']}")
-    typer.echo(f"report: {Path(info['run_dir']) / 'report.md'}")
+    reason = info["selection"]["reason"] if info["selection"] else "the only α given"
+    typer.echo(f"kept α = {info['interpolation']['alpha']:g}: {reason}")
+    typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
+
+
+@app.command("soup", no_args_is_help=True)
+def soup_command(
+    runs: list[Path] = typer.Argument(..., help="Two or more finished run folders with one architecture and one start."),
+    out: Path = typer.Option(..., "--out", help="New run folder for the soup."),
+    recipe: str = typer.Option("uniform", "--recipe", help="uniform (the mean), greedy (runs join best first while the soup scores no worse and keeps held-out top-1 within the limit) or stock (Model Stock: per tensor, towards the start by the angle between the runs' updates)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out run folder."),
+    select_best: Optional[str] = typer.Option(None, "--select-best", help=rich_escape("greedy: the target metric [default: the first run's --select-best, else as interpolate].")),
+    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help="greedy: " + MAX_DROP_HELP.replace("the run's, else ", "")),
+    eval_zeroshot: Optional[list[str]] = typer.Option(None, "--eval-zeroshot", help=EVAL_ZEROSHOT_HELP),
+    eval_retrieval: Optional[list[str]] = typer.Option(None, "--eval-retrieval", help=EVAL_RETRIEVAL_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help=rich_escape("auto, cpu, cuda or mps [default: the first run's].")),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the final lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Average the weights of runs that share a start (a model soup), measure it as the first run
+    was measured, and write it as a new run folder with its report."""
+    from clipfit.progress import make_progress
+    from clipfit.soup import soup
+
+    info = soup(runs, out, recipe, select_best, max_zeroshot_drop, device, STATE.get("argv", sys.argv[1:]),
+                make_progress(quiet or as_json), overwrite, eval_zeroshot or [], eval_retrieval or [])
+    if as_json:
+        print_json({k: info[k] for k in ("run_dir", "soup", "before", "after")})
+        return
+    typer.echo(f"{recipe} soup of {len(info['soup']['ingredients'])} of {len(runs)} runs: "
+               f"{', '.join(info['soup']['ingredients'])}")
+    typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
 
 
 # --- data ---------------------------------------------------------------------------------

@@ -4,22 +4,25 @@
 
 θ_start is the run's starting model as run.json records it (--model, --pretrained, seed), θ_tuned
 its model.safetensors (with LoRA: the merged model, so the adapter's delta is scaled by α). Each α
-is measured with the run's own validation split and --eval-* sets, by the code that measured the
-run (clipfit.run.measure_model); the α that clipfit.selection's rule picks is written as a new
-run folder with its report.
+is measured as the run was (clipfit.derived.Bench: its validation split or training subset, its
+--eval-* sets and any given to interpolate). One α is written as it is. Among several, the target
+metric chooses (clipfit.selection.default_metric unless --select-best), and with held-out
+zero-shot sets only α whose top-1 stays within --max-zeroshot-drop (default 1 point) of the start
+may be chosen; when none does, the start (α = 0) is kept.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clipfit.errors import UsageError
+
+TUNED_FILES = {"model": "model.safetensors", "last": "last.safetensors"}
+TUNED_RECORDS = {"model": "after", "last": "last"}  # run.json's measurement of each (α = 1)
+KEEP_START = "the start (α = 0) is kept"
 
 
 def interpolate_state(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -36,136 +39,99 @@ def interpolate_state(start: dict[str, torch.Tensor], tuned: dict[str, torch.Ten
     return out
 
 
-def parse_alphas(text: str) -> list[float]:
+def parse_alphas(text: str, flag: str = "--alpha") -> list[float]:
     try:
         alphas = [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
-        raise UsageError(f"--alpha {text!r}: expected numbers separated by commas, e.g. 0.25,0.5,0.75") from None
+        raise UsageError(f"{flag} {text!r}: expected numbers separated by commas, e.g. 0.25,0.5,0.75") from None
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
-        raise UsageError(f"--alpha {text!r}: every α must be in [0, 1]")
-    return alphas
+        raise UsageError(f"{flag} {text!r}: every α must be in [0, 1]")
+    return list(dict.fromkeys(alphas))
 
 
-def saved_config(saved: dict[str, Any]):
-    from clipfit.config import RefineConfig
-
-    known = {f.name for f in fields(RefineConfig)}
-    return RefineConfig(**{k: v for k, v in saved["config"].items() if k in known})
+def alpha_label(alpha: float) -> str:
+    return f"α={alpha:g}"
 
 
-def rule_for(saved_cfg, alphas: list[float], select_best: str | None, max_drop: float | None, data, suite):
-    from clipfit.selection import MEAN_R1, Rule, check_metric, selectable_metrics
+def alpha_rule(run_dir: Path, measured, alphas: list[float], select_best: str | None, saved_select_best: str | None,
+               max_drop: float | None, saved_max_drop: float | None):
+    """(target metric, rule): the metric the report plots α by (None when nothing is measured to
+    score by) and the rule that chooses among `alphas` (None for one α: nothing to choose). Refused
+    with one line saying what would work when several α have nothing to be chosen by."""
+    from clipfit.selection import Rule, default_metric, retention_limit
 
-    metric = select_best or saved_cfg.select_best or (MEAN_R1 if data.val else None)
+    metric = select_best or saved_select_best or default_metric(measured.has_validation, measured.zeroshot,
+                                                               measured.retrieval)
     if metric is None:
         if len(alphas) > 1:
-            raise UsageError("choosing among several --alpha values needs --select-best METRIC (the run has no "
-                             "validation split for the default, mean-R@1)")
-        metric = next(iter(suite_metric_names(suite)), MEAN_R1)
-    check_metric(metric, selectable_metrics(bool(data.val), list(suite.zeroshot), list(suite.retrieval)))
-    limit = max_drop if max_drop is not None else saved_cfg.max_zeroshot_drop
-    if limit is not None and not suite.zeroshot:
-        raise UsageError("--max-zeroshot-drop needs the run's --eval-zeroshot sets; this run measured none")
-    return Rule(metric, limit)
+            raise UsageError(f"{run_dir}: nothing to choose among {len(alphas)} α by: the run has no validation split "
+                             "and no --eval-* sets; give one --alpha, or sets to measure each α on "
+                             "(--eval-retrieval PAIRS or --eval-zeroshot DATASET=PATH given to interpolate)")
+        return None, None
+    measured.check(metric)
+    limit = retention_limit(max_drop if max_drop is not None else saved_max_drop, measured.zeroshot)
+    return metric, Rule(metric, limit) if len(alphas) > 1 else None
 
 
-def suite_metric_names(suite) -> list[str]:
-    return [f"zeroshot/{name}/acc1" for name in suite.zeroshot] + [f"retrieval/{name}/text_retrieval_recall@1"
-                                                                    for name in suite.retrieval]
+def choose_alpha(alphas: list[float], measured: list[dict[str, float]], before: dict[str, float], rule):
+    """(α kept, its measurement, the Choice or None): the rule's choice among `alphas`; the start
+    (α = 0, measured as `before`) when no α is eligible; the only α when there is no rule."""
+    from clipfit.selection import choose
 
-
-def load_start(cfg):
-    """The run's starting model, seeded as refine seeds it (random-init tests depend on it)."""
-    from clipfit import models
-
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    return models.load_model(cfg.model, cfg.pretrained)
-
-
-TUNED_FILES = {"model": "model.safetensors", "last": "last.safetensors"}
-
-
-def load_tuned(run_dir: Path, which: str):
-    """The run's model; `last`: its last step's weights (written by --select-best) in its place."""
-    from clipfit import models
-
-    tuned = models.load_model(str(run_dir))
-    if which == "last":
-        path = run_dir / TUNED_FILES["last"]
-        if not path.is_file():
-            raise UsageError(f"{path}: not found; only runs with --select-best keep the last step apart")
-        models.load_weights_into(tuned.model, path)
-    return tuned
+    if rule is None:
+        return alphas[0], measured[0], None
+    choice = choose(measured, before, rule, [alpha_label(a) for a in alphas])
+    if choice.index is None:
+        return 0.0, before, choice
+    return alphas[choice.index], measured[choice.index], choice
 
 
 def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite: bool, select_best: str | None,
                 max_drop: float | None, device_name: str | None, argv: list[str], progress,
-                which: str = "model") -> dict[str, Any]:
-    from clipfit.eval.compare import read_run
-    from clipfit.rundir import RUN_JSON, claim_run_dir
+                which: str = "model", zeroshot: list[str] = (), retrieval: list[str] = ()) -> dict[str, Any]:
+    from clipfit.derived import Measured, finished_run, into_new_folder, saved_config
 
-    saved = read_run(run_dir)
-    if not saved.get("after"):
-        raise UsageError(f"{run_dir}: the run has not finished (no after measurement); finish it with --resume first")
+    saved = finished_run(run_dir)
+    if not (run_dir / TUNED_FILES[which]).is_file():
+        raise UsageError(f"{run_dir / TUNED_FILES[which]}: not found" + (
+            "; only runs with --select-best keep the last step apart" if which == "last" else ""))
+    config = saved_config(saved, zeroshot, retrieval)
+    metric, rule = alpha_rule(run_dir, Measured.of(config), alphas, select_best, config.select_best, max_drop,
+                              config.max_zeroshot_drop)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-wise"
-    folder = claim_run_dir(out, False, overwrite, {"the run being interpolated": run_dir}, progress.warn)
-    try:
-        info = interpolate_into(out, run_dir, saved, alphas, select_best, max_drop, device_name, argv, progress, which)
-    except BaseException:
-        if not (out / RUN_JSON).is_file():
-            folder.abandon()
-        raise
-    folder.commit()
-    folder.release()
-    return info
+    return into_new_folder(out, {"the run being interpolated": run_dir}, overwrite, progress, lambda folder: interpolate_into(
+        folder, run_dir, saved, config, alphas, metric, rule, device_name, argv, progress, which))
 
 
-def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[float], select_best: str | None,
-                     max_drop: float | None, device_name: str | None, argv: list[str], progress, which: str):
-    from clipfit import models
-    from clipfit.data.training import load_data, same_data
-    from clipfit.eval.suite import deltas, load_suite
-    from clipfit.report import write_report
-    from clipfit.run import measure_model
-    from clipfit.rundir import write_run_json
-    from clipfit.selection import choose, metric_value, record
+def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, config, alphas: list[float], metric: str | None,
+                     rule, device_name: str | None, argv: list[str], progress, which: str) -> dict[str, Any]:
+    import time
+
+    from clipfit.derived import Bench, write_derived
+    from clipfit.eval.suite import deltas
+    from clipfit.selection import START, metric_value, record
 
     started = time.time()
-    cfg = saved_config(saved)
-    data = load_data(saved["pairs"], cfg, out_dir, progress)
-    if not same_data(saved.get("data_hash"), data):
-        raise UsageError(f"{saved['pairs']}: the pairs changed since {run_dir} was trained; its validation split "
-                         "cannot be rebuilt")
-    suite = load_suite(cfg.eval_zeroshot, cfg.eval_retrieval, data.val, cfg.workers, progress.warn)
-    rule = rule_for(cfg, alphas, select_best, max_drop, data, suite)
-    device = models.resolve_device(device_name or cfg.device)
-    start_state = {k: v.detach().clone() for k, v in load_start(cfg).model.state_dict().items()}
-    tuned = load_tuned(run_dir, which)
-    tuned_state = {k: v.detach().clone() for k, v in tuned.model.state_dict().items()}
-    model = tuned.model.to(device)
-    measured = []
-    for alpha in alphas:
-        model.load_state_dict(interpolate_state(start_state, tuned_state, alpha))
-        progress.info(f"measuring α = {alpha:g}")
-        measured.append(measure_model(model, tuned, data, cfg, device, suite, f"{run_dir} interpolated at α = {alpha:g}"))
-    labels = [f"α={a:g}" for a in alphas]
-    choice = choose(measured, saved["before"], rule, labels)
-    index = choice.index if choice.index is not None else len(alphas) - 1
-    model.load_state_dict(interpolate_state(start_state, tuned_state, alphas[index]))
-    models.save_model(tuned, model, out_dir)
-    before, after = saved["before"], measured[index]
-    info = {**{k: saved[k] for k in ("pairs", "config", "resolved", "model", "data_hash", "skipped", "environment",
-                                     "steps", "eval_split") if k in saved},
-            "clipfit": "interpolate", "run_dir": str(out_dir), "argv": argv,
-            "interpolation": {"source_run": str(run_dir.resolve()), "alpha": alphas[index], "alphas": alphas,
+    bench = Bench.open(run_dir, saved, config, out_dir, device_name, progress)
+    start, tuned = bench.start(), bench.weights_of(run_dir, TUNED_FILES[which])
+    before = bench.before()
+    measured = [before if alpha == 0 else
+                bench.measure(interpolate_state(start, tuned, alpha), f"{run_dir} interpolated at α = {alpha:g}")
+                for alpha in alphas]
+    alpha, after, choice = choose_alpha(alphas, measured, before, rule)
+    chosen = alpha_label(alpha) if choice is None or choice.index is not None else START
+    selection = None if choice is None else {**record(choice, rule, KEEP_START), "chosen": chosen,
+                                             "start_score": metric_value(before, rule.metric)}
+    info = {"clipfit": "interpolate", "argv": argv,
+            "interpolation": {"source_run": str(run_dir.resolve()), "alpha": alpha, "alphas": alphas,
+                              "metric": metric, "chosen": chosen,
                               "tuned_weights": TUNED_FILES[which],
                               "formula": "(1 - alpha) * start + alpha * tuned",
-                              "start": {"model": cfg.model, "pretrained": cfg.pretrained, "seed": cfg.seed},
-                              "measured": dict(zip(labels, measured))},
-            "before": before, "after": after, "delta": deltas(before, after),
-            "selection": {**record(choice, rule), "start_score": metric_value(before, rule.metric)},
-            "wall_seconds": time.time() - started, "train_seconds": 0.0, "methods": {}}
-    write_run_json(out_dir, info)
-    write_report(out_dir, info)
-    return info
+                              "start": {"model": config.model, "pretrained": config.pretrained, "seed": config.seed},
+                              "measured": {alpha_label(a): m for a, m in zip(alphas, measured)},
+                              "tuned_measured": None if bench.added_sets else saved.get(TUNED_RECORDS[which])},
+            "before": before, "after": after, "delta": deltas(before, after), "selection": selection,
+            "added_sets": {"eval_zeroshot": config.eval_zeroshot, "eval_retrieval": config.eval_retrieval}
+            if bench.added_sets else None}
+    info["wall_seconds"] = time.time() - started
+    return write_derived(out_dir, bench, interpolate_state(start, tuned, alpha), info)

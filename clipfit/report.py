@@ -11,6 +11,7 @@ from clipfit.io import read_jsonl, write_text
 from clipfit.rundir import METRICS_JSONL, REPORT_HTML, REPORT_MD
 from clipfit.selection import lower_is_better
 
+DERIVED = ("interpolate", "soup")  # runs made without training: no loss to report
 GAP_FORMS = ("modality_gap: L2 distance between the centroids of the normalised image and text embeddings; "
              "modality_gap_mse: the squared centroid difference averaged over dimensions.")
 
@@ -81,6 +82,42 @@ def interpolation_lines(interpolation: dict[str, Any] | None) -> list[str]:
             f"α tried: {', '.join(f'{a:g}' for a in interpolation['alphas'])}. Before is the starting model."]
 
 
+FORMULAS = {"uniform": "θ = (1/N)·Σ θ_i over the N runs in the soup",
+            "greedy": "θ = (1/N)·Σ θ_i over the N runs kept: best first by the target metric, each kept when the "
+                      "soup with it scores no worse and keeps held-out zero-shot top-1 within the limit",
+            "stock": "θ = t·θ_avg + (1 − t)·θ_start per tensor, t = N·cosθ / (1 + (N − 1)·cosθ), cosθ the mean "
+                     "cosine between the runs' updates from the start (clipped to [0, 1])"}
+
+
+def soup_lines(soup: dict[str, Any] | None) -> list[str]:
+    """Which runs went into a soup, how, and (greedy) every soup tried."""
+    if not soup:
+        return []
+    lines = ["", f"## Soup (`--recipe {soup['recipe']}`)", "", f"{FORMULAS[soup['recipe']]}. Before is the starting "
+             "model; the numbers are measured as the first run's were.", "",
+             "| run | method | lr | steps | seed | in the soup |", "|---|---|---:|---:|---:|---|"]
+    for run in soup["runs"]:
+        lines.append(f"| {run['label']} | {run['method']} | {fmt(run['lr'])} | {fmt(run['steps'])} | {run['seed']} | "
+                     f"{'yes' if run['kept'] else 'no'} |")
+    if soup.get("steps"):
+        limit = soup["max_zeroshot_drop"]
+        lines += ["", f"Greedy, by `{soup['metric']}`" + (f", held-out zero-shot top-1 at most {limit:g} points below "
+                                                          "the start" if limit is not None else "") + ":", "",
+                  f"| soup tried | {soup['metric']} | held-out top-1 drop | eligible | kept |", "|---|---:|---:|---|---|"]
+        for step in soup["steps"]:
+            drop = "" if step["zeroshot_drop"] is None else f"{step['zeroshot_drop']:+.2f}"
+            lines.append(f"| {step['label']} | {fmt(step['score'])} | {drop} | {'yes' if step['eligible'] else 'no'} | "
+                         f"{'yes' if step['kept'] else 'no'} |")
+    ratios = [t for t in (soup.get("ratios") or {}).values() if t is not None]
+    if soup.get("ratios"):
+        untouched = len(soup["ratios"]) - len(ratios)
+        spread = (f"mean {sum(ratios) / len(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f} over "
+                  f"{len(ratios)} tensors" if ratios else "no tensor changed by any run")
+        lines += ["", f"Model Stock's t per tensor: {spread}; {untouched} tensors no run changed keep the start's "
+                      "(run.json `soup.ratios` has every t)."]
+    return lines
+
+
 def selection_lines(selection: dict[str, Any] | None) -> list[str]:
     """--select-best: which step model.safetensors holds, why, and every evaluated step."""
     if not selection:
@@ -143,11 +180,14 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
     from clipfit.report_gallery import gallery_markdown
 
     c, r = run_info["config"], run_info["resolved"]
+    soup = run_info.get("soup")
     lines = [
-        f"# clipfit run: {c['method']}", "",
+        f"# clipfit soup: {soup['recipe']} of {len(soup['runs'])} runs" if soup else f"# clipfit run: {c['method']}", "",
         f"- data: `{run_info['pairs']}` ({r['layout']} layout), {r['train_pairs']} training pairs, "
         f"{r['val_pairs']} validation pairs, {run_info.get('skipped', 0)} skipped",
         f"- model: {run_info['model']['arch']} ({run_info['model']['pretrained']})",
+    ]
+    lines += [] if soup else [
         f"- loss weights: {', '.join(f'{k}={v:g}' for k, v in r['weights'].items())}; {targets_line(c)}",
         f"- {run_info.get('steps', 0)} steps of batch {c['batch_size']} × accumulation {c['grad_accum']}, "
         f"lr {r['lr']:g}, {'LoRA r=' + str(c['lora_rank']) if c['lora'] else 'all unlocked weights'}, "
@@ -156,13 +196,14 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
         f"wall time {run_info.get('wall_seconds', 0):.1f} s (training {run_info.get('train_seconds', 0):.1f} s)",
     ]
     lines += interpolation_lines(run_info.get("interpolation"))
+    lines += soup_lines(soup)
     lines += ["", f"## Before → after ({run_info.get('eval_split', 'validation')})", ""]
     lines += grouped_before_after(run_info.get("before", {}), run_info.get("after", {}))
     if "modality_gap" in run_info.get("before", {}):
         lines += ["", GAP_FORMS]
     lines += gate_lines(run_info.get("gate"))
     lines += selection_lines(run_info.get("selection"))
-    lines += ["", "## Loss", ""] + loss_summary(rows) + [""]
+    lines += [""] if run_info.get("clipfit") in DERIVED else ["", "## Loss", ""] + loss_summary(rows) + [""]
     lines += picture_lines(list(pictures))
     sections = method_sections(run_info.get("methods", {}))
     if sections:

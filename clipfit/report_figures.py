@@ -92,33 +92,51 @@ def write_figures(run_dir: Path, run_info: dict[str, Any], rows: list[dict]) -> 
     if before_after_bars(run_info.get("before", {}), run_info.get("after", {}), run_dir / BEFORE_AFTER):
         pictures.append(("Before and after", BEFORE_AFTER))
     if selection_figure(run_dir, run_info):
-        pictures.append(("Target gain against held-out zero-shot drop, every evaluated step", SELECTION))
+        what = "along α" if run_info.get("interpolation") else "every evaluated step"
+        pictures.append((f"Target gain against held-out zero-shot change, {what}", SELECTION))
     return pictures
 
 
 SELECTION = SELECTION_PLOT
+# kind -> (marker, colour, legend label) of a point on the trade-off plane
+KIND_STYLE = {"start": ("s", "black", "start"), "candidate": ("o", "tab:blue", "evaluated"),
+              "run": ("o", "tab:blue", "runs"), "soup": ("D", "tab:green", "soups"),
+              "wise": ("^", "tab:orange", "WiSE-FT α")}
+GAIN_LABEL = "{metric} gain over the starting model"
+CHANGE_LABEL = "held-out zero-shot top-1 change from the start (worst set, points; right is better)"
 
 
-def gain_vs_drop(points: list[tuple[str, float | None, float | None]], chosen: int | None, limit: float | None,
-                 gain_label: str, path: Path) -> bool:
-    """Target gain (up is better) against held-out zero-shot top-1 drop (right is worse) for each
-    candidate (label, gain, drop); the chosen one starred, the --max-zeroshot-drop limit dashed."""
-    drawn = [(i, label, gain, drop) for i, (label, gain, drop) in enumerate(points) if gain is not None and drop is not None]
-    if not drawn:
+def tradeoff_figure(points: list, chosen: str | None, limit: float | None, gain_label: str, path: Path,
+                    trajectory: list[int] = (), size: tuple[float, float] = (7, 4.5)) -> bool:
+    """Target gain (up is better) against held-out change (right is better) for each
+    clipfit.selection.TradeoffPoint, drawn by kind; `trajectory` (indices) joined in order (steps,
+    α), the Pareto front dashed, the `chosen` label starred, the --max-zeroshot-drop limit dotted."""
+    from clipfit.selection import pareto_front
+
+    placed = [p for p in points if p.placed]
+    if not placed:
         return False
-    figure = new_figure(7, 4.5)
+    figure = new_figure(*size)
     axes = figure.add_subplot()
-    axes.plot([d for *_, d in drawn], [g for _, _, g, _ in drawn], "o", color="tab:blue", label="evaluated")
-    for _, label, gain, drop in drawn:
-        axes.annotate(label, (drop, gain), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
-    picked = [(g, d) for i, _, g, d in drawn if i == chosen]
+    line = [points[i] for i in trajectory if points[i].placed]
+    if len(line) > 1:
+        axes.plot([p.change for p in line], [p.gain for p in line], "-", color="lightgrey", zorder=1)
+    for kind, (marker, colour, label) in KIND_STYLE.items():
+        group = [p for p in placed if p.kind == kind]
+        if group:
+            axes.plot([p.change for p in group], [p.gain for p in group], marker, color=colour, label=label, zorder=3)
+    for p in placed:
+        axes.annotate(p.label, (p.change, p.gain), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
+    front = sorted((points[i] for i in pareto_front(points)), key=lambda p: (p.change, -p.gain))
+    axes.plot([p.change for p in front], [p.gain for p in front], "--", color="tab:purple", label="Pareto front", zorder=2)
+    picked = [p for p in placed if p.label == chosen]
     if picked:
-        axes.plot([picked[0][1]], [picked[0][0]], "*", markersize=18, color="tab:red", label="chosen")
+        axes.plot([picked[0].change], [picked[0].gain], "*", markersize=18, color="tab:red", label="chosen", zorder=4)
     if limit is not None:
-        axes.axvline(limit, linestyle="--", color="grey", label=f"--max-zeroshot-drop {limit:g}")
+        axes.axvline(-limit, linestyle=":", color="grey", label=f"--max-zeroshot-drop {limit:g}")
     axes.axhline(0, color="black", linewidth=0.5)
     axes.axvline(0, color="black", linewidth=0.5)
-    axes.set_xlabel("held-out zero-shot top-1 drop from the start (points; right is worse)")
+    axes.set_xlabel(CHANGE_LABEL)
     axes.set_ylabel(gain_label)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
@@ -127,12 +145,26 @@ def gain_vs_drop(points: list[tuple[str, float | None, float | None]], chosen: i
 
 
 def selection_figure(run_dir: Path, run_info: dict[str, Any]) -> bool:
-    from clipfit.selection import gain_points
+    """The trade-off of every evaluated step (refine --select-best), or of every α (interpolate)."""
+    from clipfit.selection import tradeoff_points
 
+    if run_info.get("interpolation"):
+        return alpha_figure(run_dir, run_info)
     selection = run_info.get("selection")
     if not selection:
         return False
-    labels = [c["label"] for c in selection["candidates"]]
-    chosen = labels.index(selection["chosen"]) if selection["chosen"] in labels else None
-    return gain_vs_drop(gain_points(selection), chosen, selection.get("max_zeroshot_drop"),
-                        f"{selection['metric']} gain over the starting model", run_dir / SELECTION)
+    points = tradeoff_points(selection)
+    return tradeoff_figure(points, selection["chosen"], selection.get("max_zeroshot_drop"),
+                           GAIN_LABEL.format(metric=selection["metric"]), run_dir / SELECTION, range(len(points)))
+
+
+def alpha_figure(run_dir: Path, run_info: dict[str, Any]) -> bool:
+    """WiSE-FT: the start and every α, in order of α."""
+    from clipfit.selection import alpha_points
+
+    interpolation, selection = run_info["interpolation"], run_info.get("selection") or {}
+    if not interpolation.get("metric"):
+        return False
+    points = alpha_points(interpolation, run_info["before"])
+    return tradeoff_figure(points, interpolation.get("chosen"), selection.get("max_zeroshot_drop"),
+                           GAIN_LABEL.format(metric=interpolation["metric"]), run_dir / SELECTION, range(len(points)))

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from clipfit import models
 from clipfit.best import TrainingEvaluations
-from clipfit.cache import FeatureCache, resolve_cache_dir, starting_model_identity
+from clipfit.cache import FeatureCache, resolve_cache_dir, start_identity, starting_model_identity
 from clipfit.config import RefineConfig
 from clipfit.data.training import RunData, load_data, make_dataset, same_data
 from clipfit.distributed import Distributed, local_device, start_distributed
@@ -182,7 +182,8 @@ def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, a
                      "world_size": dist.world_size,
                      "train_pairs": len(dataset), "val_pairs": len(data.val), "layout": data.check.layout,
                      "weights": composite.weights, "parameters": counts},
-        "model": models.describe(loaded), "data_hash": data.data_hash, "skipped": len(data.check.skipped),
+        "model": models.describe(loaded), "start": start_identity(config.model, config.pretrained, config.seed),
+        "data_hash": data.data_hash, "skipped": len(data.check.skipped),
         "environment": environment(), "argv": argv,
     }
     trackers = start_trackers(config, run_dir) if dist.is_main else None  # a failed login: nothing written yet

@@ -12,6 +12,13 @@ results as `zeroshot/SET/acc1`, `retrieval/SET/...`. Users name metrics as
 The rule: a candidate is eligible when every held-out zero-shot set's top-1 is at most
 `max_zeroshot_drop` points below the starting model's (any candidate, without a limit); among
 eligible ones the best score wins, ties going to the earlier candidate. Pure functions only.
+
+Where nothing else is said, the metric is the target's: the validation split's mean-R@1, else the
+first retrieval set's text→image R@1, else the first zero-shot set's top-1; and for `sweep`,
+`soup` and `interpolate` the limit is DEFAULT_MAX_DROP points when held-out zero-shot sets are
+measured. A candidate's place on the trade-off plane is its target gain over the start (signed so
+that up is better) against its held-out change (minus the worst top-1 drop, so right is better);
+`pareto_front` marks the candidates no other beats on both.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ RETRIEVAL_METRICS = tuple(f"{kind}_retrieval_recall@{k}" for kind in ("image", "
 LOWER_IS_BETTER = {"clip_loss", "ece", *GEOMETRY_METRICS}  # what clipfit.report marks better when it falls
 HELD_OUT = "zeroshot/"  # the sets --max-zeroshot-drop guards
 GUARDED_METRIC = "acc1"
+START = "start"  # the starting model's label on the trade-off plane
+DEFAULT_MAX_DROP = 1.0  # points: sweep, soup and interpolate keep held-out top-1 this close to the start
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,12 @@ class Choice:
     since_best: int  # candidates evaluated after the chosen one (what --patience counts)
     labels: list[str] = field(default_factory=list)
 
-    def reason(self, rule: Rule) -> str:
-        """One sentence: what was chosen, by which number, among how many."""
+    def reason(self, rule: Rule, fallback: str = "the last one is kept") -> str:
+        """One sentence: what was chosen, by which number, among how many; `fallback` says what is
+        kept when no candidate is eligible."""
         if self.index is None:
             return (f"no candidate kept held-out zero-shot top-1 within {rule.max_zeroshot_drop:g} points of the "
-                    f"starting model's (--max-zeroshot-drop); the last one is kept")
+                    f"starting model's (--max-zeroshot-drop); {fallback}")
         label = self.labels[self.index] if self.labels else f"candidate {self.index}"
         word = "lowest" if lower_is_better(rule.metric) else "highest"
         excluded = self.eligible.count(False)
@@ -93,6 +103,29 @@ def check_metric(metric: str, valid: list[str], flag: str = "--select-best") -> 
         raise UsageError(f"{flag} {metric!r}: not a metric this run measures; valid: {listing}")
 
 
+def default_metric(has_validation: bool, zeroshot_sets: list[str], retrieval_sets: list[str]) -> str | None:
+    """The target metric when none is named: mean-R@1 on the validation split, else the first
+    retrieval set's text→image R@1, else the first zero-shot set's top-1; None when nothing is measured."""
+    if has_validation:
+        return MEAN_R1
+    if retrieval_sets:
+        return f"retrieval/{retrieval_sets[0]}/image_retrieval_recall@1"
+    return f"zeroshot/{zeroshot_sets[0]}/{GUARDED_METRIC}" if zeroshot_sets else None
+
+
+def retention_limit(given: float | None, zeroshot_sets: list[str], flag: str = "--max-zeroshot-drop") -> float | None:
+    """The held-out guard of sweep, soup and interpolate: the limit given, else DEFAULT_MAX_DROP
+    points when zero-shot sets are measured, else none."""
+    if given is not None and not math.isfinite(given):
+        raise UsageError(f"{flag} {given}: expected a finite number of points")
+    if given is not None and not zeroshot_sets:
+        raise UsageError(f"{flag} {given:g} guards held-out zero-shot top-1, but no zero-shot set is measured "
+                         "(add --eval-zeroshot DATASET=PATH)")
+    if given is not None:
+        return given
+    return DEFAULT_MAX_DROP if zeroshot_sets else None
+
+
 def zeroshot_drop(start: dict[str, float], metrics: dict[str, float]) -> float | None:
     """The largest top-1 drop (points) over the held-out zero-shot sets; None without any."""
     drops = [start[k] - v for k, v in metrics.items()
@@ -126,22 +159,74 @@ def patience_exhausted(choice: Choice, patience: int | None) -> bool:
     return bool(patience) and choice.since_best >= patience
 
 
-def record(choice: Choice, rule: Rule) -> dict:
+def record(choice: Choice, rule: Rule, fallback: str = "the last one is kept") -> dict:
     """run.json's / sweep.json's account of a choice: the rule, what was kept and why, every candidate."""
     return {
         "metric": rule.metric, "direction": "lower" if lower_is_better(rule.metric) else "higher",
         "max_zeroshot_drop": rule.max_zeroshot_drop,
         "chosen": choice.labels[choice.index] if choice.index is not None else None,
-        "reason": choice.reason(rule),
+        "reason": choice.reason(rule, fallback),
         "candidates": [{"label": label, "score": score, "zeroshot_drop": drop, "eligible": ok}
                        for label, score, drop, ok in zip(choice.labels, choice.scores, choice.drops, choice.eligible)],
     }
 
 
-def gain_points(selection: dict) -> list[tuple[str, float | None, float | None]]:
-    """(label, gain over the first candidate's score, held-out drop) per candidate; gain is signed so
-    that up is better. The first candidate is the starting model for steps and the reference otherwise."""
-    sign = -1.0 if selection["direction"] == "lower" else 1.0
-    reference = selection.get("start_score")
-    return [(c["label"], None if c["score"] is None or reference is None else sign * (c["score"] - reference),
-             c["zeroshot_drop"]) for c in selection["candidates"]]
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One model on the trade-off plane: target gain over the start (up is better) and held-out
+    change, minus the worst zero-shot top-1 drop in points (right is better); None where unmeasured."""
+
+    label: str
+    gain: float | None
+    change: float | None
+    kind: str = "candidate"  # how the plot draws it: start, candidate, run, soup, wise
+
+    @property
+    def placed(self) -> bool:
+        return self.gain is not None and self.change is not None
+
+
+def gain(score: float | None, start_score: float | None, direction: str) -> float | None:
+    if score is None or start_score is None:
+        return None
+    return (start_score - score) if direction == "lower" else (score - start_score)
+
+
+def tradeoff_points(selection: dict, kind: str = "candidate") -> list[TradeoffPoint]:
+    """Each candidate of a selection record (`record`, with its `start_score`) on the plane."""
+    return [TradeoffPoint(c["label"], gain(c["score"], selection.get("start_score"), selection["direction"]),
+                          None if c["zeroshot_drop"] is None else -c["zeroshot_drop"], kind)
+            for c in selection["candidates"]]
+
+
+def pareto_front(points: list[TradeoffPoint]) -> list[int]:
+    """Indices of the placed points that no other placed point matches or beats on both gain and
+    held-out change while beating it on one (duplicates are all on the front), in input order."""
+    placed = [(i, p) for i, p in enumerate(points) if p.placed]
+
+    def dominated(p: TradeoffPoint) -> bool:
+        return any(q.gain >= p.gain and q.change >= p.change and (q.gain > p.gain or q.change > p.change)
+                   for _, q in placed)
+
+    return [i for i, p in placed if not dominated(p)]
+
+
+def place(label: str, metrics: dict[str, float], start: dict[str, float], metric: str, kind: str) -> TradeoffPoint:
+    """One measurement on the trade-off plane, against the starting model's."""
+    direction = "lower" if lower_is_better(metric) else "higher"
+    drop = zeroshot_drop(start, metrics)
+    return TradeoffPoint(label, gain(metric_value(metrics, metric), metric_value(start, metric), direction),
+                         None if drop is None else -drop, kind)
+
+
+def alpha_points(interpolation: dict, start: dict[str, float], metric: str | None = None, prefix: str = "",
+                 kind: str = "candidate") -> list[TradeoffPoint]:
+    """The start, then each α of an interpolation record (run.json's) in order of α and the tuned
+    model (α = 1) as its run recorded it, by `metric` (default: the record's); labels get `prefix`."""
+    metric, measured = metric or interpolation["metric"], dict(interpolation["measured"])
+    alphas = list(interpolation["alphas"])
+    if interpolation.get("tuned_measured") and 1.0 not in alphas:
+        measured["α=1 (tuned)"], alphas = interpolation["tuned_measured"], alphas + [1.0]
+    order = sorted(zip(alphas, measured), key=lambda pair: pair[0])
+    return [place(START, start, start, metric, "start")] + [
+        place(prefix + label, measured[label], start, metric, kind) for _, label in order]

@@ -92,8 +92,9 @@ def refine_argv(pairs: str, values: dict[str, Any], names: list[str]) -> list[st
 
 
 def sweep(pairs: str, values: dict[str, Any], explicit: set[str], axes: dict[str, list[Any]], out: Path,
-          progress) -> dict[str, Any]:
-    """Run (or continue) every run of the grid, then compare and choose."""
+          progress, soups: list[str] = (), wise: list[float] = ()) -> dict[str, Any]:
+    """Run (or continue) every run of the grid, make the `soups` and the WiSE-FT `wise` α of the
+    chosen one, then compare and choose."""
     from clipfit.config import build_config
     from clipfit.run import refine
 
@@ -120,17 +121,95 @@ def sweep(pairs: str, values: dict[str, Any], explicit: set[str], axes: dict[str
         except Interrupted as e:
             raise Interrupted(f"sweep stopped during {run_dir.name} ({str(e).split('; ')[0]}); rerun the same "
                               "clipfit sweep command to continue: finished runs are skipped, this one resumes") from None
-    return write_summary(out, run_dirs, combos, rule)
+    soup_dirs = [make_soup(out, run_dirs, recipe, rule, progress) for recipe in soups]
+    wise_dir = make_wise(out, chosen_dir(run_dirs + [d for d in soup_dirs if d], rule), wise, rule, progress) \
+        if wise else None
+    return write_summary(out, run_dirs, combos, rule, [d for d in soup_dirs if d], wise_dir)
+
+
+def one_value(values: dict[str, Any], axes: dict[str, list[Any]], name: str) -> Any:
+    """A setting the sweep itself uses: given once (then it is a one-value axis) or not at all."""
+    from clipfit.config import flag
+
+    given = axes.get(name, [values.get(name)])
+    if len(given) > 1:
+        raise UsageError(f"{flag(name)}: the sweep chooses among its runs by one value; give one, not {len(given)}")
+    return given[0]
 
 
 def sweep_rule(values: dict[str, Any], axes: dict[str, list[Any]]):
-    from clipfit.selection import MEAN_R1, Rule
+    """--select-best (default mean-R@1 with --val-split) and --max-zeroshot-drop (default 1 point
+    with --eval-zeroshot: clipfit.selection.retention_limit)."""
+    from clipfit.selection import MEAN_R1, Rule, retention_limit
 
-    metric = values.get("select_best") or (MEAN_R1 if any(v for v in axes.get("val_split", [values.get("val_split")])) else None)
+    has_validation = any(v for v in axes.get("val_split", [values.get("val_split")]))
+    metric = one_value(values, axes, "select_best") or (MEAN_R1 if has_validation else None)
     if metric is None:
         raise UsageError("a sweep chooses among its runs by a validation metric: give --val-split (mean-R@1 is the "
                          "default) or --select-best METRIC")
-    return Rule(metric, values.get("max_zeroshot_drop"))
+    return Rule(metric, retention_limit(one_value(values, axes, "max_zeroshot_drop"), values.get("eval_zeroshot") or []))
+
+
+# --- after the runs: soups and WiSE-FT (each a run folder in the sweep folder) -------------------
+
+SOUP_DIR, WISE_DIR = "soup-{recipe}", "wise"
+
+
+def derived_status(folder: Path, key: str, sources: list[str], extra: dict[str, Any]) -> bool:
+    """Whether `folder` holds a finished soup/interpolation (run.json's `key`) of exactly these sources."""
+    if run_status(folder) != "finished":
+        return False
+    record = json.loads((folder / "run.json").read_text(encoding="utf-8")).get(key) or {}
+    made_from = [r["run_dir"] for r in record.get("runs", [])] or [record.get("source_run")]
+    return made_from == sources and all(record.get(k) == v for k, v in extra.items())
+
+
+def make_soup(out: Path, run_dirs: list[Path], recipe: str, rule, progress) -> Path | None:
+    """`clipfit soup` of every run (greedy: by the sweep's rule); None, with a warning, when the
+    runs cannot be souped (another start)."""
+    from clipfit.soup import soup
+
+    folder = out / SOUP_DIR.format(recipe=recipe)
+    if derived_status(folder, "soup", [str(d.resolve()) for d in run_dirs], {"recipe": recipe}):
+        progress.info(f"sweep: {folder.name} made earlier, kept")
+        return folder
+    greedy = recipe == "greedy"
+    try:
+        soup(run_dirs, folder, recipe, rule.metric if greedy else None, rule.max_zeroshot_drop if greedy else None,
+             None, ["soup", *map(str, run_dirs), "--out", str(folder), "--recipe", recipe], progress, overwrite=True)
+    except UsageError as e:
+        progress.warn(f"sweep --soup {recipe}: no soup ({e})")
+        return None
+    return folder
+
+
+def chosen_dir(candidates: list[Path], rule) -> Path | None:
+    from clipfit.eval.compare import compare_runs
+    from clipfit.selection import choose
+
+    runs = compare_runs(candidates)["runs"]
+    choice = choose([r["after"] for r in runs], runs[0]["before"], rule)
+    return candidates[choice.index] if choice.index is not None else None
+
+
+def make_wise(out: Path, source: Path | None, alphas: list[float], rule, progress) -> Path | None:
+    """`clipfit interpolate` of the chosen run or soup at `alphas`, by the sweep's rule."""
+    from clipfit.interpolate import interpolate
+
+    folder = out / WISE_DIR
+    if source is None:
+        progress.warn("sweep --wise: no run or soup was chosen, so none is interpolated")
+        return None
+    if derived_status(folder, "interpolation", [str(source.resolve())], {"alphas": alphas}):
+        progress.info(f"sweep: {folder.name} made earlier, kept")
+        return folder
+    argv = ["interpolate", str(source), "--alpha", ",".join(f"{a:g}" for a in alphas), "--out", str(folder)]
+    try:
+        interpolate(source, alphas, folder, True, rule.metric, rule.max_zeroshot_drop, None, argv, progress)
+    except UsageError as e:
+        progress.warn(f"sweep --wise: no interpolation ({e})")
+        return None
+    return folder
 
 
 def check_same_settings(run_dir: Path, config) -> None:
@@ -143,39 +222,69 @@ def check_same_settings(run_dir: Path, config) -> None:
                          "use a new --out for a different sweep")
 
 
-def write_summary(out: Path, run_dirs: list[Path], combos: list[dict], rule) -> dict[str, Any]:
-    """sweep.json, sweep.md and sweep.html (with the gain-vs-retention plot)."""
-    from clipfit.eval.compare import compare_runs
+def write_summary(out: Path, run_dirs: list[Path], combos: list[dict], rule, soup_dirs: list[Path] = (),
+                  wise_dir: Path | None = None) -> dict[str, Any]:
+    """sweep.json, sweep.md and sweep.html (with the trade-off plot). The rule chooses among the
+    runs and the soups; the WiSE-FT folder has its own choice of α."""
+    from clipfit.eval.compare import compare_runs, read_run
     from clipfit.io import write_json, write_text
     from clipfit.report_html import markdown_to_html
-    from clipfit.selection import choose, metric_value, record
+    from clipfit.selection import choose, metric_value, pareto_front, record
 
-    table = compare_runs(run_dirs)
+    table, soups = compare_runs(run_dirs), compare_runs(list(soup_dirs))["runs"] if soup_dirs else []
+    candidates = list(run_dirs) + list(soup_dirs)
     start = table["runs"][0]["before"]
-    choice = choose([r["after"] for r in table["runs"]], start, rule, [d.name for d in run_dirs])
-    selection = {**record(choice, rule), "start_score": metric_value(start, rule.metric)}
+    choice = choose([r["after"] for r in table["runs"] + soups], start, rule, [d.name for d in candidates])
+    selection = {**record(choice, rule, "none is chosen"), "start_score": metric_value(start, rule.metric)}
+    wise = read_run(wise_dir) if wise_dir else None
+    points, trajectory = sweep_points(selection, wise, start, rule.metric)
     summary = {"clipfit": "sweep", "out": str(out), "grid": combos, "runs": table["runs"], "metrics": table["metrics"],
-               "selection": selection,
-               "chosen_run": str(run_dirs[choice.index]) if choice.index is not None else None}
+               "soups": soups, "wise": wise_summary(wise_dir, wise), "selection": selection,
+               "pareto": [points[i].label for i in pareto_front(points)] if any(p.placed for p in points) else None,
+               "chosen_run": str(candidates[choice.index]) if choice.index is not None else None}
     write_json(out / SWEEP_JSON, summary)
-    markdown = render(summary, combos, plot(out, selection))
+    markdown = render(summary, combos, plot(out, points, trajectory, selection))
     write_text(out / SWEEP_MD, markdown)
     write_text(out / SWEEP_HTML, markdown_to_html(markdown, out, f"clipfit sweep {out.name}"))
     return summary
 
 
-def plot(out: Path, selection: dict) -> str | None:
+def sweep_points(selection: dict, wise: dict | None, start: dict[str, float], metric: str):
+    """Every point of the trade-off plane (the start, each run, soup and WiSE-FT α) and the
+    trajectory from the start through the α to the interpolated model."""
+    from dataclasses import replace
+
+    from clipfit.selection import START, TradeoffPoint, alpha_points, tradeoff_points
+
+    points = [TradeoffPoint(START, 0.0, 0.0 if any(c["zeroshot_drop"] is not None for c in selection["candidates"])
+                            else None, "start")]
+    points += [replace(p, kind="soup" if p.label.startswith(SOUP_DIR.format(recipe="")) else "run")
+               for p in tradeoff_points(selection)]
+    if wise is None:
+        return points, []
+    first = len(points)
+    points += alpha_points(wise["interpolation"], start, metric, f"{WISE_DIR} ", "wise")[1:]
+    return points, [0, *range(first, len(points))]
+
+
+def wise_summary(wise_dir: Path | None, wise: dict | None) -> dict | None:
+    if wise is None:
+        return None
+    interpolation = wise["interpolation"]
+    return {"run_dir": str(wise_dir), "source_run": interpolation["source_run"], "alphas": interpolation["alphas"],
+            "alpha": interpolation["alpha"],
+            "reason": (wise.get("selection") or {}).get("reason", "the only α given"), "after": wise["after"]}
+
+
+def plot(out: Path, points: list, trajectory: list[int], selection: dict) -> str | None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    from clipfit.report_figures import gain_vs_drop
-    from clipfit.selection import gain_points
+    from clipfit.report_figures import GAIN_LABEL, tradeoff_figure
 
-    labels = [c["label"] for c in selection["candidates"]]
-    chosen = labels.index(selection["chosen"]) if selection["chosen"] in labels else None
-    drawn = gain_vs_drop(gain_points(selection), chosen, selection["max_zeroshot_drop"],
-                         f"{selection['metric']} gain over the starting model", out / SWEEP_PNG)
+    drawn = tradeoff_figure(points, selection["chosen"], selection["max_zeroshot_drop"],
+                            GAIN_LABEL.format(metric=selection["metric"]), out / SWEEP_PNG, trajectory)
     return SWEEP_PNG if drawn else None
 
 
@@ -183,21 +292,42 @@ def render(summary: dict, combos: list[dict], picture: str | None) -> str:
     from clipfit.eval.compare import cell
     from clipfit.report import candidates_table
 
-    runs, selection = summary["runs"], summary["selection"]
-    names = [Path(r["run_dir"]).name for r in runs]
-    lines = [f"# clipfit sweep: {len(runs)} runs", "",
+    runs, soups, selection = summary["runs"], summary["soups"], summary["selection"]
+    columns = runs + soups
+    names = [Path(r["run_dir"]).name for r in columns]
+    blank = [""] * len(soups)
+    lines = [f"# clipfit sweep: {len(runs)} runs" + (f" and {len(soups)} soups" if soups else ""), "",
              f"Chosen by `{selection['metric']}` ({selection['direction']} is better"
              + (f", held-out zero-shot top-1 at most {selection['max_zeroshot_drop']:g} points below the start"
                 if selection["max_zeroshot_drop"] is not None else "") + f"): {selection['reason']}.", "",
-             "## Runs", "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(runs)]
+             "## Runs", "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(columns)]
     for setting in combos[0]:
-        lines.append(f"| {setting} | " + " | ".join(str(c[setting]) for c in combos) + " |")
-    for label in ("steps",):
-        lines.append(f"| {label} | " + " | ".join(str(r[label]) for r in runs) + " |")
+        lines.append(f"| {setting} | " + " | ".join([str(c[setting]) for c in combos] + blank) + " |")
+    lines.append("| steps | " + " | ".join([str(r["steps"]) for r in runs] + blank) + " |")
     for metric in summary["metrics"]:
-        lines.append(f"| {metric} | " + " | ".join(cell(r, metric) for r in runs) + " |")
-    lines += ["", "After (change from each run's own before); rates in %, changes in points.", "",
+        lines.append(f"| {metric} | " + " | ".join(cell(r, metric) for r in columns) + " |")
+    lines += ["", "After (change from each run's own before); rates in %, changes in points."
+              + (" Each soup's folder has its report and the runs in it." if soups else ""), "",
               "## Selection", ""] + candidates_table(selection)
-    if picture:
-        lines += ["", "## Target gain against held-out zero-shot drop", "", f"![gain against drop]({picture})"]
+    lines += wise_lines(summary["wise"])
+    lines += tradeoff_lines(summary["pareto"], picture)
     return "\n".join(lines) + "\n"
+
+
+def wise_lines(wise: dict | None) -> list[str]:
+    if wise is None:
+        return []
+    return ["", "## WiSE-FT", "", f"`{WISE_DIR}/` interpolates `{Path(wise['source_run']).name}` towards the start at "
+            f"α = {', '.join(f'{a:g}' for a in wise['alphas'])}: kept α = {wise['alpha']:g} ({wise['reason']})."]
+
+
+def tradeoff_lines(pareto: list[str] | None, picture: str | None) -> list[str]:
+    if pareto is None:
+        return ["", "## Trade-off", "", "No held-out zero-shot set was measured, so there is no trade-off to show "
+                "(add --eval-zeroshot DATASET=PATH)."]
+    lines = ["", "## Trade-off: target gain against held-out zero-shot change", "",
+             "Pareto-optimal (no other point gains more on the target without losing more held-out top-1): "
+             + ", ".join(f"`{label}`" for label in pareto) + "."]
+    if picture:
+        lines += ["", f"![target gain against held-out change]({picture})"]
+    return lines

@@ -143,13 +143,13 @@ def seed_lines(method: str, runs: list[tuple[int, dict, dict | None]]) -> list[s
     return out
 
 
-def difference(values: list[float]) -> str:
+def difference(values: list[float], digits: int = 1) -> str:
     """A mean paired difference, called clear when every seed agrees in sign and the mean exceeds two
     standard errors over the seeds; otherwise it is not a finding."""
     mean = statistics.mean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("inf")
     clear = len(values) > 1 and abs(mean) > 2 * se and (all(v > 0 for v in values) or all(v < 0 for v in values))
-    return f"{mean:+.1f}" + ("" if clear else " (not clear)")
+    return f"{mean:+.{digits}f}" + ("" if clear else " (not clear)")
 
 
 def verdict(per_seed: list[dict[str, dict]]) -> str:
@@ -178,11 +178,13 @@ def section(args, results: dict[str, list[tuple[int, dict, dict | None]]], comma
              "(both towers frozen: the two projections and the logit scale train): "
              f"the validation split and held-out zero-shot are measured every {EVAL_EVERY} steps and at the last, "
              f"and `--select-best {METRIC}` keeps the best (the starting model included). Then `clipfit interpolate "
-             f"RUN --tuned last --alpha {ALPHAS}`: WiSE-FT of the *last* weights, the α kept by the same rule "
-             f"(`{METRIC}` on the validation split).",
+             f"RUN --tuned last --alpha {ALPHAS}`: WiSE-FT of the *last* weights, the α kept by interpolate's default "
+             f"rule (the best `{METRIC}` on the validation split among the α whose held-out top-1 stays within 1 point "
+             "of the start's, else the start).",
              f"- **Held-out**: zero-shot top-1 on {n_zeroshot} Fashion-MNIST test images ({args.zeroshot_per_class} "
              f"per class) with the one prompt `{TEMPLATE}` (the folder's `templates.txt`; not the 80 of the table "
-             "above, so its numbers differ), a set no run trains on; nothing guards it here (no `--max-zeroshot-drop`).",
+             "above, so its numbers differ), a set no run trains on; it guards WiSE-FT's α (1 point, interpolate's "
+             "default) but not the selected step (no `--max-zeroshot-drop` given to refine).",
              f"- **Noise**: one measurement has two binomial standard errors of about {noise(50, n_val):.0f} points "
              f"on {n_val} validation pairs and {noise(35, n_zeroshot):.0f} points on {n_zeroshot} zero-shot images. "
              "The differences below are paired (same seed, same split) and averaged over seeds; one is called "
@@ -205,10 +207,15 @@ def section(args, results: dict[str, list[tuple[int, dict, dict | None]]], comma
     return "\n".join(lines)
 
 
-def replace_section(markdown: str, text: str) -> str:
-    if START in markdown and END in markdown:
-        head, rest = markdown.split(START, 1)
-        return head + text + rest.split(END, 1)[1]
+def replace_section(markdown: str, text: str, start: str = START, end: str = END, before: str | None = None) -> str:
+    """`text` (which begins with `start` and ends with `end`) in place of the marked section; the
+    first time, just before the heading `before` when given and present, else at the end."""
+    if start in markdown and end in markdown:
+        head, rest = markdown.split(start, 1)
+        return head + text + rest.split(end, 1)[1]
+    if before and before in markdown:
+        head, rest = markdown.split(before, 1)
+        return head + text + "\n\n" + before + rest
     return markdown.rstrip() + "\n\n" + text + "\n"
 
 
