@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ContextManager
 
-from clipfit.errors import ModelError, UsageError
+from clipfit.errors import DataError, ModelError, NetworkError, UsageError
 
 log = logging.getLogger("clipfit")
 
@@ -147,3 +147,23 @@ def hub_source(files: HubFiles | None) -> ContextManager:
                                                  f"(`hf download {files.repo}`) and copy that cache here")
     log.warning("%s: %s; loading the copy in the local cache (HF_HUB_OFFLINE=1 skips this check)", files.label, why)
     return offline_hub()
+
+
+def check_hub_dataset(repo: str, location: str) -> None:
+    """One quick request for a hub dataset: returns when the hub answers that it exists; DataError
+    (exit 3) when it says there is no such dataset or it is gated, NetworkError (exit 4) at once
+    when the hub cannot be reached (huggingface_hub itself would retry for half a minute)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "README.md", repo_type="dataset"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except EntryNotFoundError:
+        pass
+    except GatedRepoError:
+        raise DataError(f"{location} is gated: accept its terms on the hub, then log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"{location}: no such dataset on {constants.ENDPOINT}, or it is private") from None
+    except Exception as e:  # refused, no DNS, timeout, proxy: huggingface_hub's types vary by version
+        raise NetworkError(f"{location}: cannot reach {constants.ENDPOINT} ({first_line(e)}); "
+                           "with the dataset in the local Hugging Face cache, set HF_HUB_OFFLINE=1 to use it") from None

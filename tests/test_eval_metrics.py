@@ -134,3 +134,14 @@ def test_expected_calibration_error_is_zero_when_confidence_matches_accuracy():
     logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [100.0, 0.0]])
     assert expected_calibration_error(logits, torch.tensor([0, 1, 0])) == pytest.approx(0.0, abs=1e-9)
     assert math.isnan(expected_calibration_error(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))
+
+
+def test_mean_average_precision_by_hand():
+    # class 0 ranks items 0,1,2,3 with positives at ranks 1 and 3: AP = (1/1 + 2/3) / 2 = 5/6
+    # class 1 has no positive item: AP 0, counted as CLIP_benchmark counts it; mean 5/12
+    from clipfit.eval.metrics import mean_average_precision
+
+    scores = torch.tensor([[0.9, 0.2], [0.8, 0.7], [0.3, 0.4], [0.1, 0.6]])
+    targets = torch.tensor([[1, 0], [0, 0], [1, 0], [0, 0]])
+    assert mean_average_precision(scores, targets) == pytest.approx(100 * 5 / 12)
+    assert mean_average_precision(scores[:, :1], targets[:, :1]) == pytest.approx(100 * 5 / 6)

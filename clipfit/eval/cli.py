@@ -107,24 +107,63 @@ class Session:
             return self.loaded.arch, self.loaded.source["path"]
         return self.loaded.arch, self.loaded.pretrained
 
+    def record(self, dataset: str, task: str, metrics: dict[str, float], extra: dict | None = None,
+               templates: list[str] | None = None) -> dict:
+        from clipfit.eval.results import benchmark_json
+
+        return benchmark_json(dataset, self.model_name, self.pretrained, task, metrics, extra, templates)
+
     def report(self, dataset: str, task: str, metrics: dict[str, float], as_json: bool, out: Optional[Path],
                extra: dict | None = None) -> None:
-        from clipfit.eval.results import benchmark_json, print_table
-        from clipfit.io import dumps_json, write_json
+        show(self, self.record(dataset, task, metrics, extra), as_json, out)
 
-        record = benchmark_json(dataset, self.model_name, self.pretrained, task, metrics, extra)
-        if out is not None:
-            write_json(out, record)
-        if as_json:
-            typer.echo(dumps_json(record))
-        else:
-            print_table(f"{task} · {dataset} · {self.model_name} ({self.pretrained})", metrics)
+
+def data_option() -> Any:
+    return typer.Option(None, "--data", help="The set's folder (see docs/evaluation.md for layouts), or for wds/NAME "
+                                             "hf-hub:ORG/NAME [default for wds/NAME: hf-hub:clip-benchmark/wds_NAME].")
+
+
+def set_spec(dataset: str, data: Optional[str], classnames: Optional[Path] = None, templates: Optional[Path] = None,
+             task: str = "zeroshot"):
+    """The one set a command names (DATASET with --data) for `task`, checked before any model is loaded."""
+    from clipfit.errors import UsageError
+    from clipfit.eval.catalog import dataset_names, is_wds, known
+    from clipfit.eval.suites import SetSpec
+
+    if not known(dataset):
+        raise UsageError(f"unknown dataset {dataset!r}: choose one of {dataset_names()}")
+    if data is None and not is_wds(dataset):
+        raise UsageError(f"{dataset} needs --data, the folder that holds it")
+    spec = SetSpec(dataset, data, None, str(classnames) if classnames else None, str(templates) if templates else None)
+    if spec.task != task:
+        kind = "retrieval" if spec.task == "retrieval" else "classification"
+        raise UsageError(f"{dataset} is a {kind} set: evaluate it with `clipfit eval {spec.task}`")
+    return spec
+
+
+def evaluate_set(session: Session, spec, data) -> dict:
+    """One loaded set through the session's model: its CLIP_benchmark record."""
+    from clipfit.eval.retrieval import geometry_metrics, retrieval_features, retrieval_metrics
+    from clipfit.eval.zeroshot import zeroshot
+
+    if spec.task == "retrieval":
+        features = retrieval_features(session.encoder, data, str(spec.location))
+        metrics = {**retrieval_metrics(features), **geometry_metrics(features)}
+        return session.record(spec.benchmark_name(), "zeroshot_retrieval", metrics,
+                              {"images": len(features.image), "captions": len(features.text)})
+    metrics = zeroshot(session.encoder, data)
+    extra = {"images": len(data.features(session.encoder)[1]), "classes": data.class_count,
+             "templates": len(data.templates), "classnames_source": data.sources.get("classnames"),
+             "templates_source": data.sources.get("templates")}
+    return session.record(spec.benchmark_name() if spec.dataset != "folder" else data.name,
+                          "zeroshot_classification", metrics, extra, data.templates)
 
 
 @eval_app.command("zeroshot")
 def zeroshot_command(
-    dataset: str = typer.Argument(..., help="imagenet, cifar10, cifar100 or folder."),
-    data: Path = typer.Option(..., "--data", help="The dataset's folder (see docs/evaluation.md for layouts)."),
+    dataset: str = typer.Argument(..., help="imagenet, cifar10, cifar100, folder, imagenet-v2, imagenet-sketch, "
+                                            "imagenet-r, imagenet-a, objectnet, or wds/NAME (CLIP_benchmark's layout)."),
+    data: Optional[str] = data_option(),
     classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, JSON list or one per line, in folder order."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates with {c} for the class name, JSON list or one per line."),
     model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
@@ -132,16 +171,31 @@ def zeroshot_command(
     as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
     cache_dir: Optional[Path] = cache_dir_option(),
 ) -> None:
-    """Zero-shot classification: top-1, top-5 (more than 5 classes), mean per-class recall."""
-    from clipfit.eval.datasets import load_labelled
-    from clipfit.eval.zeroshot import zeroshot
+    """Zero-shot classification: top-1 with its calibration error (ECE), top-5 (more than 5 classes),
+    mean per-class recall; mean average precision for a multi-label set."""
+    from clipfit.eval.suites import load_set
 
-    labelled = load_labelled(dataset, data, classnames, templates)
-    warn_trivial(str(data), len(labelled.classes), "class")
+    spec = set_spec(dataset, data, classnames, templates, "zeroshot")
+    labelled = load_set(spec)
+    warn_trivial(spec.location or spec.dataset, labelled.class_count, "class")
     session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json, cache_dir)
-    metrics = zeroshot(session.encoder, labelled)
-    session.report(labelled.name, "zeroshot_classification", metrics, as_json, out,
-                   {"images": len(labelled.images), "classes": len(labelled.classes), "templates": len(labelled.templates)})
+    record = evaluate_set(session, spec, labelled)
+    show(session, record, as_json, out)
+
+
+def show(session: Session, record: dict, as_json: bool, out: Optional[Path]) -> None:
+    """A CLIP_benchmark record: written to --out, printed as JSON or as a table (rates in percent)."""
+    from clipfit.eval.results import is_rate, print_table
+    from clipfit.io import dumps_json, write_json
+
+    if out is not None:
+        write_json(out, record)
+    if as_json:
+        typer.echo(dumps_json(record))
+        return
+    metrics = {k: 100 * v if is_rate(k) and v is not None else v for k, v in record["metrics"].items()}
+    print_table(f"{record['task']} · {record['dataset']} · {session.model_name} ({session.pretrained})", metrics,
+                (record.get("clipfit") or {}).get("templates_source"))
 
 
 def pairs_command(pairs: str, task: str, model: str, pretrained: str, batch_size: int, workers: int, precision: str,
@@ -159,13 +213,27 @@ def pairs_command(pairs: str, task: str, model: str, pretrained: str, batch_size
 
 @eval_app.command("retrieval")
 def retrieval_command(
-    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs, any clipfit layout."),
+    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs, any clipfit layout; or wds/NAME, "
+                                          "a retrieval set in CLIP_benchmark's layout (--data)."),
+    data: Optional[str] = data_option(),
     model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
     workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
     as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
+    cache_dir: Optional[Path] = cache_dir_option(),
 ) -> None:
     """Image↔text Recall@1/5/10 and MRR (every caption counts), plus embedding geometry."""
-    pairs_command(pairs, "zeroshot_retrieval", model, pretrained, batch_size, workers, precision, device, as_json, out, quiet)
+    from clipfit.eval.catalog import is_wds
+
+    if not is_wds(pairs):
+        pairs_command(pairs, "zeroshot_retrieval", model, pretrained, batch_size, workers, precision, device, as_json,
+                      out, quiet)
+        return
+    from clipfit.eval.suites import load_set
+
+    spec = set_spec(pairs, data, task="retrieval")
+    stream = load_set(spec)
+    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json, cache_dir)
+    show(session, evaluate_set(session, spec, stream), as_json, out)
 
 
 @eval_app.command("geometry")
