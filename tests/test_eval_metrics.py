@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from clipfit.eval.metrics import (caption_retrieval, expected_calibration_error, geometry, mean_reciprocal_rank,
                                   modality_gap_mse, paired_retrieval, recall_at_k, uniformity)
 from clipfit.eval.results import benchmark_json, is_rate
-from clipfit.eval.suite import gate, parse_zeroshot_spec
+from clipfit.eval.suite import gate
+from clipfit.eval.suites import SetSpec, parse_specs
 from clipfit.errors import GateFailed, UsageError
 
 
@@ -109,10 +110,11 @@ def test_gate_off_without_points():
 
 
 def test_zeroshot_spec_parsing():
-    assert parse_zeroshot_spec("imagenet=/data/val") == ("imagenet", "/data/val")
-    for bad in ("imagenet", "mnist=/x", "folder="):
+    assert parse_specs(["imagenet=/data/val"]) == [SetSpec("imagenet", "/data/val")]  # DATASET=PATH as before
+    assert parse_specs(["wds/cars", "wds/cars=/data/cars"]) == [SetSpec("wds/cars", None), SetSpec("wds/cars", "/data/cars")]
+    for bad in ("imagenet", "mnist=/x", "folder=", "wds/", "wds/cars="):
         with pytest.raises(UsageError):
-            parse_zeroshot_spec(bad)
+            parse_specs([bad])
     assert GateFailed.exit_code == 6
 
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate any model clipfit can load: zero-shot classification, "
-                                                  "retrieval, embedding geometry, linear probe.")
+                                                  "retrieval, embedding geometry, linear probe, suites of sets.")
 
 
 def model_option() -> Any:
@@ -270,11 +270,73 @@ def linear_probe_command(
                    {"train": len(splits.train.images), "val": len(splits.val.images), "test": len(splits.test.images)})
 
 
+SUITE_JSON = "suite.json"  # what `clipfit compare` reads from a suite folder
+
+
+@eval_app.command("suite")
+def suite_command(
+    suites: list[str] = typer.Argument(..., help="robustness, vtab, a suite .toml file, DATASET=PATH or wds/NAME "
+                                                 "(several: one table)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Read the built-in suites' sets under this folder, not "
+                                                             "from the hub (docs/evaluation.md names the folders)."),
+    model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
+    workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
+    as_json: bool = json_option(),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write suite.md, suite.json (CLIP_benchmark's "
+                                                           "record of every set) and suite.csv into."),
+    quiet: bool = quiet_option(), cache_dir: Optional[Path] = cache_dir_option(),
+) -> None:
+    """Several sets, one table: each set's top-1 and ECE (or mAP, or Recall@5), and the mean."""
+    from clipfit.errors import UsageError
+    from clipfit.eval.catalog import BUILTIN_SUITES
+    from clipfit.eval.suites import load_set, named, parse_specs, suite_csv, suite_markdown, suite_result
+    from clipfit.io import dumps_json, write_json, write_text
+
+    if root is not None and not any(item in BUILTIN_SUITES for item in suites):
+        raise UsageError(f"--root reads the built-in suites ({', '.join(BUILTIN_SUITES)}) from a folder; "
+                         "the other sets name their own paths")
+    items = [f"{item}={root}" if root is not None and item in BUILTIN_SUITES else item for item in suites]
+    specs = named(parse_specs(items, "clipfit eval suite"))
+    if out is not None:
+        claim_suite_folder(out)
+    loaded = {name: load_set(spec) for name, spec in specs.items()}  # every set found before the model loads
+    for name, data in loaded.items():
+        if specs[name].task == "zeroshot":
+            warn_trivial(name, data.class_count, "class")
+    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json, cache_dir)
+    records = {name: evaluate_set(session, specs[name], data) for name, data in loaded.items()}
+    result = suite_result(suites, session.model_name, session.pretrained, records)
+    if out is not None:
+        write_text(out / "suite.md", suite_markdown(result))
+        write_json(out / SUITE_JSON, result)
+        write_text(out / "suite.csv", suite_csv(result))
+    typer.echo(dumps_json(result) if as_json else suite_markdown(result), nl=as_json)
+
+
+def claim_suite_folder(out: Path) -> None:
+    """OutputError (exit 7) when `out` holds suite files clipfit did not write: never overwrite them."""
+    import json
+
+    from clipfit.errors import OutputError
+
+    present = [out / name for name in ("suite.md", SUITE_JSON, "suite.csv") if (out / name).exists()]
+    if not present:
+        return
+    try:
+        ours = {"suite", "sets", "mean"} <= set(json.loads((out / SUITE_JSON).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise OutputError(f"{present[0]}: exists and is not a suite clipfit wrote; choose another --out folder")
+
+
 def compare_command(
-    runs: list[Path] = typer.Argument(..., help="Run folders (each with a run.json)."),
+    runs: list[Path] = typer.Argument(..., help="Run folders (each with a run.json), or suites written by "
+                                                "`clipfit eval suite --out` (the folder or its suite.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Show the before/after metrics of several runs side by side."""
+    """Show the before/after metrics of several runs side by side, and their evaluation sets'
+    top-1 and ECE (with two, the change per set and in the mean)."""
     from clipfit.eval.compare import compare_runs, print_comparison
     from clipfit.io import dumps_json
 

@@ -166,3 +166,127 @@ def load_set(spec: SetSpec):
         raise DataError(f"{data.root}: {spec.dataset} is a {spec.task} set by its name (as in CLIP_benchmark) "
                         f"but its dataset_type.txt says {data.kind}")
     return overridden(data, f"{spec.dataset} at {data.root}", spec.classnames, spec.templates)
+
+
+# --- the suite's table: markdown, JSON and CSV ---------------------------------------------------
+
+# CLIP_benchmark's benchmark/benchmark.csv columns, in its order; clipfit adds the calibration error
+CSV_COLUMNS = ("acc1", "acc5", "mean_per_class_recall", "dataset", "model", "pretrained", "task",
+               "mean_average_precision", "image_retrieval_recall@5", "text_retrieval_recall@5", "model_fullname", "ece")
+# (metric, heading) of the markdown table; `score` is each set's headline number
+SHOWN = (("acc1", "top-1"), ("ece", "ECE"), ("acc5", "top-5"), ("mean_per_class_recall", "mean per-class recall"),
+         ("mean_average_precision", "mAP"), ("image_retrieval_recall@5", "image retrieval R@5"),
+         ("text_retrieval_recall@5", "text retrieval R@5"), ("score", "score"))
+MEAN = "mean"
+RETRIEVAL_SCORE = ("image_retrieval_recall@5", "text_retrieval_recall@5")
+
+
+def set_score(metrics: dict[str, float]) -> float | None:
+    """A set's headline number: top-1, else the mean average precision (multi-label), else the
+    mean of the two retrieval directions' Recall@5."""
+    from clipfit.eval.metrics import is_number
+
+    for name in ("acc1", "mean_average_precision"):
+        if is_number(metrics.get(name)):
+            return metrics[name]
+    recalls = [metrics.get(name) for name in RETRIEVAL_SCORE]
+    return sum(recalls) / 2 if all(is_number(r) for r in recalls) else None
+
+
+def suite_means(sets: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each shown metric averaged over the sets that have it; `score` over every set."""
+    from clipfit.eval.metrics import is_number
+
+    means = {metric: mean([m[metric] for m in sets.values() if is_number(m.get(metric))]) for metric, _ in SHOWN}
+    return {metric: value for metric, value in means.items() if value is not None}
+
+
+def suite_result(suite: list[str], model: str, pretrained: str, records: dict[str, dict]) -> dict:
+    """The suite as JSON: every set's CLIP_benchmark record (rates as fractions) and the mean."""
+    sets = {name: {**record["metrics"], "score": set_score(record["metrics"])} for name, record in records.items()}
+    return {"suite": suite, "model": model, "pretrained": pretrained,
+            "sets": [{"name": name, **record, "metrics": sets[name]} for name, record in records.items()],
+            MEAN: suite_means(sets)}
+
+
+def suite_markdown(result: dict) -> str:
+    """One row per set and the mean, rates in percent."""
+    from clipfit.eval.results import format_value
+
+    rows = [(s["name"], s["dataset"], s["metrics"]) for s in result["sets"]] + [(f"**{MEAN}**", "", result[MEAN])]
+    shown = [(metric, heading) for metric, heading in SHOWN if any(metric in metrics for _, _, metrics in rows)]
+    lines = [f"Suite {' '.join(result['suite'])} · {result['model']} ({result['pretrained']})", "",
+             "| set | dataset | " + " | ".join(heading for _, heading in shown) + " |",
+             "|---|---|" + "---:|" * len(shown)]
+    for name, dataset, metrics in rows:
+        cells = [format_value("acc1", 100 * metrics[m]) if m in metrics and metrics[m] is not None else ""
+                 for m, _ in shown]
+        lines.append(f"| {name} | {dataset} | " + " | ".join(cells) + " |")
+    lines += ["", "Percentages; ECE is the expected calibration error at the model's logit scale (lower is "
+                  "better); score is top-1, mAP for a multi-label set, the mean of both R@5 for retrieval."]
+    return "\n".join(lines) + "\n"
+
+
+def suite_csv(result: dict) -> str:
+    """CLIP_benchmark's benchmark.csv columns (rates as fractions) and `ece`, a row per set, then the mean."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    fullname = f"{result['model']} {result['pretrained']}"
+    for s in result["sets"]:
+        writer.writerow({**s["metrics"], "dataset": s["dataset"], "model": result["model"],
+                         "pretrained": result["pretrained"], "task": s["task"], "model_fullname": fullname})
+    writer.writerow({**result[MEAN], "dataset": MEAN, "model": result["model"], "pretrained": result["pretrained"],
+                     "model_fullname": fullname})
+    return out.getvalue()
+
+
+# --- a run's evaluation sets, for compare and report.md -----------------------------------------
+
+SET_METRICS = ("score", "ece")
+
+
+def evaluation_sets(results: dict[str, float]) -> dict[str, dict[str, float]]:
+    """`group/set` -> the set's score and ECE, from flat results (run.json's `before` or `after`),
+    leaving out the validation split (each run's own data)."""
+    grouped: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        group, _, metric = key.rpartition("/")
+        if group.startswith(("zeroshot/", "retrieval/")) and group != "retrieval/validation":
+            grouped.setdefault(group, {})[metric] = value
+    return {group: {"score": set_score(metrics), "ece": metrics.get("ece")} for group, metrics in grouped.items()}
+
+
+def side_by_side(results: list[dict[str, float]]) -> dict[str, Any]:
+    """Several flat results (runs' `after`, or one run's before and after) as one table of their
+    evaluation sets: each set's score and ECE per result, each metric's mean over the sets where
+    every result has it, and with two results the second minus the first. {} without sets."""
+    from clipfit.eval.metrics import is_number
+
+    per_result = [evaluation_sets(r) for r in results]
+    names = list(dict.fromkeys(name for sets in per_result for name in sets))
+    if not names:
+        return {}
+    table = {name: [sets.get(name, {}) for sets in per_result] for name in names}
+    shared = {m: [n for n in names if all(is_number(sets.get(n, {}).get(m)) for sets in per_result)]
+              for m in SET_METRICS}
+    means = [{m: mean([sets[n][m] for n in shared[m]]) for m in SET_METRICS} for sets in per_result]
+    view = {"sets": table, "mean": means, "mean_over": shared["score"]}
+    if len(results) == 2:
+        view["change"] = {name: difference(*cells) for name, cells in table.items()}
+        view["mean_change"] = difference(*means)
+    return view
+
+
+def difference(first: dict, second: dict) -> dict:
+    from clipfit.eval.metrics import is_number
+
+    return {m: second[m] - first[m] if is_number(first.get(m)) and is_number(second.get(m)) else None
+            for m in SET_METRICS}
+
+
+def mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
