@@ -58,12 +58,12 @@ def encoded(image: Image.Image, extension: str) -> bytes:
     return buffer.getvalue()
 
 
-def classification_samples(count: int, size: int | None, seed: int = 0):
+def classification_samples(count: int, size: int | None, formats: tuple[str, ...] = FORMATS, seed: int = 0):
     """`count` images, cycling through the pictures and their variants; label = the picture."""
     rng, items = random.Random(seed), pictures()
     for i in range(count):
         name, image, _ = items[i % len(items)]
-        extension = FORMATS[i % len(FORMATS)]
+        extension = formats[i % len(formats)]
         yield encoded(variant(image, i // len(items), rng, size), extension), extension, i % len(items)
 
 
@@ -71,10 +71,11 @@ def class_names() -> list[str]:
     return [name.replace("_", " ") for name, _, _ in pictures()]
 
 
-def write_classification(root: Path, count: int, per_shard: int, size: int | None = None) -> Path:
+def write_classification(root: Path, count: int, per_shard: int, size: int | None = None,
+                         formats: tuple[str, ...] = FORMATS) -> Path:
     from clipfit.eval.wds import write_wds
 
-    write_wds(root, classification_samples(count, size), "classification", class_names(), OWN_TEMPLATES,
+    write_wds(root, classification_samples(count, size, formats), "classification", class_names(), OWN_TEMPLATES,
               per_shard=per_shard)
     return root
 

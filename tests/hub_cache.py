@@ -11,6 +11,7 @@ the same.) Nothing here talks to a network.
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -35,3 +36,10 @@ def offline_env(hf_home: Path, base: dict) -> dict:
     env = {k: v for k, v in base.items() if not k.startswith(("HF_", "HUGGINGFACE", "TRANSFORMERS"))}
     env.update({"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     return env
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: a hub endpoint that refuses every connection."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -19,16 +19,9 @@ from clipfit.eval.catalog import benchmark_classnames, imagenet_synsets
 from clipfit.eval.datasets import load_labelled
 from clipfit.eval.encode import encoder_for
 from clipfit.eval.zeroshot import zeroshot
+from test_eval_zeroshot import tiny_model  # noqa: F401 (a fixture)
 
 TEMPLATE = "a photo of a {c}."
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_config):
-    from clipfit.models import load_model
-
-    torch.manual_seed(0)
-    return load_model(str(tiny_config), "none")
 
 
 @pytest.fixture(scope="module")

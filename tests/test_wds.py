@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import sys
 import tarfile
@@ -27,7 +26,8 @@ from clipfit.eval.encode import encoder_for
 from clipfit.eval.wds import ShardSamples, open_wds, write_wds
 from clipfit.eval.zeroshot import zeroshot
 from conftest import cli_env, run_cli
-from hub_cache import lay_out, offline_env
+from test_eval_zeroshot import tiny_model  # noqa: F401 (a fixture)
+from hub_cache import closed_port, lay_out, offline_env
 
 CLASSES = ["apple", "boat", "cat", "dog", "egg", "fish", "goat"]
 TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}", "{c}"]  # the set's own, not ImageNet's 80
@@ -58,14 +58,6 @@ def write_set(root: Path, kind: str, n: int = 13, per_shard: int = 5, seed: int 
     labelled = kind != "retrieval"
     write_wds(root, samples, kind, CLASSES if labelled else None, TEMPLATES if labelled else None, per_shard=per_shard)
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_config):
-    from clipfit.models import load_model
-
-    torch.manual_seed(0)
-    return load_model(str(tiny_config), "none")
 
 
 def encoder(loaded, workers: int = 0, batch_size: int = 4, **kwargs):
@@ -255,12 +247,6 @@ def test_hf_hub_sets_read_the_local_cache_when_offline(tmp_path, tiny_config, ti
     ours, theirs = json.loads(local.stdout), json.loads(hub.stdout)
     assert theirs["metrics"] == ours["metrics"] and theirs["clipfit"]["images"] == 13
     assert str(tmp_path / "hf" / "hub" / "datasets--someorg--wds_mine") in theirs["clipfit"]["templates_source"]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("offline", [True, False])

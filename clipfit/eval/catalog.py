@@ -40,7 +40,7 @@ RETRIEVAL_SETS = ("flickr30k", "flickr8k", "mscoco_captions", "multilingual_msco
 # the sets CLIP_benchmark publishes in this layout (its benchmark/webdatasets.txt)
 PUBLISHED_WDS = (
     "mscoco_captions", "flickr8k", "flickr30k", "imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a",
-    "imagenet-r", "imagenet-o", "objectnet", "fer2013", "voc2007", "voc2007_multilabel", "sun397", "cars",
+    "imagenet-r", "imagenet-o", "objectnet", "fer2013", "voc2007", "sun397", "cars",
     "fgvc_aircraft", "mnist", "stl10", "gtsrb", "country211", "renderedsst2",
     *(f"vtab/{name}" for name in (
         "caltech101", "cifar10", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
@@ -98,8 +98,10 @@ class Found:
 def lookup_keys(name: str) -> list[str]:
     """The keys CLIP_benchmark tries for a set (its name, then for a wds/ set the name after
     `wds/`), then the last part of that name (`vtab/cifar10` -> `cifar10`), under which its data
-    files keep most sets."""
-    keys = [name, wds_short(name), wds_short(name).rpartition("/")[2]]
+    files keep most sets; a VTAB set's own names first (`caltech101_vtab`, as its VTAB builder)."""
+    short = wds_short(name)
+    last = short.rpartition("/")[2]
+    keys = [name, short, *([f"{last}_vtab"] if short.startswith("vtab/") else []), last]
     return list(dict.fromkeys(keys))
 
 

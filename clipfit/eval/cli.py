@@ -155,8 +155,7 @@ def evaluate_set(session: Session, spec, data) -> dict:
     extra = {"images": len(data.features(session.encoder)[1]), "classes": data.class_count,
              "templates": len(data.templates), "classnames_source": data.sources.get("classnames"),
              "templates_source": data.sources.get("templates")}
-    return session.record(spec.benchmark_name() if spec.dataset != "folder" else data.name,
-                          "zeroshot_classification", metrics, extra, data.templates)
+    return session.record(spec.benchmark_name(), "zeroshot_classification", metrics, extra, data.templates)
 
 
 @eval_app.command("zeroshot")

@@ -122,22 +122,14 @@ def print_comparison(table: dict[str, Any]) -> None:
         Console().print(sets_view(table))
 
 
-def score_cell(values: dict) -> str:
+def score_cell(values: dict, sign: str = "") -> str:
+    """A set's score with its ECE, in percent; sign="+" for a change."""
     from clipfit.eval.metrics import is_number
 
     score, ece = values.get("score"), values.get("ece")
     if not is_number(score):
         return ""
-    return f"{score:.2f}" + (f" (ECE {ece:.2f})" if is_number(ece) else "")
-
-
-def change_cell(values: dict) -> str:
-    from clipfit.eval.metrics import is_number
-
-    score, ece = values.get("score"), values.get("ece")
-    if not is_number(score):
-        return ""
-    return f"{score:+.2f}" + (f" (ECE {ece:+.2f})" if is_number(ece) else "")
+    return f"{score:{sign}.2f}" + (f" (ECE {ece:{sign}.2f})" if is_number(ece) else "")
 
 
 def sets_view(table: dict[str, Any]):
@@ -155,7 +147,7 @@ def sets_view(table: dict[str, Any]):
         view.add_column("change", justify="right")
     for name, cells in sets["sets"].items():
         view.add_row(rich_literal(name), *[score_cell(c) for c in cells],
-                     *([change_cell(sets["change"][name])] if "change" in sets else []))
+                     *([score_cell(sets["change"][name], "+")] if "change" in sets else []))
     view.add_row(f"mean ({len(sets['mean_over'])} sets)", *[score_cell(m) for m in sets["mean"]],
-                 *([change_cell(sets["mean_change"])] if "change" in sets else []))
+                 *([score_cell(sets["mean_change"], "+")] if "change" in sets else []))
     return view

@@ -127,20 +127,21 @@ def image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
     folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
-    images, labels = [], []
-    for label, folder in enumerate(folders):
-        found = folder_images(root / folder)
-        images += found
-        labels += [label] * len(found)
+    images, labels = class_images(root, folders)
     if not images:
         raise DataError(f"{root}: no images in class sub-folders (an ImageFolder holds ROOT/<class>/<image>)")
     return folders, images, labels
 
 
-def folder_images(folder: Path) -> list[Path]:
-    """The image files under one class folder, in torchvision's ImageFolder order."""
-    return [Path(dirpath) / name for dirpath, _, files in sorted(os.walk(folder, followlinks=True))
-            for name in sorted(files) if name.lower().endswith(FOLDER_EXTENSIONS)]
+def class_images(root: Path, folders: list[str]) -> tuple[list[Path], list[int]]:
+    """The image files under each class folder (label k: folders[k]), in torchvision's ImageFolder order."""
+    images, labels = [], []
+    for label, folder in enumerate(folders):
+        found = [Path(dirpath) / name for dirpath, _, files in sorted(os.walk(root / folder, followlinks=True))
+                 for name in sorted(files) if name.lower().endswith(FOLDER_EXTENSIONS)]
+        images += found
+        labels += [label] * len(found)
+    return images, labels
 
 
 def imagenet_indices(synsets: list[str], root: Path, dataset: str = "imagenet") -> list[int]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from clipfit.errors import DataError
 from clipfit.eval.catalog import BENCHMARK_NAMES
-from clipfit.eval.datasets import (LabelledImages, folder_images, image_folder, imagenet_classified, imagenet_indices,
+from clipfit.eval.datasets import (LabelledImages, class_images, image_folder, imagenet_classified, imagenet_indices,
                                    pil_rgb)
 
 OBJECTNET_RELEASE = "objectnet-1.0"
@@ -105,11 +105,7 @@ def load_objectnet(dataset: str, root: Path) -> LabelledImages:
     release = objectnet_release(root)
     classes = objectnet_classes(release)
     folders = sorted(classes)
-    images, labels = [], []
-    for label, folder in enumerate(folders):
-        found = folder_images(release / "images" / folder)
-        images += found
-        labels += [label] * len(found)
+    images, labels = class_images(release / "images", folders)
     if not images:
         raise DataError(f"{release / 'images'}: no images in the {len(folders)} class folders the mappings name")
     return imagenet_classified(BENCHMARK_NAMES[dataset], str(release.resolve()), images, labels, without_border,
