@@ -67,8 +67,12 @@ def tree_memory(process) -> int:
     DataLoader workers share with their parent count once, not once per process (0 once it has ended)."""
     import psutil
 
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.Error:  # it has ended
+        return 0
     total = 0
-    for member in [process, *process.children(recursive=True)]:
+    for member in members:
         try:
             total += member.memory_full_info().pss
         except psutil.Error:  # ended between the listing and the reading
