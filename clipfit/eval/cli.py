@@ -184,6 +184,7 @@ def zeroshot_command(
 
 def show(session: Session, record: dict, as_json: bool, out: Optional[Path]) -> None:
     """A CLIP_benchmark record: written to --out, printed as JSON or as a table (rates in percent)."""
+    from clipfit.eval.metrics import is_number
     from clipfit.eval.results import is_rate, print_table
     from clipfit.io import dumps_json, write_json
 
@@ -192,9 +193,10 @@ def show(session: Session, record: dict, as_json: bool, out: Optional[Path]) -> 
     if as_json:
         typer.echo(dumps_json(record))
         return
-    metrics = {k: 100 * v if is_rate(k) and v is not None else v for k, v in record["metrics"].items()}
+    metrics = {k: 100 * v if is_rate(k) and is_number(v) else v for k, v in record["metrics"].items()}
+    source = (record.get("clipfit") or {}).get("templates_source")
     print_table(f"{record['task']} · {record['dataset']} · {session.model_name} ({session.pretrained})", metrics,
-                (record.get("clipfit") or {}).get("templates_source"))
+                f"templates: {source}" if source else None)
 
 
 def pairs_command(pairs: str, task: str, model: str, pretrained: str, batch_size: int, workers: int, precision: str,

@@ -53,14 +53,18 @@ def format_value(name: str, value: float | None) -> str:
 
 
 def print_table(title: str, metrics: dict[str, float], caption: str | None = None) -> None:
+    """The metrics as a table (rates in percent), and `caption` on one line under it."""
     from rich.console import Console
     from rich.table import Table
 
     from clipfit.progress import rich_literal
 
-    table = Table(title=rich_literal(title), caption=rich_literal(f"templates: {caption}") if caption else None)
+    table = Table(title=rich_literal(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(name, format_value(name, value))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if caption:
+        console.print(rich_literal(caption), highlight=False, soft_wrap=True)

@@ -228,8 +228,8 @@ class ShardSamples(IterableDataset):
         member = next((m for m in IMAGE_MEMBERS if m in sample), None)
         target = TARGET_MEMBER[self.kind]
         if member is None or target not in sample:
-            lacks = f"an image ({', '.join(IMAGE_MEMBERS)})" if member is None else f"a .{target} member"
-            raise DataError(f"{where}: no {lacks}, which a {self.kind} sample has")
+            lacks = f"image member ({', '.join(IMAGE_MEMBERS)})" if member is None else f".{target} member"
+            raise DataError(f"{where}: no {lacks}, which every {self.kind} sample has")
         return self.preprocess(decode_image(sample[member], where)), parse_target(self.kind, sample[target], where)
 
     def collate(self, batch: list) -> dict:
