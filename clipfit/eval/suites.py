@@ -91,8 +91,9 @@ def builtin_suite(name: str, root: str | None) -> list[SetSpec]:
 
 
 def first_present(root: Path, folders: tuple[str, ...]) -> Path:
-    """root/folder for the first of `folders` that exists, else for the first (its error names it)."""
-    return next((root / f for f in folders if (root / f).exists()), root / folders[0])
+    """root/folder for the first of `folders` that exists, else for the last, the plainest name
+    (imagenet/val, the ImageNetV2 archive's folder), which the error then names."""
+    return next((root / f for f in folders if (root / f).exists()), root / folders[-1])
 
 
 def read_suite_file(path: Path) -> list[SetSpec]:
