@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipfit.errors import DataError, NetworkError, UsageError
+from clipfit.errors import DataError, UsageError
 from clipfit.eval.catalog import Found, benchmark_classnames, benchmark_templates, is_wds, wds_hub
-from clipfit.hub import HUB_PREFIX, check_hub_dataset, first_line
+from clipfit.hub import HUB_PREFIX, dataset_snapshot, first_line
 
 KINDS = ("classification", "multilabel", "retrieval")
 IMAGE_MEMBERS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's order of preference
@@ -154,27 +154,7 @@ def find_shards(root: Path, split: str) -> tuple[Path, ...]:
 
 def hub_snapshot(location: str, split: str) -> Path:
     """The hub dataset's text files and `split` shards in huggingface_hub's cache, fetched if need be."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    repo = location.removeprefix(HUB_PREFIX)
-    try:
-        validate_repo_id(repo)
-    except HFValidationError as e:
-        raise UsageError(f"{location!r}: not a Hugging Face repository id ({first_line(e)}); "
-                         f"expected hf-hub:ORG/NAME, e.g. {wds_hub('wds/cars')}") from None
-    patterns = ["*.txt", f"{split}/*"]
-    if constants.is_offline_mode():
-        try:
-            return Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns, local_files_only=True))
-        except Exception:  # not in the cache: huggingface_hub's error types vary by version
-            raise NetworkError(f"{location}: HF_HUB_OFFLINE is set and the dataset is not in the local Hugging Face "
-                               f"cache ({constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it") from None
-    check_hub_dataset(repo, location)
-    try:
-        return Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
-    except Exception as e:  # the hub answered a moment ago; a download broken off is a network failure
-        raise NetworkError(f"{location}: download failed ({first_line(e)})") from None
+    return dataset_snapshot(location, ["*.txt", f"{split}/*"], wds_hub("wds/cars"))
 
 
 def sample_count(shards: tuple[Path, ...]) -> int:
