@@ -11,6 +11,12 @@ retrieval through `zeroshot_retrieval.evaluate`. Its `accuracy()` helper fails u
 (float() of a one-element array), so top-1 is counted from its logits here; its mean per-class
 recall is sklearn's balanced accuracy, as in its `evaluate()`.
 
+Task `wds` is its CLI's own path for `--dataset wds/NAME --dataset_root DIR`, unchanged but for
+that one helper: `build_dataset` (which calls `build_wds_dataset` and keeps the set's own class
+names and templates), the DataLoader over `dataset.batched(batch_size)` its CLI makes, and
+`zeroshot_classification.evaluate` / `zeroshot_retrieval.evaluate`, with `accuracy()` replaced by
+the same arithmetic on a 0-d value.
+
     python benchmarks/clip_benchmark_eval.py SPEC.json
 """
 
@@ -71,12 +77,37 @@ def retrieval(spec: dict, model, transform, tokenizer) -> dict:
     return evaluate(model, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
 
 
+def numpy2_accuracy(output, target, topk=(1,)):
+    """clip_benchmark's accuracy(), with .item() where it calls float() on a one-element array."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
+def wds(spec: dict, model, transform, tokenizer) -> dict:
+    from clip_benchmark.datasets.builder import build_dataset
+    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+
+    zeroshot_classification.accuracy = numpy2_accuracy
+    task = spec["wds_task"]
+    dataset = build_dataset(spec["dataset"], root=spec["root"], transform=transform, split="test", task=task)
+    loader = torch.utils.data.DataLoader(dataset.batched(spec["batch_size"]), batch_size=None, shuffle=False,
+                                         num_workers=spec["workers"])
+    if task == "zeroshot_retrieval":
+        return zeroshot_retrieval.evaluate(model, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    metrics = zeroshot_classification.evaluate(model, loader, tokenizer, dataset.classes, dataset.templates, "cpu",
+                                               amp=False)
+    return {**metrics, "templates": dataset.templates, "classnames": dataset.classes}
+
+
+TASKS = {"zeroshot": zeroshot, "retrieval": retrieval, "wds": wds}
+
+
 def main() -> None:
     spec = json.loads(open(sys.argv[1], encoding="utf-8").read())
     model, transform, tokenizer = load_model(spec)
     model.eval()
-    task = zeroshot if spec["task"] == "zeroshot" else retrieval
-    print(json.dumps(task(spec, model, transform, tokenizer)))
+    print(json.dumps(TASKS[spec["task"]](spec, model, transform, tokenizer)))
 
 
 if __name__ == "__main__":

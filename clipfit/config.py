@@ -92,7 +92,7 @@ class CoreSettings:
     lora_targets: str = opt("auto", "Comma-separated module names to adapt (attn = nn.MultiheadAttention); auto: attn,c_fc,c_proj for open_clip towers, query,key,value for Hugging Face text towers.", PANEL_LORA)
     # (each method's options are composed in here: see METHOD_OPTIONS_BEFORE)
     # evaluation
-    eval_zeroshot: list[str] = opt(list, "Zero-shot set before/after, DATASET=PATH (repeatable).", PANEL_EVAL)
+    eval_zeroshot: list[str] = opt(list, "Zero-shot sets before/after: DATASET=PATH, wds/NAME, robustness[=ROOT], vtab[=ROOT] or a suite .toml file (repeatable; docs/evaluation.md).", PANEL_EVAL)
     eval_retrieval: list[str] = opt(list, "Pairs folder for retrieval before/after (repeatable).", PANEL_EVAL)
     fail_on_zeroshot_drop: Optional[float] = opt(None, "Exit 6 if zero-shot top-1 drops by more than this many points.", PANEL_EVAL)
     eval_every: int = opt(0, "Measure the validation split and the --eval-* sets every N optimiser steps, logged to metrics.jsonl (0: at the end of each epoch).", PANEL_EVAL)

@@ -14,9 +14,10 @@ import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ContextManager
 
-from clipfit.errors import ModelError, UsageError
+from clipfit.errors import DataError, ModelError, NetworkError, UsageError
 
 log = logging.getLogger("clipfit")
 
@@ -147,3 +148,50 @@ def hub_source(files: HubFiles | None) -> ContextManager:
                                                  f"(`hf download {files.repo}`) and copy that cache here")
     log.warning("%s: %s; loading the copy in the local cache (HF_HUB_OFFLINE=1 skips this check)", files.label, why)
     return offline_hub()
+
+
+def check_hub_dataset(repo: str, location: str) -> None:
+    """One quick request for a hub dataset: returns when the hub answers that it exists; DataError
+    (exit 3) when it says there is no such dataset or it is gated, NetworkError (exit 4) at once
+    when the hub cannot be reached (huggingface_hub itself would retry for half a minute)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "README.md", repo_type="dataset"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except EntryNotFoundError:
+        pass
+    except GatedRepoError:
+        raise DataError(f"{location} is gated: accept its terms on the hub, then log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"{location}: no such dataset on {constants.ENDPOINT}, or it is private") from None
+    except Exception as e:  # refused, no DNS, timeout, proxy: huggingface_hub's types vary by version
+        raise NetworkError(f"{location}: cannot reach {constants.ENDPOINT} ({first_line(e)}); "
+                           "with the dataset in the local Hugging Face cache, set HF_HUB_OFFLINE=1 to use it") from None
+
+
+def dataset_snapshot(location: str, patterns: list[str], example: str) -> Path:
+    """The files of hub dataset `location` (hf-hub:ORG/NAME) matching `patterns`, in huggingface_hub's
+    cache: fetched after one quick request (check_hub_dataset), or with HF_HUB_OFFLINE=1 from the
+    cache only. UsageError for a malformed id; NetworkError (exit 4) at once without network or
+    when offline and not cached."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo = location.removeprefix(HUB_PREFIX)
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise UsageError(f"{location!r}: not a Hugging Face repository id ({first_line(e)}); "
+                         f"expected hf-hub:ORG/NAME, e.g. {example}") from None
+    if constants.is_offline_mode():
+        try:
+            return Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns, local_files_only=True))
+        except Exception:  # not in the cache: huggingface_hub's error types vary by version
+            raise NetworkError(f"{location}: HF_HUB_OFFLINE is set and the dataset is not in the local Hugging Face "
+                               f"cache ({constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it") from None
+    check_hub_dataset(repo, location)
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
+    except Exception as e:  # the hub answered a moment ago; a download broken off is a network failure
+        raise NetworkError(f"{location}: download failed ({first_line(e)})") from None

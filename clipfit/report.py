@@ -41,14 +41,38 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> lis
     return lines
 
 
+def sets_summary(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """One row per evaluation set, top-1 (or its score) and ECE before → after, and their means."""
+    from clipfit.eval.suites import side_by_side
+
+    view = side_by_side([before, after])
+    if not view:
+        return []
+    lines = ["", "### Evaluation sets: top-1 and calibration", "",
+             "| set | top-1 before | after | change | ECE before | after | change |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [(name, cells, view["change"][name]) for name, cells in view["sets"].items()]
+    rows.append((f"**mean** ({len(view['mean_over'])} sets)", view["mean"], view["mean_change"]))
+    for name, (first, second), change in rows:
+        cells = [fmt(first.get(m)) + " | " + fmt(second.get(m)) + " | " + signed(change.get(m)) for m in ("score", "ece")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Top-1 is a multi-label set's mAP and a retrieval set's mean Recall@5; ECE is the expected "
+                  "calibration error at the model's logit scale, lower is better."]
+    return lines
+
+
+def signed(value: float | None) -> str:
+    return "" if value is None else f"{value:+.4f}"
+
+
 def grouped_before_after(before: dict[str, float], after: dict[str, float]) -> list[str]:
-    """The split's own yardsticks first, then one table per evaluation set (`group/set/metric` keys);
-    each metric once."""
+    """The split's own yardsticks first, then the evaluation sets' top-1 and ECE in one table, then
+    one table per evaluation set (`group/set/metric` keys); each metric once."""
     before, after = listed_once(before), listed_once(after)
     groups: dict[str, list[str]] = {}
     for name in before:
         groups.setdefault(name.rpartition("/")[0], []).append(name)
     lines = before_after_table({k: before[k] for k in groups.pop("", [])}, after)
+    lines += sets_summary(before, after) if after else []
     for group, names in groups.items():
         lines += ["", f"### {group.replace('/', ' · ')}", ""]
         lines += before_after_table({k.rpartition("/")[2]: before[k] for k in names},

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from clipfit.eval.metrics import (caption_retrieval, expected_calibration_error, geometry, mean_reciprocal_rank,
                                   modality_gap_mse, paired_retrieval, recall_at_k, uniformity)
 from clipfit.eval.results import benchmark_json, is_rate
-from clipfit.eval.suite import gate, parse_zeroshot_spec
+from clipfit.eval.suite import gate
+from clipfit.eval.suites import SetSpec, parse_specs
 from clipfit.errors import GateFailed, UsageError
 
 
@@ -109,10 +110,11 @@ def test_gate_off_without_points():
 
 
 def test_zeroshot_spec_parsing():
-    assert parse_zeroshot_spec("imagenet=/data/val") == ("imagenet", "/data/val")
-    for bad in ("imagenet", "mnist=/x", "folder="):
+    assert parse_specs(["imagenet=/data/val"]) == [SetSpec("imagenet", "/data/val")]  # DATASET=PATH as before
+    assert parse_specs(["wds/cars", "wds/cars=/data/cars"]) == [SetSpec("wds/cars", None), SetSpec("wds/cars", "/data/cars")]
+    for bad in ("imagenet", "mnist=/x", "folder=", "wds/", "wds/cars="):
         with pytest.raises(UsageError):
-            parse_zeroshot_spec(bad)
+            parse_specs([bad])
     assert GateFailed.exit_code == 6
 
 
@@ -134,3 +136,14 @@ def test_expected_calibration_error_is_zero_when_confidence_matches_accuracy():
     logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [100.0, 0.0]])
     assert expected_calibration_error(logits, torch.tensor([0, 1, 0])) == pytest.approx(0.0, abs=1e-9)
     assert math.isnan(expected_calibration_error(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))
+
+
+def test_mean_average_precision_by_hand():
+    # class 0 ranks items 0,1,2,3 with positives at ranks 1 and 3: AP = (1/1 + 2/3) / 2 = 5/6
+    # class 1 has no positive item: AP 0, counted as CLIP_benchmark counts it; mean 5/12
+    from clipfit.eval.metrics import mean_average_precision
+
+    scores = torch.tensor([[0.9, 0.2], [0.8, 0.7], [0.3, 0.4], [0.1, 0.6]])
+    targets = torch.tensor([[1, 0], [0, 0], [1, 0], [0, 0]])
+    assert mean_average_precision(scores, targets) == pytest.approx(100 * 5 / 12)
+    assert mean_average_precision(scores[:, :1], targets[:, :1]) == pytest.approx(100 * 5 / 6)

@@ -143,19 +143,79 @@ def test_templates_and_classnames_files(tmp_path):
         load_labelled("folder", root, classnames_file=str(tmp_path / "three.txt"))
 
 
-def test_imagenet_folder_uses_open_clip_names_and_standard_indices(tmp_path):
-    pytest.importorskip("timm.data")  # a subset of the 1000 synsets needs timm's index
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+def test_imagenet_folder_uses_clip_benchmark_names_and_standard_indices(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
-    for synset in ("n01443537", "n01440764"):  # goldfish (1), tench (0)
+    for synset in ("n01443537", "n01440764", "n15075141"):  # goldfish (1), tench (0), toilet tissue (999)
         (tmp_path / "val" / synset).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "val" / synset / "x.JPEG")
-    data = load_labelled("imagenet", tmp_path / "val")
-    assert data.classes == list(IMAGENET_CLASSNAMES) and data.name == "imagenet1k"
-    assert data.labels == [0, 1]
+    data = load_labelled("imagenet", tmp_path / "val")  # a subset of the synsets, placed without timm
+    assert data.classes == list(IMAGENET_CLASSNAMES) and data.name == "imagenet1k"  # CLIP_benchmark's are open_clip's
+    assert data.templates == [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert data.sources["templates"].endswith("en_zeroshot_classification_templates.json[imagenet1k]")
+    assert data.labels == [0, 1, 999]
     (tmp_path / "val" / "not-a-synset").mkdir()
     with pytest.raises(DataError, match="synset"):
         load_labelled("imagenet", tmp_path / "val")
+
+
+def clip_benchmark_data(file: str) -> dict:
+    """CLIP_benchmark 1.6.2's data file as clipfit ships it."""
+    from clipfit.eval.catalog import ASSETS
+
+    return json.loads((ASSETS / file).read_text(encoding="utf-8"))
+
+
+class FakeCifar:
+    """torchvision's CIFAR classes check their files' md5, so no test can write a CIFAR folder:
+    this stands in with torchvision's class names and a few images."""
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def __init__(self, root, train, download):
+        assert not train and not download  # the test split, never downloaded
+        self.targets = [k % 10 for k in range(12)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return Image.new("RGB", (32, 32), (20 * self.targets[i], 100, 200 - 15 * self.targets[i])), self.targets[i]
+
+
+def test_cifar_uses_its_own_templates_not_imagenets(tmp_path, monkeypatch, tiny_config, capsys):
+    """CLIP_benchmark prompts CIFAR-10 with its 18 templates; clipfit used ImageNet's 80 before."""
+    import torchvision.datasets
+
+    from conftest import run_main
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCifar)
+    templates = clip_benchmark_data("en_zeroshot_classification_templates.json")
+    data = load_labelled("cifar10", tmp_path)
+    assert data.templates == templates["cifar10"] and len(data.templates) == 18
+    assert data.classes == FakeCifar.classes and data.sources["classnames"] == "torchvision FakeCifar.classes"
+    capsys.readouterr()
+    assert run_main(["eval", "zeroshot", "cifar10", "--data", str(tmp_path), "--model", str(tiny_config),
+                     "--pretrained", "none", "--workers", "0", "--device", "cpu", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["templates"] == templates["cifar10"]  # the JSON says which templates were used
+    assert record["clipfit"]["templates_source"] == "CLIP_benchmark en_zeroshot_classification_templates.json[cifar10]"
+    assert record["clipfit"]["templates"] == 18 and record["clipfit"]["images"] == 12
+    (tmp_path / "mine.txt").write_text("a {c}\n")
+    assert load_labelled("cifar10", tmp_path, templates_file=str(tmp_path / "mine.txt")).templates == ["a {c}"]
+
+
+def test_clip_benchmark_lookup_rule():
+    """A set's own templates under its name (or a wds/ set's name after wds/), else ImageNet's."""
+    from clipfit.eval.catalog import benchmark_classnames, benchmark_templates
+
+    templates = clip_benchmark_data("en_zeroshot_classification_templates.json")
+    assert benchmark_templates("cifar100").items == templates["cifar100"]
+    assert benchmark_templates("wds/cars").items == templates["cars"]
+    assert benchmark_templates("wds/vtab/dtd").items == templates["dtd"]
+    assert benchmark_templates("imagenet-r").items == templates["imagenet1k"]  # none of its own
+    assert benchmark_classnames("wds/vtab/eurosat").items == clip_benchmark_data("en_classnames.json")["eurosat"]
+    assert benchmark_classnames("cifar10") is None  # CLIP_benchmark takes torchvision's
 
 
 def test_cifar_without_files_is_a_one_line_data_error(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from PIL import Image
 
 from clipfit.io import read_jsonl
 from conftest import COLOURS, REPO, cli_env, run_cli, tiny_refine_args
+from hub_cache import closed_port
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -151,12 +151,6 @@ def test_a_save_to_disk_folder_is_checked_and_trained_on(saved_dataset, tmp_path
     assert info["resolved"]["layout"] == "datasets"
     assert info["resolved"]["train_pairs"] + info["resolved"]["val_pairs"] == 11
     assert (out / "model.safetensors").is_file()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("env", [{"HF_ENDPOINT": "closed"}, {"HF_HUB_OFFLINE": "1"}])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from clipfit.data.pairs import Pair, PairSet, Problem, resolve_inside
 from clipfit.errors import DataError, NetworkError, UsageError
-from clipfit.hub import first_line
+from clipfit.hub import check_hub_dataset, first_line
 
 ROW_GROUP_CACHE_BYTES = 128 * 2**20
 HUB_DATASET_PREFIX = "hf://datasets/"
@@ -299,20 +299,3 @@ def open_hub_dataset(location: str):
         return one_split(datasets.load_dataset(repo), location)
     except ConnectionError as e:
         raise NetworkError(f"{location}: cannot load it from the hub or the local cache ({first_line(e)})") from None
-
-
-def check_hub_dataset(repo: str, location: str) -> None:
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
-
-    try:
-        get_hf_file_metadata(hf_hub_url(repo, "README.md", repo_type="dataset"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except EntryNotFoundError:
-        pass
-    except GatedRepoError:
-        raise DataError(f"{location} is gated: accept its terms on the hub, then log in (`hf auth login`)") from None
-    except RepositoryNotFoundError:
-        raise DataError(f"{location}: no such dataset on {constants.ENDPOINT}, or it is private") from None
-    except Exception as e:  # refused, no DNS, timeout, proxy: huggingface_hub's types vary by version
-        raise NetworkError(f"{location}: cannot reach {constants.ENDPOINT} ({first_line(e)}); "
-                           "with the dataset in the local Hugging Face cache, set HF_HUB_OFFLINE=1 to use it") from None

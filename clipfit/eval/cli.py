@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate any model clipfit can load: zero-shot classification, "
-                                                  "retrieval, embedding geometry, linear probe.")
+                                                  "retrieval, embedding geometry, linear probe, suites of sets.")
 
 
 def model_option() -> Any:
@@ -107,24 +107,62 @@ class Session:
             return self.loaded.arch, self.loaded.source["path"]
         return self.loaded.arch, self.loaded.pretrained
 
+    def record(self, dataset: str, task: str, metrics: dict[str, float], extra: dict | None = None,
+               templates: list[str] | None = None) -> dict:
+        from clipfit.eval.results import benchmark_json
+
+        return benchmark_json(dataset, self.model_name, self.pretrained, task, metrics, extra, templates)
+
     def report(self, dataset: str, task: str, metrics: dict[str, float], as_json: bool, out: Optional[Path],
                extra: dict | None = None) -> None:
-        from clipfit.eval.results import benchmark_json, print_table
-        from clipfit.io import dumps_json, write_json
+        show(self, self.record(dataset, task, metrics, extra), as_json, out)
 
-        record = benchmark_json(dataset, self.model_name, self.pretrained, task, metrics, extra)
-        if out is not None:
-            write_json(out, record)
-        if as_json:
-            typer.echo(dumps_json(record))
-        else:
-            print_table(f"{task} · {dataset} · {self.model_name} ({self.pretrained})", metrics)
+
+def data_option() -> Any:
+    return typer.Option(None, "--data", help="The set's folder (see docs/evaluation.md for layouts), or for wds/NAME "
+                                             "hf-hub:ORG/NAME [default for wds/NAME: hf-hub:clip-benchmark/wds_NAME].")
+
+
+def set_spec(dataset: str, data: Optional[str], classnames: Optional[Path] = None, templates: Optional[Path] = None,
+             task: str = "zeroshot"):
+    """The one set a command names (DATASET with --data) for `task`, checked before any model is loaded."""
+    from clipfit.errors import UsageError
+    from clipfit.eval.catalog import dataset_names, is_wds, known
+    from clipfit.eval.suites import SetSpec
+
+    if not known(dataset):
+        raise UsageError(f"unknown dataset {dataset!r}: choose one of {dataset_names()}")
+    if data is None and not is_wds(dataset):
+        raise UsageError(f"{dataset} needs --data, the folder that holds it")
+    spec = SetSpec(dataset, data, None, str(classnames) if classnames else None, str(templates) if templates else None)
+    if spec.task != task:
+        kind = "retrieval" if spec.task == "retrieval" else "classification"
+        raise UsageError(f"{dataset} is a {kind} set: evaluate it with `clipfit eval {spec.task}`")
+    return spec
+
+
+def evaluate_set(session: Session, spec, data) -> dict:
+    """One loaded set through the session's model: its CLIP_benchmark record."""
+    from clipfit.eval.retrieval import geometry_metrics, retrieval_features, retrieval_metrics
+    from clipfit.eval.zeroshot import zeroshot
+
+    if spec.task == "retrieval":
+        features = retrieval_features(session.encoder, data, str(spec.location))
+        metrics = {**retrieval_metrics(features), **geometry_metrics(features)}
+        return session.record(spec.benchmark_name(), "zeroshot_retrieval", metrics,
+                              {"images": len(features.image), "captions": len(features.text)})
+    metrics = zeroshot(session.encoder, data)
+    extra = {"images": len(data.features(session.encoder)[1]), "classes": data.class_count,
+             "templates": len(data.templates), "classnames_source": data.sources.get("classnames"),
+             "templates_source": data.sources.get("templates")}
+    return session.record(spec.benchmark_name(), "zeroshot_classification", metrics, extra, data.templates)
 
 
 @eval_app.command("zeroshot")
 def zeroshot_command(
-    dataset: str = typer.Argument(..., help="imagenet, cifar10, cifar100 or folder."),
-    data: Path = typer.Option(..., "--data", help="The dataset's folder (see docs/evaluation.md for layouts)."),
+    dataset: str = typer.Argument(..., help="imagenet, cifar10, cifar100, folder, imagenet-v2, imagenet-sketch, "
+                                            "imagenet-r, imagenet-a, objectnet, or wds/NAME (CLIP_benchmark's layout)."),
+    data: Optional[str] = data_option(),
     classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, JSON list or one per line, in folder order."),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates with {c} for the class name, JSON list or one per line."),
     model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
@@ -132,16 +170,33 @@ def zeroshot_command(
     as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
     cache_dir: Optional[Path] = cache_dir_option(),
 ) -> None:
-    """Zero-shot classification: top-1, top-5 (more than 5 classes), mean per-class recall."""
-    from clipfit.eval.datasets import load_labelled
-    from clipfit.eval.zeroshot import zeroshot
+    """Zero-shot classification: top-1 with its calibration error (ECE), top-5 (more than 5 classes),
+    mean per-class recall; mean average precision for a multi-label set."""
+    from clipfit.eval.suites import load_set
 
-    labelled = load_labelled(dataset, data, classnames, templates)
-    warn_trivial(str(data), len(labelled.classes), "class")
+    spec = set_spec(dataset, data, classnames, templates, "zeroshot")
+    labelled = load_set(spec)
+    warn_trivial(spec.location or spec.dataset, labelled.class_count, "class")
     session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json, cache_dir)
-    metrics = zeroshot(session.encoder, labelled)
-    session.report(labelled.name, "zeroshot_classification", metrics, as_json, out,
-                   {"images": len(labelled.images), "classes": len(labelled.classes), "templates": len(labelled.templates)})
+    record = evaluate_set(session, spec, labelled)
+    show(session, record, as_json, out)
+
+
+def show(session: Session, record: dict, as_json: bool, out: Optional[Path]) -> None:
+    """A CLIP_benchmark record: written to --out, printed as JSON or as a table (rates in percent)."""
+    from clipfit.eval.metrics import is_number
+    from clipfit.eval.results import is_rate, print_table
+    from clipfit.io import dumps_json, write_json
+
+    if out is not None:
+        write_json(out, record)
+    if as_json:
+        typer.echo(dumps_json(record))
+        return
+    metrics = {k: 100 * v if is_rate(k) and is_number(v) else v for k, v in record["metrics"].items()}
+    source = (record.get("clipfit") or {}).get("templates_source")
+    print_table(f"{record['task']} · {record['dataset']} · {session.model_name} ({session.pretrained})", metrics,
+                f"templates: {source}" if source else None)
 
 
 def pairs_command(pairs: str, task: str, model: str, pretrained: str, batch_size: int, workers: int, precision: str,
@@ -159,13 +214,27 @@ def pairs_command(pairs: str, task: str, model: str, pretrained: str, batch_size
 
 @eval_app.command("retrieval")
 def retrieval_command(
-    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs, any clipfit layout."),
+    pairs: str = typer.Argument(..., help="Folder (or CSV) of image-caption pairs, any clipfit layout; or wds/NAME, "
+                                          "a retrieval set in CLIP_benchmark's layout (--data)."),
+    data: Optional[str] = data_option(),
     model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
     workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
     as_json: bool = json_option(), out: Optional[Path] = out_option(), quiet: bool = quiet_option(),
+    cache_dir: Optional[Path] = cache_dir_option(),
 ) -> None:
     """Image↔text Recall@1/5/10 and MRR (every caption counts), plus embedding geometry."""
-    pairs_command(pairs, "zeroshot_retrieval", model, pretrained, batch_size, workers, precision, device, as_json, out, quiet)
+    from clipfit.eval.catalog import is_wds
+
+    if not is_wds(pairs):
+        pairs_command(pairs, "zeroshot_retrieval", model, pretrained, batch_size, workers, precision, device, as_json,
+                      out, quiet)
+        return
+    from clipfit.eval.suites import load_set
+
+    spec = set_spec(pairs, data, task="retrieval")
+    stream = load_set(spec)
+    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json, cache_dir)
+    show(session, evaluate_set(session, spec, stream), as_json, out)
 
 
 @eval_app.command("geometry")
@@ -202,11 +271,73 @@ def linear_probe_command(
                    {"train": len(splits.train.images), "val": len(splits.val.images), "test": len(splits.test.images)})
 
 
+SUITE_JSON = "suite.json"  # what `clipfit compare` reads from a suite folder
+
+
+@eval_app.command("suite")
+def suite_command(
+    suites: list[str] = typer.Argument(..., help="robustness, vtab, a suite .toml file, DATASET=PATH or wds/NAME "
+                                                 "(several: one table)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Read the built-in suites' sets under this folder, not "
+                                                             "from the hub (docs/evaluation.md names the folders)."),
+    model: str = model_option(), pretrained: str = pretrained_option(), batch_size: int = batch_size_option(),
+    workers: int = workers_option(), precision: str = precision_option(), device: str = device_option(),
+    as_json: bool = json_option(),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write suite.md, suite.json (CLIP_benchmark's "
+                                                           "record of every set) and suite.csv into."),
+    quiet: bool = quiet_option(), cache_dir: Optional[Path] = cache_dir_option(),
+) -> None:
+    """Several sets, one table: each set's top-1 and ECE (or mAP, or Recall@5), and the mean."""
+    from clipfit.errors import UsageError
+    from clipfit.eval.catalog import BUILTIN_SUITES
+    from clipfit.eval.suites import load_set, named, parse_specs, suite_csv, suite_markdown, suite_result
+    from clipfit.io import dumps_json, write_json, write_text
+
+    if root is not None and not any(item in BUILTIN_SUITES for item in suites):
+        raise UsageError(f"--root reads the built-in suites ({', '.join(BUILTIN_SUITES)}) from a folder; "
+                         "the other sets name their own paths")
+    items = [f"{item}={root}" if root is not None and item in BUILTIN_SUITES else item for item in suites]
+    specs = named(parse_specs(items, "clipfit eval suite"))
+    if out is not None:
+        claim_suite_folder(out)
+    loaded = {name: load_set(spec) for name, spec in specs.items()}  # every set found before the model loads
+    for name, data in loaded.items():
+        if specs[name].task == "zeroshot":
+            warn_trivial(name, data.class_count, "class")
+    session = Session(model, pretrained, batch_size, workers, precision, device, quiet or as_json, cache_dir)
+    records = {name: evaluate_set(session, specs[name], data) for name, data in loaded.items()}
+    result = suite_result(suites, session.model_name, session.pretrained, records)
+    if out is not None:
+        write_text(out / "suite.md", suite_markdown(result))
+        write_json(out / SUITE_JSON, result)
+        write_text(out / "suite.csv", suite_csv(result))
+    typer.echo(dumps_json(result) if as_json else suite_markdown(result), nl=as_json)
+
+
+def claim_suite_folder(out: Path) -> None:
+    """OutputError (exit 7) when `out` holds suite files clipfit did not write: never overwrite them."""
+    import json
+
+    from clipfit.errors import OutputError
+
+    present = [out / name for name in ("suite.md", SUITE_JSON, "suite.csv") if (out / name).exists()]
+    if not present:
+        return
+    try:
+        ours = {"suite", "sets", "mean"} <= set(json.loads((out / SUITE_JSON).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise OutputError(f"{present[0]}: exists and is not a suite clipfit wrote; choose another --out folder")
+
+
 def compare_command(
-    runs: list[Path] = typer.Argument(..., help="Run folders (each with a run.json)."),
+    runs: list[Path] = typer.Argument(..., help="Run folders (each with a run.json), or suites written by "
+                                                "`clipfit eval suite --out` (the folder or its suite.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Show the before/after metrics of several runs side by side."""
+    """Show the before/after metrics of several runs side by side, and their evaluation sets'
+    top-1 and ECE (with two, the change per set and in the mean)."""
     from clipfit.eval.compare import compare_runs, print_comparison
     from clipfit.io import dumps_json
 

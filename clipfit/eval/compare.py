@@ -1,4 +1,10 @@
-"""`clipfit compare RUN_DIR...`: the metrics of several runs, side by side."""
+"""`clipfit compare RUN_DIR...`: the metrics of several runs, side by side.
+
+An input is a run folder (its run.json) or a suite `clipfit eval suite --out` wrote (the folder or
+its suite.json). Besides every metric, the evaluation sets get one table: each set's top-1 (or
+its score: mAP, Recall@5) and ECE per input, with two inputs the change, and the mean over the
+sets every input has.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +39,37 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return info
 
 
+SUITE_JSON = "suite.json"
+GROUP_OF_TASK = {"zeroshot_classification": "zeroshot", "zeroshot_retrieval": "retrieval"}
+
+
+def is_suite(path: Path) -> bool:
+    if path.is_file():
+        return path.name == SUITE_JSON
+    return (path / SUITE_JSON).is_file() and not (path / "run.json").exists()
+
+
+def suite_summary(path: Path) -> dict[str, Any]:
+    """A suite's sets as a run's `after` (rates in percent, as run.json keeps them)."""
+    from clipfit.eval.results import is_rate
+
+    file = path if path.is_file() else path / SUITE_JSON
+    try:
+        result = json.loads(file.read_text(encoding="utf-8"))
+        sets = {(GROUP_OF_TASK[s["task"]], s["name"]): s["metrics"] for s in result["sets"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{file}: not a suite clipfit wrote ({type(e).__name__}: {e})") from None
+    after = {f"{group}/{name}/{metric}": (100.0 * value if is_rate(metric) else value)
+             for (group, name), metrics in sets.items() for metric, value in metrics.items()
+             if metric != "score" and value is not None}
+    return {"run_dir": str(path), "method": f"suite {' '.join(result.get('suite', []))}", "model": result.get("model"),
+            "pretrained": result.get("pretrained"), "steps": None, "finished": True, "before": {}, "after": after,
+            "delta": {}, "gate": None}
+
+
 def run_summary(run_dir: Path) -> dict[str, Any]:
+    if is_suite(Path(run_dir)):
+        return suite_summary(Path(run_dir))
     info = read_run(run_dir)
     config, model = info.get("config") or {}, info.get("model") or {}
     before, after = info.get("before") or {}, info.get("after") or {}
@@ -51,7 +87,9 @@ def compare_runs(run_dirs: list[Path]) -> dict[str, Any]:
     metrics: list[str] = []
     for run in runs:
         metrics += [name for name in {**run["before"], **run["after"]} if name not in metrics]
-    return {"runs": runs, "metrics": metrics}
+    from clipfit.eval.suites import side_by_side
+
+    return {"runs": runs, "metrics": metrics, "sets": side_by_side([run["after"] for run in runs])}
 
 
 def cell(run: dict[str, Any], metric: str) -> str:
@@ -80,3 +118,36 @@ def print_comparison(table: dict[str, Any]) -> None:
     for metric in table["metrics"]:
         view.add_row(metric, *[cell(run, metric) for run in table["runs"]])
     Console().print(view)
+    if table.get("sets"):
+        Console().print(sets_view(table))
+
+
+def score_cell(values: dict, sign: str = "") -> str:
+    """A set's score with its ECE, in percent; sign="+" for a change."""
+    from clipfit.eval.metrics import is_number
+
+    score, ece = values.get("score"), values.get("ece")
+    if not is_number(score):
+        return ""
+    return f"{score:{sign}.2f}" + (f" (ECE {ece:{sign}.2f})" if is_number(ece) else "")
+
+
+def sets_view(table: dict[str, Any]):
+    """The evaluation sets' top-1 (or score) and ECE per run, in percent; with two runs the change."""
+    from rich.table import Table
+
+    from clipfit.progress import rich_literal
+
+    sets = table["sets"]
+    view = Table(title="evaluation sets: top-1, mAP or mean Recall@5 (ECE), percent; mean over the sets all have")
+    view.add_column("set", overflow="fold")
+    for run in table["runs"]:
+        view.add_column(rich_literal(Path(run["run_dir"]).name), justify="right")
+    if "change" in sets:
+        view.add_column("change", justify="right")
+    for name, cells in sets["sets"].items():
+        view.add_row(rich_literal(name), *[score_cell(c) for c in cells],
+                     *([score_cell(sets["change"][name], "+")] if "change" in sets else []))
+    view.add_row(f"mean ({len(sets['mean_over'])} sets)", *[score_cell(m) for m in sets["mean"]],
+                 *([score_cell(sets["mean_change"], "+")] if "change" in sets else []))
+    return view

@@ -1,18 +1,20 @@
-"""Labelled image sets for zero-shot classification and linear probes.
+"""Labelled image sets for zero-shot classification and linear probes, in their usual on-disk form.
 
   imagenet  an ImageFolder of the ILSVRC-2012 validation set: one folder per WordNet synset
-            (n01440764, ...). Class names and the 80 OpenAI prompt templates come from
-            open_clip.zero_shot_metadata. All 1000 folders sorted by name give the standard
-            class order (as torchvision's ImageFolder); a subset of them needs timm to look
-            up each synset's index.
+            (n01440764, ...). All 1000 folders sorted by name give the standard class order (as
+            torchvision's ImageFolder); a subset of them is placed by clipfit/assets/imagenet_synsets.txt.
   cifar10, cifar100
             torchvision's on-disk format (cifar-10-batches-py/, cifar-100-python/) in PATH;
             never downloaded. The test split is evaluated.
   folder    an ImageFolder of your own: class names are the folder names (sorted), unless
             --classnames FILE gives them in that order.
+  imagenet-v2, imagenet-sketch, imagenet-r, imagenet-a, objectnet
+            ImageNet's distribution shifts: clipfit.eval.shifts.
 
-Templates mark the class name with {c} (CLIP_benchmark's convention). Without --templates,
-every set uses open_clip's 80 OpenAI ImageNet templates.
+Class names and templates are CLIP_benchmark's (clipfit.eval.catalog): ImageNet's class names and
+80 templates, CIFAR's own 18 templates with torchvision's class names; a folder set uses
+ROOT/templates.txt, else ImageNet's templates. Templates mark the class name with {c}
+(CLIP_benchmark's convention). --classnames and --templates override them.
 """
 
 from __future__ import annotations
@@ -21,21 +23,25 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from clipfit.eval.catalog import (BENCHMARK_NAMES, DATASETS, SHIFTS, Found, benchmark_classnames, benchmark_templates,
+                                  dataset_names, imagenet_synsets)
 from clipfit.errors import DataError, UsageError
 
-DATASETS = ("imagenet", "cifar10", "cifar100", "folder")
-BENCHMARK_NAMES = {"imagenet": "imagenet1k", "cifar10": "cifar10", "cifar100": "cifar100"}  # CLIP_benchmark's
 SYNSET = re.compile(r"n\d{8}")
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
 @dataclass
 class LabelledImages:
-    """Images with integer labels into `classes`; `images` are paths (or in-memory PIL images)."""
+    """Images with integer labels; `images` are paths (or in-memory PIL images).
+
+    The zero-shot classifier has one row per name in `classes`. Usually label k is row k; where
+    `groups` is given (ImageNet's shifts), label k is the k-th group and scores as the largest of
+    its rows (a 200-class mask, ObjectNet's classes pooled from ImageNet's)."""
 
     name: str  # CLIP_benchmark's dataset name, or the folder name
     key: str  # identity for the feature cache
@@ -44,10 +50,23 @@ class LabelledImages:
     classes: list[str]
     templates: list[str]
     load: Callable  # image entry → PIL image
+    groups: list[list[int]] | None = None
+    sources: dict[str, str] = field(default_factory=dict)  # where classes and templates come from
+
+    @property
+    def class_count(self) -> int:
+        """How many classes an image is told apart from."""
+        return len(self.groups) if self.groups is not None else len(self.classes)
 
     def subset(self, indices: list[int], suffix: str) -> "LabelledImages":
-        return LabelledImages(self.name, f"{self.key}#{suffix}", [self.images[i] for i in indices],
-                              [self.labels[i] for i in indices], self.classes, self.templates, self.load)
+        return replace(self, key=f"{self.key}#{suffix}", images=[self.images[i] for i in indices],
+                       labels=[self.labels[i] for i in indices])
+
+    def features(self, encoder):
+        """(normalised image embeddings, labels) through `encoder` (clipfit.eval.encode.Encoder)."""
+        import torch
+
+        return encoder.images(self.images, self.load, self.key), torch.tensor(self.labels)
 
 
 def pil_rgb(path) -> "object":
@@ -63,9 +82,8 @@ def identity(image):
 
 
 def default_templates() -> list[str]:
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return [template("{c}") for template in OPENAI_IMAGENET_TEMPLATES]
+    """CLIP_benchmark's templates for a set without its own: ImageNet's 80 (OpenAI's)."""
+    return benchmark_templates(BENCHMARK_NAMES["imagenet"]).items
 
 
 def read_list(path: str | Path, what: str) -> list[str]:
@@ -109,45 +127,49 @@ def image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
     folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
-    images, labels = [], []
-    for label, folder in enumerate(folders):
-        for dirpath, _, files in sorted(os.walk(root / folder, followlinks=True)):
-            for name in sorted(files):
-                if name.lower().endswith(FOLDER_EXTENSIONS):
-                    images.append(Path(dirpath) / name)
-                    labels.append(label)
+    images, labels = class_images(root, folders)
     if not images:
         raise DataError(f"{root}: no images in class sub-folders (an ImageFolder holds ROOT/<class>/<image>)")
     return folders, images, labels
 
 
-def imagenet_indices(synsets: list[str], root: Path) -> list[int]:
+def class_images(root: Path, folders: list[str]) -> tuple[list[Path], list[int]]:
+    """The image files under each class folder (label k: folders[k]), in torchvision's ImageFolder order."""
+    images, labels = [], []
+    for label, folder in enumerate(folders):
+        found = [Path(dirpath) / name for dirpath, _, files in sorted(os.walk(root / folder, followlinks=True))
+                 for name in sorted(files) if name.lower().endswith(FOLDER_EXTENSIONS)]
+        images += found
+        labels += [label] * len(found)
+    return images, labels
+
+
+def imagenet_indices(synsets: list[str], root: Path, dataset: str = "imagenet") -> list[int]:
     """Standard ImageNet-1k index of each synset folder."""
     bad = [s for s in synsets if not SYNSET.fullmatch(s)]
     if bad:
-        raise DataError(f"{root}: imagenet needs WordNet synset folder names like n01440764, found {bad[0]!r}")
-    if len(synsets) == 1000:
-        return list(range(1000))  # sorted synsets are the standard order
-    try:
-        from timm.data import ImageNetInfo
-    except ImportError:
-        raise DataError(f"{root}: holds {len(synsets)} of the 1000 synset folders; a subset needs timm "
-                        "(pip install timm) to know each synset's class index") from None
-    info = ImageNetInfo()
-    index = {info.index_to_label_name(i): i for i in range(info.num_classes())}
+        raise DataError(f"{root}: {dataset} needs WordNet synset folder names like n01440764, found {bad[0]!r}")
+    index = {synset: i for i, synset in enumerate(imagenet_synsets())}
     unknown = [s for s in synsets if s not in index]
     if unknown:
         raise DataError(f"{root}: {unknown[0]} is not an ImageNet-1k synset")
     return [index[s] for s in synsets]
 
 
-def load_imagenet(root: Path) -> LabelledImages:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+def imagenet_classified(name: str, key: str, images: list, labels: list[int], load: Callable,
+                        groups: list[list[int]] | None = None) -> LabelledImages:
+    """A set scored by ImageNet's zero-shot classifier: CLIP_benchmark's 1,000 class names and 80 templates."""
+    classes = benchmark_classnames(BENCHMARK_NAMES["imagenet"])
+    templates = benchmark_templates(BENCHMARK_NAMES["imagenet"])
+    return LabelledImages(name, key, images, labels, classes.items, templates.items, load, groups,
+                          {"classnames": classes.source, "templates": templates.source})
 
+
+def load_imagenet(root: Path) -> LabelledImages:
     synsets, images, labels = image_folder(root)
     indices = imagenet_indices(synsets, root)
-    return LabelledImages("imagenet1k", str(root.resolve()), images, [indices[label] for label in labels],
-                          list(IMAGENET_CLASSNAMES), default_templates(), pil_rgb)
+    return imagenet_classified(BENCHMARK_NAMES["imagenet"], str(root.resolve()), images,
+                               [indices[label] for label in labels], pil_rgb)
 
 
 def load_cifar(name: str, root: Path) -> LabelledImages:
@@ -160,46 +182,57 @@ def load_cifar(name: str, root: Path) -> LabelledImages:
         folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
         raise DataError(f"{root}: no {name} test set here (torchvision's {folder}/ folder); clipfit never downloads it") from None
     images = [data[i][0] for i in range(len(data))]
+    templates = benchmark_templates(BENCHMARK_NAMES[name])
     return LabelledImages(name, f"{name}:{root.resolve()}", images, list(data.targets), list(data.classes),
-                          default_templates(), identity)
+                          templates.items, identity,
+                          sources={"classnames": f"torchvision {make.__name__}.classes", "templates": templates.source})
 
 
 FOLDER_TEMPLATES = "templates.txt"  # a folder set's own prompts, beside its class folders
 
 
-def load_folder(root: Path, classnames: list[str] | None) -> LabelledImages:
+def load_folder(root: Path) -> LabelledImages:
     from clipfit.data.images import open_rgb
 
     folders, images, labels = image_folder(root)
-    if classnames is not None and len(classnames) != len(folders):
-        raise UsageError(f"--classnames has {len(classnames)} names but {root} has {len(folders)} class folders")
     own = root / FOLDER_TEMPLATES
-    templates = read_templates(own) if own.is_file() else default_templates()
-    return LabelledImages(root.resolve().name, str(root.resolve()), images, labels, classnames or folders,
-                          templates, open_rgb)
+    templates = Found(read_templates(own), str(own)) if own.is_file() else benchmark_templates(BENCHMARK_NAMES["imagenet"])
+    return LabelledImages(root.resolve().name, str(root.resolve()), images, labels, folders, templates.items, open_rgb,
+                          sources={"classnames": "the class folders' names", "templates": templates.source})
 
 
 def load_labelled(dataset: str, path: str | Path, classnames_file: str | None = None,
                   templates_file: str | None = None) -> LabelledImages:
     """One of DATASETS at `path`, with --classnames/--templates overrides applied."""
     if dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset {dataset!r}: choose one of {dataset_names()}")
     root = Path(path)
     if not root.exists():
         raise DataError(f"{root}: no such folder")
-    classnames = read_list(classnames_file, "class names") if classnames_file else None
     if dataset == "imagenet":
         data = load_imagenet(root)
     elif dataset in ("cifar10", "cifar100"):
         data = load_cifar(dataset, root)
+    elif dataset in SHIFTS:
+        from clipfit.eval.shifts import load_shift
+
+        data = load_shift(dataset, root)
     else:
-        data = load_folder(root, classnames)
-    if classnames is not None and dataset != "folder":
+        data = load_folder(root)
+    return overridden(data, f"{dataset} at {root}", classnames_file, templates_file)
+
+
+def overridden(data, where: str, classnames_file: str | None, templates_file: str | None):
+    """`data` (a LabelledImages or a clipfit.eval.wds.WdsSet) with --classnames and --templates applied."""
+    if classnames_file:
+        classnames = read_list(classnames_file, "class names")
         if len(classnames) != len(data.classes):
-            raise UsageError(f"--classnames has {len(classnames)} names but {dataset} has {len(data.classes)} classes")
+            raise UsageError(f"--classnames has {len(classnames)} names but {where} has {len(data.classes)} classes")
         data.classes = classnames
+        data.sources["classnames"] = f"--classnames {classnames_file}"
     if templates_file:
         data.templates = read_templates(templates_file)
+        data.sources["templates"] = f"--templates {templates_file}"
     return data
 
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,21 +71,25 @@ class Encoder:
     def autocast(self):
         return autocast(self.device, self.precision)
 
-    def batches(self, loader, description: str):
+    def batches(self, loader, description: str, items: int | None = None):
+        """`loader`'s batches, shown as progress in batches, or in items when `items` is given."""
         if self.quiet:  # inside a command with its own Progress (refine): a phase of it
-            return track(loader, f"eval: {description}", len(loader), size=lambda _batch: 1)
+            return track(loader, f"eval: {description}", items or len(loader), size=len if items else lambda _batch: 1)
         if not show_progress(self.quiet):
             return loader
         from rich.console import Console
         from rich.progress import track as rich_track
 
+        if items:
+            return counted(rich_track(range(items), description=description, console=Console(stderr=True),
+                                      transient=True), loader)
         return rich_track(loader, description=description, console=Console(stderr=True), transient=True)
 
     @torch.no_grad()
-    def run(self, encode: Callable, loader, description: str) -> torch.Tensor:
+    def run(self, encode: Callable, loader, description: str, items: int | None = None) -> torch.Tensor:
         outputs = []
         with evaluating(self.model):
-            for batch in self.batches(loader, description):
+            for batch in self.batches(loader, description, items):
                 with self.autocast():
                     outputs.append(encode(batch.to(self.device), normalize=False).float().cpu())
         features = torch.cat(outputs)
@@ -107,6 +111,11 @@ class Encoder:
                 self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
         return self.cache["images", key]
 
+    def image_stream(self, batches: Iterable[torch.Tensor], description: str, items: int) -> torch.Tensor:
+        """Normalised embeddings of batches of already preprocessed images, in the order they come
+        (a set streamed from its shards, decoded elsewhere: clipfit.eval.wds); `items` images will come."""
+        return self.run(self.model.encode_image, batches, description, items)
+
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:
         """Normalised embeddings of `texts`, in order.
 
@@ -118,6 +127,17 @@ class Encoder:
         chunks = [tokens[order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
         embedded = self.run(partial(encode_text, self.model), chunks, description)
         return embedded[torch.argsort(order)]
+
+
+def counted(ticks: Iterator, batches: Iterable) -> Iterator:
+    """`batches`, advancing the item-counting progress iterator `ticks` by each batch's length;
+    `ticks` is run out at the end, which closes its bar."""
+    for batch in batches:
+        yield batch
+        for _ in zip(range(len(batch)), ticks):
+            pass
+    for _ in ticks:
+        pass
 
 
 def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,

@@ -184,3 +184,21 @@ def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_
         members = which == m
         error += members.double().mean() * (correct[members].mean() - confidence[members].mean()).abs()
     return 100.0 * error.item()
+
+
+def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
+    """Multi-label classification: the mean over classes of each class's average precision, in
+    percent (CLIP_benchmark's `mean_average_precision`, there a fraction).
+
+    `scores` and the 0/1 `targets` are (items, classes). For class c, with its column sorted by
+    score from high to low and y_1..y_n the targets in that order:
+        AP_c = Σ_i y_i · P_i / max(Σ_i y_i, 1),   P_i = (y_1 + … + y_i) / i
+    so a class without positive items counts with AP 0, as in CLIP_benchmark.
+    """
+    if len(scores) == 0:
+        return undefined("average precision needs at least one item")
+    order = scores.argsort(dim=0, descending=True)
+    truth = targets.gather(0, order).double()
+    precision = truth.cumsum(0) / torch.arange(1, len(truth) + 1, dtype=torch.float64)[:, None]
+    per_class = (precision * truth).sum(0) / truth.sum(0).clamp(min=1)
+    return 100.0 * per_class.mean().item()

@@ -11,11 +11,12 @@ import re
 from typing import Any
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "geometry")
-RATE = re.compile(r"(^|[_/])(acc\d+|mean_per_class_recall)$|(_recall|_R)@\d+$")
+RATE = re.compile(r"(^|[_/])(acc\d+|mean_per_class_recall|mean_average_precision|ece)$|(_recall|_R)@\d+$")
 
 
 def is_rate(name: str) -> bool:
-    """Accuracies and recalls: percentages in clipfit, fractions in CLIP_benchmark's JSON."""
+    """Accuracies, recalls, average precision and calibration error: percentages in clipfit,
+    fractions in CLIP_benchmark's JSON."""
     return bool(RATE.search(name))
 
 
@@ -33,12 +34,14 @@ def listed_once(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def benchmark_json(dataset: str, model: str, pretrained: str, task: str, metrics: dict[str, float],
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None, templates: list[str] | None = None) -> dict[str, Any]:
+    """CLIP_benchmark's record; `templates`, the zero-shot prompts used, as its --dump_templates writes them."""
     assert task in TASKS, task
     return {
         "dataset": dataset, "model": model, "pretrained": pretrained, "task": task,
         "metrics": {name: value / 100.0 if is_rate(name) and value == value else value for name, value in metrics.items()},
         "language": "en",
+        **({"templates": list(templates)} if templates else {}),
         **({"clipfit": extra} if extra else {}),
     }
 
@@ -49,7 +52,8 @@ def format_value(name: str, value: float | None) -> str:
     return f"{value:.2f}%" if is_rate(name) else f"{value:.4g}"
 
 
-def print_table(title: str, metrics: dict[str, float]) -> None:
+def print_table(title: str, metrics: dict[str, float], caption: str | None = None) -> None:
+    """The metrics as a table (rates in percent), and `caption` on one line under it."""
     from rich.console import Console
     from rich.table import Table
 
@@ -60,4 +64,7 @@ def print_table(title: str, metrics: dict[str, float]) -> None:
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(name, format_value(name, value))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if caption:
+        console.print(rich_literal(caption), highlight=False, soft_wrap=True)

@@ -39,6 +39,14 @@ def encode_pairs_all_captions(encoder: Encoder, pairs: list[Pair], key: str, max
     return encoder.cache["pairs", key]
 
 
+def retrieval_features(encoder: Encoder, data, key: str, max_pixels: int | None = None) -> PairFeatures:
+    """A retrieval set's features: a pair list (encoded once per `key`) or a streamed set
+    (clipfit.eval.wds.WdsSet, once per its shards)."""
+    if isinstance(data, list):
+        return encode_pairs_all_captions(encoder, data, key, max_pixels)
+    return data.pair_features(encoder)
+
+
 def first_captions(features: PairFeatures) -> Tensor:
     """Each image's first caption embedding, one row per image."""
     starts = torch.ones_like(features.text_image, dtype=torch.bool)

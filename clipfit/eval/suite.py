@@ -2,8 +2,10 @@
 
 Results are flat `group/name/metric` keys in run.json's `before` and `after` (rates in
 points), next to the validation yardsticks of clipfit.eval.split.evaluate_split:
-  zeroshot/<dataset>/acc1 ...      one group per --eval-zeroshot DATASET=PATH
-  retrieval/<folder>/... and       one group per --eval-retrieval PAIRS
+  zeroshot/<set>/acc1 ...          one group per zero-shot set --eval-zeroshot names (DATASET=PATH,
+                                   wds/NAME, a built-in suite or a suite file: clipfit.eval.suites)
+  retrieval/<folder>/... and       one group per --eval-retrieval PAIRS, then per retrieval set of
+                                   --eval-zeroshot's suites (wds/flickr30k)
   retrieval/validation/...         the run's own validation split, when --val-split > 0
 """
 
@@ -13,63 +15,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipfit.errors import GateFailed, UsageError
+from clipfit.errors import GateFailed
 
 ZEROSHOT_METRIC = "acc1"
 
 
 @dataclass
 class Suite:
-    zeroshot: dict[str, Any] = field(default_factory=dict)  # name → LabelledImages
-    retrieval: dict[str, list] = field(default_factory=dict)  # name → pairs
+    zeroshot: dict[str, Any] = field(default_factory=dict)  # name → LabelledImages or WdsSet
+    retrieval: dict[str, Any] = field(default_factory=dict)  # name → pairs (list[Pair]) or a retrieval WdsSet
 
     def __bool__(self) -> bool:
         return bool(self.zeroshot or self.retrieval)
 
 
-def parse_zeroshot_spec(spec: str) -> tuple[str, str]:
-    from clipfit.eval.datasets import DATASETS
+def planned_sets(zeroshot_specs: list[str], retrieval_paths: list[str],
+                 with_validation: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every set's name, known before anything is read: zero-shot sets (name → SetSpec) and
+    retrieval sets (name → None for the validation split, a PAIRS path, or a SetSpec)."""
+    from clipfit.eval.suites import named, parse_specs, unique_name
 
-    dataset, sep, path = spec.partition("=")
-    if not sep or dataset not in DATASETS or not path:
-        raise UsageError(f"--eval-zeroshot {spec!r}: expected DATASET=PATH with DATASET one of {', '.join(DATASETS)}")
-    return dataset, path
-
-
-def unique_name(name: str, taken: dict) -> str:
-    candidate, n = name, 2
-    while candidate in taken:
-        candidate, n = f"{name}-{n}", n + 1
-    return candidate
+    specs = named(parse_specs(zeroshot_specs))
+    zeroshot = {name: spec for name, spec in specs.items() if spec.task == "zeroshot"}
+    retrieval: dict[str, Any] = {"validation": None} if with_validation else {}
+    for path in retrieval_paths:
+        retrieval[unique_name(Path(path).resolve().name, retrieval)] = path
+    for name, spec in specs.items():
+        if spec.task == "retrieval":
+            retrieval[unique_name(name, retrieval)] = spec
+    return zeroshot, retrieval
 
 
 def set_names(zeroshot_specs: list[str], retrieval_paths: list[str], with_validation: bool) -> tuple[list[str], list[str]]:
-    """The names load_suite gives the zero-shot sets (--eval-zeroshot DATASET=PATH) and the retrieval
-    sets (--eval-retrieval PAIRS, after the validation split), known before anything is read."""
-    zeroshot: dict[str, None] = {}
-    for spec in zeroshot_specs:
-        dataset, path = parse_zeroshot_spec(spec)
-        zeroshot[unique_name(dataset if dataset != "folder" else Path(path).resolve().name, zeroshot)] = None
-    retrieval: dict[str, None] = {"validation": None} if with_validation else {}
-    for path in retrieval_paths:
-        retrieval[unique_name(Path(path).resolve().name, retrieval)] = None
+    """The names load_suite gives the zero-shot sets and the retrieval sets (after the validation split)."""
+    zeroshot, retrieval = planned_sets(zeroshot_specs, retrieval_paths, with_validation)
     return list(zeroshot), list(retrieval)
 
 
 def load_suite(zeroshot_specs: list[str], retrieval_paths: list[str], val_pairs: list, workers: int, warn) -> Suite:
     """Read every set once (`workers` threads check a retrieval folder); before and after evaluate the same data."""
-    from clipfit.eval.datasets import load_labelled
     from clipfit.eval.retrieval import load_eval_pairs
+    from clipfit.eval.suites import load_set
 
-    zeroshot_names, retrieval_names = set_names(zeroshot_specs, retrieval_paths, bool(val_pairs))
-    suite = Suite()
-    for name, spec in zip(zeroshot_names, zeroshot_specs):
-        dataset, path = parse_zeroshot_spec(spec)
-        suite.zeroshot[name] = load_labelled(dataset, path)
-    if val_pairs:
-        suite.retrieval["validation"] = val_pairs
-    for name, path in zip(retrieval_names[bool(val_pairs):], retrieval_paths):
-        suite.retrieval[name] = load_eval_pairs(path, workers, warn)
+    zeroshot, retrieval = planned_sets(zeroshot_specs, retrieval_paths, bool(val_pairs))
+    suite = Suite({name: load_set(spec) for name, spec in zeroshot.items()})
+    for name, source in retrieval.items():
+        if source is None:
+            suite.retrieval[name] = val_pairs
+        else:
+            suite.retrieval[name] = load_eval_pairs(source, workers, warn) if isinstance(source, str) else load_set(source)
     warn_trivial(suite, warn)
     return suite
 
@@ -78,9 +72,10 @@ def warn_trivial(suite: Suite, warn) -> None:
     """One warning per set whose scores cannot tell models apart (clipfit.eval.metrics.trivial_set)."""
     from clipfit.eval.metrics import trivial_set
 
-    problems = {f"--eval-zeroshot {name}": trivial_set(len(data.classes), "class") for name, data in suite.zeroshot.items()}
+    problems = {f"--eval-zeroshot {name}": trivial_set(data.class_count, "class") for name, data in suite.zeroshot.items()}
     problems.update({("the validation split" if name == "validation" else f"--eval-retrieval {name}"):
-                     trivial_set(len(pairs), "pair") for name, pairs in suite.retrieval.items()})
+                     trivial_set(len(pairs), "pair") for name, pairs in suite.retrieval.items()
+                     if isinstance(pairs, list)})  # a streamed set's size is known once it is read
     for where, problem in problems.items():
         if problem:
             warn(f"{where}: {problem}")
@@ -89,14 +84,14 @@ def warn_trivial(suite: Suite, warn) -> None:
 def evaluate_suite(suite: Suite, encoder, max_pixels: int | None = None) -> dict[str, float]:
     """Every set of the suite through `encoder` (clipfit.eval.encode.Encoder); pairs already
     encoded by this encoder under the same name are not encoded again."""
-    from clipfit.eval.retrieval import encode_pairs_all_captions, geometry_metrics, retrieval_metrics
+    from clipfit.eval.retrieval import geometry_metrics, retrieval_features, retrieval_metrics
     from clipfit.eval.zeroshot import zeroshot
 
     results: dict[str, float] = {}
     for name, data in suite.zeroshot.items():
         results.update({f"zeroshot/{name}/{k}": v for k, v in zeroshot(encoder, data).items()})
     for name, pairs in suite.retrieval.items():
-        features = encode_pairs_all_captions(encoder, pairs, f"retrieval:{name}", max_pixels)
+        features = retrieval_features(encoder, pairs, f"retrieval:{name}", max_pixels)
         metrics = {**retrieval_metrics(features), **geometry_metrics(features)}
         results.update({f"retrieval/{name}/{k}": v for k, v in metrics.items()})
     return results

@@ -1,11 +1,14 @@
 """Zero-shot classification, computed as CLIP_benchmark does.
 
 Class embedding = mean of the L2-normalised embeddings of the class name in every template,
-renormalised. Logits = 100 · cos(image, class). The classifier (one row per class) of a model
+renormalised. Logits = 100 · cos(image, class); where a set groups the classifier's rows
+(ImageNet's shifts, clipfit.eval.shifts) a class's logit is the largest of its rows'. The classifier (one row per class) of a model
 with fixed weights is kept in the feature cache, keyed by the model, the class names and the
 templates: ImageNet's 80,000 prompts are encoded once per model, not once per evaluation. Top-1, top-5 (with more than 5 classes),
 mean per-class recall (sklearn's balanced accuracy: classes without images are left out), and the
-expected calibration error `ece` of the softmax at the model's own logit scale.
+expected calibration error `ece` of the softmax at the model's own logit scale, listed next to top-1.
+A multi-label set (several classes per image) gets CLIP_benchmark's one metric for it, the mean
+average precision.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipfit.eval.datasets import LabelledImages, fill
+from clipfit.eval.datasets import fill
 from clipfit.eval.encode import Encoder
-from clipfit.eval.metrics import expected_calibration_error, geometry
+from clipfit.eval.metrics import expected_calibration_error, geometry, mean_average_precision
 from clipfit.models import base_logit_scale
 
 
@@ -66,15 +69,38 @@ def classification_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
     return metrics
 
 
-def zeroshot(encoder: Encoder, data: LabelledImages) -> dict[str, float]:
-    """Classification metrics (percent), then geometry with the class embeddings as the text side."""
+def zeroshot(encoder: Encoder, data) -> dict[str, float]:
+    """Classification metrics (percent), then geometry with the class embeddings as the text side.
+
+    `data` is a clipfit.eval.datasets.LabelledImages or a clipfit.eval.wds.WdsSet: anything with
+    `classes`, `templates`, `groups` and `features(encoder)` giving (image embeddings, targets)."""
     classifier = class_embeddings(encoder, data.classes, data.templates)
-    images = encoder.images(data.images, data.load, data.key)
-    labels = torch.tensor(data.labels)
-    similarity = images @ classifier.T
-    metrics = classification_metrics(100.0 * similarity, labels)
-    metrics["ece"] = expected_calibration_error(model_logit_scale(encoder) * similarity, labels)
-    return {**metrics, **geometry(images, classifier, (images, classifier[labels]))}
+    images, targets = data.features(encoder)
+    if targets.dim() == 2:  # one 0/1 column per class: multi-label
+        return {"mean_average_precision": mean_average_precision(100.0 * images @ classifier.T, targets)}
+    similarity = pooled(images @ classifier.T, data.groups)
+    metrics = classification_metrics(100.0 * similarity, targets)
+    ece = expected_calibration_error(model_logit_scale(encoder) * similarity, targets)
+    metrics = {"acc1": metrics.pop("acc1"), "ece": ece, **metrics}
+    classes = class_rows(classifier, data.groups)
+    return {**metrics, **geometry(images, classes, (images, classes[targets]))}
+
+
+def pooled(scores: Tensor, groups: list[list[int]] | None) -> Tensor:
+    """Each evaluated class's score, the largest of its classifier rows' scores (WiSE-FT's class
+    mask for ImageNet-R and -A, its pooling for ObjectNet); without groups, `scores` as they are."""
+    if groups is None:
+        return scores
+    width = max(map(len, groups))
+    index = torch.tensor([group + group[:1] * (width - len(group)) for group in groups])  # a repeat changes no max
+    return scores[:, index].amax(dim=2)
+
+
+def class_rows(classifier: Tensor, groups: list[list[int]] | None) -> Tensor:
+    """One embedding per evaluated class: its row, or its group's rows averaged and renormalised."""
+    if groups is None:
+        return classifier
+    return F.normalize(torch.stack([classifier[group].mean(dim=0) for group in groups]), dim=-1)
 
 
 def model_logit_scale(encoder: Encoder) -> float:
