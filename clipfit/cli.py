@@ -143,7 +143,7 @@ def number(value: Any) -> str:
 
 # --- sweep and interpolate -----------------------------------------------------------------
 
-SWEEP_LEFT_OUT = {"resume", "overwrite", "json"}  # a sweep continues its own runs; it prints its own summary
+SWEEP_LEFT_OUT = {"resume", "json"}  # rerunning a sweep continues it; it prints its own summary
 
 
 def sweep_parameters() -> list[inspect.Parameter]:
@@ -164,6 +164,11 @@ def sweep_parameters() -> list[inspect.Parameter]:
         elif param.name == "out":
             params[i] = param.replace(default=typer.Option(..., "--out", rich_help_panel="Output",
                                                            help="Sweep folder: one run folder per grid point, sweep.md/html/json."))
+        elif param.name == "overwrite":
+            params[i] = param.replace(default=typer.Option(False, on_off_flags("overwrite"), rich_help_panel="Output",
+                                                           help="Replace an existing sweep folder (its sweep files and "
+                                                                "grid-point runs; other files stay). Without it, "
+                                                                "rerunning continues the sweep."))
     return params
 
 
@@ -191,7 +196,8 @@ def sweep_command(**values: Any) -> None:
             axes[name] = parse_values(name, text)
     axes = axes or {"method": [values["method"]]}
     values.update({name: field_default(name) for name in SWEEP_LEFT_OUT})
-    summary = sweep(str(pairs), values, explicit - set(axes), axes, Path(values["out"]), make_progress(values["quiet"]))
+    explicit -= set(axes) | {"overwrite"}  # the sweep folder's: each grid point is a run of its own
+    summary = sweep(str(pairs), values, explicit, axes, Path(values["out"]), make_progress(values["quiet"]))
     typer.echo(f"chosen: {summary['chosen_run']} ({summary['selection']['reason']})")
     typer.echo(f"sweep: {Path(values['out']) / 'sweep.md'}")
 

@@ -131,13 +131,18 @@ def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
 def claim_folder(config: RefineConfig, pairs_path: str, warn) -> RunFolder:
     """The run folder, checked and locked (see clipfit.rundir for what is refused and why)."""
     out = Path(config.out) if config.out else default_run_dir(config.method)
+    return claim_run_dir(out, config.resume, config.overwrite, protected_paths(config, pairs_path), warn)
+
+
+def protected_paths(config: RefineConfig, pairs_path: str) -> dict[str, Path]:
+    """What --out may not be, contain or lie inside: PAIRS, the cache folder, a --model folder."""
     protected = {"the cache folder": resolve_cache_dir(config.cache_dir)}
     if Path(config.model).is_dir():  # a run folder to start from: replacing it would delete the start
         protected["the --model folder"] = Path(config.model)
     pairs = pairs_on_disk(pairs_path)
     if pairs is not None:
         protected["PAIRS"] = pairs
-    return claim_run_dir(out, config.resume, config.overwrite, protected, warn)
+    return protected
 
 
 def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> Setup:
