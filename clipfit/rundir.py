@@ -11,7 +11,8 @@ and who may write it.
 - `--out` may not be, contain, or lie inside PAIRS or the cache folder, nor be the current folder
   or one of its parents; this is checked (symlinks resolved) before anything is touched.
 - A run holds an exclusive lock (`fcntl.flock` on the marker, which also holds its pid) for its
-  whole life; the OS drops it when the process ends, however it ends.
+  whole life; the OS drops it when the process ends, however it ends. A forked child (a DataLoader
+  worker) closes its copy of the descriptor at once, so no other process can keep the lock alive.
 - --overwrite is staged: the previous run's entries move into `.clipfit-replaced/` and are
   deleted only once the new run has written its run.json. Until then any failure, or the next
   clipfit run on the folder after a kill, moves them back (`recover`).
@@ -190,6 +191,24 @@ def pairs_on_disk(pairs_path: str) -> Path | None:
 
 # --- the lock ----------------------------------------------------------------------------------
 
+HELD: set[int] = set()  # descriptors of the markers this process holds locked
+
+
+def forget_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors. flock belongs
+    to the open file, which fork shares, so a child that kept it would hold the lock after the run
+    died; closing it here leaves the lock to the parent alone."""
+    for fd in HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    HELD.clear()
+
+
+os.register_at_fork(after_in_child=forget_locks_in_child)
+
+
 def lock_folder(path: Path, kind: FolderKind = RUN) -> int:
     """Create the marker if needed and hold an exclusive lock on it; the OS drops the lock with the
     process. Returns the open descriptor (closing it releases the lock). A folder whose marker names
@@ -207,6 +226,7 @@ def lock_folder(path: Path, kind: FolderKind = RUN) -> int:
             raise OutputError(f"{path}: cannot lock the {kind.name} folder ({e.strerror or e})") from None
         raise UsageError(f"{path}: in use by another clipfit {marked_kind(path) or kind.name} ({holder(path)}); "
                          "wait for it to finish or choose another --out") from None
+    HELD.add(fd)
     found = marked_kind(path)
     if found not in (None, kind.name):
         release_lock(fd)
@@ -217,6 +237,7 @@ def lock_folder(path: Path, kind: FolderKind = RUN) -> int:
 
 
 def release_lock(fd: int) -> None:
+    HELD.discard(fd)
     os.close(fd)
 
 
