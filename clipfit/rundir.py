@@ -485,13 +485,15 @@ def environment() -> dict[str, Any]:
 # --- free space, resume ------------------------------------------------------------------------
 
 def check_free_space(run_dir: Path, parameter_bytes: int, trainable_bytes: int, keep: int) -> None:
-    """Model + `keep` checkpoints (weights and two AdamW moments per trainable weight). A replaced
-    run's staged files count as free: they are deleted before training starts."""
-    needed = parameter_bytes + keep * (parameter_bytes + 2 * trainable_bytes)
-    free = shutil.disk_usage(run_dir).free + folder_bytes(run_dir / STAGING)
+    """`keep` checkpoints (weights and two AdamW moments per trainable weight) and the next one,
+    which is written before the oldest is deleted (the model, written at the end, is smaller than
+    a checkpoint), less what the folder holds towards it already: checkpoints that the run rotates
+    out as it goes (a resumed run's) and a replaced run's staged files, deleted before training."""
+    needed = (keep + 1) * (parameter_bytes + 2 * trainable_bytes)
+    free = shutil.disk_usage(run_dir).free + folder_bytes(run_dir / STAGING) + folder_bytes(run_dir / CHECKPOINT_DIR)
     if free < needed:
         raise OutputError(f"{run_dir}: {free / 2**20:.0f} MiB free, the run needs about {needed / 2**20:.0f} MiB "
-                          "(model and checkpoints); free space, use another --out or --keep-checkpoints 1")
+                          "(checkpoints and model); free space, use another --out or --keep-checkpoints 1")
 
 
 def read_saved(run_dir: Path) -> dict[str, Any]:

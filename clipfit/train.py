@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from clipfit.checkpoint import checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
+from clipfit.checkpoint import (checkpoint_paths, load_latest, prune_checkpoints, rng_state, save_checkpoint,
+                                set_rng_state)
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.data.workers import Loader, ignore_stop_signals
 from clipfit.errors import Interrupted, OutputError, TrainingError, UsageError
@@ -198,7 +199,9 @@ class Trainer:
             raise UsageError(f"--resume: no usable checkpoint in {self.run_dir / CHECKPOINT_DIR} "
                              f"({'all damaged' if checkpoint_paths(self.run_dir) else 'none was written'}), "
                              "nothing to continue from; start again with --overwrite instead of --resume")
-        _path, state = found
+        path, state = found
+        if self.is_main and path == checkpoint_paths(self.run_dir)[-1]:  # a kill may have cut the last save short
+            prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)  # of its pruning
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
