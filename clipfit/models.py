@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -120,6 +120,11 @@ def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
         others = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise ModelError(f"{path}: tensor {name} has shape {list(state[name].shape)}, the architecture needs "
                          f"{list(expected[name].shape)}{others}; these weights are for a different model")
+
+
+def non_finite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def register_config_file(path: Path) -> str:

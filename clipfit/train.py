@@ -26,7 +26,7 @@ from clipfit.frozen.prepare import FrozenInputs
 from clipfit.io import append_jsonl, truncate_jsonl
 from clipfit.methods import Composite
 from clipfit.methods.base import StepInputs
-from clipfit.models import base_logit_scale
+from clipfit.models import base_logit_scale, non_finite_tensors
 from clipfit.parallel import PairEncoder
 from clipfit.precision import autocast
 from clipfit.progress import Progress
@@ -466,7 +466,7 @@ class Trainer:
         raise self.training_failed(f"non-finite loss at {where}", "or --nan-policy skip")
 
     def check_finite_weights(self) -> None:
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        bad = non_finite_tensors(self.model.named_parameters())
         if bad:
             raise self.training_failed(f"non-finite weights after step {self.position.step} ({len(bad)} tensor(s), "
                                        f"e.g. {bad[0]}): a gradient was NaN or infinite")
