@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_main, tiny_refine_args, write_pairs
+from conftest import error_line, run_main, tiny_refine_args, write_pairs
 from clipfit.data.images import open_rgb
 from clipfit.data.layouts import load_pairs
 from clipfit.errors import UsageError
@@ -396,3 +396,24 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_status(pairs_dir, tmp_path,
 def test_typer_parse_errors_exit_2(pairs_dir, capsys):
     assert run_main(["refine", pairs_dir, "--batch-size", "many"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8}},
+     "vision_cfg.width 32 with head_width 64 (open_clip's default) gives no attention heads"),
+    ({"vision_cfg": {"image_size": 32, "layers": 2, "width": 129, "patch_size": 8, "head_width": 64}},
+     "vision_cfg.width 129 with head_width 64 gives 2 attention heads, which do not divide 129"),
+    ({"text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 0, "layers": 2}},
+     "text_cfg.heads 0 with width 64 gives no attention heads"),
+])
+def test_a_model_config_without_attention_heads_is_exit_4_naming_the_field(change, field, pairs_dir, tmp_path,
+                                                                           capsys):
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**TINY_CONFIG, **change}))
+    for command in (["refine", pairs_dir, "--out", tmp_path / "run", "--workers", "0"],
+                    ["eval", "retrieval", pairs_dir, "--workers", "0"]):
+        capsys.readouterr()
+        assert run_main([*command, "--model", config, "--pretrained", "none"]) == 4
+        assert f"clipfit: error: {config}: {field}" in error_line(capsys, alone=False)
