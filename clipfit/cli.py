@@ -223,10 +223,12 @@ def interpolate_command(
     validation and --eval-* sets, and write the chosen α as a new run folder with its report."""
     from clipfit.errors import UsageError
     from clipfit.interpolate import TUNED_FILES, interpolate, parse_alphas
+    from clipfit.options import check_finite
     from clipfit.progress import make_progress
 
     if tuned not in TUNED_FILES:
         raise UsageError(f"--tuned {tuned!r}: choose one of {', '.join(TUNED_FILES)}")
+    check_finite("max_zeroshot_drop", max_zeroshot_drop)
     info = interpolate(run, parse_alphas(alpha), out, overwrite, select_best, max_zeroshot_drop, device,
                        STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json), tuned)
     if as_json:
