@@ -130,15 +130,38 @@ def print_refine_summary(info: dict, as_json: bool, quiet: bool) -> None:
         print_json({k: info.get(k) for k in ("run_dir", "before", "after", "steps", "wall_seconds", "eval_split",
                                               "gate", "zeroshot")})
         return
-    before, after = info.get("before", {}), info.get("after", {})
-    for name in [] if quiet else after:
-        typer.echo(f"{name:>20}: {number(before.get(name))} -> {number(after[name])}")
+    if not quiet:
+        print_before_after(info.get("before", {}), info.get("after", {}), info.get("eval_split", "validation"))
     typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
 
 
-def number(value: Any) -> str:
-    """A metric for the terminal: 4 decimals, or n/a when it has no value (see clipfit.io.dumps_json)."""
-    return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "n/a"
+VERDICT_STYLE = {"better": "green", "worse": "red"}
+
+
+def print_before_after(before: dict, after: dict, title: str) -> None:
+    """report.md's before → after tables as one terminal table: each metric once, better and worse marked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from clipfit.progress import rich_literal
+    from clipfit.report import RATES_NOTE, metric_groups, metric_rows
+
+    groups = metric_groups(before, after)
+    table = Table(title=f"before → after ({rich_literal(title)})", title_justify="left", box=None, pad_edge=False,
+                  caption=RATES_NOTE if any(new for _, _, new in groups[1:]) else None, caption_justify="left")
+    table.add_column("metric", overflow="fold")  # folded, never cut: recall@1 and recall@10 must stay apart
+    for column in ("before", "after", "change"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for group, old, new in groups:
+        rows = metric_rows(old, new)
+        if group and rows:
+            table.add_row(f"[bold]{rich_literal(group.replace('/', ' · '))}[/bold]")
+        for name, *numbers, verdict in rows:
+            mark = f"[{VERDICT_STYLE[verdict]}]{verdict}[/]" if verdict else ""
+            table.add_row(("  " if group else "") + rich_literal(name), *numbers, mark)
+    if table.row_count:
+        Console().print(table)
 
 
 # --- sweep and interpolate -----------------------------------------------------------------
