@@ -181,8 +181,8 @@ def sweep_parameters() -> list[inspect.Parameter]:
             f = CONFIG_FIELDS[param.name]
             default = field_default(param.name)
             option = typer.Option(None, flag(param.name), rich_help_panel=f.metadata["panel"], show_default=False,
-                                  help=f"{f.metadata['help']} Comma list: one run per value"
-                                       + (f" [default: {default}]" if default is not None else ""))
+                                  help=rich_escape(f"{f.metadata['help']} Comma list: one run per value"
+                                                   + (f" [default: {default}]" if default is not None else "")))
             params[i] = param.replace(default=option, annotation=Optional[str])
         elif param.name == "out":
             params[i] = param.replace(default=typer.Option(..., "--out", rich_help_panel="Output",
@@ -233,11 +233,11 @@ app.command("sweep", no_args_is_help=True)(sweep_command)
 def interpolate_command(
     run: Path = typer.Argument(..., help="A finished clipfit run folder."),
     alpha: str = typer.Option("0.25,0.5,0.75", "--alpha", help="α values (comma list, or one): θ = (1−α)·θ_start + α·θ_tuned."),
-    out: Optional[Path] = typer.Option(None, "--out", help="New run folder for the chosen α [default: RUN-wise]."),
+    out: Optional[Path] = typer.Option(None, "--out", help=rich_escape("New run folder for the chosen α [default: RUN-wise].")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out run folder."),
-    select_best: Optional[str] = typer.Option(None, "--select-best", help="Metric that chooses α [default: the run's --select-best, else mean-R@1]."),
-    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help="Only α whose zero-shot top-1 is at most this many points below the start are eligible [default: the run's]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: the run's]."),
+    select_best: Optional[str] = typer.Option(None, "--select-best", help=rich_escape("Metric that chooses α [default: the run's --select-best, else mean-R@1].")),
+    max_zeroshot_drop: Optional[float] = typer.Option(None, "--max-zeroshot-drop", help=rich_escape("Only α whose zero-shot top-1 is at most this many points below the start are eligible [default: the run's].")),
+    device: Optional[str] = typer.Option(None, "--device", help=rich_escape("auto, cpu, cuda or mps [default: the run's].")),
     tuned: str = typer.Option("model", "--tuned", help="θ_tuned: model (model.safetensors) or last (last.safetensors of a --select-best run)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only the final lines."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
@@ -367,9 +367,9 @@ def push_command(
     run_dir: Path = typer.Argument(..., help="A finished run folder."),
     repo_id: str = typer.Argument(..., help="The Hugging Face hub repository, ORG/NAME or USER/NAME."),
     private: bool = typer.Option(False, "--private", help="Create the repository private."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing) [default: main]."),
-    licence: Optional[str] = typer.Option(None, "--license", help="Licence field of the model card "
-                                          "[default: apache-2.0 for lite0-minilm, else other]."),
+    revision: Optional[str] = typer.Option(None, "--revision", help=rich_escape("Branch to commit to (created if missing) [default: main].")),
+    licence: Optional[str] = typer.Option(None, "--license", help=rich_escape(
+        "Licence field of the model card [default: apache-2.0 for lite0-minilm, else other].")),
     message: Optional[str] = typer.Option(None, "--message", help="Commit message."),
     dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Write the files that would be uploaded into "
                                            "this new folder and upload nothing."),
@@ -420,7 +420,7 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print as 
 
 # --- cache --------------------------------------------------------------------------------
 
-CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="Cache folder [default: the user cache dir, as refine uses].")
+CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help=rich_escape("Cache folder [default: the user cache dir, as refine uses]."))
 
 
 def feature_cache(cache_dir: Optional[str]):
