@@ -23,7 +23,7 @@ from clipfit.errors import Interrupted, OutputError, TrainingError, UsageError
 from clipfit.best import TrainingEvaluations
 from clipfit.distributed import Distributed, average_gradients, gather_features
 from clipfit.frozen.prepare import FrozenInputs
-from clipfit.io import append_jsonl, truncate_jsonl
+from clipfit.io import append_jsonl, read_jsonl, truncate_jsonl
 from clipfit.methods import Composite
 from clipfit.methods.base import StepInputs
 from clipfit.models import base_logit_scale, non_finite_tensors
@@ -40,6 +40,7 @@ class Position:
     epoch: int = 0
     batch: int = 0  # micro-batches of this epoch already consumed
     nan_skipped: int = 0
+    rows: int = 0  # metrics.jsonl rows written: a resumed run goes on from exactly these
 
 
 @dataclass
@@ -218,7 +219,19 @@ class Trainer:
         if step > self.settings.total_steps:
             raise UsageError(f"--resume refused: the checkpoint is at step {step}, past the {self.settings.total_steps} "
                              "steps this command asks for (--max-steps)")
-        truncate_jsonl(self.run_dir / METRICS_JSONL, lambda row: row.get("step", 0) <= step)
+        if self.is_main:
+            self.keep_metrics(state["position"].get("rows"))
+
+    def keep_metrics(self, rows: int | None) -> None:
+        """metrics.jsonl as it was when the checkpoint was written: its first `rows` rows. (By step
+        alone, an epoch's validation row logged after the checkpoint of the epoch's last step, at the
+        same step, would be kept and then logged again.) A checkpoint from before rows were counted
+        keeps every row up to its step."""
+        path = self.run_dir / METRICS_JSONL
+        if rows is None:
+            rows = sum(1 for row in read_jsonl(path) if row.get("step", 0) <= self.position.step)
+        self.position.rows = rows
+        truncate_jsonl(path, rows)
 
     # --- one step -------------------------------------------------------------------------
     def autocast(self):
@@ -495,6 +508,7 @@ class Trainer:
     def record(self, row: dict[str, Any]) -> None:
         """The one place metrics rows are written: metrics.jsonl, and the --report-to trackers."""
         append_jsonl(self.run_dir / METRICS_JSONL, row)
+        self.position.rows += 1
         if self.trackers:
             self.trackers.log(row)
 
