@@ -147,3 +147,28 @@ def test_sweep_overwrite_replaces_only_its_own_files_and_names_points_without_pa
     assert {name: (out / name).read_bytes() for name in users} == users
     assert json.loads((point / "run.json").read_text())["config"]["lr"] == 1e-3
     assert not (out / rundir.STAGING).exists() and not (out / rundir.DISCARDED).exists()
+
+
+class Killed(BaseException):
+    """What a SIGKILL leaves, in this process: nothing of clipfit's own handling runs (not an Exception)."""
+
+
+def test_a_grid_point_killed_while_writing_its_report_is_finished_by_the_rerun(pairs_dir, tiny_config, tmp_path,
+                                                                              monkeypatch):
+    """run.json with the after numbers is what makes a grid point finished, so it is written last."""
+    import clipfit.run
+
+    out = tmp_path / "sweep"
+    argv = sweep_args(pairs_dir, out, tiny_config, "--save-every", "1")
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(clipfit.run, "write_report", killed)
+    with pytest.raises(Killed):
+        run_main(argv)
+    monkeypatch.undo()
+    assert run_main(argv) == 0
+    point = out / f"01-model={tiny_config.stem}"
+    assert json.loads((point / "run.json").read_text())["after"]
+    assert (point / "report.md").is_file() and (point / "report.html").is_file()
