@@ -107,18 +107,22 @@ GRID_POINT = re.compile(r"\d{2,}-.")
 
 def is_own(name: str, names: frozenset[str] = OWN_NAMES) -> bool:
     """A name clipfit writes into a run folder (or, given SWEEP_NAMES, a sweep folder): its files,
-    and the temporary names of their atomic writes (`.NAME.XXXX.tmp`, clipfit.io) and of the LoRA
-    adapter (`.adapter.XXXX`)."""
-    if name in names:
+    and the temporary names of their atomic writes (`.NAME.XXXX.tmp`, clipfit.io; safetensors'
+    own `.tmpXXXXXX` beside it) and of the LoRA adapter (`.adapter.XXXX`)."""
+    if name in names or SAFETENSORS_TEMPORARY.fullmatch(name):
         return True
     if is_temporary(name):
         return name[1:].rsplit(".", 2)[0] in names
     return name.startswith(f".{ADAPTER_DIR}.")
 
 
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors writes here, then renames
+
+
 def is_temporary(name: str) -> bool:
-    """The name of an atomic write in progress (clipfit.io.atomic_path), left behind by a kill."""
-    return name.startswith(".") and name.endswith(".tmp")
+    """The name of a write in progress, left behind by a kill: an atomic write's (clipfit.io.atomic_path)
+    or the file safetensors' writer fills beside its target before renaming it."""
+    return (name.startswith(".") and name.endswith(".tmp")) or bool(SAFETENSORS_TEMPORARY.fullmatch(name))
 
 
 def grid_point_name(index: int, label: str) -> str:
