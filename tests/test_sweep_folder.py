@@ -14,25 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, error_line, run_main, tiny_refine_args, write_pairs
+from conftest import cli_env, error_line, run_main, tiny_refine_args
+from test_resume import Killed
+from test_run_folder import project, run_in, snapshot  # noqa: F401 (fixture)
 from clipfit import rundir
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def sweep_args(pairs: Path, out: Path | str, config: Path, *extra: str) -> list[str]:
     return ["sweep", str(pairs), "--model", str(config), "--pretrained", "none", "--out", str(out), "--val-split",
             "0.25", "--batch-size", "4", "--max-steps", "1", "--workers", "0", "--quiet", *extra]
-
-
-@pytest.fixture
-def project(tmp_path) -> Path:
-    root = tmp_path / "project"
-    write_pairs(root / "pairs", n=8, size=16)
-    (root / "notes.md").write_text("my notes\n")
-    return root
 
 
 @pytest.mark.parametrize("where, expected", [
@@ -51,17 +41,6 @@ def test_sweep_never_writes_into_a_users_folder(where, expected, project, tiny_c
     assert code == 2
     assert expected in error_line(capsys)
     assert snapshot(project.parent) == before  # not even a marker or a lock
-
-
-def run_in(cwd: Path, argv: list[str]) -> int:
-    import os
-
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return run_main(argv)
-    finally:
-        os.chdir(previous)
 
 
 def test_sweep_out_containing_pairs_is_refused(project, tiny_config, capsys):
@@ -147,10 +126,6 @@ def test_sweep_overwrite_replaces_only_its_own_files_and_names_points_without_pa
     assert {name: (out / name).read_bytes() for name in users} == users
     assert json.loads((point / "run.json").read_text())["config"]["lr"] == 1e-3
     assert not (out / rundir.STAGING).exists() and not (out / rundir.DISCARDED).exists()
-
-
-class Killed(BaseException):
-    """What a SIGKILL leaves, in this process: nothing of clipfit's own handling runs (not an Exception)."""
 
 
 def test_a_grid_point_killed_while_writing_its_report_is_finished_by_the_rerun(pairs_dir, tiny_config, tmp_path,
