@@ -53,12 +53,49 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write the checkpoint atomically (a full disk: OutputError, the older ones untouched), then
+    keep the newest `keep`."""
     path = run_dir / CHECKPOINT_DIR / f"step-{step:08d}.pt"
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        write_state(state, tmp)
+    prune_checkpoints(run_dir, keep)
+    return path
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in checkpoint_paths(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
-    return path
+
+
+class RecordingFile:
+    """The file torch.save writes through. torch turns a failed write (a full disk) into
+    RuntimeError("... unexpected pos ..."), which loses the OSError; this keeps it."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_state(state: dict[str, Any], path: Path) -> None:
+    """torch.save into `path`; a write that fails is the OSError it was (ENOSPC), as with every
+    other file clipfit writes."""
+    with open(path, "wb") as file:
+        target = RecordingFile(file)
+        try:
+            torch.save(state, target)
+        except RuntimeError:
+            if target.error is None:
+                raise
+            raise target.error from None
 
 
 def load_latest(run_dir: Path, warn: Callable[[str], None] = lambda message: None) -> tuple[Path, dict[str, Any]] | None:

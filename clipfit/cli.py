@@ -130,20 +130,43 @@ def print_refine_summary(info: dict, as_json: bool, quiet: bool) -> None:
         print_json({k: info.get(k) for k in ("run_dir", "before", "after", "steps", "wall_seconds", "eval_split",
                                               "gate", "zeroshot")})
         return
-    before, after = info.get("before", {}), info.get("after", {})
-    for name in [] if quiet else after:
-        typer.echo(f"{name:>20}: {number(before.get(name))} -> {number(after[name])}")
+    if not quiet:
+        print_before_after(info.get("before", {}), info.get("after", {}), info.get("eval_split", "validation"))
     typer.echo(f"report: {printable(Path(info['run_dir']) / 'report.md')}")
 
 
-def number(value: Any) -> str:
-    """A metric for the terminal: 4 decimals, or n/a when it has no value (see clipfit.io.dumps_json)."""
-    return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "n/a"
+VERDICT_STYLE = {"better": "green", "worse": "red"}
+
+
+def print_before_after(before: dict, after: dict, title: str) -> None:
+    """report.md's before → after tables as one terminal table: each metric once, better and worse marked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from clipfit.progress import rich_literal
+    from clipfit.report import RATES_NOTE, metric_groups, metric_rows
+
+    groups = metric_groups(before, after)
+    table = Table(title=f"before → after ({rich_literal(title)})", title_justify="left", box=None, pad_edge=False,
+                  caption=RATES_NOTE if any(new for _, _, new in groups[1:]) else None, caption_justify="left")
+    table.add_column("metric", overflow="fold")  # folded, never cut: recall@1 and recall@10 must stay apart
+    for column in ("before", "after", "change"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for group, old, new in groups:
+        rows = metric_rows(old, new)
+        if group and rows:
+            table.add_row(f"[bold]{rich_literal(group.replace('/', ' · '))}[/bold]")
+        for name, *numbers, verdict in rows:
+            mark = f"[{VERDICT_STYLE[verdict]}]{verdict}[/]" if verdict else ""
+            table.add_row(("  " if group else "") + rich_literal(name), *numbers, mark)
+    if table.row_count:
+        Console().print(table)
 
 
 # --- sweep and interpolate -----------------------------------------------------------------
 
-SWEEP_LEFT_OUT = {"resume", "overwrite", "json"}  # a sweep continues its own runs; it prints its own summary
+SWEEP_LEFT_OUT = {"resume", "json"}  # rerunning a sweep continues it; it prints its own summary
 
 
 def sweep_parameters() -> list[inspect.Parameter]:
@@ -158,12 +181,17 @@ def sweep_parameters() -> list[inspect.Parameter]:
             f = CONFIG_FIELDS[param.name]
             default = field_default(param.name)
             option = typer.Option(None, flag(param.name), rich_help_panel=f.metadata["panel"], show_default=False,
-                                  help=f"{f.metadata['help']} Comma list: one run per value"
-                                       + (f" [default: {default}]" if default is not None else ""))
+                                  help=rich_escape(f"{f.metadata['help']} Comma list: one run per value"
+                                                   + (f" [default: {default}]" if default is not None else "")))
             params[i] = param.replace(default=option, annotation=Optional[str])
         elif param.name == "out":
             params[i] = param.replace(default=typer.Option(..., "--out", rich_help_panel="Output",
                                                            help="Sweep folder: one run folder per grid point, sweep.md/html/json."))
+        elif param.name == "overwrite":
+            params[i] = param.replace(default=typer.Option(False, on_off_flags("overwrite"), rich_help_panel="Output",
+                                                           help="Replace an existing sweep folder (its sweep files and "
+                                                                "grid-point runs; other files stay). Without it, "
+                                                                "rerunning continues the sweep."))
     return params + after_sweep_parameters()
 
 
@@ -214,7 +242,8 @@ def sweep_command(**values: Any) -> None:
             axes[name] = parse_values(name, text)
     axes = axes or {"method": [values["method"]]}
     values.update({name: field_default(name) for name in SWEEP_LEFT_OUT})
-    summary = sweep(str(pairs), values, explicit - set(axes), axes, Path(values["out"]), make_progress(values["quiet"]),
+    explicit -= set(axes) | {"overwrite"}  # the sweep folder's: each grid point is a run of its own
+    summary = sweep(str(pairs), values, explicit, axes, Path(values["out"]), make_progress(values["quiet"]),
                     soups, parse_alphas(wise, "--wise") if wise is not None else [])
     typer.echo(f"chosen: {summary['chosen_run']} ({summary['selection']['reason']})")
     typer.echo(f"sweep: {Path(values['out']) / 'sweep.md'}")
@@ -249,10 +278,12 @@ def interpolate_command(
     measured, and write the chosen α (one α: that one) as a new run folder with its report."""
     from clipfit.errors import UsageError
     from clipfit.interpolate import TUNED_FILES, interpolate, parse_alphas
+    from clipfit.options import check_finite
     from clipfit.progress import make_progress
 
     if tuned not in TUNED_FILES:
         raise UsageError(f"--tuned {tuned!r}: choose one of {', '.join(TUNED_FILES)}")
+    check_finite("max_zeroshot_drop", max_zeroshot_drop)
     info = interpolate(run, parse_alphas(alpha), out, overwrite, select_best, max_zeroshot_drop, device,
                        STATE.get("argv", sys.argv[1:]), make_progress(quiet or as_json), tuned,
                        eval_zeroshot or [], eval_retrieval or [])
@@ -399,9 +430,9 @@ def push_command(
     run_dir: Path = typer.Argument(..., help="A finished run folder."),
     repo_id: str = typer.Argument(..., help="The Hugging Face hub repository, ORG/NAME or USER/NAME."),
     private: bool = typer.Option(False, "--private", help="Create the repository private."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing) [default: main]."),
-    licence: Optional[str] = typer.Option(None, "--license", help="Licence field of the model card "
-                                          "[default: apache-2.0 for lite0-minilm, else other]."),
+    revision: Optional[str] = typer.Option(None, "--revision", help=rich_escape("Branch to commit to (created if missing) [default: main].")),
+    licence: Optional[str] = typer.Option(None, "--license", help=rich_escape(
+        "Licence field of the model card [default: apache-2.0 for lite0-minilm, else other].")),
     message: Optional[str] = typer.Option(None, "--message", help="Commit message."),
     dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Write the files that would be uploaded into "
                                            "this new folder and upload nothing."),
@@ -452,7 +483,7 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print as 
 
 # --- cache --------------------------------------------------------------------------------
 
-CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="Cache folder [default: the user cache dir, as refine uses].")
+CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help=rich_escape("Cache folder [default: the user cache dir, as refine uses]."))
 
 
 def feature_cache(cache_dir: Optional[str]):

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from clipfit import methods
 from clipfit.errors import UsageError
 from clipfit.options import (PANEL_DATA, PANEL_EVAL, PANEL_LORA, PANEL_OUTPUT, PANEL_PERF, PANEL_RUN, check_at_least_one,
-                             check_choice, check_not_negative, check_positive, check_positive_finite, flag, opt)
+                             check_choice, check_finite_numbers, check_not_negative, check_positive, flag, opt)
 from clipfit.trackers import check_available, parse_report_to
 
 
@@ -270,20 +270,20 @@ NON_NEGATIVE = ("weight_decay", "warmup_steps", "save_every", "workers", "lora_d
 
 
 def validate(c: RefineConfig) -> None:
+    check_finite_numbers(c)
     for name, allowed in CHOICES.items():
         check_choice(c, name, allowed)
     for name in POSITIVE:
         check_at_least_one(c, name)
     for name in NON_NEGATIVE:
         check_not_negative(c, name)
-    check_positive_finite(c, "lr")
+    check_positive(c, "lr")
     if not 0 <= c.val_split < 1:
         raise UsageError(f"--val-split must be in [0, 1) (got {c.val_split})")
     if c.max_steps is not None and c.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1 (got {c.max_steps})")
-    if c.grad_clip is not None and c.grad_clip <= 0:
-        raise UsageError(f"--grad-clip must be positive (got {c.grad_clip})")
-    check_positive(c, "adam_eps")
+    for name in ("grad_clip", "adam_eps"):
+        check_positive(c, name)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(c, name) < 1:
             raise UsageError(f"{flag(name)} must be in [0, 1) (got {getattr(c, name)})")

@@ -122,7 +122,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def truncate_jsonl(path: str | os.PathLike, keep: "callable") -> None:
-    """Rewrite a JSONL file atomically keeping only rows for which keep(row) is true."""
-    rows = [r for r in read_jsonl(path) if keep(r)]
-    write_text(path, "".join(dumps_json(r, indent=None) + "\n" for r in rows))
+def truncate_jsonl(path: str | os.PathLike, rows: int) -> None:
+    """Rewrite a JSONL file atomically keeping only its first `rows` rows."""
+    kept = read_jsonl(path)[:rows]
+    write_text(path, "".join(dumps_json(r, indent=None) + "\n" for r in kept))

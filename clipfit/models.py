@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -122,6 +122,11 @@ def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
                          f"{list(expected[name].shape)}{others}; these weights are for a different model")
 
 
+def non_finite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def register_config_file(path: Path) -> str:
     """Make an open_clip model-config JSON known to open_clip; return its architecture name."""
     import open_clip
@@ -134,8 +139,44 @@ def register_config_file(path: Path) -> str:
         raise UsageError(f"{path}: model config is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
         raise UsageError(f"{path}: model config needs embed_dim, vision_cfg and text_cfg")
+    check_attention_heads(cfg, path)
     open_clip.add_model_config(path)
     return path.stem
+
+
+def check_attention_heads(cfg: dict, path: Path) -> None:
+    """ModelError naming the field when a tower of `cfg` would get no attention heads, or heads
+    that do not divide its width; open_clip would build it and fail deep inside torch."""
+    for tower, field, heads, width in attention_heads(cfg):
+        if heads < 1 or width % heads:
+            problem = "no attention heads" if heads < 1 else f"{heads} attention heads, which do not divide {width}"
+            raise ModelError(f"{path}: {tower}.{field} gives {problem}")
+
+
+def attention_heads(cfg: dict) -> list[tuple[str, str, int, int]]:
+    """(tower, the field that sets its heads, heads, attention width) as open_clip derives them:
+    a ViT has width // head_width heads (head_width defaults to 64), a ModifiedResNet's pooling
+    width * 32 // head_width over width * 32, a text transformer `heads` (default 8) over width
+    (default 512). Towers from timm or Hugging Face, and non-integer fields, are not checked here."""
+    found = []
+    vision, text = cfg.get("vision_cfg"), cfg.get("text_cfg")
+    if isinstance(vision, dict) and not vision.get("timm_model_name"):
+        width, head_width = vision.get("width", 768), vision.get("head_width", 64)
+        if is_integer(width) and is_integer(head_width) and head_width > 0:
+            resnet = isinstance(vision.get("layers"), (list, tuple))
+            width = width * 32 if resnet else width
+            field = f"width {vision.get('width', 768)} with head_width {head_width}" + (
+                "" if "head_width" in vision else " (open_clip's default)")
+            found.append(("vision_cfg", field, width // head_width, width))
+    if isinstance(text, dict) and not text.get("hf_model_name"):
+        heads, width = text.get("heads", 8), text.get("width", 512)
+        if is_integer(heads) and is_integer(width):
+            found.append(("text_cfg", f"heads {heads} with width {width}", heads, width))
+    return found
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def unknown_model_error(name: str) -> UsageError:
@@ -249,6 +290,7 @@ def open_folder(folder: Path):
     import open_clip
 
     config = read_config(folder)
+    check_attention_heads(config["model_cfg"], folder / OPEN_CLIP_CONFIG)
     weights = folder / MODEL_FILE
     if not weights.is_file():
         raise ModelError(f"{folder}: run folder has no {MODEL_FILE} (did the run finish? try --resume)")

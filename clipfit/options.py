@@ -10,7 +10,7 @@ method options are read to build `clipfit refine --help`, which must start fast.
 from __future__ import annotations
 
 import math
-from dataclasses import field
+from dataclasses import field, fields
 from typing import Any, Iterable
 
 from clipfit.errors import UsageError
@@ -48,14 +48,22 @@ def check_not_negative(settings: Any, name: str) -> None:
 
 
 def check_positive(settings: Any, name: str) -> None:
-    if getattr(settings, name) <= 0:
-        raise UsageError(f"{flag(name)} must be positive (got {getattr(settings, name)})")
-
-
-def check_positive_finite(settings: Any, name: str) -> None:
     value = getattr(settings, name)
-    if value is not None and not (value > 0 and math.isfinite(value)):
-        raise UsageError(f"{flag(name)} must be a positive number (got {value})")
+    if value is not None and value <= 0:
+        raise UsageError(f"{flag(name)} must be positive (got {value})")
+
+
+def check_finite(name: str, value: Any) -> None:
+    """A number setting is a finite number: NaN and infinity are refused (exit 2)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{flag(name)} must be a finite number (got {value})")
+
+
+def check_finite_numbers(settings: Any) -> None:
+    """Every setting of a settings dataclass that holds a float (core settings and every method's
+    options alike), checked before any other check compares it."""
+    for f in fields(settings):
+        check_finite(f.name, getattr(settings, f.name))
 
 
 class MethodOptions:

@@ -5,8 +5,11 @@ open_clip_model.safetensors, the tokenizer's files), a Hugging Face text tower's
 the run's pictures and a README.md model card from run.json. A Hugging Face text tower and
 tokenizer are named by the repository itself, so `hf-hub:ORG/NAME` needs nothing else.
 
-Everything is staged in a folder first (`--dry-run DIR` stops there) and uploaded in one
-commit, so a failed upload leaves the repository as it was.
+Before anything is staged, the run's model is loaded as a user would load it (the safetensors
+header, every tensor's shape against the folder's config) and its weights checked for NaN and
+infinity: a damaged folder is exit 4, non-finite weights exit 5. Everything is then staged in a
+folder (`--dry-run DIR` stops there) and uploaded in one commit, so a failed upload leaves the
+repository as it was.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipfit.errors import ModelError, UsageError
+from clipfit.errors import ModelError, TrainingError, UsageError
 from clipfit.io import write_json, write_text
 from clipfit.rundir import HF_TEXT_CONFIG, MODEL_FILE, OPEN_CLIP_CONFIG, is_run_dir, read_config
 
@@ -49,6 +52,19 @@ def read_run(run_dir: Path) -> dict:
     if "after" not in info:
         raise UsageError(f"{run_dir}: the run has not finished (run.json has no results); finish it with --resume")
     return info
+
+
+def check_shippable(run_dir: Path) -> None:
+    """A finished run (UsageError otherwise) whose model loads (ModelError, exit 4: truncated,
+    damaged, or not the config's shapes) with finite weights (TrainingError, exit 5)."""
+    from clipfit import models
+
+    read_run(run_dir)
+    loaded = models.load_model(str(run_dir))
+    bad = models.non_finite_tensors(loaded.model.state_dict().items())
+    if bad:
+        raise TrainingError(f"{run_dir / MODEL_FILE}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
+                            "nothing was staged or uploaded")
 
 
 def hub_config(run_dir: Path, repo_id: str) -> dict:
@@ -120,12 +136,14 @@ def stage_files(request: PushRequest, stage: Path) -> list[str]:
 def dry_run(request: PushRequest, folder: Path) -> list[str]:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UsageError(f"--dry-run {folder}: exists and is not an empty folder; choose a new one")
+    check_shippable(request.run_dir)
     return stage_files(request, folder)
 
 
 def push(request: PushRequest) -> str:
     """Upload the run in one commit; return the commit's URL. ModelError (exit 4) when the hub
     cannot be reached or refuses, with nothing uploaded."""
+    check_shippable(request.run_dir)
     check_hub_reachable()
     with tempfile.TemporaryDirectory(prefix="clipfit-push-") as folder:
         names = stage_files(request, Path(folder))

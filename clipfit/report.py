@@ -16,6 +16,9 @@ GAP_FORMS = ("modality_gap: L2 distance between the centroids of the normalised 
              "modality_gap_mse: the squared centroid difference averaged over dimensions.")
 
 
+RATES_NOTE = "Rates (acc, recall) are percentages; their change is in points."
+
+
 def fmt(value: Any) -> str:
     from clipfit.eval.metrics import is_number
 
@@ -24,20 +27,44 @@ def fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def before_after_table(before: dict[str, float], after: dict[str, float]) -> list[str]:
+def metric_rows(before: dict[str, float], after: dict[str, float]) -> list[tuple[str, str, str, str, str]]:
+    """(metric, before, after, change, verdict) for each metric measured both times; the verdict is
+    better, worse, or empty (no change, or no value)."""
     from clipfit.eval.metrics import is_number
 
-    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    rows = []
     for name in before:
         if name not in after:
             continue
         if not (is_number(before[name]) and is_number(after[name])):
-            lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | n/a |")
+            rows.append((name, fmt(before[name]), fmt(after[name]), "n/a", ""))
             continue
         delta = after[name] - before[name]
         better = (delta < 0) if lower_is_better(name) else (delta > 0)
-        mark = "" if abs(delta) < 1e-12 else (" (better)" if better else " (worse)")
-        lines.append(f"| {name} | {fmt(before[name])} | {fmt(after[name])} | {delta:+.4f}{mark} |")
+        verdict = "" if abs(delta) < 1e-12 else ("better" if better else "worse")
+        rows.append((name, fmt(before[name]), fmt(after[name]), f"{delta:+.4f}", verdict))
+    return rows
+
+
+def metric_groups(before: dict[str, float], after: dict[str, float]) -> list[tuple[str, dict, dict]]:
+    """(group, before, after) with the metrics' short names: the split's own yardsticks first (group
+    ""), then one group per evaluation set (`group/set/metric` keys); each metric once."""
+    before, after = listed_once(before), listed_once(after)
+    names: dict[str, list[str]] = {}
+    for name in before:
+        names.setdefault(name.rpartition("/")[0], []).append(name)
+    own = names.pop("", [])
+    groups = [("", {k: before[k] for k in own}, after)]
+    for group, keys in names.items():
+        groups.append((group, {k.rpartition("/")[2]: before[k] for k in keys},
+                       {k.rpartition("/")[2]: after[k] for k in keys if k in after}))
+    return groups
+
+
+def before_after_table(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    for name, old, new, change, verdict in metric_rows(before, after):
+        lines.append(f"| {name} | {old} | {new} | {change}{f' ({verdict})' if verdict else ''} |")
     return lines
 
 
@@ -67,18 +94,13 @@ def signed(value: float | None) -> str:
 def grouped_before_after(before: dict[str, float], after: dict[str, float]) -> list[str]:
     """The split's own yardsticks first, then the evaluation sets' top-1 and ECE in one table, then
     one table per evaluation set (`group/set/metric` keys); each metric once."""
-    before, after = listed_once(before), listed_once(after)
-    groups: dict[str, list[str]] = {}
-    for name in before:
-        groups.setdefault(name.rpartition("/")[0], []).append(name)
-    lines = before_after_table({k: before[k] for k in groups.pop("", [])}, after)
+    groups = metric_groups(before, after)
+    lines = before_after_table(*groups[0][1:])
     lines += sets_summary(before, after) if after else []
-    for group, names in groups.items():
-        lines += ["", f"### {group.replace('/', ' · ')}", ""]
-        lines += before_after_table({k.rpartition("/")[2]: before[k] for k in names},
-                                    {k.rpartition("/")[2]: after[k] for k in names if k in after})
-    if any(name in after for names in groups.values() for name in names):
-        lines += ["", "Rates (acc, recall) are percentages; their change is in points."]
+    for group, old, new in groups[1:]:
+        lines += ["", f"### {group.replace('/', ' · ')}", ""] + before_after_table(old, new)
+    if any(new for _, _, new in groups[1:]):
+        lines += ["", RATES_NOTE]
     return lines
 
 

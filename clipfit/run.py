@@ -131,13 +131,18 @@ def train_and_finish(setup: Setup, argv: list[str], started: float) -> None:
 def claim_folder(config: RefineConfig, pairs_path: str, warn) -> RunFolder:
     """The run folder, checked and locked (see clipfit.rundir for what is refused and why)."""
     out = Path(config.out) if config.out else default_run_dir(config.method)
+    return claim_run_dir(out, config.resume, config.overwrite, protected_paths(config, pairs_path), warn)
+
+
+def protected_paths(config: RefineConfig, pairs_path: str) -> dict[str, Path]:
+    """What --out may not be, contain or lie inside: PAIRS, the cache folder, a --model folder."""
     protected = {"the cache folder": resolve_cache_dir(config.cache_dir)}
     if Path(config.model).is_dir():  # a run folder to start from: replacing it would delete the start
         protected["the --model folder"] = Path(config.model)
     pairs = pairs_on_disk(pairs_path)
     if pairs is not None:
         protected["PAIRS"] = pairs
-    return claim_run_dir(out, config.resume, config.overwrite, protected, warn)
+    return protected
 
 
 def set_up(pairs_path: str, config: RefineConfig, argv: list[str], progress) -> Setup:
@@ -352,7 +357,9 @@ def measure_before(setup: Setup, suite: Suite | None) -> None:
 
 
 def finish(setup: Setup, trainer: Trainer, suite: Suite | None, timings: dict) -> None:
-    """Measure after, save the model and the methods' artefacts, write run.json and the report."""
+    """Measure after, save the model and the methods' artefacts, write the report, then run.json: a
+    run killed before that is resumed, one whose run.json has its after numbers is whole (clipfit sweep
+    skips it)."""
     info, config = setup.info, setup.config
     after = measure_last(setup, trainer, suite)
     if config.select_best:
@@ -364,13 +371,14 @@ def finish(setup: Setup, trainer: Trainer, suite: Suite | None, timings: dict) -
     models.save_model(setup.loaded, setup.model, setup.run_dir)
     for method in setup.composite.methods:
         method.save(setup.run_dir)
-    write_run_json(setup.run_dir, info, **{
+    info.update({
         "after": after, "gallery_after": gallery_after, "eval_split": eval_pairs(setup.data)[1], **timings,
         "steps": trainer.position.step, "peak_memory": peak_memory(setup.device),
         "nan_skipped_steps": trainer.position.nan_skipped,
         "methods": {m.name: m.report() for m in setup.composite.methods},
     })
     write_report(setup.run_dir, info, eval_pairs(setup.data)[0], config.max_image_pixels)
+    write_run_json(setup.run_dir, info)  # last: a run.json with `after` means the folder is complete
     if setup.trackers:  # a run that fails earlier leaves its trackers to their own exit hooks
         setup.trackers.finish(setup.run_dir, after)
         setup.trackers.close()

@@ -4,11 +4,15 @@ and who may write it.
 - A clipfit run folder holds the marker file `.clipfit-run` (written first, when clipfit makes a
   folder a run folder) and `run.json`. clipfit only ever replaces such a folder, and in it only the
   entries named in `OWN_NAMES` (what a run writes); anything else in the folder stays.
+- A sweep folder (`clipfit sweep --out`) follows the same contract, with its own names
+  (`SWEEP_NAMES`, and the grid-point run folders it made); the marker's first line says which
+  kind a folder is, and a folder of one kind is never claimed as the other.
 - A folder that is not empty and has no marker is never written to, with or without --overwrite.
 - `--out` may not be, contain, or lie inside PAIRS or the cache folder, nor be the current folder
   or one of its parents; this is checked (symlinks resolved) before anything is touched.
 - A run holds an exclusive lock (`fcntl.flock` on the marker, which also holds its pid) for its
-  whole life; the OS drops it when the process ends, however it ends.
+  whole life; the OS drops it when the process ends, however it ends. A forked child (a DataLoader
+  worker) closes its copy of the descriptor at once, so no other process can keep the lock alive.
 - --overwrite is staged: the previous run's entries move into `.clipfit-replaced/` and are
   deleted only once the new run has written its run.json. Until then any failure, or the next
   clipfit run on the folder after a kill, moves them back (`recover`).
@@ -42,6 +46,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import time
@@ -94,15 +99,61 @@ OWN_NAMES = frozenset({RUN_JSON, SKIPPED_TXT, METRICS_JSONL, MODEL_FILE, OPEN_CL
                        HF_TEXT_CONFIG, *TOKENIZER_FILES})
 HOUSEKEEPING = frozenset({MARKER, STAGING, DISCARDED})
 
+# What a sweep writes into its folder, besides the run folders it makes: its grid points
+# (`grid_point_name`), its soups (SOUP_DIR) and the WiSE-FT of its choice (WISE_DIR).
+SWEEP_JSON, SWEEP_MD, SWEEP_HTML, SWEEP_PNG = "sweep.json", "sweep.md", "sweep.html", "sweep.png"
+SWEEP_NAMES = frozenset({SWEEP_JSON, SWEEP_MD, SWEEP_HTML, SWEEP_PNG, WRITE_PROBE})
+SOUP_DIR, WISE_DIR = "soup-{recipe}", "wise"
+SWEEP_RUN = re.compile(r"\d{2,}-.+|soup-[a-z]+|wise")
 
-def is_own(name: str) -> bool:
-    """A name clipfit writes into a run folder: its files, and the temporary names of their
-    atomic writes (`.NAME.XXXX.tmp`, clipfit.io) and of the LoRA adapter (`.adapter.XXXX`)."""
-    if name in OWN_NAMES:
+
+def is_own(name: str, names: frozenset[str] = OWN_NAMES) -> bool:
+    """A name clipfit writes into a run folder (or, given SWEEP_NAMES, a sweep folder): its files,
+    and the temporary names of their atomic writes (`.NAME.XXXX.tmp`, clipfit.io; safetensors'
+    own `.tmpXXXXXX` beside it) and of the LoRA adapter (`.adapter.XXXX`)."""
+    if name in names or SAFETENSORS_TEMPORARY.fullmatch(name):
         return True
-    if name.startswith(".") and name.endswith(".tmp"):
-        return name[1:].rsplit(".", 2)[0] in OWN_NAMES
+    if is_temporary(name):
+        return name[1:].rsplit(".", 2)[0] in names
     return name.startswith(f".{ADAPTER_DIR}.")
+
+
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors writes here, then renames
+
+
+def is_temporary(name: str) -> bool:
+    """The name of a write in progress, left behind by a kill: an atomic write's (clipfit.io.atomic_path)
+    or the file safetensors' writer fills beside its target before renaming it."""
+    return (name.startswith(".") and name.endswith(".tmp")) or bool(SAFETENSORS_TEMPORARY.fullmatch(name))
+
+
+def grid_point_name(index: int, label: str) -> str:
+    """The folder of a sweep's grid point: its number, then what sets it apart."""
+    return f"{index:02d}-{label}"
+
+
+def is_sweep_run(path: Path) -> bool:
+    """A run folder a sweep made in its folder: a grid point's, a soup's or the WiSE-FT's name, and
+    the marker inside."""
+    return bool(SWEEP_RUN.fullmatch(path.name)) and path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """A kind of folder clipfit makes: what it writes there and how a rerun treats it."""
+
+    name: str  # "run" or "sweep": the marker's first line names it
+    record: str  # the file that holds the folder's results
+    names: frozenset[str]  # what it writes at the top of the folder
+    rerun_continues: bool  # the same command continues it (a sweep), or only --resume does (a run)
+    made_folders: Callable[[Path], bool] = lambda path: False  # sub-folders it made
+
+    def owns(self, path: Path) -> bool:
+        return is_own(path.name, self.names) or self.made_folders(path)
+
+
+RUN = FolderKind("run", RUN_JSON, OWN_NAMES, rerun_continues=False)
+SWEEP = FolderKind("sweep", SWEEP_JSON, SWEEP_NAMES, rerun_continues=True, made_folders=is_sweep_run)
 
 
 def default_run_dir(method: str) -> Path:
@@ -147,25 +198,67 @@ def pairs_on_disk(pairs_path: str) -> Path | None:
 
 # --- the lock ----------------------------------------------------------------------------------
 
-def lock_folder(path: Path) -> int:
+HELD: set[int] = set()  # descriptors of the markers this process holds locked
+
+
+def forget_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors. flock belongs
+    to the open file, which fork shares, so a child that kept it would hold the lock after the run
+    died; closing it here leaves the lock to the parent alone."""
+    for fd in HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    HELD.clear()
+
+
+os.register_at_fork(after_in_child=forget_locks_in_child)
+
+
+def lock_folder(path: Path, kind: FolderKind = RUN) -> int:
     """Create the marker if needed and hold an exclusive lock on it; the OS drops the lock with the
-    process. Returns the open descriptor (closing it releases the lock)."""
+    process. Returns the open descriptor (closing it releases the lock). A folder whose marker names
+    the other kind is refused."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise OutputError(f"{path}: cannot write to the run folder ({e.strerror or e})") from None
+        raise OutputError(f"{path}: cannot write to the {kind.name} folder ({e.strerror or e})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise OutputError(f"{path}: cannot lock the run folder ({e.strerror or e})") from None
-        raise UsageError(f"{path}: in use by another clipfit run ({holder(path)}); wait for it to finish "
-                         "or choose another --out") from None
+            raise OutputError(f"{path}: cannot lock the {kind.name} folder ({e.strerror or e})") from None
+        raise UsageError(f"{path}: in use by another clipfit {marked_kind(path) or kind.name} ({holder(path)}); "
+                         "wait for it to finish or choose another --out") from None
+    HELD.add(fd)
+    found = marked_kind(path)
+    if found not in (None, kind.name):
+        release_lock(fd)
+        raise UsageError(f"{path}: a clipfit {found} folder, not a {kind.name} folder; choose another --out")
     os.ftruncate(fd, 0)
-    os.write(fd, f"clipfit run folder\npid {os.getpid()}\n".encode())
+    os.write(fd, f"{marker_title(kind)}\npid {os.getpid()}\n".encode())
     return fd
+
+
+def release_lock(fd: int) -> None:
+    HELD.discard(fd)
+    os.close(fd)
+
+
+def marker_title(kind: FolderKind) -> str:
+    return f"clipfit {kind.name} folder"
+
+
+def marked_kind(path: Path) -> str | None:
+    """The kind the marker names (None: a marker clipfit is only now writing)."""
+    try:
+        first = (path / MARKER).read_text(encoding="utf-8").partition("\n")[0]
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((k.name for k in (RUN, SWEEP) if first == marker_title(k)), None)
 
 
 def holder(path: Path) -> str:
@@ -182,12 +275,12 @@ def holder(path: Path) -> str:
 
 # --- staged replacement --------------------------------------------------------------------------
 
-def own_entries(path: Path) -> list[Path]:
-    return [p for p in path.iterdir() if is_own(p.name)]
+def own_entries(path: Path, kind: FolderKind = RUN) -> list[Path]:
+    return [p for p in path.iterdir() if kind.owns(p)]
 
 
-def foreign_entries(path: Path) -> list[Path]:
-    return [p for p in path.iterdir() if not is_own(p.name) and p.name not in HOUSEKEEPING]
+def foreign_entries(path: Path, kind: FolderKind = RUN) -> list[Path]:
+    return [p for p in path.iterdir() if not kind.owns(p) and p.name not in HOUSEKEEPING]
 
 
 def remove(path: Path) -> None:
@@ -197,10 +290,10 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def stage(path: Path) -> Path | None:
-    """Move clipfit's own entries into STAGING (run.json last, so that a folder with run.json at the
-    top still holds the whole previous run); the sentinel says every entry made it."""
-    entries = sorted(own_entries(path), key=lambda p: p.name == RUN_JSON)
+def stage(path: Path, kind: FolderKind = RUN) -> Path | None:
+    """Move clipfit's own entries into STAGING (the record last, so that a folder with its record at
+    the top still holds the whole previous run); the sentinel says every entry made it."""
+    entries = sorted(own_entries(path, kind), key=lambda p: p.name == kind.record)
     if not entries:
         return None
     staging = path / STAGING
@@ -211,14 +304,14 @@ def stage(path: Path) -> Path | None:
     return staging
 
 
-def restore(path: Path) -> None:
-    """Move the staged previous run back (run.json last) and drop STAGING."""
+def restore(path: Path, kind: FolderKind = RUN) -> None:
+    """Move the staged previous run back (its record last) and drop STAGING."""
     staging = path / STAGING
     if (staging / STAGED_ALL).exists():  # the new run's partial entries go first: they are worthless
-        for entry in own_entries(path):
+        for entry in own_entries(path, kind):
             remove(entry)
         os.replace(staging / STAGED_ALL, staging / RESTORING)
-    for entry in sorted(staging.iterdir(), key=lambda p: p.name == RUN_JSON):
+    for entry in sorted(staging.iterdir(), key=lambda p: p.name == kind.record):
         if entry.name not in (STAGED_ALL, RESTORING):
             os.replace(entry, path / entry.name)
     shutil.rmtree(staging)
@@ -233,35 +326,45 @@ def discard_staged(path: Path) -> None:
         shutil.rmtree(path / DISCARDED)
 
 
-def recover(path: Path, warn: Callable[[str], None]) -> None:
-    """Finish what a killed --overwrite left: keep the new run if it has its run.json, else put
+def recover(path: Path, warn: Callable[[str], None], kind: FolderKind = RUN) -> None:
+    """Finish what a killed --overwrite left: keep the new run if it has its record, else put
     the previous run back."""
     staging = path / STAGING
     if (path / DISCARDED).exists():
         discard_staged(path)
     if not staging.exists():
         return
-    if (staging / STAGED_ALL).exists() and (path / RUN_JSON).exists():
+    if (staging / STAGED_ALL).exists() and (path / kind.record).exists():
         discard_staged(path)
-        warn(f"{path}: finished replacing the previous run, which an interrupted --overwrite had left in {STAGING}")
+        warn(f"{path}: finished replacing the previous {kind.name}, which an interrupted --overwrite had left in {STAGING}")
     else:
-        restore(path)
-        warn(f"{path}: an interrupted --overwrite left the previous run in {STAGING}; it is back in place")
+        restore(path, kind)
+        warn(f"{path}: an interrupted --overwrite left the previous {kind.name} in {STAGING}; it is back in place")
 
 
-def staged_bytes(path: Path) -> int:
-    staging = path / STAGING
-    if not staging.exists():
+def drop_temporaries(path: Path) -> None:
+    """Half-written files that a killed process left (atomic writes never renamed into place, in
+    the folder and among its checkpoints): the folder is locked, so nobody is writing them."""
+    for folder in (path, path / CHECKPOINT_DIR):
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if is_temporary(entry.name) or entry.name.startswith(f".{ADAPTER_DIR}."):
+                    remove(entry)
+
+
+def folder_bytes(path: Path) -> int:
+    if not path.exists():
         return 0
-    return sum(p.stat().st_size for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 @dataclass
 class RunFolder:
-    """A locked run folder (the lock lasts until `release`, or the process ends)."""
+    """A locked run (or sweep) folder (the lock lasts until `release`, or the process ends)."""
 
     path: Path
     fd: int | None
+    kind: FolderKind = RUN
 
     def commit(self) -> None:
         """The new run has written its run.json: a replaced run's staged entries can go."""
@@ -271,71 +374,95 @@ class RunFolder:
         """The new run failed before its run.json: a replaced run comes back; the lock goes."""
         try:
             if (self.path / STAGING).exists():
-                restore(self.path)
+                restore(self.path, self.kind)
         finally:
             self.release()
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)
+            release_lock(self.fd)
             self.fd = None
 
 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool, protected: dict[str, Path],
                   warn: Callable[[str], None]) -> RunFolder:
     """Check, lock and prepare the run folder for a new run (staging a replaced one) or a resumed one."""
+    return claim_folder(out, RUN, resume, overwrite, protected, warn)
+
+
+def claim_sweep_dir(out: Path, overwrite: bool, protected: dict[str, Path], warn: Callable[[str], None]) -> RunFolder:
+    """Check, lock and prepare a sweep folder: continued as it is, or replaced (staged) under --overwrite."""
+    return claim_folder(out, SWEEP, not overwrite, overwrite, protected, warn)
+
+
+def claim_folder(out: Path, kind: FolderKind, resume: bool, overwrite: bool, protected: dict[str, Path],
+                 warn: Callable[[str], None]) -> RunFolder:
     check_location(out, protected)
-    refuse_foreign(out, resume)
-    folder = RunFolder(out, lock_folder(out))
+    refuse_foreign(out, kind, resume)
+    folder = RunFolder(out, lock_folder(out, kind), kind)
     try:
-        recover(out, warn)
+        recover(out, warn, kind)
         prepare_locked(folder, resume, overwrite, warn)
-        probe_writable(out)
+        probe_writable(out, kind)
     except OSError as e:
         folder.abandon()
-        raise OutputError(f"{out}: cannot prepare the run folder ({e.strerror or e})") from None
+        raise OutputError(f"{out}: cannot prepare the {kind.name} folder ({e.strerror or e})") from None
     except BaseException:
         folder.abandon()
         raise
     return folder
 
 
-def refuse_foreign(out: Path, resume: bool) -> None:
+def refuse_foreign(out: Path, kind: FolderKind, resume: bool) -> None:
     """Before anything is written: a non-empty folder without the marker is not clipfit's."""
     if not out.is_dir() or (out / MARKER).exists():
         return
     found = [p.name for p in out.iterdir()]
-    if not found or (resume and (out / RUN_JSON).is_file()):  # resume adopts a run made before the marker
+    # resume adopts a run made before the marker
+    if not found or (kind is RUN and resume and (out / RUN_JSON).is_file()):
         return
     legacy = " (it has a run.json: a run folder of clipfit 0.1.0? move it away or delete it yourself)" \
-        if RUN_JSON in found else ""
-    raise UsageError(f"{out}: not empty and not a clipfit run folder (found {listing(found)}){legacy}; "
+        if kind is RUN and RUN_JSON in found else ""
+    raise UsageError(f"{out}: not empty and not a clipfit {kind.name} folder (found {listing(found)}){legacy}; "
                      "clipfit never replaces files it did not write: choose a new --out")
 
 
 def prepare_locked(folder: RunFolder, resume: bool, overwrite: bool, warn: Callable[[str], None]) -> None:
-    out = folder.path
-    has_run = (out / RUN_JSON).is_file()
+    out, kind = folder.path, folder.kind
+    has_record = (out / kind.record).is_file()
     if resume:
-        if not has_run:
+        if not (has_record or kind.rerun_continues):
             raise UsageError(f"{out}: nothing to resume (no {RUN_JSON}); run without --resume")
+        drop_temporaries(out)
         return
-    if has_run and not overwrite:
+    if has_record and not overwrite:
         raise UsageError(f"{out}: run folder exists; pass --overwrite to replace it or --resume to continue it")
-    kept = foreign_entries(out)
-    staged = stage(out)  # a replaced run, or the leftovers of a run that failed while setting up
+    refuse_foreign_inside(out, kind)
+    kept = foreign_entries(out, kind)
+    staged = stage(out, kind)  # a replaced run, or the leftovers of a run that failed while setting up
     if kept and staged is not None:
         warn(f"{out}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} clipfit did not write "
              f"({listing([p.name for p in kept])}); only clipfit's own files are replaced")
 
 
-def probe_writable(out: Path) -> None:
+def refuse_foreign_inside(out: Path, kind: FolderKind) -> None:
+    """A folder the kind made (a sweep's grid point) is replaced whole: one that holds files
+    clipfit did not write stops the replacement before anything moves."""
+    for entry in own_entries(out, kind):
+        found = [p.name for p in foreign_entries(entry, RUN)] if kind.made_folders(entry) else []
+        if found:
+            raise UsageError(f"{entry}: holds {listing(found)}, which clipfit did not write; move "
+                             f"{'it' if len(found) == 1 else 'them'} out of the {kind.name} folder before --overwrite "
+                             "replaces it")
+
+
+def probe_writable(out: Path, kind: FolderKind = RUN) -> None:
     probe = out / WRITE_PROBE
     try:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"{out}: cannot write to the run folder ({e.strerror or e})") from None
+        raise OutputError(f"{out}: cannot write to the {kind.name} folder ({e.strerror or e})") from None
 
 
 # --- run.json and the files written with it -----------------------------------------------------
@@ -365,13 +492,15 @@ def environment() -> dict[str, Any]:
 # --- free space, resume ------------------------------------------------------------------------
 
 def check_free_space(run_dir: Path, parameter_bytes: int, trainable_bytes: int, keep: int) -> None:
-    """Model + `keep` checkpoints (weights and two AdamW moments per trainable weight). A replaced
-    run's staged files count as free: they are deleted before training starts."""
-    needed = parameter_bytes + keep * (parameter_bytes + 2 * trainable_bytes)
-    free = shutil.disk_usage(run_dir).free + staged_bytes(run_dir)
+    """`keep` checkpoints (weights and two AdamW moments per trainable weight) and the next one,
+    which is written before the oldest is deleted (the model, written at the end, is smaller than
+    a checkpoint), less what the folder holds towards it already: checkpoints that the run rotates
+    out as it goes (a resumed run's) and a replaced run's staged files, deleted before training."""
+    needed = (keep + 1) * (parameter_bytes + 2 * trainable_bytes)
+    free = shutil.disk_usage(run_dir).free + folder_bytes(run_dir / STAGING) + folder_bytes(run_dir / CHECKPOINT_DIR)
     if free < needed:
         raise OutputError(f"{run_dir}: {free / 2**20:.0f} MiB free, the run needs about {needed / 2**20:.0f} MiB "
-                          "(model and checkpoints); free space, use another --out or --keep-checkpoints 1")
+                          "(checkpoints and model); free space, use another --out or --keep-checkpoints 1")
 
 
 def read_saved(run_dir: Path) -> dict[str, Any]:

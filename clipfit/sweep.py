@@ -4,21 +4,23 @@ Every refine setting may be given as a comma list; the grid is their product, ru
 each a normal run folder under --out. Runs share the feature cache, so frozen features (locked
 towers, the frozen teacher, feature banks) are encoded by the first run that needs them. The runs
 are compared with `clipfit compare`'s table and one is chosen by clipfit.selection's rule.
-Rerunning the same command continues: finished runs are skipped, an interrupted one resumes.
+Rerunning the same command continues: finished runs are skipped, an interrupted one resumes
+(one killed before its first checkpoint starts again). The sweep folder follows the run-folder
+contract (clipfit.rundir: marker, lock, its own names, staged replacement under --overwrite).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import typing
 from pathlib import Path
 from typing import Any
 
 from clipfit.errors import Interrupted, UsageError
-
-SWEEP_JSON, SWEEP_MD, SWEEP_HTML, SWEEP_PNG = "sweep.json", "sweep.md", "sweep.html", "sweep.png"
+from clipfit.rundir import SOUP_DIR, SWEEP_HTML, SWEEP_JSON, SWEEP_MD, SWEEP_PNG, WISE_DIR, grid_point_name
 # settings that are not a grid axis: where runs go, how they print, and settings that are lists already
 NOT_GRIDDED = {"out", "overwrite", "resume", "quiet", "json", "lora_targets", "weight", "eval_zeroshot",
                "eval_retrieval"}
@@ -60,19 +62,32 @@ def grid(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def run_name(index: int, combo: dict[str, Any], varying: list[str]) -> str:
-    parts = [f"{index:02d}"] + [f"{name.replace('_', '-')}={combo[name]}" for name in varying]
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join(parts))
+    label = "-".join(f"{name.replace('_', '-')}={shown_value(combo[name])}" for name in varying)
+    return grid_point_name(index, re.sub(r"[^A-Za-z0-9_.=+-]", "_", label))
+
+
+def shown_value(value: Any) -> str:
+    """A setting's value in a folder name: a file or folder by its stem, never its path."""
+    text = str(value)
+    if "/" in text or os.sep in text or Path(text).exists():
+        return Path(text).stem or text
+    return text
 
 
 def run_status(run_dir: Path) -> str:
-    """finished (run.json has an after measurement), started (run.json without), or new."""
+    """finished (run.json has an after measurement), started (run.json and a checkpoint to resume
+    from), unstarted (run.json but no checkpoint: killed before its first one), or new."""
+    from clipfit.checkpoint import checkpoint_paths
+
     path = run_dir / "run.json"
     if not path.is_file():
         return "new"
     try:
-        return "finished" if json.loads(path.read_text(encoding="utf-8")).get("after") else "started"
+        if json.loads(path.read_text(encoding="utf-8")).get("after"):
+            return "finished"
     except (OSError, json.JSONDecodeError):
-        return "started"
+        pass
+    return "started" if checkpoint_paths(run_dir) else "unstarted"
 
 
 def refine_argv(pairs: str, values: dict[str, Any], names: list[str]) -> list[str]:
@@ -96,35 +111,39 @@ def sweep(pairs: str, values: dict[str, Any], explicit: set[str], axes: dict[str
     """Run (or continue) every run of the grid, make the `soups` and the WiSE-FT `wise` α of the
     chosen one, then compare and choose."""
     from clipfit.config import build_config
-    from clipfit.run import refine
+    from clipfit.rundir import claim_sweep_dir
 
-    out.mkdir(parents=True, exist_ok=True)
     combos = grid(axes)
     varying = [n for n in axes if len(axes[n]) > 1] or list(axes)[:1]
     rule = sweep_rule(values, axes)
-    run_dirs = []
-    for index, combo in enumerate(combos, 1):
-        run_dir = out / run_name(index, combo, varying)
-        status = run_status(run_dir)
-        settings = {**values, **combo, "out": str(run_dir), "resume": status == "started", "overwrite": False,
-                    "quiet": True, "json": False}
-        named = sorted(explicit | set(combo) | {"out"})
-        config = build_config(settings, set(named) | {"resume", "quiet"}, None)
-        run_dirs.append(run_dir)
-        if status == "finished":
-            check_same_settings(run_dir, config)
-            progress.info(f"sweep {index}/{len(combos)}: {run_dir.name} finished earlier, skipped")
-            continue
-        progress.info(f"sweep {index}/{len(combos)}: {run_dir.name}" + (" (resuming)" if status == "started" else ""))
-        try:
-            refine(pairs, config, refine_argv(pairs, settings, named), progress)
-        except Interrupted as e:
-            raise Interrupted(f"sweep stopped during {run_dir.name} ({str(e).split('; ')[0]}); rerun the same "
-                              "clipfit sweep command to continue: finished runs are skipped, this one resumes") from None
-    soup_dirs = [make_soup(out, run_dirs, recipe, rule, progress) for recipe in soups]
-    wise_dir = make_wise(out, chosen_dir(run_dirs + [d for d in soup_dirs if d], rule), wise, rule, progress) \
-        if wise else None
-    return write_summary(out, run_dirs, combos, rule, [d for d in soup_dirs if d], wise_dir)
+    run_dirs = [out / run_name(index, combo, varying) for index, combo in enumerate(combos, 1)]
+    named = sorted(explicit | set(axes) | {"out"})
+    settings = [{**values, **combo, "out": str(run_dir), "resume": False, "overwrite": False, "quiet": True,
+                 "json": False} for combo, run_dir in zip(combos, run_dirs)]
+    configs = [build_config(s, set(named) | {"quiet"}, None) for s in settings]  # every point checked first
+    folder = claim_sweep_dir(out, bool(values.get("overwrite")), sweep_protected(configs, pairs), progress.warn)
+    folder.commit()  # every grid point's settings are valid: a replaced sweep's staged files go
+    try:
+        for index, (run_dir, config, point) in enumerate(zip(run_dirs, configs, settings), 1):
+            run_point(f"sweep {index}/{len(combos)}: {run_dir.name}", pairs, config, refine_argv(pairs, point, named),
+                      progress)
+        soup_dirs = [d for d in (make_soup(out, run_dirs, recipe, rule, progress) for recipe in soups) if d]
+        wise_dir = make_wise(out, chosen_dir(run_dirs + soup_dirs, rule), wise, rule, progress) if wise else None
+        return write_summary(out, run_dirs, combos, rule, soup_dirs, wise_dir)
+    finally:
+        folder.release()
+
+
+def sweep_protected(configs: list, pairs: str) -> dict[str, Path]:
+    """What no grid point's --out may touch, for every grid point: PAIRS, cache folders, --model folders."""
+    from clipfit.run import protected_paths
+
+    protected: dict[str, Path] = {}
+    for config in configs:
+        for what, path in protected_paths(config, pairs).items():
+            if protected.setdefault(what, path) != path:
+                protected[f"{what} {path}"] = path
+    return protected
 
 
 def one_value(values: dict[str, Any], axes: dict[str, list[Any]], name: str) -> Any:
@@ -135,6 +154,26 @@ def one_value(values: dict[str, Any], axes: dict[str, list[Any]], name: str) -> 
     if len(given) > 1:
         raise UsageError(f"{flag(name)}: the sweep chooses among its runs by one value; give one, not {len(given)}")
     return given[0]
+
+
+def run_point(title: str, pairs: str, config, argv: list[str], progress) -> None:
+    """One grid point: skipped when finished, resumed when it has a checkpoint, else (re)started."""
+    from dataclasses import replace
+
+    from clipfit.run import refine
+
+    run_dir = Path(config.out)
+    status = run_status(run_dir)
+    if status == "finished":
+        check_same_settings(run_dir, config)
+        progress.info(f"{title} finished earlier, skipped")
+        return
+    progress.info(title + {"started": " (resuming)", "unstarted": " (starting again: no checkpoint yet)"}.get(status, ""))
+    try:
+        refine(pairs, replace(config, resume=status == "started", overwrite=status == "unstarted"), argv, progress)
+    except Interrupted as e:
+        raise Interrupted(f"sweep stopped during {run_dir.name} ({str(e).split('; ')[0]}); rerun the same "
+                          "clipfit sweep command to continue: finished runs are skipped, this one resumes") from None
 
 
 def sweep_rule(values: dict[str, Any], axes: dict[str, list[Any]]):
@@ -151,9 +190,6 @@ def sweep_rule(values: dict[str, Any], axes: dict[str, list[Any]]):
 
 
 # --- after the runs: soups and WiSE-FT (each a run folder in the sweep folder) -------------------
-
-SOUP_DIR, WISE_DIR = "soup-{recipe}", "wise"
-
 
 def derived_status(folder: Path, key: str, sources: list[str], extra: dict[str, Any]) -> bool:
     """Whether `folder` holds a finished soup/interpolation (run.json's `key`) of exactly these sources."""

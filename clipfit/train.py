@@ -15,17 +15,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from clipfit.checkpoint import checkpoint_paths, load_latest, rng_state, save_checkpoint, set_rng_state
+from clipfit.checkpoint import (checkpoint_paths, load_latest, prune_checkpoints, rng_state, save_checkpoint,
+                                set_rng_state)
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.data.workers import Loader, ignore_stop_signals
 from clipfit.errors import Interrupted, OutputError, TrainingError, UsageError
 from clipfit.best import TrainingEvaluations
 from clipfit.distributed import Distributed, average_gradients, gather_features
 from clipfit.frozen.prepare import FrozenInputs
-from clipfit.io import append_jsonl, truncate_jsonl
+from clipfit.io import append_jsonl, read_jsonl, truncate_jsonl
 from clipfit.methods import Composite
 from clipfit.methods.base import StepInputs
-from clipfit.models import base_logit_scale
+from clipfit.models import base_logit_scale, non_finite_tensors
 from clipfit.parallel import PairEncoder
 from clipfit.precision import autocast
 from clipfit.progress import Progress
@@ -39,6 +40,7 @@ class Position:
     epoch: int = 0
     batch: int = 0  # micro-batches of this epoch already consumed
     nan_skipped: int = 0
+    rows: int = 0  # metrics.jsonl rows written: a resumed run goes on from exactly these
 
 
 @dataclass
@@ -199,7 +201,9 @@ class Trainer:
             raise UsageError(f"--resume: no usable checkpoint in {self.run_dir / CHECKPOINT_DIR} "
                              f"({'all damaged' if checkpoint_paths(self.run_dir) else 'none was written'}), "
                              "nothing to continue from; start again with --overwrite instead of --resume")
-        _path, state = found
+        path, state = found
+        if self.is_main and path == checkpoint_paths(self.run_dir)[-1]:  # a kill may have cut the last save short
+            prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)  # of its pruning
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -216,7 +220,19 @@ class Trainer:
         if step > self.settings.total_steps:
             raise UsageError(f"--resume refused: the checkpoint is at step {step}, past the {self.settings.total_steps} "
                              "steps this command asks for (--max-steps)")
-        truncate_jsonl(self.run_dir / METRICS_JSONL, lambda row: row.get("step", 0) <= step)
+        if self.is_main:
+            self.keep_metrics(state["position"].get("rows"))
+
+    def keep_metrics(self, rows: int | None) -> None:
+        """metrics.jsonl as it was when the checkpoint was written: its first `rows` rows. (By step
+        alone, an epoch's validation row logged after the checkpoint of the epoch's last step, at the
+        same step, would be kept and then logged again.) A checkpoint from before rows were counted
+        keeps every row up to its step."""
+        path = self.run_dir / METRICS_JSONL
+        if rows is None:
+            rows = sum(1 for row in read_jsonl(path) if row.get("step", 0) <= self.position.step)
+        self.position.rows = rows
+        truncate_jsonl(path, rows)
 
     # --- one step -------------------------------------------------------------------------
     def autocast(self):
@@ -466,7 +482,7 @@ class Trainer:
         raise self.training_failed(f"non-finite loss at {where}", "or --nan-policy skip")
 
     def check_finite_weights(self) -> None:
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        bad = non_finite_tensors(self.model.named_parameters())
         if bad:
             raise self.training_failed(f"non-finite weights after step {self.position.step} ({len(bad)} tensor(s), "
                                        f"e.g. {bad[0]}): a gradient was NaN or infinite")
@@ -495,6 +511,7 @@ class Trainer:
     def record(self, row: dict[str, Any]) -> None:
         """The one place metrics rows are written: metrics.jsonl, and the --report-to trackers."""
         append_jsonl(self.run_dir / METRICS_JSONL, row)
+        self.position.rows += 1
         if self.trackers:
             self.trackers.log(row)
 

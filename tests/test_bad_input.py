@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_main, tiny_refine_args, write_pairs
+from conftest import error_line, run_main, tiny_refine_args, write_pairs
 from clipfit.data.images import open_rgb
 from clipfit.data.layouts import load_pairs
 from clipfit.errors import UsageError
@@ -359,7 +359,7 @@ def usage_mistakes(tiny_config: Path, tmp_path: Path) -> dict[str, tuple[list[st
         "config file not TOML": (model + ["--config", str(tmp_path / "broken.toml")], "not valid TOML"),
         "unknown config setting": (model + ["--config", str(tmp_path / "unknown.toml")], "unknown setting(s) epoch"),
         "batch size 0": (model + ["--batch-size", "0"], "--batch-size must be at least 1"),
-        "negative lr": (model + ["--lr", "-1e-3"], "--lr must be a positive number"),
+        "negative lr": (model + ["--lr", "-1e-3"], "--lr must be positive"),
         "lora and lock": (model + ["--lora", "--lock-image"], "contradict"),
         "resume and overwrite": (model + ["--resume", "--overwrite"], "contradict"),
         "unknown method": (model + ["--method", "nosuch"], "unknown method nosuch"),
@@ -396,3 +396,52 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_status(pairs_dir, tmp_path,
 def test_typer_parse_errors_exit_2(pairs_dir, capsys):
     assert run_main(["refine", pairs_dir, "--batch-size", "many"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8}},
+     "vision_cfg.width 32 with head_width 64 (open_clip's default) gives no attention heads"),
+    ({"vision_cfg": {"image_size": 32, "layers": 2, "width": 129, "patch_size": 8, "head_width": 64}},
+     "vision_cfg.width 129 with head_width 64 gives 2 attention heads, which do not divide 129"),
+    ({"text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 0, "layers": 2}},
+     "text_cfg.heads 0 with width 64 gives no attention heads"),
+])
+def test_a_model_config_without_attention_heads_is_exit_4_naming_the_field(change, field, pairs_dir, tmp_path,
+                                                                           capsys):
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**TINY_CONFIG, **change}))
+    for command in (["refine", pairs_dir, "--out", tmp_path / "run", "--workers", "0"],
+                    ["eval", "retrieval", pairs_dir, "--workers", "0"]):
+        capsys.readouterr()
+        assert run_main([*command, "--model", config, "--pretrained", "none"]) == 4
+        assert f"clipfit: error: {config}: {field}" in error_line(capsys, alone=False)
+
+
+def float_settings() -> list[str]:
+    """Every refine setting that takes a float: the core settings' and every method's options."""
+    import typing
+
+    from clipfit.config import CONFIG_HINTS
+
+    return [name for name, hint in CONFIG_HINTS.items() if float in (hint, *typing.get_args(hint))]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_option_refuses_nan_and_infinity(value, pairs_dir, tiny_config, tmp_path, capsys):
+    names = float_settings()
+    assert {"lr", "max_zeroshot_drop", "val_split", "hycd_alpha", "fail_on_zeroshot_drop"} <= set(names)
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        code = run_main(tiny_refine_args(pairs_dir, tmp_path / "run", tiny_config, flag, value))
+        assert (code, error_line(capsys)) == (2, f"clipfit: error: {flag} must be a finite number (got {float(value)})")
+    (tmp_path / "nan.toml").write_text("max-zeroshot-drop = nan\n")  # TOML has nan and inf too
+    assert run_main(tiny_refine_args(pairs_dir, tmp_path / "run", tiny_config, "--config", tmp_path / "nan.toml")) == 2
+    assert "--max-zeroshot-drop must be a finite number (got nan)" in error_line(capsys)
+    sweep = ["sweep", pairs_dir, "--model", tiny_config, "--out", tmp_path / "sweep", "--val-split", "0.25"]
+    assert run_main([*sweep, "--hycd-alpha", f"0.5,{value}"]) == 2
+    assert f"--hycd-alpha must be a finite number (got {float(value)})" in error_line(capsys)
+    assert run_main(["interpolate", tmp_path / "any-run", "--max-zeroshot-drop", value]) == 2
+    assert f"--max-zeroshot-drop must be a finite number (got {float(value)})" in error_line(capsys)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()

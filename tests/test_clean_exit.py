@@ -125,3 +125,40 @@ def running(pid: int) -> bool:
     except (OSError, StopIteration):
         return False
     return "Z" not in state.split()[1]  # a zombie has ended; only its parent's reaping is left
+
+
+def children(pid: int) -> list[int]:
+    """Every live process below `pid` (its DataLoader workers)."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True) if running(p.pid)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_a_killed_run_leaves_no_worker_and_no_lock_and_resumes_at_once(pairs, tiny_config, tmp_path):
+    """SIGKILL of the main process of a `--workers 2` run: its workers die with it (they held the
+    lock's open file and kept the folder "in use" for ~5 s), and `--resume` started at once works."""
+    from conftest import checkpoint_steps
+
+    out = tmp_path / "run"
+    argv = refine_args(pairs, out, ["--model", str(tiny_config), "--pretrained", "none"], "--method", "contrastive",
+                       "--batch-size", "4", "--epochs", "50", "--save-every", "2", "--keep-checkpoints", "1")
+    process = subprocess.Popen([sys.executable, "-m", "clipfit", *map(str, argv)], env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (checkpoint_steps(out) and len(children(process.pid)) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    workers = children(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    gone = time.monotonic() + 2  # torch's own check of the parent comes every 5 s
+    while [pid for pid in workers if running(pid)] and time.monotonic() < gone:
+        time.sleep(0.02)
+    assert not [pid for pid in workers if running(pid)], "workers outlived the killed run"
+    resumed = subprocess.run([sys.executable, "-m", "clipfit", *map(str, argv), "--resume",
+                              "--max-steps", str(max(checkpoint_steps(out)) + 1)],
+                             env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -160,6 +160,31 @@ def test_bad_jsonl_lines_are_named_with_their_line_and_skipped(tmp_path, capsys,
     assert "metadata.jsonl:3: not valid UTF-8 (byte 0xe9) (3 bad item(s)" in one_error_line(capsys)
 
 
+def test_manifest_rows_name_their_line_and_what_is_wrong_with_the_caption(tmp_path, capsys):
+    folder = write_pairs(tmp_path / "pairs", n=4)
+    for txt in folder.glob("*.txt"):
+        txt.unlink()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "outside.png")
+    rows = [{"file_name": "img000.png", "text": "a fine caption"}, {"file_name": "img001.png", "text": 12345},
+            {"file_name": "img002.png", "text": True}, {"file_name": "img003.png", "text": {"en": "red"}},
+            {"file_name": "img001.png", "text": ["red", 7]}, {"file_name": "ghost.png", "text": "no such file"},
+            {"file_name": "../outside.png", "text": "outside the folder"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = {p["path"]: p["reason"] for p in check_json(capsys, folder)["problems"]}
+    assert problems == {
+        "metadata.jsonl:2": "text is a number, not a string", "metadata.jsonl:3": "text is true/false, not a string",
+        "metadata.jsonl:4": "text is an object, not a string",
+        "metadata.jsonl:5": "text is a list that holds a number, not only strings",
+        "metadata.jsonl:6 (ghost.png)": "missing file: ghost.png",
+        "metadata.jsonl:7 (../outside.png)": "path escapes the data folder: ../outside.png"}
+
+    (folder / "metadata.jsonl").unlink()
+    (folder / "pairs.csv").write_text("filepath,title\nimg000.png,fine\nghost.png,missing\n../outside.png,outside\n")
+    problems = {p["path"]: p["reason"] for p in check_json(capsys, folder)["problems"]}
+    assert problems == {"pairs.csv:3 (ghost.png)": "missing file: ghost.png",
+                        "pairs.csv:4 (../outside.png)": "path escapes the data folder: ../outside.png"}
+
+
 # --- file system entries that are not plain files ---------------------------------------------
 
 def test_file_symlink_loop_is_a_named_bad_item(tmp_path, capsys, tiny_config):
@@ -192,7 +217,7 @@ def test_manifest_row_naming_a_symlink_loop(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     pairs = load_pairs(tmp_path)
     assert [p.key for p in pairs.pairs] == ["ok.png"]
-    assert problems_of(pairs) == [("metadata.jsonl (loop.png)", "symlink loop: loop.png")]
+    assert problems_of(pairs) == [("metadata.jsonl:2 (loop.png)", "symlink loop: loop.png")]
 
 
 def test_caption_that_is_a_named_pipe_is_reported_never_read(tmp_path, capsys):

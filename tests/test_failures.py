@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import resource
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -54,16 +55,22 @@ def test_too_little_free_space_is_detected_before_training(pairs_dir, tiny_confi
 
 
 def failing_torch_save(fail_on_call: int):
-    """torch.save that writes part of the file and then hits a full disk, on the given call."""
+    """torch.save that runs out of room part-way, on the given call: the OS refuses every write past
+    1 MiB (RLIMIT_FSIZE: EFBIG, "File too large"; Python ignores SIGXFSZ), so torch's own writer
+    fails mid-file as it does on a full disk (no root, no tmpfs needed)."""
     real_save = torch.save
     calls = []
 
-    def save(obj, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == fail_on_call:
-            Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) != fail_on_call:
+            return real_save(obj, f, *args, **kwargs)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+        try:
+            return real_save(obj, f, *args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
     return save
 
@@ -76,13 +83,13 @@ def test_disk_full_during_checkpoint_keeps_the_last_good_one(pairs_dir, tiny_con
 
     monkeypatch.setattr(torch, "save", failing_torch_save(fail_on_call=3))
     capsys.readouterr()
-    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args)) == 7
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args)) == 7  # was 1: torch's RuntimeError
     line = one_error_line(capsys)
-    assert "No space left on device" in line and "step-00000003.pt" in line and "--resume" in line
+    assert "File too large" in line and "step-00000003.pt" in line and "--resume" in line
     assert checkpoint_steps(out) == [1, 2]  # nothing pruned for a checkpoint that never landed
     assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("step-")] == []  # no temp file
-    last_good = torch.load(out / "checkpoints" / "step-00000002.pt", weights_only=True)
-    assert last_good["position"]["step"] == 2
+    for step in (1, 2):
+        assert torch.load(out / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)["position"]["step"] == step
 
     monkeypatch.undo()  # space freed: resuming finishes the same run
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--resume")) == 0
@@ -96,8 +103,25 @@ def test_disk_full_at_the_first_checkpoint_says_to_start_again(pairs_dir, tiny_c
     out = tmp_path / "run"
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--batch-size", "4", "--save-every", "1")) == 7
     line = one_error_line(capsys)
-    assert "No space left on device" in line and "no checkpoint was kept" in line and "--overwrite" in line
+    assert "File too large" in line and "no checkpoint was kept" in line and "--overwrite" in line
     assert "--resume" not in line and checkpoint_steps(out) == []
+
+
+def test_resume_counts_only_the_space_it_adds(pairs_dir, tiny_config, tmp_path, capsys, monkeypatch):
+    """A run that filled its disk resumes on it: the checkpoints it rotates out count as free."""
+    out = tmp_path / "run"
+    args = ("--batch-size", "4", "--epochs", "2", "--save-every", "1", "--keep-checkpoints", "2")
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--max-steps", "3")) == 0
+    on_disk = sum(p.stat().st_size for p in (out / "checkpoints").iterdir())
+    model = (out / "model.safetensors").stat().st_size
+    (out / "model.safetensors").unlink()  # as if it had stopped before the end
+    Usage = namedtuple("Usage", "total used free")
+    # a checkpoint and the model: more than the resume adds (one checkpoint at a time), less than a new run
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 * on_disk, 9 * on_disk, model + on_disk // 2))
+    capsys.readouterr()
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--resume")) == 0, capsys.readouterr().err
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 * on_disk, 9 * on_disk, model // 2))
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--resume")) == 7  # less than a checkpoint
 
 
 def test_disk_full_while_writing_metrics_is_an_output_error(pairs_dir, tiny_config, tmp_path, capsys, monkeypatch):

@@ -126,3 +126,40 @@ def test_validation_images_are_encoded_once_per_measurement(tmp_path, tiny_confi
     run_cli(*tiny_refine_args(pairs, tmp_path / "run", tiny_config, "--val-split", "0.2", "--epochs", "2"), check=True)
     # Before training, after each of the two epochs, after training: yardsticks and suite share one pass.
     assert len(seen) == 4 * 4 and len(set(seen)) == 4
+
+
+def report_rows(report: str) -> list[tuple[str, ...]]:
+    """(metric, before, after, change, verdict) of every before → after table in report.md, and each
+    evaluation set's heading, in order."""
+    section = report.split("## Before → after", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("### "):
+            rows.append((line[4:],))
+        elif line.startswith("| ") and not line.startswith("| metric |"):
+            name, before, after, change = [cell.strip() for cell in line.strip("|").split("|")]
+            number, _, verdict = change.partition(" (")
+            rows.append((name, before, after, number, verdict.rstrip(")")))
+    return rows
+
+
+def test_terminal_summary_is_the_reports_table_each_metric_once(tmp_path, tiny_config, monkeypatch):
+    pairs = write_pairs(tmp_path / "pairs", n=16)
+    out = tmp_path / "run"
+    monkeypatch.setenv("COLUMNS", "200")  # one line per row
+    args = [a for a in tiny_refine_args(pairs, out, tiny_config, "--val-split", "0.25", "--lr", "1e-3",
+                                        "--eval-retrieval", str(pairs)) if a != "--quiet"]
+    result = run_cli(*args, check=True)
+    table = result.stdout.split("before → after (validation)", 1)[1].splitlines()[2:]  # after the column heads
+    printed = []
+    for line in table:
+        if line.startswith(("Rates", "report: ")):
+            break
+        words = line.split()
+        printed.append((" · ".join(line.strip().split(" · ")),) if len(words) in (3, 1) and "·" in line
+                       else (*words, "") if len(words) == 4 else tuple(words))
+    expected = report_rows((out / "report.md").read_text())
+    assert printed == expected
+    names = [row[0] for row in printed if len(row) > 1]
+    assert "text_to_image_R@1" not in names and "modality_gap" in names  # the gap once in each set's group
+    assert {row[4] for row in printed if len(row) > 1} >= {"better", "worse"}

@@ -202,7 +202,7 @@ def test_checkpoints_every_n_steps_and_epoch_end_keeping_the_last(pairs_dir, tin
     assert checkpoint_steps(out) == [4, 6, 8]  # step 3 was saved, then pruned to the last 3
     assert not [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("step-")]  # no temp files
     state = torch.load(out / "checkpoints" / "step-00000006.pt", weights_only=True)
-    assert state["position"] == {"step": 6, "epoch": 1, "batch": 2, "nan_skipped": 0}
+    assert state["position"] == {"step": 6, "epoch": 1, "batch": 2, "nan_skipped": 0, "rows": 1}  # rows: metrics.jsonl
     assert {"model", "optimizer", "scheduler", "rng", "methods"} <= set(state)
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
 
@@ -370,3 +370,34 @@ def test_sigterm_before_training_exits_130_like_ctrl_c(pairs_dir, tiny_config, t
     assert run_main(tiny_refine_args(pairs_dir, tmp_path / "run", tiny_config)) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "clipfit: interrupted by SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is not left behind
+
+
+class Killed(BaseException):
+    """What a SIGKILL leaves, in this process: nothing of clipfit's own handling runs (not an Exception)."""
+
+
+def test_a_kill_between_an_epochs_validation_row_and_its_checkpoint_logs_the_row_once(pairs_dir, tiny_config,
+                                                                                      tmp_path, monkeypatch):
+    """The epoch's last step is checkpointed mid-epoch, then the epoch ends: its validation row is
+    logged and the checkpoint written again. Killed in between, the resume went back to the first
+    checkpoint, kept the row (same step) and logged it a second time."""
+    from clipfit.train import Trainer
+
+    args = ("--batch-size", "4", "--epochs", "2", "--val-split", "0.25", "--save-every", "1", "--log-every", "1")
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert run_main(tiny_refine_args(pairs_dir, reference, tiny_config, *args)) == 0
+    real_save = Trainer.save
+
+    def save(self):
+        if self.position.epoch == 1 and self.position.batch == 0:  # the end of the first epoch, its row logged
+            raise Killed
+        return real_save(self)
+
+    monkeypatch.setattr(Trainer, "save", save)
+    with pytest.raises(Killed):
+        run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args))
+    monkeypatch.undo()
+    assert sum("val_clip_loss" in row for row in read_jsonl(out / "metrics.jsonl")) == 1
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--resume")) == 0
+    assert losses(out) == losses(reference)
+    assert_same_weights(reference, out)

@@ -119,6 +119,22 @@ def test_every_file_a_run_writes_is_on_the_own_list(pairs_dir, tiny_config, tmp_
     assert all(rundir.is_own(name) or name == rundir.MARKER for name in names), names
 
 
+def test_a_resumed_run_drops_the_half_written_files_a_kill_left(pairs_dir, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    args = ("--batch-size", "4", "--epochs", "2")
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--max-steps", "1")) == 0
+    leftovers = [out / ".model.safetensors.k3j2x9.tmp", out / ".tmpAb3dE9",  # clipfit.io's, safetensors'
+                 out / "checkpoints" / ".step-00000002.pt.q8w7e6.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    (out / ".adapter.z1x2c3").mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--max-steps", "2", "--resume")) == 0
+    assert not [p for p in leftovers + [out / ".adapter.z1x2c3"] if p.exists()]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert all(rundir.is_own(p.name) for p in leftovers[:2])
+
+
 def test_a_failed_overwrite_leaves_the_previous_run(pairs_dir, tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "1")) == 0

@@ -229,3 +229,33 @@ def test_a_run_folder_from_before_tokenizer_files_still_tokenizes_by_its_configs
     expected = open_clip.tokenizer.HFTokenizer(str(starter.text_model_dir()), context_length=77)(
         ["a red circle", "two blue squares"])
     assert tokens.shape == (2, 77) and (tokens == expected).all() and tokens[0, 1] != 0
+
+
+@pytest.mark.parametrize("damage, code, message", [
+    ("truncated", 4, "not a valid safetensors file"),
+    ("nan", 5, "tensor(s) hold NaN or infinite values"),
+    ("wrong shape", 4, "the architecture needs"),
+])
+def test_push_loads_what_it_ships_before_staging_anything(damage, code, message, tiny_run, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    _, _, finished = tiny_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    weights = run_dir / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:5000])
+    else:
+        state = load_file(weights)
+        name = next(k for k, v in state.items() if v.is_floating_point())
+        if damage == "nan":
+            state[name][0] = float("nan")
+        else:
+            state[name] = torch.zeros(3, 3)
+        save_file(state, weights, metadata={"format": "pt"})
+    staged = tmp_path / "staged"
+    result = run_cli("push", str(run_dir), "someone/tiny", "--dry-run", str(staged))
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert message in lines[-1] and str(run_dir / "model.safetensors") in lines[-1], lines
+    assert not staged.exists() or not any(staged.iterdir())  # nothing staged

@@ -149,11 +149,13 @@ def duplicate_name_warnings(root: Path, images: list[Path]) -> list[Problem]:
 Row = tuple[str, str, object]
 
 
-def collect_rows(root: Path, rows: list[Row], manifest: str, problems: list[Problem]) -> PairSet:
-    """Turn manifest rows into pairs; rows for one image merge. `problems` holds the rows the
-    reader could not parse; they are bad items like the rest."""
+def collect_rows(root: Path, rows: list[Row], problems: list[Problem]) -> PairSet:
+    """Turn manifest rows into pairs; rows for one image merge (a file that cannot be used is
+    named at its first row). `problems` holds the rows the reader could not parse; they are bad
+    items like the rest."""
     problems = list(problems)
     captions_by_file: dict[str, list[str]] = defaultdict(list)
+    first_row: dict[str, str] = {}
     for where, name, text in rows:
         texts = [text] if isinstance(text, str) else list(text) if isinstance(text, list) else []
         texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
@@ -163,11 +165,12 @@ def collect_rows(root: Path, rows: list[Row], manifest: str, problems: list[Prob
             problems.append(Problem(f"{where} ({name})", "empty caption"))
         else:
             captions_by_file[name].extend(texts)
+            first_row.setdefault(name, where)
     pairs = []
     for name, captions in captions_by_file.items():
         path, reason = resolve_inside(root, name)
         if reason:
-            problems.append(Problem(f"{manifest} ({name})", reason))
+            problems.append(Problem(f"{first_row[name]} ({name})", reason))
         else:
             pairs.append(Pair(path, tuple(captions), relative_key(root.resolve(), path)))
     pairs.sort(key=lambda p: p.key)
@@ -216,11 +219,30 @@ def read_jsonl_rows(path: Path, file_key: str, text_key: str) -> tuple[list[Row]
     rows, problems = [], []
     for line_no, record, reason in jsonl_records(path):
         where = f"{path.name}:{line_no}"
+        reason = reason or caption_type_problem(record.get(text_key), text_key)
         if reason:
             problems.append(Problem(where, reason))
         else:
             rows.append((where, str(record.get(file_key) or ""), record.get(text_key)))
     return rows, problems
+
+
+JSON_KINDS = ((bool, "true/false"), ((int, float), "a number"), (dict, "an object"), (list, "a list"))
+
+
+def caption_type_problem(value: object, key: str) -> str | None:
+    """Why a JSON caption is not text (a string, or a list of strings); None when it is (or is
+    missing: an empty caption)."""
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, list):
+        odd = next((v for v in value if not isinstance(v, str)), None)
+        return None if odd is None else f"{key} is a list that holds {json_kind(odd)}, not only strings"
+    return f"{key} is {json_kind(value)}, not a string"
+
+
+def json_kind(value: object) -> str:
+    return "null" if value is None else next(name for kinds, name in JSON_KINDS if isinstance(value, kinds))
 
 
 CSV_DELIMITERS = ",\t;|"
@@ -285,7 +307,7 @@ def read_hf(root: Path) -> PairSet:
                 rows, problems = read_jsonl_rows(path, "file_name", "text")
             else:
                 rows, problems = read_csv_rows(path, "file_name", "text", HF_CSV_ADVICE)
-            pairset = collect_rows(root, rows, manifest, problems)
+            pairset = collect_rows(root, rows, problems)
             pairset.layout = "hf"
             return pairset
     raise DataError(f"{root}: no {' or '.join(HF_MANIFESTS)} found")
@@ -305,7 +327,7 @@ def read_csv_layout(root: Path, img_key: str, caption_key: str) -> PairSet:
     if table is None:
         raise DataError(f"{root}: no CSV/TSV file found")
     rows, problems = read_csv_rows(table, img_key, caption_key)
-    pairset = collect_rows(table.parent, rows, table.name, problems)
+    pairset = collect_rows(table.parent, rows, problems)
     pairset.layout = "csv"
     return pairset
 

@@ -6,16 +6,25 @@ signal to end them. Python's multiprocessing ends leftover daemonic children at 
 SIGTERM and then joins them without a timeout, so one live worker would hang a finished run
 forever. Hence every loader is a `Loader`, closed explicitly when its work is done and on every
 exit path (`with loader:` or `close()`), and `end_workers()` kills any worker still alive when
-the command ends. A worker whose parent dies exits by itself within seconds (torch's worker
-loop checks its parent's pid).
+the command ends. A worker whose parent dies is killed with it at once on Linux (a parent-death
+signal, `die_with_parent`); elsewhere it exits by itself within seconds (torch's worker loop
+checks its parent's pid). Workers never hold the run folder's lock (clipfit.rundir closes it in
+every forked child).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import signal
+import sys
 import weakref
+from typing import Callable
 
 from torch.utils.data import DataLoader
+
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
@@ -25,12 +34,32 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class Loader(DataLoader):
-    """A DataLoader that remembers the iterators it hands out, so `close()` can end their
-    worker processes however the iteration ended (finished, broken off, or an exception)."""
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), so a killed run
+    leaves no worker behind; if the parent died before this call, exit now. Elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): torch's own parent check remains
+    if os.getppid() != parent:
+        os._exit(0)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+
+def start_worker(parent: int, init: Callable[[int], None] | None, worker_id: int) -> None:
+    """Every worker's first act: tie its life to the parent's, then the loader's own init."""
+    die_with_parent(parent)
+    if init is not None:
+        init(worker_id)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers die with the process that started them, and that remembers the
+    iterators it hands out, so `close()` can end their worker processes however the iteration
+    ended (finished, broken off, or an exception)."""
+
+    def __init__(self, *args, worker_init_fn: Callable[[int], None] | None = None, **kwargs):
+        super().__init__(*args, worker_init_fn=functools.partial(start_worker, os.getpid(), worker_init_fn), **kwargs)
         self.iterators: list = []
 
     def __iter__(self):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape as rich_escape
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate any model clipfit can load: zero-shot classification, "
                                                   "retrieval, embedding geometry, linear probe, suites of sets.")
@@ -60,8 +61,8 @@ def fixed_identity(model: str, pretrained: str) -> dict | None:
 
 
 def cache_dir_option() -> Any:
-    return typer.Option(None, "--cache-dir", help="Where zero-shot classifiers are kept between runs "
-                                                  "[default: $XDG_CACHE_HOME/clipfit or ~/.cache/clipfit].")
+    return typer.Option(None, "--cache-dir", help=rich_escape("Where zero-shot classifiers are kept between runs "
+                                                              "[default: $XDG_CACHE_HOME/clipfit or ~/.cache/clipfit]."))
 
 
 def warn(message: str) -> None:
