@@ -120,8 +120,9 @@ class Session:
 
 
 def data_option() -> Any:
-    return typer.Option(None, "--data", help="The set's folder (see docs/evaluation.md for layouts), or for wds/NAME "
-                                             "hf-hub:ORG/NAME [default for wds/NAME: hf-hub:clip-benchmark/wds_NAME].")
+    return typer.Option(None, "--data", help=rich_escape("The set's folder (see docs/evaluation.md for layouts), or "
+                                                         "for wds/NAME hf-hub:ORG/NAME [default for wds/NAME: "
+                                                         "hf-hub:clip-benchmark/wds_NAME]."))
 
 
 def set_spec(dataset: str, data: Optional[str], classnames: Optional[Path] = None, templates: Optional[Path] = None,
