@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from clipfit.data.text import distinct
 from clipfit.data.tokens import needed_lengths, text_trim_rule
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
@@ -108,16 +109,18 @@ class Encoder:
         return self.cache["images", key]
 
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:
-        """Normalised embeddings of `texts`, in order.
+        """Normalised embeddings of `texts`, in order, each distinct text encoded once (a labelled
+        folder's captions repeat per class).
 
         They are encoded shortest first, so each batch holds texts of about one length and is
         trimmed to it (clipfit.models.encode_text); a text's embedding does not depend on the
         others in its batch, so the order changes nothing but the work."""
-        tokens = self.tokenizer(list(texts))
+        unique, where = distinct(texts)
+        tokens = self.tokenizer(unique)
         order = torch.argsort(needed_lengths(tokens, text_trim_rule(self.model)), stable=True)
         chunks = [tokens[order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
         embedded = self.run(partial(encode_text, self.model), chunks, description)
-        return embedded[torch.argsort(order)]
+        return embedded[torch.argsort(order)][torch.tensor(where, dtype=torch.long)]
 
 
 def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,
