@@ -45,7 +45,9 @@ class CoreSettings:
     resume: bool = opt(False, "Continue an interrupted run in --out from its last checkpoint.", PANEL_OUTPUT)
     weight: list[str] = opt(list, "Loss-term weight NAME=VALUE (repeatable), e.g. --weight rafa=0.5.", PANEL_RUN)
     # data
-    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, parquet, datasets (save_to_disk folder or hf://datasets/ORG/NAME), or webdataset (streamed .tar shards).", PANEL_DATA)
+    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, parquet, datasets (save_to_disk folder or hf://datasets/ORG/NAME), webdataset (streamed .tar shards), or classes (one sub-folder of images per class; auto-detected when no image has a caption).", PANEL_DATA)
+    classnames: Optional[str] = opt(None, "Classes layout: file of class names, one per line in sorted folder order [default: the folder names, _ read as a space].", PANEL_DATA)
+    templates: Optional[str] = opt(None, "Classes layout: file of caption templates, {c} marking the class name; each epoch draws one per image [default: PAIRS/templates.txt, else open_clip's 80 ImageNet templates].", PANEL_DATA)
     csv_img_key: str = opt("filepath", "Image-path column of a CSV/TSV layout.", PANEL_DATA)
     csv_caption_key: str = opt("title", "Caption column of a CSV/TSV layout.", PANEL_DATA)
     image_column: Optional[str] = opt(None, "Image column of a parquet/datasets layout (default: image, or the only column of image bytes).", PANEL_DATA)
@@ -253,7 +255,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
-    "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset"),
+    "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset", "classes"),
 }
 POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_rank", "keep_checkpoints", "log_every", "max_image_pixels",
             "nan_limit")
@@ -317,6 +319,9 @@ def validate_combinations(c: RefineConfig) -> None:
     if c.layout == "webdataset" and (c.val_split or c.cache_images):
         raise UsageError("--layout webdataset streams its shards: hold validation pairs out as their own shards "
                          "instead of --val-split, and drop --cache-images")
+    if c.layout == "webdataset" and (c.classnames or c.templates):
+        raise UsageError("--classnames and --templates prompt a folder of classes (--layout classes); a --layout "
+                         "webdataset stream has captions of its own")
     if c.layout == "webdataset" and c.length_buckets:
         raise UsageError("--length-buckets sorts a pairs list by caption length; a --layout webdataset stream "
                          "has none: drop --length-buckets")

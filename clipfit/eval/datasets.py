@@ -8,24 +8,29 @@
   cifar10, cifar100
             torchvision's on-disk format (cifar-10-batches-py/, cifar-100-python/) in PATH;
             never downloaded. The test split is evaluated.
-  folder    an ImageFolder of your own: class names are the folder names (sorted), unless
-            --classnames FILE gives them in that order.
+  folder    an ImageFolder of your own: class names are the folder names (sorted, `_` read as a
+            space), unless --classnames FILE gives them in that order; a training folder of
+            `clipfit refine --layout classes` is read by the same conventions (clipfit.data.classes).
 
 Templates mark the class name with {c} (CLIP_benchmark's convention). Without --templates,
-every set uses open_clip's 80 OpenAI ImageNet templates.
+every set uses open_clip's 80 OpenAI ImageNet templates (a folder: its templates.txt, if any).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from clipfit.data.classes import (class_folders, class_names, default_templates, fill, folder_templates, read_list,
+                                  read_templates, stratified_split)
 from clipfit.errors import DataError, UsageError
+
+__all__ = ["DATASETS", "LabelledImages", "load_labelled", "image_folder",
+           # the conventions a labelled training folder shares (clipfit.data.classes)
+           "default_templates", "fill", "read_list", "read_templates", "stratified_split"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "folder")
 BENCHMARK_NAMES = {"imagenet": "imagenet1k", "cifar10": "cifar10", "cifar100": "cifar100"}  # CLIP_benchmark's
@@ -62,53 +67,11 @@ def identity(image):
     return image
 
 
-def default_templates() -> list[str]:
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return [template("{c}") for template in OPENAI_IMAGENET_TEMPLATES]
-
-
-def read_list(path: str | Path, what: str) -> list[str]:
-    """A JSON list of strings, or one entry per non-blank line (\\n or \\r\\n ends a line, nothing else)."""
-    from clipfit.data.text import caption_lines
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read {what} file ({e.strerror or e})") from None
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: {what} file is not valid JSON (line {e.lineno}: {e.msg})") from None
-        if not all(isinstance(item, str) for item in items):
-            raise UsageError(f"{path}: {what} file must be a JSON list of strings")
-    else:
-        items = caption_lines(text)
-    if not items:
-        raise UsageError(f"{path}: {what} file is empty")
-    return items
-
-
-def read_templates(path: str | Path) -> list[str]:
-    templates = read_list(path, "templates")
-    missing = [t for t in templates if "{c}" not in t]
-    if missing:
-        raise UsageError(f"{path}: template {missing[0]!r} has no {{c}} where the class name goes")
-    return templates
-
-
-def fill(template: str, classname: str) -> str:
-    # replace, not str.format: a template may hold other braces
-    return template.replace("{c}", classname)
-
-
 def image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     """Class folders sorted by name and their image files, as torchvision's ImageFolder finds them."""
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    folders = class_folders(root)
     images, labels = [], []
     for label, folder in enumerate(folders):
         for dirpath, _, files in sorted(os.walk(root / folder, followlinks=True)):
@@ -164,19 +127,12 @@ def load_cifar(name: str, root: Path) -> LabelledImages:
                           default_templates(), identity)
 
 
-FOLDER_TEMPLATES = "templates.txt"  # a folder set's own prompts, beside its class folders
-
-
-def load_folder(root: Path, classnames: list[str] | None) -> LabelledImages:
+def load_folder(root: Path, classnames_file: str | None) -> LabelledImages:
     from clipfit.data.images import open_rgb
 
     folders, images, labels = image_folder(root)
-    if classnames is not None and len(classnames) != len(folders):
-        raise UsageError(f"--classnames has {len(classnames)} names but {root} has {len(folders)} class folders")
-    own = root / FOLDER_TEMPLATES
-    templates = read_templates(own) if own.is_file() else default_templates()
-    return LabelledImages(root.resolve().name, str(root.resolve()), images, labels, classnames or folders,
-                          templates, open_rgb)
+    return LabelledImages(root.resolve().name, str(root.resolve()), images, labels,
+                          class_names(root, folders, classnames_file), folder_templates(root, None), open_rgb)
 
 
 def load_labelled(dataset: str, path: str | Path, classnames_file: str | None = None,
@@ -187,34 +143,17 @@ def load_labelled(dataset: str, path: str | Path, classnames_file: str | None = 
     root = Path(path)
     if not root.exists():
         raise DataError(f"{root}: no such folder")
-    classnames = read_list(classnames_file, "class names") if classnames_file else None
-    if dataset == "imagenet":
+    if dataset == "folder":
+        data = load_folder(root, classnames_file)
+    elif dataset == "imagenet":
         data = load_imagenet(root)
-    elif dataset in ("cifar10", "cifar100"):
-        data = load_cifar(dataset, root)
     else:
-        data = load_folder(root, classnames)
-    if classnames is not None and dataset != "folder":
+        data = load_cifar(dataset, root)
+    if classnames_file and dataset != "folder":
+        classnames = read_list(classnames_file, "class names")
         if len(classnames) != len(data.classes):
             raise UsageError(f"--classnames has {len(classnames)} names but {dataset} has {len(data.classes)} classes")
         data.classes = classnames
     if templates_file:
         data.templates = read_templates(templates_file)
     return data
-
-
-def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (kept, held out): about `fraction` of each class held out, at least one where a
-    class has two or more images."""
-    by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
-    rng = random.Random(seed)
-    kept, held = [], []
-    for label in sorted(by_class):
-        members = by_class[label][:]
-        rng.shuffle(members)
-        n_held = min(len(members) - 1, max(1, round(len(members) * fraction))) if len(members) > 1 else 0
-        held += members[:n_held]
-        kept += members[n_held:]
-    return sorted(kept), sorted(held)
