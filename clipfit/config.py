@@ -89,7 +89,7 @@ class CoreSettings:
     eval_retrieval: list[str] = opt(list, "Pairs folder for retrieval before/after (repeatable).", PANEL_EVAL)
     fail_on_zeroshot_drop: Optional[float] = opt(None, "Exit 6 if zero-shot top-1 drops by more than this many points.", PANEL_EVAL)
     eval_every: int = opt(0, "Measure the validation split and the --eval-* sets every N optimiser steps, logged to metrics.jsonl (0: at the end of each epoch).", PANEL_EVAL)
-    select_best: Optional[str] = opt(None, "Keep the best evaluated step by this metric as model.safetensors, the last as last.safetensors: val/clip_loss, val/text_to_image_R@1, val/image_to_text_R@1, val/modality_gap, mean-R@1, zeroshot/SET/METRIC, retrieval/SET/METRIC.", PANEL_EVAL)
+    select_best: Optional[str] = opt(None, "Keep the best evaluated step by this metric as model.safetensors, the last as last.safetensors: val/clip_loss, val/text_to_image_R@1, val/image_to_text_R@1, val/modality_gap, mean-R@1, zeroshot/SET/METRIC, retrieval/SET/METRIC; for a folder of classes also val/acc1, val/acc5, val/mean_per_class_recall, val/ece.", PANEL_EVAL)
     patience: Optional[int] = opt(None, "With --select-best: stop after this many evaluations in a row without a new best.", PANEL_EVAL)
     max_zeroshot_drop: Optional[float] = opt(None, "With --select-best and --eval-zeroshot: only steps whose zero-shot top-1 is at most this many points below the starting model's are eligible.", PANEL_EVAL)
     # performance and output
@@ -290,12 +290,14 @@ def validate_selection(c: RefineConfig) -> None:
     """--select-best's form here; whether this run measures the metric is checked once its sets are known."""
     import re
 
-    from clipfit.selection import MEAN_R1, SPLIT_METRICS
+    from clipfit.selection import CLASSIFIER_METRICS, MEAN_R1, SPLIT_METRICS
 
-    form = rf"val/({'|'.join(map(re.escape, SPLIT_METRICS))})|{re.escape(MEAN_R1)}|(zeroshot|retrieval)/[^/]+/[^/]+"
+    split = SPLIT_METRICS + CLASSIFIER_METRICS
+    form = rf"val/({'|'.join(map(re.escape, split))})|{re.escape(MEAN_R1)}|(zeroshot|retrieval)/[^/]+/[^/]+"
     if c.select_best is not None and not re.fullmatch(form, c.select_best):
         raise UsageError(f"--select-best {c.select_best!r}: choose one of {', '.join('val/' + m for m in SPLIT_METRICS)}, "
-                         f"{MEAN_R1}, zeroshot/SET/METRIC or retrieval/SET/METRIC")
+                         f"{MEAN_R1}, zeroshot/SET/METRIC or retrieval/SET/METRIC, or for a folder of classes "
+                         f"{', '.join('val/' + m for m in CLASSIFIER_METRICS)}")
     if c.patience is not None and c.patience < 1:
         raise UsageError(f"--patience must be at least 1 (got {c.patience})")
     if c.patience is not None and not c.select_best:

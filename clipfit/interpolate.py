@@ -62,7 +62,9 @@ def rule_for(saved_cfg, alphas: list[float], select_best: str | None, max_drop: 
             raise UsageError("choosing among several --alpha values needs --select-best METRIC (the run has no "
                              "validation split for the default, mean-R@1)")
         metric = next(iter(suite_metric_names(suite)), MEAN_R1)
-    check_metric(metric, selectable_metrics(bool(data.val), list(suite.zeroshot), list(suite.retrieval)))
+    classes = len(data.classes.names) if data.classes else None
+    check_metric(metric, selectable_metrics(bool(data.val), list(suite.zeroshot), list(suite.retrieval),
+                                            labelled=classes is not None, classes=classes))
     limit = max_drop if max_drop is not None else saved_cfg.max_zeroshot_drop
     if limit is not None and not suite.zeroshot:
         raise UsageError("--max-zeroshot-drop needs the run's --eval-zeroshot sets; this run measured none")
@@ -127,7 +129,8 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[flo
     from clipfit.data.training import load_data, same_data
     from clipfit.eval.suite import deltas, load_suite
     from clipfit.report import write_report
-    from clipfit.run import measure_model
+    from clipfit.eval.split import class_facts, split_classes
+    from clipfit.run import measure_model, run_encoder
     from clipfit.rundir import write_run_json
     from clipfit.selection import choose, metric_value, record
 
@@ -153,6 +156,8 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[flo
     choice = choose(measured, saved["before"], rule, labels)
     index = choice.index if choice.index is not None else len(alphas) - 1
     model.load_state_dict(interpolate_state(start_state, tuned_state, alphas[index]))
+    chosen = run_encoder(model, tuned, cfg, device, f"{run_dir} interpolated at α = {alphas[index]:g}")
+    classes_after = class_facts(chosen, split_classes(data, cfg.max_image_pixels))
     models.save_model(tuned, model, out_dir)
     before, after = saved["before"], measured[index]
     info = {**{k: saved[k] for k in ("pairs", "config", "resolved", "model", "data_hash", "skipped", "environment",
@@ -164,6 +169,7 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[flo
                               "start": {"model": cfg.model, "pretrained": cfg.pretrained, "seed": cfg.seed},
                               "measured": dict(zip(labels, measured))},
             "before": before, "after": after, "delta": deltas(before, after),
+            "classes_before": saved.get("classes_before"), "classes_after": classes_after,
             "selection": {**record(choice, rule), "start_score": metric_value(before, rule.metric)},
             "wall_seconds": time.time() - started, "train_seconds": 0.0, "methods": {}}
     write_run_json(out_dir, info)

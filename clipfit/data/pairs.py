@@ -32,7 +32,7 @@ class ClassSet:
     templates: tuple[str, ...]  # `{c}` marks the class name
 
     def to_json(self) -> dict:
-        return {"names": list(self.names), "folders": list(self.folders), "templates": len(self.templates)}
+        return {"names": list(self.names), "folders": list(self.folders), "templates": list(self.templates)}
 
 
 @dataclass

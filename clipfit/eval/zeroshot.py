@@ -66,15 +66,36 @@ def classification_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
     return metrics
 
 
-def zeroshot(encoder: Encoder, data: LabelledImages) -> dict[str, float]:
-    """Classification metrics (percent), then geometry with the class embeddings as the text side."""
-    classifier = class_embeddings(encoder, data.classes, data.templates)
-    images = encoder.images(data.images, data.load, data.key)
-    labels = torch.tensor(data.labels)
-    similarity = images @ classifier.T
+def zeroshot_features(encoder: Encoder, data: LabelledImages) -> tuple[Tensor, Tensor]:
+    """(image embeddings, classifier) of a set, computed once per Encoder and set."""
+    if ("zeroshot", data.key) not in encoder.cache:
+        encoder.cache["zeroshot", data.key] = (encoder.images(data.images, data.load, data.key),
+                                               class_embeddings(encoder, data.classes, data.templates))
+    return encoder.cache["zeroshot", data.key]
+
+
+def classifier_metrics(encoder: Encoder, data: LabelledImages) -> dict[str, float]:
+    """Top-1, top-5 (more than 5 classes), mean per-class recall (percent) and ECE of the set."""
+    images, classifier = zeroshot_features(encoder, data)
+    similarity, labels = images @ classifier.T, torch.tensor(data.labels)
     metrics = classification_metrics(100.0 * similarity, labels)
     metrics["ece"] = expected_calibration_error(model_logit_scale(encoder) * similarity, labels)
-    return {**metrics, **geometry(images, classifier, (images, classifier[labels]))}
+    return metrics
+
+
+def zeroshot(encoder: Encoder, data: LabelledImages) -> dict[str, float]:
+    """Classification metrics (percent), then geometry with the class embeddings as the text side."""
+    images, classifier = zeroshot_features(encoder, data)
+    labels = torch.tensor(data.labels)
+    return {**classifier_metrics(encoder, data), **geometry(images, classifier, (images, classifier[labels]))}
+
+
+def confusion_matrix(encoder: Encoder, data: LabelledImages) -> list[list[int]]:
+    """Images of true class i (row) predicted as class j (column)."""
+    images, classifier = zeroshot_features(encoder, data)
+    n = len(data.classes)
+    cells = torch.tensor(data.labels) * n + (images @ classifier.T).argmax(dim=1)
+    return torch.bincount(cells, minlength=n * n).view(n, n).tolist()
 
 
 def model_logit_scale(encoder: Encoder) -> float:
