@@ -125,3 +125,38 @@ def test_classifier_metrics_need_a_folder_of_classes(pairs_dir, tmp_path, tiny_c
     assert result.returncode == 2
     assert "--select-best 'val/acc1': not a metric this run measures; valid: val/clip_loss" in result.stderr
     assert not (out / "run.json").exists()
+
+
+def test_without_a_validation_split_the_measured_subset_spans_every_class(tmp_path):
+    from pathlib import Path
+
+    from clipfit.data.check import CheckReport
+    from clipfit.data.pairs import ClassSet, Pair
+    from clipfit.data.training import RunData
+    from clipfit.eval.split import TRAINING_SUBSET, eval_pairs
+
+    classes = ClassSet(("a", "b", "c"), ("a", "b", "c"), ("{c}",))
+    pairs = [Pair(Path(f"{label}/{i}.png"), (classes.names[label],), f"{label}/{i}.png", label=label)
+             for label in range(3) for i in range(200)]  # read class by class, as the layout lists them
+    data = RunData(pairs, [], CheckReport("root", "classes", pairs, classes=classes), "hash")
+    subset, name = eval_pairs(data)
+    assert name == "training subset" and len(subset) == 200 <= TRAINING_SUBSET
+    assert [sum(p.label == c for p in subset) for c in range(3)] in ([67, 67, 66], [67, 66, 67], [66, 67, 67])
+
+
+def test_an_encoder_encodes_each_distinct_text_once(tiny_config):
+    import torch
+
+    from clipfit.eval.encode import encoder_for
+    from clipfit.models import load_model
+
+    loaded = load_model(str(tiny_config), "none")
+    encoder = encoder_for(loaded, loaded.model, torch.device("cpu"), 2, 0, "fp32")
+    rows, run = [], encoder.run
+    encoder.run = lambda encode, chunks, description: rows.append(sum(map(len, chunks))) or run(encode, chunks, description)
+    first = encoder.texts(["a cat", "a dog", "a cat"])
+    second = encoder.texts(["a dog", "a bird"])  # the split's captions, then its classifier's prompts
+    assert rows == [2, 1]
+    assert torch.equal(first[0], first[2]) and torch.equal(first[1], second[0])
+    alone = encoder_for(loaded, loaded.model, torch.device("cpu"), 2, 0, "fp32").texts(["a bird", "a cat"])
+    assert torch.allclose(alone, torch.stack([second[1], first[0]]), atol=1e-6)

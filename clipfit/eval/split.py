@@ -28,7 +28,11 @@ TRAINING_SUBSET = 256  # pairs measured when there is no validation split
 
 def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
     """The pairs a run is measured on, and what run.json calls them."""
-    return (data.val, "validation") if data.val else (data.train[:TRAINING_SUBSET], "training subset")
+    if data.val:
+        return data.val, "validation"
+    # a labelled folder's pairs come class by class: every n-th spreads the subset over the classes
+    every = -(-len(data.train) // TRAINING_SUBSET) if data.classes else 1
+    return data.train[::every][:TRAINING_SUBSET], "training subset"
 
 
 def eval_key(data: RunData) -> str:
