@@ -329,20 +329,23 @@ def soup_command(
 @data_app.command("check")
 def data_check(
     pairs: str = typer.Argument(..., help="Folder (or CSV/Parquet file, or hf://datasets/ORG/NAME) of image-caption pairs."),
-    layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet or datasets."),
+    layout: str = typer.Option("auto", help="auto, sidecar, hf, csv, parquet, datasets or classes (one sub-folder per class)."),
     csv_img_key: str = typer.Option("filepath", help="Image-path column of a CSV/TSV layout."),
     csv_caption_key: str = typer.Option("title", help="Caption column of a CSV/TSV layout."),
     image_column: Optional[str] = typer.Option(None, help="Image column of a parquet/datasets layout (default: image, or the only one)."),
     caption_column: Optional[str] = typer.Option(None, help="Caption column of a parquet/datasets layout (default: text, or the only one)."),
+    classnames: Optional[str] = typer.Option(None, "--classnames", help="Classes layout: a file of class names, one per line in sorted folder order."),
+    templates: Optional[str] = typer.Option(None, "--templates", help="Classes layout: a file of prompt templates, {c} marking the class name."),
     max_image_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are reported, never decoded."),
     context_length: int = typer.Option(77, help="Token limit to count over-long captions against (open_clip's 77)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Validate a pairs folder without training: what is usable, what is not and why."""
+    """Validate a pairs folder without training: what is usable, what is not and why; for a folder of
+    classes, the images of each class too."""
     from clipfit.data.check import check_folder
 
-    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, image_column, caption_column, max_pixels=max_image_pixels,
-                          context_length=context_length)
+    report = check_folder(pairs, layout, csv_img_key, csv_caption_key, image_column, caption_column, classnames,
+                          templates, max_pixels=max_image_pixels, context_length=context_length)
     if as_json:
         print_json(report.to_json())
         return
@@ -396,6 +399,8 @@ def print_check_report(report) -> None:
     for key, value in report.summary().items():
         summary.add_row(key.replace("_", " "), str(value))
     console.print(summary)
+    if report.classes:
+        console.print(class_table(report))
     items = Table(title="items to look at", show_lines=False)
     items.add_column("kind", no_wrap=True)
     items.add_column("file", overflow="fold")
@@ -411,6 +416,20 @@ def print_check_report(report) -> None:
             items.add_row("", f"... and {len(problems) - SHOWN_PER_KIND} more", "`--json` lists them all")
     if items.row_count:
         console.print(items)
+
+
+def class_table(report):
+    """Images per class of a labelled folder, in class order."""
+    from rich.table import Table
+
+    from clipfit.progress import rich_literal
+
+    table = Table(title=f"{len(report.class_images)} classes, {len(report.classes.templates)} prompt templates")
+    for column, justify in (("class", "left"), ("folder", "left"), ("images", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in report.class_table():
+        table.add_row(rich_literal(row["name"]), rich_literal(row["folder"]), str(row["images"]))
+    return table
 
 
 def shown_path(path: str, root: str) -> str:

@@ -53,7 +53,9 @@ class CoreSettings:
     resume: bool = opt(False, "Continue an interrupted run in --out from its last checkpoint.", PANEL_OUTPUT)
     weight: list[str] = opt(list, "Loss-term weight NAME=VALUE (repeatable), e.g. --weight rafa=0.5.", PANEL_RUN)
     # data
-    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, parquet, datasets (save_to_disk folder or hf://datasets/ORG/NAME), or webdataset (streamed .tar shards).", PANEL_DATA)
+    layout: str = opt("auto", "Pairs layout: auto, sidecar, hf, csv, parquet, datasets (save_to_disk folder or hf://datasets/ORG/NAME), webdataset (streamed .tar shards), or classes (one sub-folder of images per class; auto-detected when no image has a caption).", PANEL_DATA)
+    classnames: Optional[str] = opt(None, "Classes layout: file of class names, one per line in sorted folder order [default: the folder names, _ read as a space].", PANEL_DATA)
+    templates: Optional[str] = opt(None, "Classes layout: file of caption templates, {c} marking the class name; each epoch draws one per image [default: PAIRS/templates.txt, else open_clip's 80 ImageNet templates].", PANEL_DATA)
     csv_img_key: str = opt("filepath", "Image-path column of a CSV/TSV layout.", PANEL_DATA)
     csv_caption_key: str = opt("title", "Caption column of a CSV/TSV layout.", PANEL_DATA)
     image_column: Optional[str] = opt(None, "Image column of a parquet/datasets layout (default: image, or the only column of image bytes).", PANEL_DATA)
@@ -96,7 +98,7 @@ class CoreSettings:
     eval_retrieval: list[str] = opt(list, "Pairs folder for retrieval before/after (repeatable).", PANEL_EVAL)
     fail_on_zeroshot_drop: Optional[float] = opt(None, "Exit 6 if zero-shot top-1 drops by more than this many points.", PANEL_EVAL)
     eval_every: int = opt(0, "Measure the validation split and the --eval-* sets every N optimiser steps, logged to metrics.jsonl (0: at the end of each epoch).", PANEL_EVAL)
-    select_best: Optional[str] = opt(None, "Keep the best evaluated step by this metric as model.safetensors, the last as last.safetensors: val/clip_loss, val/text_to_image_R@1, val/image_to_text_R@1, val/modality_gap, mean-R@1, zeroshot/SET/METRIC, retrieval/SET/METRIC.", PANEL_EVAL)
+    select_best: Optional[str] = opt(None, "Keep the best evaluated step by this metric as model.safetensors, the last as last.safetensors: val/clip_loss, val/text_to_image_R@1, val/image_to_text_R@1, val/modality_gap, mean-R@1, zeroshot/SET/METRIC, retrieval/SET/METRIC; for a folder of classes also val/acc1, val/acc5, val/mean_per_class_recall, val/ece.", PANEL_EVAL)
     patience: Optional[int] = opt(None, "With --select-best: stop after this many evaluations in a row without a new best.", PANEL_EVAL)
     max_zeroshot_drop: Optional[float] = opt(None, "With --select-best and --eval-zeroshot: only steps whose zero-shot top-1 is at most this many points below the starting model's are eligible.", PANEL_EVAL)
     # performance and output
@@ -262,7 +264,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "nan_policy": ("stop", "skip"),
-    "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset"),
+    "layout": ("auto", "sidecar", "hf", "csv", "parquet", "datasets", "webdataset", "classes"),
 }
 POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_rank", "keep_checkpoints", "log_every", "max_image_pixels",
             "nan_limit")
@@ -297,12 +299,14 @@ def validate_selection(c: RefineConfig) -> None:
     """--select-best's form here; whether this run measures the metric is checked once its sets are known."""
     import re
 
-    from clipfit.selection import MEAN_R1, SPLIT_METRICS
+    from clipfit.selection import CLASSIFIER_METRICS, MEAN_R1, SPLIT_METRICS
 
-    form = rf"val/({'|'.join(map(re.escape, SPLIT_METRICS))})|{re.escape(MEAN_R1)}|(zeroshot|retrieval)/[^/]+/[^/]+"
+    split = SPLIT_METRICS + CLASSIFIER_METRICS
+    form = rf"val/({'|'.join(map(re.escape, split))})|{re.escape(MEAN_R1)}|(zeroshot|retrieval)/[^/]+/[^/]+"
     if c.select_best is not None and not re.fullmatch(form, c.select_best):
         raise UsageError(f"--select-best {c.select_best!r}: choose one of {', '.join('val/' + m for m in SPLIT_METRICS)}, "
-                         f"{MEAN_R1}, zeroshot/SET/METRIC or retrieval/SET/METRIC")
+                         f"{MEAN_R1}, zeroshot/SET/METRIC or retrieval/SET/METRIC, or for a folder of classes "
+                         f"{', '.join('val/' + m for m in CLASSIFIER_METRICS)}")
     if c.patience is not None and c.patience < 1:
         raise UsageError(f"--patience must be at least 1 (got {c.patience})")
     if c.patience is not None and not c.select_best:
@@ -326,6 +330,9 @@ def validate_combinations(c: RefineConfig) -> None:
     if c.layout == "webdataset" and (c.val_split or c.cache_images):
         raise UsageError("--layout webdataset streams its shards: hold validation pairs out as their own shards "
                          "instead of --val-split, and drop --cache-images")
+    if c.layout == "webdataset" and (c.classnames or c.templates):
+        raise UsageError("--classnames and --templates prompt a folder of classes (--layout classes); a --layout "
+                         "webdataset stream has captions of its own")
     if c.layout == "webdataset" and c.length_buckets:
         raise UsageError("--length-buckets sorts a pairs list by caption length; a --layout webdataset stream "
                          "has none: drop --length-buckets")

@@ -55,18 +55,22 @@ class Measured:
     has_validation: bool
     zeroshot: list[str]  # set names as run.json keys them
     retrieval: list[str]
+    classes: int | None = None  # a folder of classes: how many (its split is also measured as a classifier)
 
     @classmethod
-    def of(cls, config) -> "Measured":
+    def of(cls, config, saved: dict[str, Any]) -> "Measured":
         from clipfit.eval.suite import set_names
 
         has_validation = config.val_split > 0 and config.layout != "webdataset"
-        return cls(has_validation, *set_names(config.eval_zeroshot, config.eval_retrieval, has_validation))
+        classes = (saved.get("resolved") or {}).get("classes")
+        return cls(has_validation, *set_names(config.eval_zeroshot, config.eval_retrieval, has_validation),
+                   len(classes["names"]) if classes else None)
 
     def check(self, metric: str) -> None:
         from clipfit.selection import check_metric, selectable_metrics
 
-        check_metric(metric, selectable_metrics(self.has_validation, self.zeroshot, self.retrieval))
+        check_metric(metric, selectable_metrics(self.has_validation, self.zeroshot, self.retrieval,
+                                                labelled=self.classes is not None, classes=self.classes))
 
 
 def same_measurement(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -154,6 +158,18 @@ class Bench:
             return self.saved["before"]
         return self.measure(self.start(), f"the starting model of {self.run_dir}")
 
+    def class_facts(self) -> dict[str, Any]:
+        """A folder of classes: the confusion matrices of the start (the run's own) and of the weights
+        in the bench's model now (clipfit.eval.split.class_facts); nothing otherwise."""
+        from clipfit.eval.split import class_facts, split_classes
+        from clipfit.run import run_encoder
+
+        labelled = split_classes(self.data, self.config.max_image_pixels)
+        if labelled is None:
+            return {}
+        encoder = run_encoder(self.model, self.loaded, self.config, self.device, f"the weights written from {self.run_dir}")
+        return {"classes_before": self.saved.get("classes_before"), "classes_after": class_facts(encoder, labelled)}
+
     def after_of(self, run_dir: Path, saved: dict) -> dict[str, float]:
         """A finished run's numbers on this bench: its own when it was measured the same way, else measured."""
         if not self.added_sets and same_measurement(saved, self.saved):
@@ -170,7 +186,7 @@ def write_derived(out_dir: Path, bench: Bench, state: dict[str, torch.Tensor], i
     bench.model.load_state_dict(state)
     models.save_model(bench.loaded, bench.model, out_dir)
     record = {**{k: bench.saved[k] for k in COPIED if k in bench.saved}, "run_dir": str(out_dir),
-              "train_seconds": 0.0, "methods": {}, **info}
+              "train_seconds": 0.0, "methods": {}, **bench.class_facts(), **info}
     write_run_json(out_dir, record)
     write_report(out_dir, record)
     return record

@@ -19,6 +19,7 @@ from clipfit.cache import (CACHE_FORMAT, CACHE_SUBDIR, CacheEntry, FeatureCache,
                            captions_hash, encoder_identity, files_fingerprint, first_rows, images_hash,
                            items_built_by_rank, load_mapped, read_header, starting_model_identity)
 from clipfit.data.dataset import open_checked
+from clipfit.data.text import distinct
 from clipfit.data.workers import Loader
 from clipfit.progress import track
 
@@ -67,13 +68,12 @@ def image_bank(pairs, encode: Callable[[Tensor], Tensor], preprocess: Callable, 
 @torch.no_grad()
 def text_bank(pairs, encode: Callable[[list[str]], Tensor], batch_size: int = 64) -> Tensor:
     """One L2-normalised text embedding per pair, in pair order (N×d float32, CPU): the normalised
-    mean of its captions' normalised embeddings, so every caption of a pair counts."""
-    captions = [(owner, text) for owner, pair in enumerate(pairs) for text in pair.captions]
-    sums = None
-    chunks = (captions[start:start + batch_size] for start in range(0, len(captions), batch_size))
-    for chunk in track(chunks, "bank: captions", len(captions)):
-        embeddings = F.normalize(encode([text for _, text in chunk]).float(), dim=-1)
-        if sums is None:
-            sums = torch.zeros(len(pairs), embeddings.shape[1])
-        sums.index_add_(0, torch.tensor([owner for owner, _ in chunk]), embeddings)
+    mean of its captions' normalised embeddings, so every caption of a pair counts. Each distinct
+    caption text is encoded once."""
+    texts, where = distinct([text for pair in pairs for text in pair.captions])
+    owners = torch.tensor([owner for owner, pair in enumerate(pairs) for _ in pair.captions])
+    chunks = (texts[start:start + batch_size] for start in range(0, len(texts), batch_size))
+    embedded = torch.cat([F.normalize(encode(chunk).float(), dim=-1)
+                          for chunk in track(chunks, "bank: captions", len(texts))])
+    sums = torch.zeros(len(pairs), embedded.shape[1]).index_add_(0, owners, embedded[torch.tensor(where)])
     return F.normalize(sums, dim=-1)

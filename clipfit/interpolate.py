@@ -96,7 +96,7 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
         raise UsageError(f"{run_dir / TUNED_FILES[which]}: not found" + (
             "; only runs with --select-best keep the last step apart" if which == "last" else ""))
     config = saved_config(saved, zeroshot, retrieval)
-    metric, rule = alpha_rule(run_dir, Measured.of(config), alphas, select_best, config.select_best, max_drop,
+    metric, rule = alpha_rule(run_dir, Measured.of(config, saved), alphas, select_best, config.select_best, max_drop,
                               config.max_zeroshot_drop)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-wise"
     return into_new_folder(out, {"the run being interpolated": run_dir}, overwrite, progress, lambda folder: interpolate_into(

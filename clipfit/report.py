@@ -192,6 +192,37 @@ def candidates_table(selection: dict[str, Any]) -> list[str]:
     return lines
 
 
+CONFUSION_TABLE_MAX = 12  # classes up to which report.md spells the confusion matrix out; above, the picture only
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def classes_lines(run_info: dict[str, Any]) -> list[str]:
+    """A folder of classes: each class's top-1 before → after on the evaluation split, and the
+    confusion matrix (true class by row, predicted by column; cells `before → after`)."""
+    before, after = run_info.get("classes_before"), run_info.get("classes_after")
+    if not after:
+        return []
+    names, counts = after["classes"], [sum(row) for row in after["confusion"]]
+    lines = ["", f"## Classes ({run_info.get('eval_split', 'validation')}, zero-shot from the model's own text tower)", "",
+             "| class | images | top-1 before | top-1 after | change |", "|---|---:|---:|---:|---:|"]
+    for i, name in enumerate(names):
+        old, new = before["per_class_acc1"][i] if before else None, after["per_class_acc1"][i]
+        change = f"{new - old:+.1f}" if old is not None and new is not None else "n/a"
+        lines.append(f"| {name} | {counts[i]} | {percent(old)} | {percent(new)} | {change} |")
+    if len(names) > CONFUSION_TABLE_MAX:
+        return lines + ["", f"The confusion matrices of the {len(names)} classes are drawn below."]
+    old_cells = before["confusion"] if before else [[None] * len(names)] * len(names)
+    lines += ["", "Confusion matrix, images of each true class (row) by predicted class (column), before → after:", "",
+              "| true \\ predicted | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for name, row_before, row_after in zip(names, old_cells, after["confusion"]):
+        cells = [f"{b} → {a}" if b is not None and b != a else str(a) for b, a in zip(row_before, row_after)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def loss_summary(rows: list[dict]) -> list[str]:
     steps = [r for r in rows if "loss" in r]
     if not steps:
@@ -248,6 +279,7 @@ def render(run_info: dict[str, Any], rows: list[dict], pictures: list[tuple[str,
     if "modality_gap" in run_info.get("before", {}):
         lines += ["", GAP_FORMS]
     lines += gate_lines(run_info.get("gate"))
+    lines += classes_lines(run_info)
     lines += selection_lines(run_info.get("selection"))
     lines += [""] if run_info.get("clipfit") in DERIVED else ["", "## Loss", ""] + loss_summary(rows) + [""]
     lines += picture_lines(list(pictures))

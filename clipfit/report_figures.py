@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clipfit.rundir import BEFORE_AFTER, LOSS_CURVES, SELECTION_PLOT
+from clipfit.rundir import BEFORE_AFTER, CONFUSION_PLOT, LOSS_CURVES, SELECTION_PLOT
+
 NOT_TERMS = ("step", "epoch", "lr", "pairs_per_s")
 HEADLINE_MEASURES = ("clip_loss", "modality_gap", "alignment")  # charted beside the rates; the tables hold the rest
 
@@ -94,7 +95,35 @@ def write_figures(run_dir: Path, run_info: dict[str, Any], rows: list[dict]) -> 
     if selection_figure(run_dir, run_info):
         what = "along α" if run_info.get("interpolation") else "every evaluated step"
         pictures.append((f"Target gain against held-out zero-shot change, {what}", SELECTION))
+    if confusion_figure(run_info.get("classes_before"), run_info.get("classes_after"), run_dir / CONFUSION_PLOT):
+        pictures.append(("Confusion matrices before and after (rows: true class, columns: predicted)", CONFUSION_PLOT))
     return pictures
+
+
+def confusion_figure(before: dict | None, after: dict | None, path: Path) -> bool:
+    """The confusion matrices side by side, each row as fractions of its class's images."""
+    import numpy as np
+
+    if not after:
+        return False
+    panels = [(title, facts) for title, facts in (("before", before), ("after", after)) if facts]
+    names = after["classes"]
+    side = min(14.0, 2.5 + 0.35 * len(names))
+    figure = new_figure(side * len(panels), side * 0.85)
+    for column, (title, facts) in enumerate(panels):
+        matrix = np.array(facts["confusion"], dtype=float)
+        rows = np.divide(matrix, matrix.sum(axis=1, keepdims=True), out=np.zeros_like(matrix),
+                         where=matrix.sum(axis=1, keepdims=True) > 0)
+        axes = figure.add_subplot(1, len(panels), column + 1)
+        axes.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        if len(names) <= 30:  # above, the tick labels would overlap
+            axes.set_xticks(range(len(names)), names, rotation=90, fontsize="x-small")
+            axes.set_yticks(range(len(names)), names, fontsize="x-small")
+        axes.set_title(f"{title}: top-1 {100 * np.trace(matrix) / max(matrix.sum(), 1):.1f}%")
+        axes.set_xlabel("predicted")
+        axes.set_ylabel("true")
+    save(figure, path)
+    return True
 
 
 SELECTION = SELECTION_PLOT

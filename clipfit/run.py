@@ -29,7 +29,7 @@ from clipfit.distributed import Distributed, local_device, start_distributed
 from clipfit.errors import UsageError
 from clipfit.eval.encode import Encoder, encoder_for
 from clipfit.eval.retrieval import encode_pairs_all_captions
-from clipfit.eval.split import eval_key, eval_pairs, evaluate_split
+from clipfit.eval.split import class_facts, eval_key, eval_pairs, evaluate_classes, evaluate_split, split_classes
 from clipfit.eval.suite import Suite, deltas, evaluate_suite, gate, load_suite, set_names
 from clipfit.frozen.prepare import FrozenInputs, FrozenPlan, prepare_frozen
 from clipfit.frozen.rows import RowStore
@@ -97,7 +97,7 @@ class Setup:
 
 def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress: Progress) -> dict[str, Any]:
     started = time.time()
-    check_selection(config)
+    check_selection(config, labelled=config.layout in ("auto", "classes"))  # a folder of classes, perhaps
     setup = set_up(pairs_path, config, argv, progress)
     try:
         train_and_finish(setup, argv, started)
@@ -167,6 +167,7 @@ def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, a
     run_dir = dist.from_main(lambda: folder.path)
     saved = compare_with_saved(run_dir, config, pairs_path) if config.resume else None
     data = dist.from_main(lambda: load_data(pairs_path, config, run_dir, progress))
+    check_selection(config, data.classes is not None, len(data.classes.names) if data.classes else None)
     check_resumable(saved, saved is None or same_data(saved.get("data_hash"), data), dist.world_size, pairs_path)
     device = local_device(device, dist)
     torch.manual_seed(config.seed)
@@ -186,6 +187,7 @@ def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, a
         "resolved": {"lr": config.resolved_lr(), "device": str(device), "total_steps": settings.total_steps,
                      "world_size": dist.world_size,
                      "train_pairs": len(dataset), "val_pairs": len(data.val), "layout": data.check.layout,
+                     "classes": data.classes.to_json() if data.classes else None,
                      "weights": composite.weights, "parameters": counts},
         "model": models.describe(loaded), "start": start_identity(config.model, config.pretrained, config.seed),
         "data_hash": data.data_hash, "skipped": len(data.check.skipped),
@@ -264,12 +266,13 @@ def prepare_methods(setup: Setup) -> None:
         param.data = param.data.to(setup.device)
 
 
-def check_selection(config: RefineConfig) -> None:
-    """--select-best names a metric this run will measure: checked before the run folder is made."""
+def check_selection(config: RefineConfig, labelled: bool, classes: int | None = None) -> None:
+    """--select-best names a metric this run will measure: checked before the run folder is made and,
+    for the classifier's metrics of a folder of classes (`classes` of them), again once the data is read."""
     if config.select_best:
         has_validation = config.val_split > 0
         sets = set_names(config.eval_zeroshot, config.eval_retrieval, has_validation)
-        check_metric(config.select_best, selectable_metrics(has_validation, *sets))
+        check_metric(config.select_best, selectable_metrics(has_validation, *sets, labelled=labelled, classes=classes))
 
 
 def make_evaluator(setup: Setup, suite: Suite | None) -> TrainingEvaluations | None:
@@ -318,6 +321,7 @@ def measure_model(model: nn.Module, loaded: models.LoadedModel, data: RunData, c
     encoder = encoder or run_encoder(model, loaded, c, device, label)
     pairs, key = eval_pairs(data)[0], eval_key(data)
     results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels, encoder, key)
+    results.update(evaluate_classes(encoder, split_classes(data, c.max_image_pixels)))
     results.update(evaluate_suite(suite, encoder, c.max_image_pixels))
     return results
 
@@ -340,20 +344,26 @@ def gallery_facts(setup: Setup, encoder: Encoder) -> dict:
     return ranking_facts(features, sample_indices(len(pairs), setup.config.seed))
 
 
+def classes_facts(setup: Setup, encoder: Encoder) -> dict | None:
+    """A folder of classes: the report's confusion matrix and per-class top-1 (clipfit.eval.split.class_facts)."""
+    return class_facts(encoder, split_classes(setup.data, setup.config.max_image_pixels))
+
+
 def measure_before(setup: Setup, suite: Suite | None) -> None:
     """The starting model's numbers (kept from the first start when resuming)."""
     if not setup.dist.is_main:
         return
     saved = setup.saved
     if saved and saved.get("before"):
-        before, gallery_before = saved["before"], saved.get("gallery_before")
+        before, gallery_before, classes_before = saved["before"], saved.get("gallery_before"), saved.get("classes_before")
     else:
         c = setup.config
         encoder = run_encoder(setup.model, setup.loaded, c, setup.device,
                               f"the starting model {c.model} ({c.pretrained}), measured before training",
                               starting=True, progress=setup.progress)
         before, gallery_before = measure(setup, suite, "", encoder), gallery_facts(setup, encoder)
-    write_run_json(setup.run_dir, setup.info, before=before, gallery_before=gallery_before)
+        classes_before = classes_facts(setup, encoder)
+    write_run_json(setup.run_dir, setup.info, before=before, gallery_before=gallery_before, classes_before=classes_before)
 
 
 def finish(setup: Setup, trainer: Trainer, suite: Suite | None, timings: dict) -> None:
@@ -365,14 +375,15 @@ def finish(setup: Setup, trainer: Trainer, suite: Suite | None, timings: dict) -
     if config.select_best:
         after = keep_best(setup, trainer.evaluator, trainer.stopped_early, after)
     # of the weights saved as model.safetensors; the split alone, a few seconds next to the suite
-    gallery_after = gallery_facts(setup, run_encoder(setup.model, setup.loaded, config, setup.device,
-                                                     f"the trained model (run folder {setup.run_dir})"))
+    encoder = run_encoder(setup.model, setup.loaded, config, setup.device, f"the trained model (run folder {setup.run_dir})")
+    gallery_after, classes_after = gallery_facts(setup, encoder), classes_facts(setup, encoder)
     info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
     models.save_model(setup.loaded, setup.model, setup.run_dir)
     for method in setup.composite.methods:
         method.save(setup.run_dir)
     info.update({
-        "after": after, "gallery_after": gallery_after, "eval_split": eval_pairs(setup.data)[1], **timings,
+        "after": after, "gallery_after": gallery_after, "classes_after": classes_after,
+        "eval_split": eval_pairs(setup.data)[1], **timings,
         "steps": trainer.position.step, "peak_memory": peak_memory(setup.device),
         "nan_skipped_steps": trainer.position.nan_skipped,
         "methods": {m.name: m.report() for m in setup.composite.methods},

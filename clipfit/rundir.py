@@ -85,6 +85,7 @@ DCLIP_TEACHER = "teacher.safetensors"
 LITE_CRITIC = "lite_critic.safetensors"
 LAST_MODEL = "last.safetensors"  # --select-best: the last step's weights
 SELECTION_PLOT = "selection.png"
+CONFUSION_PLOT = "confusion.png"  # a folder of classes: the confusion matrices before and after
 EVAL_SAMPLE = "eval-sample"
 HF_TEXT_CONFIG = "config.json"  # transformers' name for a model config: a Hugging Face text tower's
 # What `save_pretrained` may write for a Hugging Face tokenizer: open_clip reads them from the folder.
@@ -95,7 +96,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Everything a run writes into its folder; --overwrite replaces these and nothing else.
 OWN_NAMES = frozenset({RUN_JSON, SKIPPED_TXT, METRICS_JSONL, MODEL_FILE, OPEN_CLIP_CONFIG, ADAPTER_DIR,
                        CHECKPOINT_DIR, REPORT_MD, REPORT_HTML, LOSS_CURVES, BEFORE_AFTER, PING_HEADS,
-                       DCLIP_TEACHER, LITE_CRITIC, LAST_MODEL, SELECTION_PLOT, EVAL_SAMPLE, WRITE_PROBE, TENSORBOARD_DIR, WANDB_DIR,
+                       DCLIP_TEACHER, LITE_CRITIC, LAST_MODEL, SELECTION_PLOT, CONFUSION_PLOT, EVAL_SAMPLE, WRITE_PROBE, TENSORBOARD_DIR, WANDB_DIR,
                        HF_TEXT_CONFIG, *TOKENIZER_FILES})
 HOUSEKEEPING = frozenset({MARKER, STAGING, DISCARDED})
 

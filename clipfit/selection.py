@@ -6,6 +6,8 @@ split's yardsticks under bare names (`clip_loss`, `text_to_image_R@1`, ...) and 
 results as `zeroshot/SET/acc1`, `retrieval/SET/...`. Users name metrics as
 
     val/clip_loss  val/image_to_text_R@1  val/text_to_image_R@1  val/modality_gap
+    val/acc1  val/acc5  val/mean_per_class_recall  val/ece
+                                    (a folder of classes: its split measured as a classifier)
     mean-R@1                        (val/image_to_text_R@1 + val/text_to_image_R@1) / 2
     zeroshot/SET/METRIC  retrieval/SET/METRIC
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from clipfit.errors import UsageError
 
 SPLIT_METRICS = ("clip_loss", "image_to_text_R@1", "text_to_image_R@1", "modality_gap")
+CLASSIFIER_METRICS = ("acc1", "acc5", "mean_per_class_recall", "ece")  # of a labelled folder's split
 MEAN_R1 = "mean-R@1"
 GEOMETRY_METRICS = ("modality_gap", "modality_gap_mse", "alignment", "uniformity_image", "uniformity_text")
 ZEROSHOT_METRICS = ("acc1", "acc5", "mean_per_class_recall", "ece", *GEOMETRY_METRICS)
@@ -90,8 +93,13 @@ def metric_value(metrics: dict[str, float], metric: str) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def selectable_metrics(has_validation: bool, zeroshot_sets: list[str], retrieval_sets: list[str]) -> list[str]:
+def selectable_metrics(has_validation: bool, zeroshot_sets: list[str], retrieval_sets: list[str],
+                       labelled: bool = False, classes: int | None = None) -> list[str]:
+    """What a run measures: `labelled` adds the split's classifier metrics (acc5 only with more than 5
+    `classes`, as clipfit.eval.zeroshot.classification_metrics; all of them while the count is unknown)."""
     names = [f"val/{m}" for m in SPLIT_METRICS] + [MEAN_R1] if has_validation else []
+    if has_validation and labelled:
+        names += [f"val/{m}" for m in CLASSIFIER_METRICS if m != "acc5" or classes is None or classes > 5]
     names += [f"zeroshot/{s}/{m}" for s in zeroshot_sets for m in ZEROSHOT_METRICS]
     names += [f"retrieval/{s}/{m}" for s in retrieval_sets for m in RETRIEVAL_METRICS]
     return names

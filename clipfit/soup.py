@@ -204,7 +204,7 @@ def soup(run_dirs: list[Path], out: Path, recipe: str, select_best: str | None, 
     saveds = [finished_run(d) for d in run_dirs]
     check_same_start(run_dirs, saveds)
     config = saved_config(saveds[0], zeroshot, retrieval)
-    measured = Measured.of(config)
+    measured = Measured.of(config, saveds[0])
     if recipe != "greedy" and (select_best or max_drop is not None):
         raise UsageError(f"--select-best and --max-zeroshot-drop choose which runs --recipe greedy keeps; "
                          f"--recipe {recipe} averages every run")

@@ -21,9 +21,11 @@ from typing import Any
 
 from clipfit.errors import Interrupted, UsageError
 from clipfit.rundir import SOUP_DIR, SWEEP_HTML, SWEEP_JSON, SWEEP_MD, SWEEP_PNG, WISE_DIR, grid_point_name
-# settings that are not a grid axis: where runs go, how they print, and settings that are lists already
+
+# settings that are not a grid axis: where runs go, how they print, settings that are lists already, and
+# the metric the sweep itself chooses by (each run keeps its best step by it, too)
 NOT_GRIDDED = {"out", "overwrite", "resume", "quiet", "json", "lora_targets", "weight", "eval_zeroshot",
-               "eval_retrieval"}
+               "eval_retrieval", "select_best"}
 
 
 def field_type(name: str) -> type:

@@ -12,9 +12,12 @@ pytest.importorskip("PIL")
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "examples" / "pairs"
+CLASSES = ROOT / "examples" / "classes"
 sys.path.insert(0, str(ROOT / "examples" / "datasets"))
 
 import common  # noqa: E402
+import fashion_mnist  # noqa: E402
+import fashion_mnist_classes  # noqa: E402
 import openclipart  # noqa: E402
 
 
@@ -56,3 +59,17 @@ def test_every_example_image_is_attributed_and_excluded_from_aligning():
     listed = re.findall(r"^\s+(\S+\.png)\s+<- openclipart-png:(\S+\.png)$", (PAIRS / "ATTRIBUTION").read_text(), re.M)
     assert sorted(name for name, _ in listed) == sorted(p.name for p in PAIRS.glob("*.png"))
     assert openclipart.example_sources() == {source for _, source in listed}
+
+
+def test_example_classes_are_fashion_mnist_training_images_one_folder_per_class_all_attributed():
+    from clipfit.data.layouts import load_pairs
+
+    pairs = load_pairs(CLASSES)
+    assert pairs.layout == "classes" and pairs.classes.names == tuple(sorted(fashion_mnist.CLASS_NAMES))
+    assert [sum(p.label == c for p in pairs.pairs) for c in range(10)] == [20] * 10
+    assert fashion_mnist_classes.folder_name("t-shirt or top") == "t-shirt_or_top"
+    listed = re.findall(r"^\s+(\S+\.png)\s+<- dataset-fashion-mnist:train-images-idx3-ubyte\.gz image (\d+)$",
+                        (CLASSES / "ATTRIBUTION").read_text(), re.M)
+    assert sorted(name for name, _ in listed) == sorted(p.key for p in pairs.pairs)
+    assert all(name.endswith(f"/{int(index):05d}.png") for name, index in listed)
+    assert sum(p.stat().st_size for p in CLASSES.rglob("*") if p.is_file()) < 300_000

@@ -138,3 +138,35 @@ def test_without_precompute_nothing_is_cached_and_the_teacher_runs_per_step(tiny
     assert frozen.step_inputs({"index": torch.tensor([0])}, torch.device("cpu")) == {}
     assert frozen.eval_modules  # the locked text tower stays in eval mode, cached or not
     assert frozen.facts()["teacher_forward_passes"] == 0
+
+
+# --- identical captions share one row -------------------------------------------------------------
+
+def test_identical_captions_are_encoded_once_and_each_caption_finds_its_own_row(tiny):
+    from pathlib import Path
+
+    from clipfit.data.pairs import Pair
+    from clipfit.frozen.rows import dataset_captions, encode_items, encode_share
+
+    templates = ("a photo of a {c}.", "a drawing of a {c}.", "a {c}.")
+    pairs = [Pair(Path(f"{i}.png"), tuple(t.replace("{c}", "cat" if i % 3 else "dog") for t in templates), f"{i}.png",
+                  label=int(i % 3 > 0)) for i in range(7)]
+    dataset = PairDataset(pairs, tiny.preprocess_val, tiny.tokenizer, seed=0, max_pixels=10**8)
+    encoded = []
+
+    def encode(tokens):  # a stand-in text tower: a fixed function of the tokens, counting its rows
+        encoded.append(len(tokens))
+        return tokens[:, :6].float()
+
+    rows = encode_items(dataset, None, encode, batch_size=4)
+    assert sum(encoded) == 6  # 2 classes x 3 templates, not 7 images x 3
+    for i, pair in enumerate(pairs):
+        for c, caption in enumerate(pair.captions):
+            row = rows.text_rows(torch.tensor([i]), torch.tensor([c]))
+            assert torch.equal(row, tiny.tokenizer([caption])[:, :6].float())
+    # shares of contiguous items (each rank's under torchrun) concatenate to the same rows in the same order
+    captions = dataset_captions(dataset)
+    shares = [encode_share(dataset, captions, None, encode, 4, 0, part)
+              for part in (range(0, 1), range(1, 2), range(2, 7))]
+    assert [len(s.get("texts", [])) for s in shares] == [3, 3, 0]
+    assert torch.equal(torch.cat([s["texts"] for s in shares if "texts" in s]), rows.texts)

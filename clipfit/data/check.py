@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from clipfit.data.images import DEFAULT_MAX_PIXELS, BadImage, file_stamp, open_rgb
-from clipfit.data.pairs import Pair, PairSet, Problem
+from clipfit.data.pairs import ClassSet, Pair, PairSet, Problem
 from clipfit.data.layouts import load_pairs
 from clipfit.data.tokens import count_tokens, exceeds_context
 from clipfit.errors import DataError
@@ -33,6 +33,8 @@ class CheckReport:
     duplicate_images: list[list[str]] = field(default_factory=list)
     long_captions: list[Problem] = field(default_factory=list)  # used, but truncated in training
     context_length: int | None = None
+    classes: ClassSet | None = None  # a labelled folder's classes (--layout classes)
+    class_images: list[int] = field(default_factory=list)  # usable images of each class
 
     @property
     def skipped(self) -> list[Problem]:
@@ -50,6 +52,7 @@ class CheckReport:
             "duplicate_image_groups": len(self.duplicate_images),
             "captions_over_context": len(self.long_captions),
             "warnings": len(self.warnings),
+            **({"classes": len(self.class_images), "empty_classes": self.class_images.count(0)} if self.classes else {}),
         }
 
     def to_json(self) -> dict:
@@ -65,7 +68,13 @@ class CheckReport:
             "captions_without_images": self.captions_without_images,
             "duplicate_images": self.duplicate_images,
             "long_captions": [asdict(p) for p in self.long_captions],
+            **({"classes": self.class_table()} if self.classes else {}),
         }
+
+    def class_table(self) -> list[dict]:
+        """Per class: its name, its folder and how many usable images it has."""
+        return [{"name": name, "folder": folder, "images": count}
+                for name, folder, count in zip(self.classes.names, self.classes.folders, self.class_images)]
 
     def sections(self) -> list[tuple[str, list[Problem]]]:
         """Every item worth a look, by kind, as (kind, [(file, reason)]): what `data check` prints."""
@@ -117,6 +126,23 @@ def long_captions(pairs: list[Pair], context_length: int) -> list[Problem]:
             for p in pairs for i, c in enumerate(p.captions) if exceeds_context(c, context_length)]
 
 
+IMBALANCE_RATIO = 3  # largest class over smallest non-empty class above this: a warning
+
+
+def class_warnings(root: str, classes: ClassSet, counts: list[int]) -> list[Problem]:
+    """Empty classes, and a class imbalance over IMBALANCE_RATIO (largest / smallest non-empty class)."""
+    warnings = [Problem(folder, "empty class: no usable image; it stays a class the classifier can predict")
+                for folder, count in zip(classes.folders, counts) if count == 0]
+    held = [(count, name) for count, name in zip(counts, classes.names) if count]
+    (smallest, small), (largest, large) = min(held), max(held)
+    if largest / smallest > IMBALANCE_RATIO:
+        warnings.append(Problem(root, (
+            f"class imbalance: {large!r} has {largest} images, {small!r} {smallest} (largest/smallest "
+            f"{largest / smallest:.1f} > {IMBALANCE_RATIO}); large classes dominate the batches and top-1, "
+            "mean_per_class_recall weighs every class alike")))
+    return warnings
+
+
 def check_pairset(
     pairset: PairSet,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -136,6 +162,12 @@ def check_pairset(
         captions_without_images=list(pairset.captions_without_images),
         context_length=context_length,
     )
+    if pairset.classes is not None and good:
+        report.classes = pairset.classes
+        report.class_images = [0] * len(pairset.classes.names)
+        for pair in good:
+            report.class_images[pair.label] += 1
+        report.warnings += class_warnings(report.root, pairset.classes, report.class_images)
     if find_duplicates:
         report.duplicate_images = duplicate_groups(good)
     if context_length:
@@ -145,6 +177,7 @@ def check_pairset(
 
 def check_folder(path: str | Path, layout: str = "auto", csv_img_key: str = "filepath",
                  csv_caption_key: str = "title", image_column: str | None = None,
-                 caption_column: str | None = None, **kwargs) -> CheckReport:
-    return check_pairset(load_pairs(path, layout, csv_img_key, csv_caption_key, image_column, caption_column),
-                         **kwargs)
+                 caption_column: str | None = None, classnames: str | None = None, templates: str | None = None,
+                 **kwargs) -> CheckReport:
+    return check_pairset(load_pairs(path, layout, csv_img_key, csv_caption_key, image_column, caption_column,
+                                    classnames, templates), **kwargs)

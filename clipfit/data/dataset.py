@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from clipfit.data.images import BadImage, file_stamp, open_rgb
 from clipfit.data.pairs import Pair
+from clipfit.data.text import distinct
 from clipfit.errors import DataError
 from clipfit.progress import printable
 
@@ -106,13 +107,14 @@ class PairDataset(Dataset):
         self.pixels = torch.stack(images).share_memory_()
 
     def measure_lengths(self, batch_size: int = 256) -> None:
-        """Tokens of every caption, padding left out (for --length-buckets)."""
+        """Tokens of every caption, padding left out (for --length-buckets); each distinct text tokenized once."""
         from clipfit.data.tokens import KEEP_THROUGH_REAL, TrimRule, needed_lengths
 
-        captions = [caption for pair in self.pairs for caption in pair.captions]
+        texts, where = distinct([caption for pair in self.pairs for caption in pair.captions])
         rule = TrimRule(KEEP_THROUGH_REAL, pad_id=0)  # open_clip's tokenizers pad with 0
-        flat = [n for start in range(0, len(captions), batch_size)
-                for n in needed_lengths(self.tokenizer(captions[start:start + batch_size]), rule).tolist()]
+        lengths = [n for start in range(0, len(texts), batch_size)
+                   for n in needed_lengths(self.tokenizer(texts[start:start + batch_size]), rule).tolist()]
+        flat = [lengths[row] for row in where]
         self.token_lengths, position = [], 0
         for pair in self.pairs:
             self.token_lengths.append(flat[position:position + len(pair.captions)])

@@ -6,6 +6,9 @@ Layouts:
   csv      an open_clip-style CSV/TSV with image-path and caption columns; separator sniffed.
   parquet  Parquet files with an image and a caption column (clipfit.data.tables).
   datasets a Hugging Face `datasets` save_to_disk folder, or hf://datasets/ORG/NAME (clipfit.data.tables).
+  classes  an ImageFolder, one sub-folder per class, images at any depth below it; captions are
+           prompt templates filled with the class name (clipfit.data.classes). Auto-detected when
+           no image has a caption and at least two sub-folders hold images.
 Problems (missing files, empty captions, escaping paths...) are collected, never raised,
 so `clipfit data check` can list them all; the caller decides whether they are fatal.
 """
@@ -22,13 +25,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
+from clipfit.data.classes import class_folders, class_names, fill, folder_templates
 from clipfit.data.images import is_image_path
 from clipfit.data.text import caption_lines, has_undecodable, lines, read_text, repaired, undecodable_reason
-from clipfit.data.pairs import Pair, PairSet, Problem, resolve_inside
+from clipfit.data.pairs import ClassSet, Pair, PairSet, Problem, resolve_inside
 from clipfit.data.tables import HUB_DATASET_PREFIX, is_save_to_disk, parquet_files, read_datasets, read_parquet
 from clipfit.errors import DataError, UsageError
 
-LAYOUTS = ("sidecar", "hf", "csv", "parquet", "datasets")
+LAYOUTS = ("sidecar", "hf", "csv", "parquet", "datasets", "classes")
 HF_MANIFESTS = ("metadata.jsonl", "metadata.csv")
 
 
@@ -346,6 +350,30 @@ def detect_layout(root: Path) -> str:
     return "sidecar"
 
 
+def read_classes(root: Path, classnames_file: str | None = None, templates_file: str | None = None) -> PairSet:
+    """ROOT/<class>/.../<image>: each image labelled with its class folder's index, its captions
+    the templates filled with the class name (one shared tuple per class). Images directly in
+    ROOT belong to no class: they are listed as warnings, not trained on."""
+    folders = class_folders(root)
+    classes = ClassSet(tuple(class_names(root, folders, classnames_file)), tuple(folders),
+                       tuple(folder_templates(root, templates_file)))
+    problems: list[Problem] = []
+    pairs = []
+    for label, (folder, name) in enumerate(zip(classes.folders, classes.names)):
+        captions = tuple(fill(template, name) for template in classes.templates)
+        pairs += [Pair(path, captions, relative_key(root, path), label=label)
+                  for path in walk_files(root / folder, problems) if is_image_path(path)]
+    outside = [Problem(entry.name, "image outside the class folders: it has no class, not trained on")
+               for entry in sorted(os.scandir(root), key=lambda e: e.name)
+               if not entry.name.startswith(".") and entry.is_file() and is_image_path(Path(entry.name))]
+    return PairSet(root, "classes", pairs, problems, outside, classes=classes)
+
+
+def labelled_folder(pairset: PairSet) -> bool:
+    """Whether at least two class folders hold images (what auto-detection asks of a classes layout)."""
+    return len({pair.label for pair in pairset.pairs}) >= 2
+
+
 def readable_root(root: Path) -> None:
     """PAIRS must be a folder that can be listed or a regular file; say which it is not."""
     try:
@@ -368,20 +396,30 @@ def load_pairs(
     csv_caption_key: str = "title",
     image_column: str | None = None,
     caption_column: str | None = None,
+    classnames: str | None = None,
+    templates: str | None = None,
 ) -> PairSet:
-    """Read PAIRS in `layout` (auto-detected by default). Raises DataError when nothing usable is found."""
+    """Read PAIRS in `layout` (auto-detected by default). Raises DataError when nothing usable is found.
+    `classnames` and `templates` (files) name and prompt the classes of a classes layout."""
     if str(path).startswith(HUB_DATASET_PREFIX) and layout in ("auto", "datasets"):
-        return with_pairs(Path(str(path)), read_datasets(str(path), image_column, caption_column))
+        return with_pairs(Path(str(path)), read_datasets(str(path), image_column, caption_column),
+                          classnames or templates)
     root = Path(path)
     readable_root(root)
     if layout not in ("auto", *LAYOUTS):
         raise UsageError(f"--layout {layout!r} is not one of auto, {', '.join(LAYOUTS)}")
-    if layout == "auto":
+    detected = layout == "auto"
+    if detected:
         layout = detect_layout(root)
     if root.is_file() and layout not in ("csv", "parquet"):
         raise DataError(f"{root}: is a file; only the csv and parquet layouts read a single file")
     if layout == "sidecar":
         pairset = read_sidecars(root)
+        if detected and not pairset.pairs:  # no captions anywhere: a folder per class, perhaps
+            labelled = read_classes(root, classnames, templates)
+            pairset = labelled if labelled_folder(labelled) else pairset
+    elif layout == "classes":
+        pairset = read_classes(root, classnames, templates)
     elif layout == "hf":
         pairset = read_hf(root)
     elif layout == "parquet":
@@ -390,17 +428,23 @@ def load_pairs(
         pairset = read_datasets(str(root), image_column, caption_column)
     else:
         pairset = read_csv_layout(root, csv_img_key, csv_caption_key)
-    return with_pairs(root, pairset)
+    return with_pairs(root, pairset, classnames or templates)
 
 
-def with_pairs(root: Path, pairset: PairSet) -> PairSet:
+def with_pairs(root: Path, pairset: PairSet, class_files: str | None = None) -> PairSet:
+    """The pair set, unless it is empty or was given class-name or template files it has no use for."""
+    if class_files and pairset.classes is None:
+        raise UsageError(f"--classnames and --templates name and prompt the classes of a labelled folder; {root} "
+                         f"was read as the {pairset.layout} layout, whose captions are its own")
     if not pairset.pairs:
         raise DataError(no_pairs_message(root, pairset))
     return pairset
 
 
 def no_pairs_message(root: Path, pairset: PairSet) -> str:
-    if pairset.images_without_captions and not pairset.captions_without_images:
+    if pairset.classes is not None:
+        detail = f"none of its {len(pairset.classes.folders)} class sub-folder(s) holds an image"
+    elif pairset.images_without_captions and not pairset.captions_without_images:
         detail = f"found {len(pairset.images_without_captions)} image(s) but no captions"
     elif pairset.problems:
         detail = f"{len(pairset.problems)} unusable item(s), first: {pairset.problems[0].path}: {pairset.problems[0].reason}"
@@ -408,4 +452,4 @@ def no_pairs_message(root: Path, pairset: PairSet) -> str:
         detail = "folder holds no images"
     return (f"{root}: no image-caption pairs ({detail}); tried layout {pairset.layout} "
             f"(layouts: sidecar image+.txt, hf metadata.jsonl/csv, csv with --csv-img-key/--csv-caption-key, "
-            f"parquet and datasets with --image-column/--caption-column)")
+            f"parquet and datasets with --image-column/--caption-column, classes: one sub-folder of images per class)")

@@ -22,6 +22,19 @@ class Problem:
     reason: str
 
 
+@dataclass(frozen=True)
+class ClassSet:
+    """A labelled folder's classes (clipfit.data.classes): `Pair.label` indexes them; every image of
+    class i has the captions `templates` filled with `names[i]`."""
+
+    names: tuple[str, ...]  # what the captions call each class
+    folders: tuple[str, ...]  # the class sub-folders, sorted: class i is folders[i]
+    templates: tuple[str, ...]  # `{c}` marks the class name
+
+    def to_json(self) -> dict:
+        return {"names": list(self.names), "folders": list(self.folders), "templates": list(self.templates)}
+
+
 @dataclass
 class PairSet:
     root: Path
@@ -31,6 +44,7 @@ class PairSet:
     warnings: list[Problem] = field(default_factory=list)  # items used, but worth knowing
     images_without_captions: list[str] = field(default_factory=list)
     captions_without_images: list[str] = field(default_factory=list)
+    classes: ClassSet | None = None  # a labelled folder's (--layout classes); None for captioned layouts
 
 
 def resolve_inside(root: Path, name: str) -> tuple[Path | None, str | None]:

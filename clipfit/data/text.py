@@ -73,6 +73,14 @@ def lines(text: str) -> list[str]:
     return [part[:-1] if part.endswith("\r") else part for part in parts]
 
 
+def distinct(texts) -> tuple[list[str], list[int]]:
+    """Each text once, in order of first appearance, and where every text of `texts` is among them:
+    what lets a labelled folder's classes × templates captions be encoded once, not once per image."""
+    rows: dict[str, int] = {}
+    where = [rows.setdefault(text, len(rows)) for text in texts]
+    return list(rows), where
+
+
 def caption_lines(text: str) -> list[str]:
     """The captions of a caption file's text: one per non-blank line, stripped."""
     return [line.strip() for line in lines(text) if line.strip()]

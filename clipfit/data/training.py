@@ -15,9 +15,10 @@ from torch.utils.data import Dataset
 from clipfit.cache import content_digest
 from clipfit.config import RefineConfig
 from clipfit.data.check import CheckReport, check_pairset
+from clipfit.data.classes import stratified_split
 from clipfit.data.dataset import PairDataset
 from clipfit.data.images import stored_in
-from clipfit.data.pairs import Pair
+from clipfit.data.pairs import ClassSet, Pair
 from clipfit.data.layouts import load_pairs
 from clipfit.data.shards import ShardSet, ShardStream, extract_sample, find_shards
 from clipfit.errors import DataError, UsageError
@@ -37,6 +38,11 @@ class RunData:
     check: CheckReport
     data_hash: str
     stream: ShardSet | None = None  # --layout webdataset; train is then a sample
+
+    @property
+    def classes(self) -> ClassSet | None:
+        """A labelled folder's classes (--layout classes), which each pair's `label` indexes."""
+        return self.check.classes
 
 
 def data_hash(pairs: list[Pair]) -> str:
@@ -71,8 +77,13 @@ def same_data(saved_hash: str | None, data: RunData) -> bool:
 
 
 def split_val(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(training, validation) pairs; a labelled folder's split is stratified: about `fraction` of
+    every class with two or more images is held out (clipfit.data.classes.stratified_split)."""
     if fraction <= 0:
         return pairs, []
+    if pairs[0].label is not None:
+        kept, held = stratified_split([pair.label for pair in pairs], fraction, seed)
+        return [pairs[i] for i in kept], [pairs[i] for i in held]
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(pairs) * fraction))
@@ -87,7 +98,7 @@ def load_data(pairs_path: str, config: RefineConfig, run_dir: Path, progress: Pr
     if config.layout == "webdataset":
         return load_stream(pairs_path, run_dir)
     pairset = load_pairs(pairs_path, config.layout, config.csv_img_key, config.csv_caption_key,
-                         config.image_column, config.caption_column)
+                         config.image_column, config.caption_column, config.classnames, config.templates)
     check = check_pairset(pairset, max_pixels=config.max_image_pixels, find_duplicates=False,
                           workers=max(1, config.workers))
     for warning in check.warnings:

@@ -6,8 +6,9 @@
   cifar10, cifar100
             torchvision's on-disk format (cifar-10-batches-py/, cifar-100-python/) in PATH;
             never downloaded. The test split is evaluated.
-  folder    an ImageFolder of your own: class names are the folder names (sorted), unless
-            --classnames FILE gives them in that order.
+  folder    an ImageFolder of your own: class names are the folder names (sorted, `_` read as a
+            space), unless --classnames FILE gives them in that order; a training folder of
+            `clipfit refine --layout classes` is read by the same conventions (clipfit.data.classes).
   imagenet-v2, imagenet-sketch, imagenet-r, imagenet-a, objectnet
             ImageNet's distribution shifts: clipfit.eval.shifts.
 
@@ -19,17 +20,21 @@ ROOT/templates.txt, else ImageNet's templates. Templates mark the class name wit
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from clipfit.data.classes import (FOLDER_TEMPLATES, class_folders, class_names, default_templates, fill, read_list,
+                                  read_templates, stratified_split)
 from clipfit.eval.catalog import (BENCHMARK_NAMES, DATASETS, SHIFTS, Found, benchmark_classnames, benchmark_templates,
                                   dataset_names, imagenet_synsets)
 from clipfit.errors import DataError, UsageError
+
+__all__ = ["DATASETS", "LabelledImages", "load_labelled", "image_folder",
+           # the conventions a labelled training folder shares (clipfit.data.classes)
+           "default_templates", "fill", "read_list", "read_templates", "stratified_split"]
 
 SYNSET = re.compile(r"n\d{8}")
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -81,52 +86,11 @@ def identity(image):
     return image
 
 
-def default_templates() -> list[str]:
-    """CLIP_benchmark's templates for a set without its own: ImageNet's 80 (OpenAI's)."""
-    return benchmark_templates(BENCHMARK_NAMES["imagenet"]).items
-
-
-def read_list(path: str | Path, what: str) -> list[str]:
-    """A JSON list of strings, or one entry per non-blank line (\\n or \\r\\n ends a line, nothing else)."""
-    from clipfit.data.text import caption_lines
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read {what} file ({e.strerror or e})") from None
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: {what} file is not valid JSON (line {e.lineno}: {e.msg})") from None
-        if not all(isinstance(item, str) for item in items):
-            raise UsageError(f"{path}: {what} file must be a JSON list of strings")
-    else:
-        items = caption_lines(text)
-    if not items:
-        raise UsageError(f"{path}: {what} file is empty")
-    return items
-
-
-def read_templates(path: str | Path) -> list[str]:
-    templates = read_list(path, "templates")
-    missing = [t for t in templates if "{c}" not in t]
-    if missing:
-        raise UsageError(f"{path}: template {missing[0]!r} has no {{c}} where the class name goes")
-    return templates
-
-
-def fill(template: str, classname: str) -> str:
-    # replace, not str.format: a template may hold other braces
-    return template.replace("{c}", classname)
-
-
 def image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     """Class folders sorted by name and their image files, as torchvision's ImageFolder finds them."""
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    folders = class_folders(root)
     images, labels = class_images(root, folders)
     if not images:
         raise DataError(f"{root}: no images in class sub-folders (an ImageFolder holds ROOT/<class>/<image>)")
@@ -188,17 +152,16 @@ def load_cifar(name: str, root: Path) -> LabelledImages:
                           sources={"classnames": f"torchvision {make.__name__}.classes", "templates": templates.source})
 
 
-FOLDER_TEMPLATES = "templates.txt"  # a folder set's own prompts, beside its class folders
-
-
 def load_folder(root: Path) -> LabelledImages:
     from clipfit.data.images import open_rgb
 
     folders, images, labels = image_folder(root)
     own = root / FOLDER_TEMPLATES
     templates = Found(read_templates(own), str(own)) if own.is_file() else benchmark_templates(BENCHMARK_NAMES["imagenet"])
-    return LabelledImages(root.resolve().name, str(root.resolve()), images, labels, folders, templates.items, open_rgb,
-                          sources={"classnames": "the class folders' names", "templates": templates.source})
+    return LabelledImages(root.resolve().name, str(root.resolve()), images, labels, class_names(root, folders, None),
+                          templates.items, open_rgb,
+                          sources={"classnames": "the class folders' names (_ read as a space)",
+                                   "templates": templates.source})
 
 
 def load_labelled(dataset: str, path: str | Path, classnames_file: str | None = None,
@@ -234,20 +197,3 @@ def overridden(data, where: str, classnames_file: str | None, templates_file: st
         data.templates = read_templates(templates_file)
         data.sources["templates"] = f"--templates {templates_file}"
     return data
-
-
-def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (kept, held out): about `fraction` of each class held out, at least one where a
-    class has two or more images."""
-    by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
-    rng = random.Random(seed)
-    kept, held = [], []
-    for label in sorted(by_class):
-        members = by_class[label][:]
-        rng.shuffle(members)
-        n_held = min(len(members) - 1, max(1, round(len(members) * fraction))) if len(members) > 1 else 0
-        held += members[:n_held]
-        kept += members[n_held:]
-    return sorted(kept), sorted(held)

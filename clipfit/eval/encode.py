@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from clipfit.data.text import distinct
 from clipfit.data.tokens import needed_lengths, text_trim_rule
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
@@ -117,16 +118,22 @@ class Encoder:
         return self.run(self.model.encode_image, batches, description, items)
 
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:
-        """Normalised embeddings of `texts`, in order.
+        """Normalised embeddings of `texts`, in order. Each distinct text is encoded once per
+        Encoder: a labelled folder's captions repeat per class, and are its classifier's prompts too.
 
         They are encoded shortest first, so each batch holds texts of about one length and is
         trimmed to it (clipfit.models.encode_text); a text's embedding does not depend on the
         others in its batch, so the order changes nothing but the work."""
-        tokens = self.tokenizer(list(texts))
-        order = torch.argsort(needed_lengths(tokens, text_trim_rule(self.model)), stable=True)
-        chunks = [tokens[order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
-        embedded = self.run(partial(encode_text, self.model), chunks, description)
-        return embedded[torch.argsort(order)]
+        known = self.cache.setdefault("texts", {})  # text -> its embedding, for this model state
+        unique, where = distinct(texts)
+        new = [text for text in unique if text not in known]
+        if new:
+            tokens = self.tokenizer(new)
+            order = torch.argsort(needed_lengths(tokens, text_trim_rule(self.model)), stable=True)
+            chunks = [tokens[order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
+            embedded = self.run(partial(encode_text, self.model), chunks, description)[torch.argsort(order)]
+            known.update(zip(new, embedded))
+        return torch.stack([known[text] for text in unique])[torch.tensor(where, dtype=torch.long)]
 
 
 def counted(ticks: Iterator, batches: Iterable) -> Iterator:

@@ -1,17 +1,24 @@
 """Evaluating a run's own split: the validation yardsticks every method is judged by (CLIP loss,
-R@1 both ways, modality gap), on the validation pairs or, without them, a training subset."""
+R@1 both ways, modality gap), on the validation pairs or, without them, a training subset. A
+labelled folder's split is also a zero-shot set of the run's own classes and templates, measured
+as a classifier built from the model's text tower (top-1, top-5, mean per-class recall, ECE, and
+the confusion matrix behind the report's per-class table)."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
 
-from clipfit.data.images import DEFAULT_MAX_PIXELS
+from clipfit.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from clipfit.data.pairs import Pair
 from clipfit.data.training import RunData
+from clipfit.eval.datasets import LabelledImages
 from clipfit.eval.encode import Encoder, encoder_for
 from clipfit.eval.metrics import modality_gap, paired_retrieval
 from clipfit.eval.retrieval import encode_pairs_all_captions, first_captions
+from clipfit.eval.zeroshot import classifier_metrics, confusion_matrix
 from clipfit.losses import clip_loss
 from clipfit.models import LoadedModel, base_logit_scale
 
@@ -21,7 +28,11 @@ TRAINING_SUBSET = 256  # pairs measured when there is no validation split
 
 def eval_pairs(data: RunData) -> tuple[list[Pair], str]:
     """The pairs a run is measured on, and what run.json calls them."""
-    return (data.val, "validation") if data.val else (data.train[:TRAINING_SUBSET], "training subset")
+    if data.val:
+        return data.val, "validation"
+    # a labelled folder's pairs come class by class: every n-th spreads the subset over the classes
+    every = -(-len(data.train) // TRAINING_SUBSET) if data.classes else 1
+    return data.train[::every][:TRAINING_SUBSET], "training subset"
 
 
 def eval_key(data: RunData) -> str:
@@ -42,3 +53,30 @@ def evaluate_split(model: nn.Module, pairs: list[Pair], loaded: LoadedModel, dev
         loss = clip_loss(image, text, base_logit_scale(model).exp().float().cpu()).item()
     return {"clip_loss": loss, "image_to_text_R@1": retrieval["image_to_text_R@1"],
             "text_to_image_R@1": retrieval["text_to_image_R@1"], "modality_gap": modality_gap(image, text)}
+
+
+def split_classes(data: RunData, max_pixels: int = DEFAULT_MAX_PIXELS) -> LabelledImages | None:
+    """A labelled folder's evaluation pairs as a zero-shot set of its classes and templates (None for
+    captioned layouts). Its images are keyed as the split's, so an Encoder encodes them once for both."""
+    if data.classes is None:
+        return None
+    pairs, name = eval_pairs(data)
+    return LabelledImages(name, eval_key(data), [p.image for p in pairs], [p.label for p in pairs],
+                          list(data.classes.names), list(data.classes.templates),
+                          partial(open_rgb, max_pixels=max_pixels))
+
+
+def evaluate_classes(encoder: Encoder, labelled: LabelledImages | None) -> dict[str, float]:
+    """The split measured as a classifier (clipfit.eval.zeroshot.classifier_metrics); nothing
+    without classes."""
+    return classifier_metrics(encoder, labelled) if labelled is not None else {}
+
+
+def class_facts(encoder: Encoder, labelled: LabelledImages | None) -> dict | None:
+    """What run.json keeps for the report: the classes, the confusion matrix (rows: true class,
+    columns: predicted) and each class's top-1 (percent; None for a class without images here)."""
+    if labelled is None:
+        return None
+    matrix = confusion_matrix(encoder, labelled)
+    return {"classes": labelled.classes, "confusion": matrix,
+            "per_class_acc1": [100.0 * row[i] / sum(row) if sum(row) else None for i, row in enumerate(matrix)]}

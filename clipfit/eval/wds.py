@@ -70,6 +70,11 @@ class WdsSet:
     def class_count(self) -> int:
         return len(self.classes or ())
 
+    @property
+    def key(self) -> str:
+        """The set's name in an Encoder's cache."""
+        return f"{self.name}:{self.split}:{self.identity}"
+
     @cached_property
     def identity(self) -> str:
         """Changes when any shard of the split changes (names, sizes, contents)."""

@@ -69,21 +69,45 @@ def classification_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
     return metrics
 
 
-def zeroshot(encoder: Encoder, data) -> dict[str, float]:
-    """Classification metrics (percent), then geometry with the class embeddings as the text side.
+def zeroshot_scores(encoder: Encoder, data) -> tuple[Tensor, Tensor, Tensor]:
+    """(image embeddings, classifier, targets) of a set, computed once per Encoder and set.
 
     `data` is a clipfit.eval.datasets.LabelledImages or a clipfit.eval.wds.WdsSet: anything with
-    `classes`, `templates`, `groups` and `features(encoder)` giving (image embeddings, targets)."""
-    classifier = class_embeddings(encoder, data.classes, data.templates)
-    images, targets = data.features(encoder)
+    `key`, `classes`, `templates`, `groups` and `features(encoder)` giving (image embeddings, targets)."""
+    if ("zeroshot", data.key) not in encoder.cache:
+        images, targets = data.features(encoder)
+        encoder.cache["zeroshot", data.key] = (images, class_embeddings(encoder, data.classes, data.templates), targets)
+    return encoder.cache["zeroshot", data.key]
+
+
+def classifier_metrics(encoder: Encoder, data) -> dict[str, float]:
+    """Top-1, ECE, top-5 (more than 5 classes) and mean per-class recall (percent) of a set; a
+    multi-label set's mean average precision."""
+    images, classifier, targets = zeroshot_scores(encoder, data)
     if targets.dim() == 2:  # one 0/1 column per class: multi-label
         return {"mean_average_precision": mean_average_precision(100.0 * images @ classifier.T, targets)}
     similarity = pooled(images @ classifier.T, data.groups)
     metrics = classification_metrics(100.0 * similarity, targets)
     ece = expected_calibration_error(model_logit_scale(encoder) * similarity, targets)
-    metrics = {"acc1": metrics.pop("acc1"), "ece": ece, **metrics}
+    return {"acc1": metrics.pop("acc1"), "ece": ece, **metrics}
+
+
+def zeroshot(encoder: Encoder, data) -> dict[str, float]:
+    """Classification metrics (percent), then geometry with the class embeddings as the text side."""
+    metrics = classifier_metrics(encoder, data)
+    images, classifier, targets = zeroshot_scores(encoder, data)
+    if targets.dim() == 2:
+        return metrics
     classes = class_rows(classifier, data.groups)
     return {**metrics, **geometry(images, classes, (images, classes[targets]))}
+
+
+def confusion_matrix(encoder: Encoder, data) -> list[list[int]]:
+    """Images of true class i (row) predicted as class j (column)."""
+    images, classifier, targets = zeroshot_scores(encoder, data)
+    n = data.class_count
+    cells = targets * n + pooled(images @ classifier.T, data.groups).argmax(dim=1)
+    return torch.bincount(cells, minlength=n * n).view(n, n).tolist()
 
 
 def pooled(scores: Tensor, groups: list[list[int]] | None) -> Tensor:
