@@ -106,7 +106,7 @@ def clipfit_eval(args, work: Path, task: str, model: Path) -> tuple[dict, dict]:
 
 def clip_benchmark_spec(args, work: Path, task: str, model: Path) -> Path:
     """What clip_benchmark_eval.py needs: clipfit's own reading of the data, so both see the same items."""
-    from clipfit.eval.datasets import load_labelled
+    from clipfit.eval.sets import load_labelled
     from clipfit.eval.retrieval import load_eval_pairs
 
     spec = {"task": task, "model": str(model), "batch_size": args.batch_size, "workers": args.workers}

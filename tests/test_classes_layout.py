@@ -14,7 +14,7 @@ from clipfit.data.dataset import PairDataset
 from clipfit.data.layouts import load_pairs
 from clipfit.data.training import split_val
 from clipfit.errors import DataError, UsageError
-from clipfit.eval.datasets import load_labelled
+from clipfit.eval.sets import load_labelled
 from conftest import run_cli
 
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipfit.errors import DataError, UsageError
-from clipfit.eval.datasets import load_labelled, read_templates, stratified_split
+from clipfit.eval.datasets import read_templates, stratified_split
+from clipfit.eval.sets import load_labelled
 from clipfit.eval.encode import encoder_for
 from clipfit.eval.linear_probe import fit_logistic
 from clipfit.eval.zeroshot import class_embeddings, classification_metrics, zeroshot

@@ -324,7 +324,8 @@ def test_an_interrupted_sweep_resumes_skipping_finished_runs(tmp_path, tiny_conf
 
 
 def test_a_folder_zero_shot_set_may_bring_its_own_prompts(tmp_path):
-    from clipfit.eval.datasets import default_templates, load_labelled
+    from clipfit.eval.datasets import default_templates
+    from clipfit.eval.sets import load_labelled
 
     root = write_image_folder(tmp_path / "classes", classes=["cat", "dog"], per_class=1)
     assert load_labelled("folder", root).templates == default_templates()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from clipfit.errors import DataError
 from clipfit.eval.catalog import benchmark_classnames, imagenet_synsets
-from clipfit.eval.datasets import load_labelled
+from clipfit.eval.sets import load_labelled
 from clipfit.eval.encode import encoder_for
 from clipfit.eval.zeroshot import zeroshot
 from test_eval_zeroshot import tiny_model  # noqa: F401 (a fixture)

@@ -28,11 +28,10 @@ from typing import Callable
 
 from clipfit.data.classes import (FOLDER_TEMPLATES, class_folders, class_names, default_templates, fill, read_list,
                                   read_templates, stratified_split)
-from clipfit.eval.catalog import (BENCHMARK_NAMES, DATASETS, SHIFTS, Found, benchmark_classnames, benchmark_templates,
-                                  dataset_names, imagenet_synsets)
-from clipfit.errors import DataError, UsageError
+from clipfit.eval.catalog import BENCHMARK_NAMES, DATASETS, Found, benchmark_classnames, benchmark_templates, imagenet_synsets
+from clipfit.errors import DataError
 
-__all__ = ["DATASETS", "LabelledImages", "load_labelled", "image_folder",
+__all__ = ["DATASETS", "LabelledImages", "image_folder",
            # the conventions a labelled training folder shares (clipfit.data.classes)
            "default_templates", "fill", "read_list", "read_templates", "stratified_split"]
 
@@ -162,38 +161,3 @@ def load_folder(root: Path) -> LabelledImages:
                           templates.items, open_rgb,
                           sources={"classnames": "the class folders' names (_ read as a space)",
                                    "templates": templates.source})
-
-
-def load_labelled(dataset: str, path: str | Path, classnames_file: str | None = None,
-                  templates_file: str | None = None) -> LabelledImages:
-    """One of DATASETS at `path`, with --classnames/--templates overrides applied."""
-    if dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {dataset!r}: choose one of {dataset_names()}")
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"{root}: no such folder")
-    if dataset == "imagenet":
-        data = load_imagenet(root)
-    elif dataset in ("cifar10", "cifar100"):
-        data = load_cifar(dataset, root)
-    elif dataset in SHIFTS:
-        from clipfit.eval.shifts import load_shift
-
-        data = load_shift(dataset, root)
-    else:
-        data = load_folder(root)
-    return overridden(data, f"{dataset} at {root}", classnames_file, templates_file)
-
-
-def overridden(data, where: str, classnames_file: str | None, templates_file: str | None):
-    """`data` (a LabelledImages or a clipfit.eval.wds.WdsSet) with --classnames and --templates applied."""
-    if classnames_file:
-        classnames = read_list(classnames_file, "class names")
-        if len(classnames) != len(data.classes):
-            raise UsageError(f"--classnames has {len(classnames)} names but {where} has {len(data.classes)} classes")
-        data.classes = classnames
-        data.sources["classnames"] = f"--classnames {classnames_file}"
-    if templates_file:
-        data.templates = read_templates(templates_file)
-        data.sources["templates"] = f"--templates {templates_file}"
-    return data

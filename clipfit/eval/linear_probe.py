@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipfit.errors import DataError
-from clipfit.eval.datasets import LabelledImages, load_labelled, stratified_split
+from clipfit.eval.datasets import LabelledImages, stratified_split
+from clipfit.eval.sets import load_labelled
 from clipfit.eval.encode import Encoder
 from clipfit.eval.zeroshot import classification_metrics
 

@@ -154,7 +154,7 @@ def unique_name(name: str, taken: dict) -> str:
 def load_set(spec: SetSpec):
     """A zero-shot set (clipfit.eval.datasets.LabelledImages or clipfit.eval.wds.WdsSet) or a
     retrieval set (a WdsSet), with the spec's class names and templates applied."""
-    from clipfit.eval.datasets import load_labelled, overridden
+    from clipfit.eval.sets import load_labelled, overridden
 
     if not is_wds(spec.dataset):
         return load_labelled(spec.dataset, spec.location, spec.classnames, spec.templates)
