@@ -127,7 +127,8 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[flo
     from clipfit.data.training import load_data, same_data
     from clipfit.eval.suite import deltas, load_suite
     from clipfit.report import write_report
-    from clipfit.run import measure_model
+    from clipfit.frozen.measure import freeze_unchanged
+    from clipfit.run import measure_model, measurement_rows
     from clipfit.rundir import write_run_json
     from clipfit.selection import choose, metric_value, record
 
@@ -144,11 +145,14 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, alphas: list[flo
     tuned = load_tuned(run_dir, which)
     tuned_state = {k: v.detach().clone() for k, v in tuned.model.state_dict().items()}
     model = tuned.model.to(device)
+    freeze_unchanged(model, start_state, tuned_state)  # what no α changes is encoded once (clipfit.frozen.measure)
+    frozen = measurement_rows(model, tuned, cfg, device, progress)
     measured = []
     for alpha in alphas:
         model.load_state_dict(interpolate_state(start_state, tuned_state, alpha))
         progress.info(f"measuring α = {alpha:g}")
-        measured.append(measure_model(model, tuned, data, cfg, device, suite, f"{run_dir} interpolated at α = {alpha:g}"))
+        measured.append(measure_model(model, tuned, data, cfg, device, suite, f"{run_dir} interpolated at α = {alpha:g}",
+                                      frozen=frozen))
     labels = [f"α={a:g}" for a in alphas]
     choice = choose(measured, saved["before"], rule, labels)
     index = choice.index if choice.index is not None else len(alphas) - 1

@@ -9,19 +9,23 @@ NaN scores every comparison false, so NaN embeddings would otherwise rank every 
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from clipfit.cache import image_list_hash, texts_hash
 from clipfit.data.tokens import needed_lengths, text_trim_rule
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
+from clipfit.frozen.measure import FrozenRows
+from clipfit.frozen.towers import frozen_output
 from clipfit.models import encode_text, evaluating
 from clipfit.precision import autocast
 from clipfit.progress import track
@@ -67,6 +71,9 @@ class Encoder:
     # None for weights changed in memory (a model being trained): nothing outlives this Encoder.
     identity: dict | None = None
     feature_cache: Any = None  # clipfit.cache.FeatureCache
+    # The frozen parts' outputs, shared by every encoder of the model's run (clipfit.frozen.measure);
+    # None: every tower runs whole.
+    frozen: FrozenRows | None = None
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -81,16 +88,43 @@ class Encoder:
 
         return rich_track(loader, description=description, console=Console(stderr=True), transient=True)
 
-    @torch.no_grad()
     def run(self, encode: Callable, loader, description: str) -> torch.Tensor:
+        """Normalised embeddings of every batch of `loader` through `encode(batch, normalize=False)`."""
+        return self.finished(self.outputs(partial(encode, normalize=False), loader, description), description)
+
+    @torch.no_grad()
+    def outputs(self, encode: Callable, batches: Iterable, description: str) -> torch.Tensor:
+        """`encode(batch)` of every batch, in evaluation mode, as float32 CPU rows in batch order."""
         outputs = []
         with evaluating(self.model):
-            for batch in self.batches(loader, description):
+            for batch in self.batches(batches, description):
                 with self.autocast():
-                    outputs.append(encode(batch.to(self.device), normalize=False).float().cpu())
-        features = torch.cat(outputs)
+                    outputs.append(encode(batch.to(self.device)).float().cpu())
+        return torch.cat(outputs)
+
+    def finished(self, features: torch.Tensor, description: str) -> torch.Tensor:
         self.check_finite(features, description)
         return F.normalize(features, dim=-1)
+
+    def tower(self, tower: str, batches: Callable[[], Any], identity: Callable[[], dict], description: str) -> torch.Tensor:
+        """Unnormalised outputs of `tower` ("image" or "text") for the items `batches()` yields (a
+        context manager giving the batches), in batch order.
+
+        A tower with a frozen part (`frozen`, clipfit.frozen.measure) runs it once per item,
+        however many times this or a later encoder of the run asks (`identity()` names the
+        items by content), and only its trainable rest on those rows now."""
+        encode = partial(self.model.encode_image, normalize=False) if tower == "image" else partial(encode_text, self.model)
+        part = self.frozen.part(tower) if self.frozen is not None else None
+        if part is None:
+            with batches() as loaded:
+                return self.outputs(encode, loaded, description)
+
+        def frozen_rows() -> torch.Tensor:
+            with batches() as loaded:
+                return self.outputs(partial(frozen_output, self.model, part), loaded, f"{description} (frozen part)")
+
+        rows = self.frozen.of_items(tower, identity(), frozen_rows)
+        return rows if part.rest is None else self.outputs(part.rest, rows.split(self.batch_size), description)
 
     def check_finite(self, features: torch.Tensor, description: str) -> None:
         """Exit 5 naming the model when any embedding holds NaN or infinity."""
@@ -103,8 +137,10 @@ class Encoder:
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
         """Normalised embeddings of the images at `paths`, computed once per `key`."""
         if ("images", key) not in self.cache:
-            with ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers) as loader:
-                self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
+            description = f"images of {Path(key).name}"
+            batches = partial(ordered_loader, ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers)
+            identity = lambda: {"images": image_list_hash(list(paths)), "count": len(paths), "set": key}  # noqa: E731
+            self.cache["images", key] = self.finished(self.tower("image", batches, identity, description), description)
         return self.cache["images", key]
 
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:
@@ -116,15 +152,16 @@ class Encoder:
         tokens = self.tokenizer(list(texts))
         order = torch.argsort(needed_lengths(tokens, text_trim_rule(self.model)), stable=True)
         chunks = [tokens[order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
-        embedded = self.run(partial(encode_text, self.model), chunks, description)
+        identity = lambda: {"texts": texts_hash(list(texts)), "count": len(texts)}  # noqa: E731
+        embedded = self.finished(self.tower("text", partial(nullcontext, chunks), identity, description), description)
         return embedded[torch.argsort(order)]
 
 
 def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,
                 quiet: bool = True, label: str | None = None, identity: dict | None = None,
-                feature_cache=None) -> Encoder:
+                feature_cache=None, frozen: FrozenRows | None = None) -> Encoder:
     return Encoder(model, loaded.preprocess_val, loaded.tokenizer, device, batch_size, workers, precision, quiet,
-                   label or model_label(loaded), identity=identity, feature_cache=feature_cache)
+                   label or model_label(loaded), identity=identity, feature_cache=feature_cache, frozen=frozen)
 
 
 def model_label(loaded) -> str:

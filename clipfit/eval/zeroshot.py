@@ -10,13 +10,11 @@ expected calibration error `ece` of the softmax at the model's own logit scale.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipfit.cache import texts_hash
 from clipfit.eval.datasets import LabelledImages, fill
 from clipfit.eval.encode import Encoder
 from clipfit.eval.metrics import expected_calibration_error, geometry
@@ -42,10 +40,6 @@ def class_embeddings(encoder: Encoder, classnames: list[str], templates: list[st
            "classes": texts_hash(classnames), "templates": texts_hash(templates),
            "counts": [len(classnames), len(templates)], "precision": encoder.precision, "device": encoder.device.type}
     return cache.get_or_build(key, lambda: {"classifier": build()}, float_dtype=torch.float32)["classifier"]
-
-
-def texts_hash(texts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
 
 
 def top_k_accuracy(logits: Tensor, targets: Tensor, k: int) -> float:
