@@ -365,9 +365,10 @@ def environment() -> dict[str, Any]:
 # --- free space, resume ------------------------------------------------------------------------
 
 def check_free_space(run_dir: Path, parameter_bytes: int, trainable_bytes: int, keep: int) -> None:
-    """Model + `keep` checkpoints (weights and two AdamW moments per trainable weight). A replaced
-    run's staged files count as free: they are deleted before training starts."""
-    needed = parameter_bytes + keep * (parameter_bytes + 2 * trainable_bytes)
+    """Model + `keep` checkpoints (each the trainable weights and their two AdamW moments; the
+    frozen weights stay out, clipfit.train.changing_state). A replaced run's staged files count as
+    free: they are deleted before training starts."""
+    needed = parameter_bytes + keep * 3 * trainable_bytes
     free = shutil.disk_usage(run_dir).free + staged_bytes(run_dir)
     if free < needed:
         raise OutputError(f"{run_dir}: {free / 2**20:.0f} MiB free, the run needs about {needed / 2**20:.0f} MiB "

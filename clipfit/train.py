@@ -168,7 +168,7 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
-            "model": {k: v for k, v in self.model.state_dict().items()},
+            "model": changing_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "methods": {m.name: m.state_dict() for m in self.methods.methods},
@@ -199,7 +199,7 @@ class Trainer:
                              f"({'all damaged' if checkpoint_paths(self.run_dir) else 'none was written'}), "
                              "nothing to continue from; start again with --overwrite instead of --resume")
         _path, state = found
-        self.model.load_state_dict(state["model"])
+        load_changing_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for method in self.methods.methods:
@@ -463,7 +463,8 @@ class Trainer:
         raise self.training_failed(f"non-finite loss at {where}", "or --nan-policy skip")
 
     def check_finite_weights(self) -> None:
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        """Only trainable weights change, so only they can have turned non-finite."""
+        bad = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if bad:
             raise self.training_failed(f"non-finite weights after step {self.position.step} ({len(bad)} tensor(s), "
                                        f"e.g. {bad[0]}): a gradient was NaN or infinite")
@@ -498,6 +499,25 @@ class Trainer:
 
 class NonFinite(Exception):
     pass
+
+
+def changing_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: the trainable parameters and every buffer. The frozen
+    weights are the starting model's, which --resume builds again (it refuses another --model,
+    --pretrained or --seed), so a run with locked towers writes its heads, not the whole model."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in trainable or k in buffers}
+
+
+def load_changing_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's model tensors into `model`; a whole state dict (as earlier versions wrote) loads too."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    absent = sorted((set(missing) & trainable) | set(unexpected))
+    if absent:
+        raise UsageError(f"--resume: the checkpoint does not fit this model (e.g. {absent[0]}); "
+                         "start again with --overwrite")
 
 
 def torch_rng_state(device: torch.device) -> tuple:

@@ -277,6 +277,9 @@ if __name__ == "__main__":  # the subprocess driver: clipfit's CLI with the test
     # accumulated steps: the no-grad pass, the replayed RNG states and the per-step draws
     pytest.param(["--batch-size", "2", "--grad-accum", "2", "--method", "refine+lite", "--lite-negatives", "shuffle"],
                  id="refine+lite-grad-accum"),
+    # checkpoints without the frozen weights, which --resume takes from the starting model again
+    pytest.param(["--batch-size", "4", "--lock-text"], id="locked-text"),
+    pytest.param(["--batch-size", "4", "--lora", "--lora-targets", "c_fc"], id="lora"),
 ])
 def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(extra, tmp_path, tiny_config):
     pairs = write_pairs(tmp_path / "pairs", n=16)
@@ -291,6 +294,16 @@ def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(extra, tmp_path, ti
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     whole, parts = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("whole", "parts"))
     assert all(torch.equal(whole[name], parts[name]) for name in whole)
+
+
+def test_a_checkpoint_holds_what_trains_and_the_buffers(tmp_path, tiny_config):
+    pairs = write_pairs(tmp_path / "pairs", n=8)
+    assert run_main(tiny_refine_args(pairs, tmp_path / "run", tiny_config, "--lock-image", "--lock-text")) == 0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000001.pt", weights_only=True)
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    # both towers locked: only the logit scale trains (and this CLIP has no persistent buffers)
+    assert set(state["model"]) == {"logit_scale"}
+    assert len(saved) > 30  # the model file still holds every weight
 
 
 # --- what --resume refuses, and what it accepts -------------------------------------------------
