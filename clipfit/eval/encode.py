@@ -26,7 +26,7 @@ from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
 from clipfit.frozen.measure import FrozenRows
 from clipfit.frozen.towers import frozen_output
-from clipfit.models import encode_text, evaluating
+from clipfit.models import encode_text, evaluating, use_channels_last
 from clipfit.precision import autocast
 from clipfit.progress import track
 
@@ -160,6 +160,9 @@ class Encoder:
 def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,
                 quiet: bool = True, label: str | None = None, identity: dict | None = None,
                 feature_cache=None, frozen: FrozenRows | None = None) -> Encoder:
+    """The encoder of `model`, whose convolutional image tower it stores channels-last on CPU, as
+    training does (clipfit.models.use_channels_last: faster, the same numbers to float rounding)."""
+    use_channels_last(model, device)
     return Encoder(model, loaded.preprocess_val, loaded.tokenizer, device, batch_size, workers, precision, quiet,
                    label or model_label(loaded), identity=identity, feature_cache=feature_cache, frozen=frozen)
 
