@@ -166,9 +166,9 @@ def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, a
     data = dist.from_main(lambda: load_data(pairs_path, config, run_dir, progress))
     check_resumable(saved, saved is None or same_data(saved.get("data_hash"), data), dist.world_size, pairs_path)
     device = local_device(device, dist)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    seed_everything(config.seed)  # random weights (--pretrained none) are drawn from the seed
     loaded = models.load_model(config.model, config.pretrained)
+    seed_everything(config.seed)  # LoRA's adapters and the run's draws: from the seed, whatever building drew
     model = prepare_model(loaded, config, device)
     composite.restrict(model, progress.info)
     counts = models.count_parameters(model)
@@ -195,6 +195,11 @@ def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, a
         folder.commit()  # the new run is in place: the one it replaces goes
     return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings,
                  info, folder, trackers, measurement_rows(model, loaded, config, device, progress))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
 
 
 def start_trackers(config: RefineConfig, run_dir: Path) -> Trackers | None:
