@@ -131,10 +131,21 @@ def placeholder_weights() -> Iterator[None]:
         register(module, name, placeholder)
 
     nn.Module.register_parameter = on_meta
+    notice = WeightsComeNext()
+    logging.getLogger().addFilter(notice)
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        logging.getLogger().removeFilter(notice)
+
+
+class WeightsComeNext(logging.Filter):
+    """open_clip says a model it built without a checkpoint is 'initialized randomly': not one built
+    for its weights to be loaded next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
 
 
 def assign_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
