@@ -50,13 +50,19 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(src: Path, extra: list[str], out: Path, cache: Path, threads: int | None) -> dict:
+def readme_args() -> list[str]:
+    """The README's command with its pairs folder made absolute: every run starts in a folder of its
+    own, so that `python -m clipfit` imports the checkout on PYTHONPATH, not one in the current folder."""
     from quickstart_seeds import readme_command
 
-    command = [sys.executable, "-m", "clipfit", *readme_command(), *extra, "--out", str(out), "--overwrite",
+    return [str(REPO / word) if word == "examples/pairs" else word for word in readme_command()]
+
+
+def run(src: Path, extra: list[str], out: Path, cache: Path, threads: int | None) -> dict:
+    command = [sys.executable, "-m", "clipfit", *readme_args(), *extra, "--out", str(out), "--overwrite",
                "--cache-dir", str(cache), "--quiet"]
     started, cpu_started = time.perf_counter(), children_cpu_seconds()
-    done = subprocess.run(command, cwd=REPO, env=environment(src, threads), capture_output=True, text=True)
+    done = subprocess.run(command, cwd=out.parent, env=environment(src, threads), capture_output=True, text=True)
     seconds = {"wall": time.perf_counter() - started, "cpu": children_cpu_seconds() - cpu_started}
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[2:6])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")

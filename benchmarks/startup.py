@@ -49,16 +49,16 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def first_step(src: Path, work: Path, cache: Path, threads: int | None, label: str) -> dict:
-    from quickstart_seeds import readme_command
+    from quickstart import readme_args
 
     out = work / f"first-step-{label}"
-    command = [sys.executable, "-m", "clipfit", *readme_command(), "--out", str(out), "--overwrite",
+    command = [sys.executable, "-m", "clipfit", *readme_args(), "--out", str(out), "--overwrite",
                "--cache-dir", str(cache), "--quiet"]
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env=environment(src, threads), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, cwd=out.parent, env=environment(src, threads), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     cpu = 0.0
     while not (metrics.is_file() and metrics.read_text().strip()):
@@ -83,7 +83,7 @@ def eval_retrieval(src: Path, pairs: Path, model: Path, threads: int | None) -> 
     command = [sys.executable, "-m", "clipfit", "eval", "retrieval", str(pairs), "--model", str(model), "--device",
                "cpu", "--json"]
     started, cpu_started = time.perf_counter(), children_cpu_seconds()
-    done = subprocess.run(command, capture_output=True, text=True, env=environment(src, threads))
+    done = subprocess.run(command, capture_output=True, text=True, env=environment(src, threads), cwd=model.parent)
     seconds = {"wall": time.perf_counter() - started, "cpu": children_cpu_seconds() - cpu_started}
     if done.returncode != 0:
         raise SystemExit(f"clipfit eval retrieval failed ({done.returncode}):\n{done.stderr[-3000:]}")
