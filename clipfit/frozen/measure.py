@@ -34,7 +34,7 @@ EVAL_ROWS_FORMAT = 1
 class FrozenRows:
     parts: dict[str, FrozenPart]  # the measured model's frozen part per tower
     store: RowStore | None = None  # where rows outlive this process; None: in memory only
-    rows: dict[str, Tensor] = field(default_factory=dict)  # key → the frozen part's outputs, in item order
+    rows: dict[str, Tensor] = field(default_factory=dict)  # key → the frozen part's outputs, in the encoder's order
     encoded: dict[str, int] = field(default_factory=lambda: {"image": 0, "text": 0})  # items run through a frozen part here
 
     @classmethod
