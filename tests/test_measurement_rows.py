@@ -123,3 +123,14 @@ def test_a_run_measures_each_validation_item_once_and_interpolate_reuses_the_row
     assert "feature cache hit: eval-rows" in result.stderr + result.stdout
     wise = json.loads((tmp_path / "wise" / "run.json").read_text())
     assert wise["interpolation"]["measured"]["α=1"] == pytest.approx(reused["after"], abs=1e-4)
+
+
+def test_a_sweeps_later_runs_read_the_measurement_rows_of_its_first(tmp_path, tiny_config):
+    pairs = write_pairs(tmp_path / "pairs", n=16, captions_per_image=2)
+    out = tmp_path / "sweep"
+    run_cli("sweep", pairs, "--model", tiny_config, "--pretrained", "none", "--out", out, "--lock-image", "--lock-text",
+            "--lr", "1e-3,1e-2", "--epochs", "2", "--val-split", "0.5", "--workers", "0", "--batch-size", "8",
+            "--cache-dir", tmp_path / "cache", check=True)
+    first, second = (json.loads((out / name / "run.json").read_text())["measurement_rows"]["items_encoded"]
+                     for name in ("01-lr=0.001", "02-lr=0.01"))
+    assert first == {"image": 8, "text": 16} and second == {"image": 0, "text": 0}
