@@ -106,9 +106,10 @@ class Encoder:
         self.check_finite(features, description)
         return F.normalize(features, dim=-1)
 
-    def tower(self, tower: str, batches: Callable[[], Any], identity: Callable[[], dict], description: str) -> torch.Tensor:
-        """Unnormalised outputs of `tower` ("image" or "text") for the items `batches()` yields (a
-        context manager giving the batches), in batch order.
+    def tower(self, tower: str, batches: Callable[[], Any], count: int, identity: Callable[[], dict],
+              description: str) -> torch.Tensor:
+        """Unnormalised outputs of `tower` ("image" or "text") for the `count` items `batches()`
+        yields (a context manager giving the batches), in batch order.
 
         A tower with a frozen part (`frozen`, clipfit.frozen.measure) runs it once per item,
         however many times this or a later encoder of the run asks (`identity()` names the
@@ -123,7 +124,7 @@ class Encoder:
             with batches() as loaded:
                 return self.outputs(partial(frozen_output, self.model, part), loaded, f"{description} (frozen part)")
 
-        rows = self.frozen.of_items(tower, identity(), frozen_rows)
+        rows = self.frozen.of_items(tower, identity(), count, frozen_rows)
         return rows if part.rest is None else self.outputs(part.rest, rows.split(self.batch_size), description)
 
     def check_finite(self, features: torch.Tensor, description: str) -> None:
@@ -139,8 +140,9 @@ class Encoder:
         if ("images", key) not in self.cache:
             description = f"images of {Path(key).name}"
             batches = partial(ordered_loader, ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers)
-            identity = lambda: {"images": image_list_hash(list(paths)), "count": len(paths), "set": key}  # noqa: E731
-            self.cache["images", key] = self.finished(self.tower("image", batches, identity, description), description)
+            identity = lambda: {"images": image_list_hash(list(paths)), "set": key}  # noqa: E731
+            features = self.tower("image", batches, len(paths), identity, description)
+            self.cache["images", key] = self.finished(features, description)
         return self.cache["images", key]
 
     def texts(self, texts: Sequence[str], description: str = "texts") -> torch.Tensor:
@@ -152,8 +154,9 @@ class Encoder:
         tokens = self.tokenizer(list(texts))
         order = torch.argsort(needed_lengths(tokens, text_trim_rule(self.model)), stable=True)
         chunks = [tokens[order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
-        identity = lambda: {"texts": texts_hash(list(texts)), "count": len(texts)}  # noqa: E731
-        embedded = self.finished(self.tower("text", partial(nullcontext, chunks), identity, description), description)
+        identity = lambda: {"texts": texts_hash(list(texts))}  # noqa: E731
+        embedded = self.tower("text", partial(nullcontext, chunks), len(texts), identity, description)
+        embedded = self.finished(embedded, description)
         return embedded[torch.argsort(order)]
 
 

@@ -45,16 +45,16 @@ class FrozenRows:
     def part(self, tower: str) -> FrozenPart | None:
         return self.parts.get(tower)
 
-    def of_items(self, tower: str, items: dict, compute: Callable[[], Tensor]) -> Tensor:
-        """The frozen part's output for the items `items` names (their content, in order):
+    def of_items(self, tower: str, items: dict, count: int, compute: Callable[[], Tensor]) -> Tensor:
+        """The frozen part's output for the `count` items `items` names (their content, in order):
         `compute()` once, then from memory (or from the feature cache, in a later process)."""
-        what = {"tower": tower, "part": self.parts[tower].name, **items}
+        what = {"tower": tower, "part": self.parts[tower].name, "count": count, **items}
         key = json.dumps(what, sort_keys=True, default=str)
         if key not in self.rows:
-            self.rows[key] = self.build(tower, what, compute)
+            self.rows[key] = self.build(tower, what, count, compute)
         return self.rows[key]
 
-    def build(self, tower: str, what: dict, compute: Callable[[], Tensor]) -> Tensor:
+    def build(self, tower: str, what: dict, count: int, compute: Callable[[], Tensor]) -> Tensor:
         def counted() -> dict[str, Tensor]:
             rows = compute()
             self.encoded[tower] += len(rows)
@@ -63,7 +63,8 @@ class FrozenRows:
         if self.store is None:
             return counted()["rows"]
         key = self.store.key_for("eval-rows", {"eval_rows_format": EVAL_ROWS_FORMAT, **what})
-        return self.store.cache.get_or_build(key, counted, float_dtype=torch.float32)["rows"]
+        # an entry of another length is rebuilt (clipfit.cache), never indexed past its end
+        return self.store.cache.get_or_build(key, counted, float_dtype=torch.float32, rows={"rows": count})["rows"]
 
     def facts(self) -> dict:
         """For run.json: which frozen parts measurements reused, and the items this process encoded."""
