@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from clipfit import models
 from clipfit.best import TrainingEvaluations
-from clipfit.cache import FeatureCache, resolve_cache_dir, starting_model_identity
+from clipfit.cache import FeatureCache, cache_key, resolve_cache_dir, starting_model_identity
 from clipfit.config import RefineConfig
 from clipfit.data.training import RunData, load_data, make_dataset, same_data
 from clipfit.distributed import Distributed, local_device, start_distributed
@@ -305,7 +305,8 @@ def make_trainer(setup: Setup, argv: list[str], frozen: FrozenInputs, suite) -> 
                       evaluator=make_evaluator(setup, suite),
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
                       encoder=build_encoder(model, config.compile, setup.dist, setup.device, frozen.rests, bool(unused)),
-                      is_main=setup.dist.is_main, trackers=setup.trackers)
+                      is_main=setup.dist.is_main, trackers=setup.trackers,
+                      starting_model=cache_key(starting_model_identity(config.model, config.pretrained, config.seed)))
     setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(frozen.dataset), setup.settings))
     if config.resume:
         trainer.restore()

@@ -153,6 +153,9 @@ class Trainer:
     is_main: bool = True
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
     trackers: Trackers | None = None  # --report-to, rank 0 only
+    # The starting model's identity (clipfit.cache.cache_key of it): checkpoints hold only what trains,
+    # so --resume must build the frozen weights from the very same start.
+    starting_model: str | None = None
     data_loader: Loader | None = field(default=None, init=False, repr=False)
     saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
     stopped_early: bool = field(default=False, init=False)  # the evaluator said stop (--patience)
@@ -176,6 +179,7 @@ class Trainer:
             "rng": rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "evaluations": self.evaluator.state_dict() if self.evaluator is not None else {},
+            "starting_model": self.starting_model,
         }
 
     def save(self) -> Path | None:
@@ -199,6 +203,10 @@ class Trainer:
                              f"({'all damaged' if checkpoint_paths(self.run_dir) else 'none was written'}), "
                              "nothing to continue from; start again with --overwrite instead of --resume")
         _path, state = found
+        if state.get("starting_model", self.starting_model) != self.starting_model:
+            raise UsageError("--resume refused: the starting model is not the one the run started from (its files "
+                             "or the installed torch, open_clip or clipfit changed), and checkpoints hold only the "
+                             "weights that train; start again with --overwrite")
         load_changing_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

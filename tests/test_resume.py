@@ -308,6 +308,23 @@ def test_a_checkpoint_holds_what_trains_and_the_buffers(tmp_path, tiny_config):
 
 # --- what --resume refuses, and what it accepts -------------------------------------------------
 
+def test_resume_refuses_a_starting_model_whose_weights_changed(tmp_path, tiny_config, capsys):
+    # checkpoints hold only what trains: the frozen weights come from the starting model again
+    from clipfit.models import load_model, save_state_dict
+
+    pairs = write_pairs(tmp_path / "pairs", n=16)
+    weights = tmp_path / "start.safetensors"
+    state = load_model(str(tiny_config), "none").model.state_dict()
+    save_state_dict(state, weights)
+    args = ["refine", str(pairs), "--model", str(tiny_config), "--pretrained", str(weights), "--out",
+            str(tmp_path / "run"), "--batch-size", "4", "--workers", "0", "--quiet", "--lock-image"]
+    assert run_main([*args, "--max-steps", "2"]) == 0
+    save_state_dict({k: v + 1 if k.startswith("visual.") else v for k, v in state.items()}, weights)
+    capsys.readouterr()
+    assert run_main([*args, "--resume"]) == 2
+    assert "the starting model is not the one the run started from" in capsys.readouterr().err
+
+
 def test_resume_accepts_the_explicit_default(finished_run, tiny_config):
     pairs, out = finished_run
     assert run_main(tiny_refine_args(pairs, out, tiny_config, "--max-steps", "1", "--lr", "1e-5", "--resume")) == 0
