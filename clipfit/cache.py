@@ -81,10 +81,25 @@ def image_identity(image) -> list:
 
 def images_hash(pairs) -> str:
     """Identity of the images of a pair list, in order: paths (table rows) and contents (image_identity)."""
+    return image_list_hash([pair.image for pair in pairs])
+
+
+def image_list_hash(images: list) -> str:
+    """Identity of images in order: a file or table row by image_identity, an image decoded
+    already (a PIL image, e.g. of CIFAR's test set) by its pixels."""
     digest = hashlib.sha256()
-    for pair in pairs:
-        digest.update(json.dumps(image_identity(pair.image)).encode())
+    for image in images:
+        if hasattr(image, "tobytes"):
+            digest.update(f"{image.mode} {image.size}".encode())
+            digest.update(image.tobytes())
+        else:
+            digest.update(json.dumps(image_identity(image)).encode())
     return digest.hexdigest()[:16]
+
+
+def texts_hash(texts: list[str]) -> str:
+    """Identity of a list of texts, in order."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
 
 
 def captions_hash(pairs) -> str:

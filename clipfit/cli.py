@@ -16,6 +16,7 @@ import typer
 from rich.markup import escape as rich_escape
 
 from clipfit import __version__
+from clipfit.runtime import configure_process
 from clipfit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ClipfitError, message_of
 from clipfit.eval.cli import compare_command, eval_app
 from clipfit.progress import printable
@@ -576,6 +577,7 @@ def is_usage_error(error: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; expected failures print one line and exit with their documented status."""
+    configure_process()  # freed memory kept for reuse, idle OpenMP threads asleep (clipfit.runtime)
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # as Ctrl-C until training takes over
     STATE.pop("interrupted_by", None)
     try:

@@ -105,7 +105,7 @@ class CoreSettings:
     workers: int = opt(2, "DataLoader worker processes.", PANEL_PERF)
     cache_images: bool = opt(False, "Decode and resize every image once, into one in-memory tensor shared with the workers (small folders; not with --augment).", PANEL_PERF)
     length_buckets: bool = opt(False, "Draw each batch from captions of similar token length, so less padding is encoded (changes which pairs share a batch, hence the result).", PANEL_PERF)
-    no_precompute: bool = opt(False, "Run the frozen teacher and locked towers at every step instead of once per item before training (less memory, more compute).", PANEL_PERF)
+    no_precompute: bool = opt(False, "Run the frozen teacher and locked towers at every step, and whole towers at every measurement, instead of once per item (less memory, more compute).", PANEL_PERF)
     grad_checkpointing: bool = opt(False, "open_clip gradient checkpointing (less memory, more compute).", PANEL_PERF)
     compile: bool = opt(False, "torch.compile the model.", PANEL_PERF)
     cache_dir: Optional[str] = opt(None, "Feature-bank cache folder [default: user cache dir].", PANEL_PERF)

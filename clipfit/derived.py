@@ -11,7 +11,6 @@ interpolates towards the same start).
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -82,9 +81,9 @@ def same_measurement(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def load_start(config):
     """The run's starting model, seeded as refine seeds it (random-init tests depend on it)."""
     from clipfit import models
+    from clipfit.run import seed_everything
 
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    seed_everything(config.seed)
     return models.load_model(config.model, config.pretrained)
 
 
@@ -106,6 +105,7 @@ class Bench:
     model: nn.Module
     added_sets: bool  # the command measures sets the run's own before lacks
     progress: Any
+    frozen: Any = None  # clipfit.frozen.measure.FrozenRows: what every measurement on the bench shares
     _start: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
@@ -145,12 +145,23 @@ class Bench:
             self._start = floating_copy(load_start(self.config).model.state_dict())
         return self._start
 
+    def reuse_unchanged(self, *states: dict[str, torch.Tensor]) -> None:
+        """Every weights the bench will measure are made from the start and `states`: what none of
+        them changed is frozen, and its outputs are encoded once for every measurement (and read
+        from the feature cache when the run's own measurements put them there)."""
+        from clipfit.frozen.measure import freeze_unchanged
+        from clipfit.run import measurement_rows
+
+        freeze_unchanged(self.model, self.start(), *states)
+        self.frozen = measurement_rows(self.model, self.loaded, self.config, self.device, self.progress)
+
     def measure(self, state: dict[str, torch.Tensor], label: str) -> dict[str, float]:
         from clipfit.run import measure_model
 
         self.model.load_state_dict(state)
         self.progress.info(f"measuring {label}")
-        return measure_model(self.model, self.loaded, self.data, self.config, self.device, self.suite, label)
+        return measure_model(self.model, self.loaded, self.data, self.config, self.device, self.suite, label,
+                             frozen=self.frozen)
 
     def before(self) -> dict[str, float]:
         """The starting model's numbers: the run's own, or measured again when the command added sets."""
@@ -167,7 +178,8 @@ class Bench:
         labelled = split_classes(self.data, self.config.max_image_pixels)
         if labelled is None:
             return {}
-        encoder = run_encoder(self.model, self.loaded, self.config, self.device, f"the weights written from {self.run_dir}")
+        encoder = run_encoder(self.model, self.loaded, self.config, self.device, f"the weights written from {self.run_dir}",
+                              frozen=self.frozen)
         return {"classes_before": self.saved.get("classes_before"), "classes_after": class_facts(encoder, labelled)}
 
     def after_of(self, run_dir: Path, saved: dict) -> dict[str, float]:

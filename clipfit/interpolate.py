@@ -114,6 +114,7 @@ def interpolate_into(out_dir: Path, run_dir: Path, saved: dict, config, alphas: 
     started = time.time()
     bench = Bench.open(run_dir, saved, config, out_dir, device_name, progress)
     start, tuned = bench.start(), bench.weights_of(run_dir, TUNED_FILES[which])
+    bench.reuse_unchanged(tuned)  # what no α changes is encoded once (clipfit.frozen.measure)
     before = bench.before()
     measured = [before if alpha == 0 else
                 bench.measure(interpolate_state(start, tuned, alpha), f"{run_dir} interpolated at α = {alpha:g}")

@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -102,12 +102,67 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
     state = read_state_dict(path)
     state = open_clip.factory.convert_state_dict(model, state) if hasattr(open_clip.factory, "convert_state_dict") else state
     check_shapes(model, state, path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = assign_weights(model, state)
     if missing or unexpected:
         raise ModelError(
             f"{path}: weights do not fit the architecture "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
+
+
+PLACEHOLDER_DEVICE = {"device": None}
+
+
+@contextmanager
+def placeholder_weights() -> Iterator[None]:
+    """Build a model whose every weight is loaded next without initialising its weights first.
+
+    open_clip, timm and transformers draw a random value for every weight as they build a model,
+    and loading then overwrites them all. Inside this context each parameter is a placeholder on
+    the meta device (no memory, no random draws); buffers (BatchNorm statistics, attention masks,
+    position ids) are built as usual. `assign_weights` puts the loaded tensors in the
+    placeholders' place, and `check_loaded` names any weight no file provided. open_clip is called
+    with PLACEHOLDER_DEVICE: its closing `.to(device)` then moves nothing (a placeholder holds no
+    data to copy); the model is on the CPU, as its buffers were built."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        placeholder = None if param is None else type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, placeholder)
+
+    nn.Module.register_parameter = on_meta
+    notice = WeightsComeNext()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+        logging.getLogger().removeFilter(notice)
+
+
+class WeightsComeNext(logging.Filter):
+    """open_clip says a model it built without a checkpoint is 'initialized randomly': not one built
+    for its weights to be loaded next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def assign_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """`module.load_state_dict(state, strict=False)` with the tensors put in place rather than copied
+    (so placeholders from `placeholder_weights` become real), each in its weight's dtype;
+    returns the missing and unexpected keys."""
+    own = module.state_dict()
+    cast = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point() else v
+            for k, v in state.items()}
+    return module.load_state_dict(cast, strict=False, assign=True)
+
+
+def check_loaded(model: nn.Module, source: str) -> None:
+    """ModelError when a weight is still a placeholder: no file held it."""
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ModelError(f"{source}: no weights were found for {len(left)} tensor(s), e.g. {left[0]}")
 
 
 def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -203,12 +258,14 @@ def resolve_arch(spec: str) -> tuple[str, dict]:
     raise unknown_model_error(spec)
 
 
-def create(arch: str, **kwargs):
+def create(arch: str, placeholders: bool = False, **kwargs):
+    """open_clip's model and transforms; with `placeholders`, for weights loaded next (placeholder_weights)."""
     import open_clip
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), placeholder_weights() if placeholders else nullcontext():
         warnings.simplefilter("ignore")
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(arch, **kwargs)
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            arch, **kwargs, **(PLACEHOLDER_DEVICE if placeholders else {}))
     return model, preprocess_train, preprocess_val
 
 
@@ -297,13 +354,14 @@ def open_folder(folder: Path):
     spec = f"local-dir:{folder}"
     overrides = text_tower_overrides(folder, config["model_cfg"])
     try:
-        with quiet_load(offline=bool(overrides)):
+        with quiet_load(offline=bool(overrides)), placeholder_weights():
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                spec, load_weights=False, pretrained_text=False, **overrides)
+                spec, load_weights=False, pretrained_text=False, **PLACEHOLDER_DEVICE, **overrides)
             tokenizer = folder_tokenizer(spec, folder, config["model_cfg"])
     except Exception as e:  # open_clip and transformers raise many types; --debug shows the cause
         raise ModelError(f"{folder}: cannot build the model its {OPEN_CLIP_CONFIG} describes ({first_line(e)})") from e
     load_weights_into(model, weights)
+    check_loaded(model, str(weights))
     return model, preprocess_train, preprocess_val, tokenizer, config
 
 
@@ -343,8 +401,9 @@ def load_model(spec: str, pretrained: str | None = "none") -> LoadedModel:
         log.warning("--pretrained none: %s starts from RANDOM weights; this is only useful for tests", arch)
         model, preprocess_train, preprocess_val = create(arch, pretrained_text=False)
     elif Path(pretrained).is_file():
-        model, preprocess_train, preprocess_val = create(arch, pretrained_text=False)
+        model, preprocess_train, preprocess_val = create(arch, placeholders=True, pretrained_text=False)
         load_weights_into(model, pretrained)
+        check_loaded(model, pretrained)
     elif Path(pretrained).suffix in (".safetensors", ".pt", ".pth", ".bin"):
         raise UsageError(f"--pretrained {pretrained}: file not found")
     else:

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from clipfit import models
 from clipfit.best import TrainingEvaluations
-from clipfit.cache import FeatureCache, resolve_cache_dir, start_identity, starting_model_identity
+from clipfit.cache import FeatureCache, cache_key, resolve_cache_dir, start_identity, starting_model_identity
 from clipfit.config import RefineConfig
 from clipfit.data.training import RunData, load_data, make_dataset, same_data
 from clipfit.distributed import Distributed, local_device, start_distributed
@@ -32,6 +32,7 @@ from clipfit.eval.retrieval import encode_pairs_all_captions
 from clipfit.eval.split import class_facts, eval_key, eval_pairs, evaluate_classes, evaluate_split, split_classes
 from clipfit.eval.suite import Suite, deltas, evaluate_suite, gate, load_suite, set_names
 from clipfit.frozen.prepare import FrozenInputs, FrozenPlan, prepare_frozen
+from clipfit.frozen.measure import FrozenRows
 from clipfit.frozen.rows import RowStore
 from clipfit.methods import Composite, build_methods, parse_weights
 from clipfit.methods.base import MethodContext, RunContext
@@ -93,6 +94,7 @@ class Setup:
     info: dict  # run.json as it grows
     folder: RunFolder | None = None  # the locked run folder (rank 0 only)
     trackers: Trackers | None = None  # --report-to, rank 0 only
+    frozen_rows: FrozenRows | None = None  # the frozen parts' outputs every measurement of the run shares
 
 
 def refine(pairs_path: str, config: RefineConfig, argv: list[str], progress: Progress) -> dict[str, Any]:
@@ -170,9 +172,9 @@ def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, a
     check_selection(config, data.classes is not None, len(data.classes.names) if data.classes else None)
     check_resumable(saved, saved is None or same_data(saved.get("data_hash"), data), dist.world_size, pairs_path)
     device = local_device(device, dist)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    seed_everything(config.seed)  # random weights (--pretrained none) are drawn from the seed
     loaded = models.load_model(config.model, config.pretrained)
+    seed_everything(config.seed)  # LoRA's adapters and the run's draws: from the seed, whatever building drew
     model = prepare_model(loaded, config, device)
     composite.restrict(model, progress.info)
     counts = models.count_parameters(model)
@@ -200,7 +202,12 @@ def set_up_in(folder: RunFolder | None, pairs_path: str, config: RefineConfig, a
         write_run_json(run_dir, info)
         folder.commit()  # the new run is in place: the one it replaces goes
     return Setup(config, progress, dist, device, run_dir, saved, data, loaded, model, composite, dataset, settings,
-                 info, folder, trackers)
+                 info, folder, trackers, measurement_rows(model, loaded, config, device, progress))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
 
 
 def start_trackers(config: RefineConfig, run_dir: Path) -> Trackers | None:
@@ -230,17 +237,25 @@ def precompute_frozen(setup: Setup) -> FrozenInputs:
                       cacheable=frozenset() if c.no_precompute or stream else cacheable_towers(c),
                       preload_images=c.cache_images and not stream, batch_size=c.batch_size, workers=c.workers,
                       device=setup.device, precision=c.precision)
-    return prepare_frozen(setup.model, setup.dataset, plan, row_store(setup), setup.dist, setup.progress.info)
+    store = row_store(setup.config, setup.device, setup.loaded, setup.progress)
+    return prepare_frozen(setup.model, setup.dataset, plan, store, setup.dist, setup.progress.info)
 
 
-def row_store(setup: Setup) -> RowStore:
+def row_store(c: RefineConfig, device: torch.device, loaded: models.LoadedModel, progress: Progress) -> RowStore:
     """Precomputed rows live in the feature cache, keyed by the starting model and the settings
     that change their numbers, so they stay on disk and later runs on the same pairs reuse them."""
-    c = setup.config
-    return RowStore(FeatureCache(resolve_cache_dir(c.cache_dir), log=setup.progress.info, warn=setup.progress.warn),
+    return RowStore(FeatureCache(resolve_cache_dir(c.cache_dir), log=progress.info, warn=progress.warn),
                     starting_model_identity(c.model, c.pretrained, c.seed),
-                    {"precision": c.precision, "device": setup.device.type, "max_pixels": c.max_image_pixels,
-                     "preprocess": setup.loaded.preprocess_cfg, "context_length": setup.loaded.context_length})
+                    {"precision": c.precision, "device": device.type, "max_pixels": c.max_image_pixels,
+                     "preprocess": loaded.preprocess_cfg, "context_length": loaded.context_length})
+
+
+def measurement_rows(model: nn.Module, loaded: models.LoadedModel, c: RefineConfig, device: torch.device,
+                     progress: Progress) -> FrozenRows | None:
+    """What every measurement of `model` shares: its frozen parts' outputs per evaluation item,
+    kept in the feature cache (clipfit.frozen.measure); None with --no-precompute (whole towers
+    every time)."""
+    return None if c.no_precompute else FrozenRows.of(model, row_store(c, device, loaded, progress))
 
 
 def cacheable_towers(config: RefineConfig) -> frozenset[str]:
@@ -300,7 +315,8 @@ def make_trainer(setup: Setup, argv: list[str], frozen: FrozenInputs, suite) -> 
                       evaluator=make_evaluator(setup, suite),
                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
                       encoder=build_encoder(model, config.compile, setup.dist, setup.device, frozen.rests, bool(unused)),
-                      is_main=setup.dist.is_main, trackers=setup.trackers)
+                      is_main=setup.dist.is_main, trackers=setup.trackers,
+                      starting_model=cache_key(starting_model_identity(config.model, config.pretrained, config.seed)))
     setup.progress.plan(setup.settings.epochs, steps_per_epoch(len(frozen.dataset), setup.settings))
     if config.resume:
         trainer.restore()
@@ -310,15 +326,17 @@ def make_trainer(setup: Setup, argv: list[str], frozen: FrozenInputs, suite) -> 
 
 
 def measure(setup: Setup, suite: Suite | None, label: str, encoder: Encoder | None = None) -> dict[str, float]:
-    return measure_model(setup.model, setup.loaded, setup.data, setup.config, setup.device, suite, label, encoder)
+    return measure_model(setup.model, setup.loaded, setup.data, setup.config, setup.device, suite, label, encoder,
+                         setup.frozen_rows)
 
 
 def measure_model(model: nn.Module, loaded: models.LoadedModel, data: RunData, c: RefineConfig, device: torch.device,
-                  suite: Suite | None, label: str, encoder: Encoder | None = None) -> dict[str, float]:
+                  suite: Suite | None, label: str, encoder: Encoder | None = None,
+                  frozen: FrozenRows | None = None) -> dict[str, float]:
     """Yardsticks and suite through one encoder, so the validation pairs are encoded once: before,
     during (--eval-every) and after training, and for each `clipfit interpolate` α. `label` names
-    the model measured in errors."""
-    encoder = encoder or run_encoder(model, loaded, c, device, label)
+    the model measured in errors; `frozen` holds what every measurement of the model shares."""
+    encoder = encoder or run_encoder(model, loaded, c, device, label, frozen=frozen)
     pairs, key = eval_pairs(data)[0], eval_key(data)
     results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels, encoder, key)
     results.update(evaluate_classes(encoder, split_classes(data, c.max_image_pixels)))
@@ -327,13 +345,13 @@ def measure_model(model: nn.Module, loaded: models.LoadedModel, data: RunData, c
 
 
 def run_encoder(model: nn.Module, loaded: models.LoadedModel, c: RefineConfig, device: torch.device, label: str,
-                starting: bool = False, progress: Progress | None = None) -> Encoder:
+                starting: bool = False, progress: Progress | None = None, frozen: FrozenRows | None = None) -> Encoder:
     """The `starting` model's zero-shot classifiers come from (and go to) the feature cache, keyed
     by the model it was loaded as; a trained model's are computed afresh."""
     cache = FeatureCache(resolve_cache_dir(c.cache_dir), log=progress.info, warn=progress.warn) if starting else None
     return encoder_for(loaded, model, device, c.batch_size, c.workers, c.precision, label=label,
                        identity=starting_model_identity(c.model, c.pretrained, c.seed) if starting else None,
-                       feature_cache=cache)
+                       feature_cache=cache, frozen=frozen)
 
 
 def gallery_facts(setup: Setup, encoder: Encoder) -> dict:
@@ -360,7 +378,7 @@ def measure_before(setup: Setup, suite: Suite | None) -> None:
         c = setup.config
         encoder = run_encoder(setup.model, setup.loaded, c, setup.device,
                               f"the starting model {c.model} ({c.pretrained}), measured before training",
-                              starting=True, progress=setup.progress)
+                              starting=True, progress=setup.progress, frozen=setup.frozen_rows)
         before, gallery_before = measure(setup, suite, "", encoder), gallery_facts(setup, encoder)
         classes_before = classes_facts(setup, encoder)
     write_run_json(setup.run_dir, setup.info, before=before, gallery_before=gallery_before, classes_before=classes_before)
@@ -375,7 +393,8 @@ def finish(setup: Setup, trainer: Trainer, suite: Suite | None, timings: dict) -
     if config.select_best:
         after = keep_best(setup, trainer.evaluator, trainer.stopped_early, after)
     # of the weights saved as model.safetensors; the split alone, a few seconds next to the suite
-    encoder = run_encoder(setup.model, setup.loaded, config, setup.device, f"the trained model (run folder {setup.run_dir})")
+    encoder = run_encoder(setup.model, setup.loaded, config, setup.device, f"the trained model (run folder {setup.run_dir})",
+                          frozen=setup.frozen_rows)
     gallery_after, classes_after = gallery_facts(setup, encoder), classes_facts(setup, encoder)
     info.update({"delta": deltas(info["before"], after), "gate": gate(config.fail_on_zeroshot_drop, info["before"], after)})
     models.save_model(setup.loaded, setup.model, setup.run_dir)
@@ -386,6 +405,7 @@ def finish(setup: Setup, trainer: Trainer, suite: Suite | None, timings: dict) -
         "eval_split": eval_pairs(setup.data)[1], **timings,
         "steps": trainer.position.step, "peak_memory": peak_memory(setup.device),
         "nan_skipped_steps": trainer.position.nan_skipped,
+        "measurement_rows": setup.frozen_rows.facts() if setup.frozen_rows else None,
         "methods": {m.name: m.report() for m in setup.composite.methods},
     })
     write_report(setup.run_dir, info, eval_pairs(setup.data)[0], config.max_image_pixels)

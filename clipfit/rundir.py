@@ -493,11 +493,12 @@ def environment() -> dict[str, Any]:
 # --- free space, resume ------------------------------------------------------------------------
 
 def check_free_space(run_dir: Path, parameter_bytes: int, trainable_bytes: int, keep: int) -> None:
-    """`keep` checkpoints (weights and two AdamW moments per trainable weight) and the next one,
-    which is written before the oldest is deleted (the model, written at the end, is smaller than
-    a checkpoint), less what the folder holds towards it already: checkpoints that the run rotates
-    out as it goes (a resumed run's) and a replaced run's staged files, deleted before training."""
-    needed = (keep + 1) * (parameter_bytes + 2 * trainable_bytes)
+    """`keep` checkpoints and the next one, which is written before the oldest is deleted (each the
+    trainable weights and their two AdamW moments; the frozen weights stay out,
+    clipfit.train.changing_state), and the model written at the end, less what the folder holds
+    towards it already: checkpoints that the run rotates out as it goes (a resumed run's) and a
+    replaced run's staged files, deleted before training."""
+    needed = parameter_bytes + (keep + 1) * 3 * trainable_bytes
     free = shutil.disk_usage(run_dir).free + folder_bytes(run_dir / STAGING) + folder_bytes(run_dir / CHECKPOINT_DIR)
     if free < needed:
         raise OutputError(f"{run_dir}: {free / 2**20:.0f} MiB free, the run needs about {needed / 2**20:.0f} MiB "

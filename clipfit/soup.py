@@ -225,6 +225,7 @@ def soup_into(out_dir: Path, run_dirs: list[Path], saveds: list[dict], config, r
     bench = Bench.open(run_dirs[0], saveds[0], config, out_dir, device_name, progress)
     labels = labels_of(run_dirs)
     states = [bench.weights_of(d) for d in run_dirs]
+    bench.reuse_unchanged(*states)  # what no run changed is encoded once (clipfit.frozen.measure)
     before = bench.before()
     facts: dict[str, Any] = {}
     kept = list(range(len(run_dirs)))

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Iterator
@@ -215,12 +215,28 @@ def convert_lukemelas_to_timm(source: dict, target: dict, with_classifier: bool 
 
 def load_image_trunk(trunk) -> None:
     """Load the packaged EfficientNet-Lite0 weights into a timm trunk (classifier removed)."""
+    from clipfit.models import assign_weights
+
     converted = convert_lukemelas_to_timm(read_image_source(), trunk.state_dict())
-    missing, unexpected = trunk.load_state_dict(converted, strict=False)
+    missing, unexpected = assign_weights(trunk, converted)
     # Only the step counters stay at timm's initial value; they do not affect the output.
     not_counters = [k for k in missing if not k.endswith("num_batches_tracked")]
     if not_counters or unexpected:
         raise ValueError(f"EfficientNet-Lite0 weights left {not_counters[:3]} unloaded, {unexpected[:3]} unused")
+
+
+def load_text_transformer(transformer) -> None:
+    """Load the packaged MiniLM weights into the text tower's transformer, built from its config
+    (what transformers' from_pretrained reads, without its random initialisation first); the
+    file's BERT pooler is left out, as from_pretrained leaves it: the tower mean-pools."""
+    from safetensors.torch import load_file
+
+    from clipfit.models import assign_weights
+
+    missing, _pooler = assign_weights(transformer, load_file(str(text_model_dir() / "model.safetensors")))
+    if missing:
+        raise ValueError(f"MiniLM weights left {missing[:3]} unloaded")
+    transformer.eval()  # as from_pretrained returns it
 
 
 def create_starter(aligned: bool = True, weights: str | Path | None = None, **open_clip_kwargs):
@@ -239,22 +255,28 @@ def create_starter(aligned: bool = True, weights: str | Path | None = None, **op
         )
     import open_clip
 
+    from clipfit.models import PLACEHOLDER_DEVICE, check_loaded, placeholder_weights
+
     register_starter()
-    with offline_hub(), quiet_loading():
+    # Aligned, every weight comes from a file: the model is built without drawing random ones first.
+    with offline_hub(), quiet_loading(), placeholder_weights() if aligned else nullcontext():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             STARTER_NAME,
             pretrained_image=False,  # the timm weights would come from the hub; ours are packaged
-            pretrained_text=True,  # from the local MiniLM folder
+            pretrained_text=not aligned,  # from the local MiniLM folder, by transformers or by load_text_transformer
             image_mean=PREPROCESS["mean"],
             image_std=PREPROCESS["std"],
             image_interpolation=PREPROCESS["interpolation"],
             image_resize_mode=PREPROCESS["resize_mode"],
+            **(PLACEHOLDER_DEVICE if aligned else {}),
             **open_clip_kwargs,
         )
         tokenizer = open_clip.get_tokenizer(STARTER_NAME)
     load_image_trunk(model.visual.trunk)
     if aligned:
+        load_text_transformer(model.text.transformer)
         load_aligned_weights(model, aligned_path)
+        check_loaded(model, f"{STARTER_NAME} ({aligned_path})")
     return model, preprocess_train, preprocess_val, tokenizer
 
 
@@ -297,8 +319,10 @@ def load_aligned_weights(model, path: str | Path = ALIGNED_WEIGHTS) -> None:
         written_for = (handle.metadata() or {}).get("model")
     if written_for != STARTER_NAME:
         raise ValueError(f"{path}: written for {written_for!r}, not {STARTER_NAME}")
+    from clipfit.models import assign_weights
+
     delta = load_file(str(path))
     lacking = [key for key in PROJECTION_KEYS if key not in delta]
-    _, unexpected = model.load_state_dict(delta, strict=False)
+    _, unexpected = assign_weights(model, delta)
     if lacking or unexpected:
         raise ValueError(f"{path}: lacks {lacking} or has tensors the starter does not: {unexpected[:3]}")

@@ -156,6 +156,9 @@ class Trainer:
     is_main: bool = True
     encoder: nn.Module | None = None  # both towers in one forward (clipfit.parallel.PairEncoder)
     trackers: Trackers | None = None  # --report-to, rank 0 only
+    # The starting model's identity (clipfit.cache.cache_key of it): checkpoints hold only what trains,
+    # so --resume must build the frozen weights from the very same start.
+    starting_model: str | None = None
     data_loader: Loader | None = field(default=None, init=False, repr=False)
     saved_step: int | None = field(default=None, init=False)  # step of the newest checkpoint
     stopped_early: bool = field(default=False, init=False)  # the evaluator said stop (--patience)
@@ -171,7 +174,7 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
-            "model": {k: v for k, v in self.model.state_dict().items()},
+            "model": changing_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "methods": {m.name: m.state_dict() for m in self.methods.methods},
@@ -179,6 +182,7 @@ class Trainer:
             "rng": rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "evaluations": self.evaluator.state_dict() if self.evaluator is not None else {},
+            "starting_model": self.starting_model,
         }
 
     def save(self) -> Path | None:
@@ -202,9 +206,13 @@ class Trainer:
                              f"({'all damaged' if checkpoint_paths(self.run_dir) else 'none was written'}), "
                              "nothing to continue from; start again with --overwrite instead of --resume")
         path, state = found
+        if state.get("starting_model", self.starting_model) != self.starting_model:
+            raise UsageError("--resume refused: the starting model is not the one the run started from (its files "
+                             "or the installed torch, open_clip or clipfit changed), and checkpoints hold only the "
+                             "weights that train; start again with --overwrite")
         if self.is_main and path == checkpoint_paths(self.run_dir)[-1]:  # a kill may have cut the last save short
             prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)  # of its pruning
-        self.model.load_state_dict(state["model"])
+        load_changing_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for method in self.methods.methods:
@@ -482,7 +490,8 @@ class Trainer:
         raise self.training_failed(f"non-finite loss at {where}", "or --nan-policy skip")
 
     def check_finite_weights(self) -> None:
-        bad = non_finite_tensors(self.model.named_parameters())
+        """Only trainable weights change, so only they can have turned non-finite."""
+        bad = non_finite_tensors((name, p) for name, p in self.model.named_parameters() if p.requires_grad)
         if bad:
             raise self.training_failed(f"non-finite weights after step {self.position.step} ({len(bad)} tensor(s), "
                                        f"e.g. {bad[0]}): a gradient was NaN or infinite")
@@ -518,6 +527,25 @@ class Trainer:
 
 class NonFinite(Exception):
     pass
+
+
+def changing_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: the trainable parameters and every buffer. The frozen
+    weights are the starting model's, which --resume builds again (it refuses another --model,
+    --pretrained or --seed), so a run with locked towers writes its heads, not the whole model."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in trainable or k in buffers}
+
+
+def load_changing_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's model tensors into `model`; a whole state dict (as earlier versions wrote) loads too."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    absent = sorted((set(missing) & trainable) | set(unexpected))
+    if absent:
+        raise UsageError(f"--resume: the checkpoint does not fit this model (e.g. {absent[0]}); "
+                         "start again with --overwrite")
 
 
 def torch_rng_state(device: torch.device) -> tuple:

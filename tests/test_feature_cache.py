@@ -272,11 +272,12 @@ def test_refine_rebuilds_damaged_entries_and_trains_as_on_a_sound_cache(tiny_con
 
     _, sound = refine("first")
     entries = sorted((cache / "features").glob("*.safetensors"))
-    assert {p.name.rsplit("-", 1)[0] for p in entries} == {"locked-rows", "teacher-rows"}
+    # the training rows, and the measurements' rows of the locked text tower
+    assert {p.name.rsplit("-", 1)[0] for p in entries} == {"locked-rows", "teacher-rows", "eval-rows"}
     for entry in entries:
         flip_a_byte(entry, from_end=7)
     warnings, flipped = refine("flipped")
-    assert warnings.count("is damaged (tensor") == 2 and "checksum mismatch" in warnings
+    assert warnings.count("is damaged (tensor") == 3 and "checksum mismatch" in warnings
     assert all(torch.equal(flipped[k], sound[k]) for k in sound)
 
     for entry in entries:  # each replaced by a sound entry for the same key, but with half the rows
@@ -284,7 +285,7 @@ def test_refine_rebuilds_damaged_entries_and_trains_as_on_a_sound_cache(tiny_con
         key_parts = json.loads(read_header(entry)["__metadata__"]["key_parts"])
         stored.put(key_parts, {name: t[:4] for name, t in load_file(str(entry)).items()}, torch.float32)
     warnings, replaced = refine("replaced")
-    assert warnings.count("rows, ") == 2 and "are needed" in warnings and "IndexError" not in warnings
+    assert warnings.count("rows, ") == 3 and "are needed" in warnings and "IndexError" not in warnings
     assert all(torch.equal(replaced[k], sound[k]) for k in sound)
 
 
@@ -299,8 +300,8 @@ def test_cache_commands_default_to_the_folder_refine_writes_into(tiny_config, tm
                               "--lock-text", "--max-steps", "1"), check=True)
     listed = json.loads(run_cli("cache", "ls", "--json", check=True).stdout)
     assert listed["cache_dir"] == str(tmp_path / "xdg" / "clipfit")
-    assert sorted(e["kind"] for e in listed["entries"]) == ["locked-rows", "teacher-rows"]
+    assert sorted(e["kind"] for e in listed["entries"]) == ["eval-rows", "locked-rows", "teacher-rows"]
     assert json.loads(run_cli("cache", "ls", "--cache-dir", tmp_path / "other", "--json", check=True).stdout)["entries"] == []
-    assert "removed 2 entries" in run_cli("cache", "clear", check=True).stdout
+    assert "removed 3 entries" in run_cli("cache", "clear", check=True).stdout
     assert list((tmp_path / "xdg" / "clipfit" / "features").glob("*.safetensors")) == []
     assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -99,5 +99,9 @@ def test_a_later_run_on_the_same_pairs_reuses_the_rows_from_the_feature_cache(tm
     assert info["locked_towers"]["items_encoded_by_rank_0"] == 16
     assert reused["locked_towers"]["items_encoded_by_rank_0"] == 0 and decodes["n"] == decoded_by_first
     assert again == first  # the same numbers, read back from the same file
+    # the measurements' frozen rows too: the training subset's images (trunk) and captions (whole tower)
+    assert info["measurement_rows"]["items_encoded"] == {"image": 16, "text": 16}
+    assert reused["measurement_rows"]["items_encoded"] == {"image": 0, "text": 0}
+    assert reused["after"] == info["after"] and reused["before"] == info["before"]
     kinds = json.loads(run_cli("cache", "ls", "--cache-dir", tmp_path / "cache", "--json", check=True).stdout)
-    assert sorted(entry["kind"] for entry in kinds["entries"]) == ["locked-rows"]
+    assert sorted(entry["kind"] for entry in kinds["entries"]) == ["eval-rows", "eval-rows", "locked-rows"]

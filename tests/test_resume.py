@@ -277,6 +277,9 @@ if __name__ == "__main__":  # the subprocess driver: clipfit's CLI with the test
     # accumulated steps: the no-grad pass, the replayed RNG states and the per-step draws
     pytest.param(["--batch-size", "2", "--grad-accum", "2", "--method", "refine+lite", "--lite-negatives", "shuffle"],
                  id="refine+lite-grad-accum"),
+    # checkpoints without the frozen weights, which --resume takes from the starting model again
+    pytest.param(["--batch-size", "4", "--lock-text"], id="locked-text"),
+    pytest.param(["--batch-size", "4", "--lora", "--lora-targets", "c_fc"], id="lora"),
 ])
 def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(extra, tmp_path, tiny_config):
     pairs = write_pairs(tmp_path / "pairs", n=16)
@@ -293,7 +296,34 @@ def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(extra, tmp_path, ti
     assert all(torch.equal(whole[name], parts[name]) for name in whole)
 
 
+def test_a_checkpoint_holds_what_trains_and_the_buffers(tmp_path, tiny_config):
+    pairs = write_pairs(tmp_path / "pairs", n=8)
+    assert run_main(tiny_refine_args(pairs, tmp_path / "run", tiny_config, "--lock-image", "--lock-text")) == 0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000001.pt", weights_only=True)
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    # both towers locked: only the logit scale trains (and this CLIP has no persistent buffers)
+    assert set(state["model"]) == {"logit_scale"}
+    assert len(saved) > 30  # the model file still holds every weight
+
+
 # --- what --resume refuses, and what it accepts -------------------------------------------------
+
+def test_resume_refuses_a_starting_model_whose_weights_changed(tmp_path, tiny_config, capsys):
+    # checkpoints hold only what trains: the frozen weights come from the starting model again
+    from clipfit.models import load_model, save_state_dict
+
+    pairs = write_pairs(tmp_path / "pairs", n=16)
+    weights = tmp_path / "start.safetensors"
+    state = load_model(str(tiny_config), "none").model.state_dict()
+    save_state_dict(state, weights)
+    args = ["refine", str(pairs), "--model", str(tiny_config), "--pretrained", str(weights), "--out",
+            str(tmp_path / "run"), "--batch-size", "4", "--workers", "0", "--quiet", "--lock-image"]
+    assert run_main([*args, "--max-steps", "2"]) == 0
+    save_state_dict({k: v + 1 if k.startswith("visual.") else v for k, v in state.items()}, weights)
+    capsys.readouterr()
+    assert run_main([*args, "--resume"]) == 2
+    assert "the starting model is not the one the run started from" in capsys.readouterr().err
+
 
 def test_resume_accepts_the_explicit_default(finished_run, tiny_config):
     pairs, out = finished_run

@@ -9,6 +9,7 @@ NaN scores every comparison false, so NaN embeddings would otherwise rank every 
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,11 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from clipfit.cache import image_list_hash, texts_hash
 from clipfit.data.text import distinct
 from clipfit.data.tokens import needed_lengths, text_trim_rule
 from clipfit.errors import DataError, TrainingError
 from clipfit.features import ordered_loader
-from clipfit.models import encode_text, evaluating
+from clipfit.frozen.measure import FrozenRows
+from clipfit.frozen.towers import frozen_output
+from clipfit.models import encode_text, evaluating, use_channels_last
 from clipfit.precision import autocast
 from clipfit.progress import track
 
@@ -68,6 +72,9 @@ class Encoder:
     # None for weights changed in memory (a model being trained): nothing outlives this Encoder.
     identity: dict | None = None
     feature_cache: Any = None  # clipfit.cache.FeatureCache
+    # The frozen parts' outputs, shared by every encoder of the model's run (clipfit.frozen.measure);
+    # None: every tower runs whole.
+    frozen: FrozenRows | None = None
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -86,16 +93,45 @@ class Encoder:
                                       transient=True), loader)
         return rich_track(loader, description=description, console=Console(stderr=True), transient=True)
 
-    @torch.no_grad()
     def run(self, encode: Callable, loader, description: str, items: int | None = None) -> torch.Tensor:
+        """Normalised embeddings of every batch of `loader` through `encode(batch, normalize=False)`;
+        `items`: how many items will come (a stream's progress counts them)."""
+        return self.finished(self.outputs(partial(encode, normalize=False), loader, description, items), description)
+
+    @torch.no_grad()
+    def outputs(self, encode: Callable, batches: Iterable, description: str, items: int | None = None) -> torch.Tensor:
+        """`encode(batch)` of every batch, in evaluation mode, as float32 CPU rows in batch order."""
         outputs = []
         with evaluating(self.model):
-            for batch in self.batches(loader, description, items):
+            for batch in self.batches(batches, description, items):
                 with self.autocast():
-                    outputs.append(encode(batch.to(self.device), normalize=False).float().cpu())
-        features = torch.cat(outputs)
+                    outputs.append(encode(batch.to(self.device)).float().cpu())
+        return torch.cat(outputs)
+
+    def finished(self, features: torch.Tensor, description: str) -> torch.Tensor:
         self.check_finite(features, description)
         return F.normalize(features, dim=-1)
+
+    def tower(self, tower: str, batches: Callable[[], Any], count: int, identity: Callable[[], dict],
+              description: str) -> torch.Tensor:
+        """Unnormalised outputs of `tower` ("image" or "text") for the `count` items `batches()`
+        yields (a context manager giving the batches), in batch order.
+
+        A tower with a frozen part (`frozen`, clipfit.frozen.measure) runs it once per item,
+        however many times this or a later encoder of the run asks (`identity()` names the
+        items by content), and only its trainable rest on those rows now."""
+        encode = partial(self.model.encode_image, normalize=False) if tower == "image" else partial(encode_text, self.model)
+        part = self.frozen.part(tower) if self.frozen is not None else None
+        if part is None:
+            with batches() as loaded:
+                return self.outputs(encode, loaded, description)
+
+        def frozen_rows() -> torch.Tensor:
+            with batches() as loaded:
+                return self.outputs(partial(frozen_output, self.model, part), loaded, f"{description} (frozen part)")
+
+        rows = self.frozen.of_items(tower, identity(), count, frozen_rows)
+        return rows if part.rest is None else self.outputs(part.rest, rows.split(self.batch_size), description)
 
     def check_finite(self, features: torch.Tensor, description: str) -> None:
         """Exit 5 naming the model when any embedding holds NaN or infinity."""
@@ -108,8 +144,11 @@ class Encoder:
     def images(self, paths: Sequence[Path], load: Callable, key: str) -> torch.Tensor:
         """Normalised embeddings of the images at `paths`, computed once per `key`."""
         if ("images", key) not in self.cache:
-            with ordered_loader(ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers) as loader:
-                self.cache["images", key] = self.run(self.model.encode_image, loader, f"images of {Path(key).name}")
+            description = f"images of {Path(key).name}"
+            batches = partial(ordered_loader, ImageFiles(paths, self.preprocess, load), self.batch_size, self.workers)
+            identity = lambda: {"images": image_list_hash(list(paths)), "set": key}  # noqa: E731
+            features = self.tower("image", batches, len(paths), identity, description)
+            self.cache["images", key] = self.finished(features, description)
         return self.cache["images", key]
 
     def image_stream(self, batches: Iterable[torch.Tensor], description: str, items: int) -> torch.Tensor:
@@ -131,8 +170,9 @@ class Encoder:
             tokens = self.tokenizer(new)
             order = torch.argsort(needed_lengths(tokens, text_trim_rule(self.model)), stable=True)
             chunks = [tokens[order[i:i + self.batch_size]] for i in range(0, len(order), self.batch_size)]
-            embedded = self.run(partial(encode_text, self.model), chunks, description)[torch.argsort(order)]
-            known.update(zip(new, embedded))
+            identity = lambda: {"texts": texts_hash(new)}  # noqa: E731
+            embedded = self.tower("text", partial(nullcontext, chunks), len(new), identity, description)
+            known.update(zip(new, self.finished(embedded, description)[torch.argsort(order)]))
         return torch.stack([known[text] for text in unique])[torch.tensor(where, dtype=torch.long)]
 
 
@@ -149,9 +189,12 @@ def counted(ticks: Iterator, batches: Iterable) -> Iterator:
 
 def encoder_for(loaded, model: nn.Module, device: torch.device, batch_size: int, workers: int, precision: str,
                 quiet: bool = True, label: str | None = None, identity: dict | None = None,
-                feature_cache=None) -> Encoder:
+                feature_cache=None, frozen: FrozenRows | None = None) -> Encoder:
+    """The encoder of `model`, whose convolutional image tower it stores channels-last on CPU, as
+    training does (clipfit.models.use_channels_last: faster, the same numbers to float rounding)."""
+    use_channels_last(model, device)
     return Encoder(model, loaded.preprocess_val, loaded.tokenizer, device, batch_size, workers, precision, quiet,
-                   label or model_label(loaded), identity=identity, feature_cache=feature_cache)
+                   label or model_label(loaded), identity=identity, feature_cache=feature_cache, frozen=frozen)
 
 
 def model_label(loaded) -> str:

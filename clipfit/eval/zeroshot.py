@@ -13,13 +13,11 @@ average precision.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipfit.cache import texts_hash
 from clipfit.eval.datasets import fill
 from clipfit.eval.encode import Encoder
 from clipfit.eval.metrics import expected_calibration_error, geometry, mean_average_precision
@@ -45,10 +43,6 @@ def class_embeddings(encoder: Encoder, classnames: list[str], templates: list[st
            "classes": texts_hash(classnames), "templates": texts_hash(templates),
            "counts": [len(classnames), len(templates)], "precision": encoder.precision, "device": encoder.device.type}
     return cache.get_or_build(key, lambda: {"classifier": build()}, float_dtype=torch.float32)["classifier"]
-
-
-def texts_hash(texts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
 
 
 def top_k_accuracy(logits: Tensor, targets: Tensor, k: int) -> float:

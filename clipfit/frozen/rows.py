@@ -118,8 +118,13 @@ class RowStore:
     settings: dict
 
     def key(self, kind: str, dataset, what: dict) -> dict:
-        return {"kind": kind, "format": ROWS_FORMAT, "model": self.model, "images": images_hash(dataset.pairs),
-                "captions": captions_hash(dataset.pairs), "items": len(dataset), "what": what, **self.settings}
+        """The key of rows of a training dataset's items."""
+        return self.key_for(kind, {"images": images_hash(dataset.pairs), "captions": captions_hash(dataset.pairs),
+                                   "items": len(dataset), "what": what})
+
+    def key_for(self, kind: str, items: dict) -> dict:
+        """The key of rows of the items `items` names."""
+        return {"kind": kind, "format": ROWS_FORMAT, "model": self.model, **items, **self.settings}
 
 
 def encode_items(dataset, encode_images: Encode | None, encode_texts: Encode | None, batch_size: int,
