@@ -5,6 +5,7 @@ measured, and later commands (another run, `clipfit interpolate`) read the rows 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,8 +97,17 @@ def test_interpolation_finds_the_weights_no_alpha_changes(configs):
     assert FrozenRows.of(model).parts == {}
 
 
+def distinct_pairs(folder: Path) -> Path:
+    """16 pairs of two captions each, every caption distinct: 32 texts to encode (an Encoder encodes
+    a text once however many pairs share it)."""
+    write_pairs(folder, n=16, captions_per_image=2)
+    for path in folder.glob("*.txt"):
+        path.write_text(path.read_text().replace("caption 1 of a", f"caption 1 of {path.stem}, a"))
+    return folder
+
+
 def test_a_run_measures_each_validation_item_once_and_interpolate_reuses_the_rows(tmp_path, tiny_config):
-    write_pairs(tmp_path / "pairs", n=16, captions_per_image=2)
+    distinct_pairs(tmp_path / "pairs")
     cache = str(tmp_path / "cache")
 
     def refine(name, *extra):
@@ -126,7 +136,7 @@ def test_a_run_measures_each_validation_item_once_and_interpolate_reuses_the_row
 
 
 def test_a_sweeps_later_runs_read_the_measurement_rows_of_its_first(tmp_path, tiny_config):
-    pairs = write_pairs(tmp_path / "pairs", n=16, captions_per_image=2)
+    pairs = distinct_pairs(tmp_path / "pairs")
     out = tmp_path / "sweep"
     run_cli("sweep", pairs, "--model", tiny_config, "--pretrained", "none", "--out", out, "--lock-image", "--lock-text",
             "--lr", "1e-3,1e-2", "--epochs", "2", "--val-split", "0.5", "--workers", "0", "--batch-size", "8",
