@@ -143,13 +143,19 @@ def seed_lines(method: str, runs: list[tuple[int, dict, dict | None]]) -> list[s
     return out
 
 
-def difference(values: list[float], digits: int = 1) -> str:
-    """A mean paired difference, called clear when every seed agrees in sign and the mean exceeds two
-    standard errors over the seeds; otherwise it is not a finding."""
+def is_clear(values: list[float]) -> bool:
+    """Paired differences make a finding when every seed agrees in sign and the mean exceeds two
+    standard errors over the seeds."""
+    if len(values) < 2:
+        return False
+    se = statistics.stdev(values) / math.sqrt(len(values))
+    return abs(statistics.mean(values)) > 2 * se and (all(v > 0 for v in values) or all(v < 0 for v in values))
+
+
+def difference(values: list[float], digits: int = 1, floor: float = 0.0) -> str:
+    """A mean paired difference, marked *not clear* unless it `is_clear` and is at least `floor` (e.g. one item)."""
     mean = statistics.mean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("inf")
-    clear = len(values) > 1 and abs(mean) > 2 * se and (all(v > 0 for v in values) or all(v < 0 for v in values))
-    return f"{mean:+.{digits}f}" + ("" if clear else " (not clear)")
+    return f"{mean:+.{digits}f}" + ("" if is_clear(values) and abs(mean) >= floor else " (not clear)")
 
 
 def verdict(per_seed: list[dict[str, dict]]) -> str:

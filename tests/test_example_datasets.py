@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ CLASSES = ROOT / "examples" / "classes"
 sys.path.insert(0, str(ROOT / "examples" / "datasets"))
 
 import common  # noqa: E402
+import emoji  # noqa: E402
 import fashion_mnist  # noqa: E402
 import fashion_mnist_classes  # noqa: E402
 import openclipart  # noqa: E402
@@ -73,3 +76,51 @@ def test_example_classes_are_fashion_mnist_training_images_one_folder_per_class_
     assert sorted(name for name, _ in listed) == sorted(p.key for p in pairs.pairs)
     assert all(name.endswith(f"/{int(index):05d}.png") for name, index in listed)
     assert sum(p.stat().st_size for p in CLASSES.rglob("*") if p.is_file()) < 300_000
+
+
+def fake_emoji_package(root: Path, entries: list[tuple[str, str, str]]) -> Path:
+    """emoji-datasource-google's layout: emoji.json and img/google/64/*.png; one entry per (name, category,
+    subcategory)."""
+    from PIL import Image
+
+    images = root / "img" / "google" / "64"
+    images.mkdir(parents=True)
+    catalogue = []
+    for i, (name, category, subcategory) in enumerate(entries):
+        Image.new("RGBA", (8, 8), (10 * i, 0, 0, 255)).save(images / f"{i:04x}.png")
+        catalogue.append({"name": name.upper(), "unified": f"{i:04X}", "short_name": name.replace(" ", "_"),
+                          "image": f"{i:04x}.png", "category": category, "subcategory": subcategory,
+                          "has_img_google": True})
+    (root / "emoji.json").write_text(json.dumps(catalogue), encoding="utf-8")
+    return root
+
+
+def test_emoji_by_category_is_the_pairs_split_as_zero_shot_class_folders(tmp_path):
+    from clipfit.eval.datasets import load_labelled
+
+    entries = ([(f"face {i}", "Smileys & Emotion", "face-smiling") for i in range(8)]
+               + [(f"flag {i}", "Flags", "country-flag") for i in range(8)]
+               + [("light skin tone", "Component", "skin-tone")])
+    source = fake_emoji_package(tmp_path / "package", entries)
+    emoji.build(tmp_path / "pairs", source, seed=0, heldout=0.5, force=False)
+    emoji.build(tmp_path / "classes", source, seed=0, heldout=0.5, force=False, by="category")
+
+    assert [p.read_text() for p in (tmp_path / "pairs").glob("*/face_0.txt")] == ["an emoji of face 0\n"]
+    built = 0
+    for split in (common.ALIGN, common.HELDOUT):
+        folders = {d.name: sorted(p.stem for p in d.glob("*.png")) for d in (tmp_path / "classes" / split).iterdir()
+                   if d.is_dir()}
+        assert set(folders) == {"smileys_and_emotion", "flags"}  # no skin-tone swatches; "&" read as "and"
+        # the same emoji on each side as the pairs build, each in its category's folder
+        assert sorted(sum(folders.values(), [])) == sorted(p.stem for p in (tmp_path / "pairs" / split).glob("*.png"))
+        assert all(name.startswith("face") for name in folders["smileys_and_emotion"])
+        assert emoji.class_sizes(source, "category", 0, 0.5, split) == Counter({k: len(v) for k, v in folders.items()})
+        assert (tmp_path / "classes" / split / "templates.txt").read_text() == "an emoji of {c}\n"
+        built += sum(len(v) for v in folders.values())
+    assert built == 16
+
+    heldout = load_labelled("folder", tmp_path / "classes" / common.HELDOUT)
+    assert heldout.classes == ["flags", "smileys and emotion"] and heldout.templates == ["an emoji of {c}"]
+    assert emoji.class_sizes(source, "subcategory", 0, 0.5) == Counter(
+        {"face-smiling": len(list((tmp_path / "classes" / "heldout" / "smileys_and_emotion").glob("*.png"))),
+         "country-flag": len(list((tmp_path / "classes" / "heldout" / "flags").glob("*.png")))})
