@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import threading
@@ -67,7 +66,7 @@ import fashion_mnist  # noqa: E402
 import fashion_mnist_classes  # noqa: E402
 import promises  # noqa: E402
 from results import REPO, count_images, cpu_name, noise  # noqa: E402
-from selection_results import difference, finished, is_clear, replace_section  # noqa: E402
+from selection_results import difference, drop_checkpoints, finished, is_clear, replace_section  # noqa: E402
 from tradeoff_results import clipfit  # noqa: E402
 
 START, END = "<!-- label-results:start -->", "<!-- label-results:end -->"
@@ -211,14 +210,8 @@ def timed(args, command: list[str], out: Path) -> None:
                        "load": round(os.getloadavg()[0], 2)})
     with ELAPSED_LOCK, (args.work / "elapsed.jsonl").open("a") as f:
         f.write(line + "\n")
-    drop_checkpoints(out)
-
-
-def drop_checkpoints(run: Path) -> None:
-    """A finished run's resume state (weights and optimiser, about 320 MB with the starter) serves no
-    measurement: removed, so the full run's 42 folders take about 100 MB each (model.safetensors, run.json, report)."""
-    if run.suffix != ".json" and finished(run) and (run / "checkpoints").is_dir():
-        shutil.rmtree(run / "checkpoints")
+    if out.suffix != ".json":
+        drop_checkpoints(out)
 
 
 def jobs(args, sets: list[Path], passthrough: list[str]) -> list[tuple[list[str], Path]]:

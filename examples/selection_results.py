@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,6 +93,13 @@ def run_pair(args, method: str, seed: int, subset: Path, passthrough: list[str])
 def finished(run_dir: Path) -> bool:
     path = run_dir / "run.json"
     return path.is_file() and bool(json.loads(path.read_text()).get("after"))
+
+
+def drop_checkpoints(run_dir: Path) -> None:
+    """A finished run's resume state (weights and optimiser, about 320 MB with the starter) serves no
+    measurement and would fill the disk over dozens of runs: removed; the weights and run.json stay."""
+    if finished(run_dir) and (run_dir / "checkpoints").is_dir():
+        shutil.rmtree(run_dir / "checkpoints")
 
 
 def mean_r1(metrics: dict) -> float:

@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import promises  # noqa: E402
 from results import DEFAULT_DATA, REPO, TARGET, ZEROSHOT, balanced_subset, count_images, cpu_name, noise  # noqa: E402
-from selection_results import difference, finished, flags, mean_r1, mean_sd, replace_section, zeroshot_top1  # noqa: E402
+from selection_results import difference, drop_checkpoints, finished, flags, mean_r1, mean_sd, replace_section, zeroshot_top1  # noqa: E402
 
 START, END = "<!-- tradeoff-results:start -->", "<!-- tradeoff-results:end -->"
 README_START, README_END = "<!-- which-method:start -->", "<!-- which-method:end -->"
@@ -140,6 +140,8 @@ def run_one(args, variant: str, seed: int, zeroshot: Path, passthrough: list[str
     run = forgetting_run(sweep_dir, args.forgetting_lr)
     if run is not None and finished(run) and not finished(wise_dir):
         clipfit(args, *wise_command(args, variant, seed))
+    for run_dir in sweep_dir.glob("*-lr=*"):
+        drop_checkpoints(run_dir)
 
 
 def read(path: Path) -> dict | None:
@@ -344,7 +346,7 @@ def main(argv: list[str]) -> None:
         balanced_subset(args.data / ZEROSHOT, zeroshot, args.zeroshot_per_class, 0)
         (zeroshot / "templates.txt").write_text(TEMPLATE + "\n")
     started = time.time()
-    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    jobs = [(v, s) for s in args.seeds for v in args.variants]  # seed by seed: a cut-short run still covers every variant
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: run_one(args, *job, zeroshot, passthrough), jobs))
     results = {v: [p for s in args.seeds if (p := points(args, v, s)) is not None] for v in args.variants}

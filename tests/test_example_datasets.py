@@ -96,7 +96,7 @@ def fake_emoji_package(root: Path, entries: list[tuple[str, str, str]]) -> Path:
 
 
 def test_emoji_by_category_is_the_pairs_split_as_zero_shot_class_folders(tmp_path):
-    from clipfit.eval.datasets import load_labelled
+    from clipfit.eval.sets import load_labelled
 
     entries = ([(f"face {i}", "Smileys & Emotion", "face-smiling") for i in range(8)]
                + [(f"flag {i}", "Flags", "country-flag") for i in range(8)]
