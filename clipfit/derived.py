@@ -65,6 +65,11 @@ class Measured:
         return cls(has_validation, *set_names(config.eval_zeroshot, config.eval_retrieval, has_validation),
                    len(classes["names"]) if classes else None)
 
+    def default_metric(self) -> str | None:
+        from clipfit.selection import default_metric
+
+        return default_metric(self.has_validation, self.zeroshot, self.retrieval, labelled=self.classes is not None)
+
     def check(self, metric: str) -> None:
         from clipfit.selection import check_metric, selectable_metrics
 
@@ -199,18 +204,21 @@ def write_derived(out_dir: Path, bench: Bench, state: dict[str, torch.Tensor], i
     models.save_model(bench.loaded, bench.model, out_dir)
     record = {**{k: bench.saved[k] for k in COPIED if k in bench.saved}, "run_dir": str(out_dir),
               "train_seconds": 0.0, "methods": {}, **bench.class_facts(), **info}
-    write_run_json(out_dir, record)
     write_report(out_dir, record)
+    write_run_json(out_dir, record)  # last: a folder with run.json's `after` counts as finished
     return record
 
 
-def into_new_folder(out: Path, sources: dict[str, Path], overwrite: bool, progress,
+def into_new_folder(out: Path, sources: dict[str, Path], saved: dict[str, Any], overwrite: bool, progress,
                     make: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Claim `out` as a run folder (never one of the `sources`, named by what they are), fill it
-    with `make`, and put a replaced run back if `make` fails before run.json is written."""
+    """Claim `out` as a run folder (never one of the `sources`, named by what they are, nor what
+    the first source's refine protected: its PAIRS, cache folder and --model folder), fill it with
+    `make`, and put a replaced run back if `make` fails before run.json is written."""
     from clipfit.rundir import RUN_JSON, claim_run_dir
+    from clipfit.run import protected_paths
 
-    protected = dict(sources)
+    pairs = saved.get("pairs")
+    protected = {**(protected_paths(saved_config(saved), pairs) if pairs else {}), **sources}
     folder = claim_run_dir(out, False, overwrite, protected, progress.warn)
     try:
         info = make(out)

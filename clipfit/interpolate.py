@@ -58,10 +58,9 @@ def alpha_rule(run_dir: Path, measured, alphas: list[float], select_best: str | 
     """(target metric, rule): the metric the report plots α by (None when nothing is measured to
     score by) and the rule that chooses among `alphas` (None for one α: nothing to choose). Refused
     with one line saying what would work when several α have nothing to be chosen by."""
-    from clipfit.selection import Rule, default_metric, retention_limit
+    from clipfit.selection import Rule, retention_limit
 
-    metric = select_best or saved_select_best or default_metric(measured.has_validation, measured.zeroshot,
-                                                               measured.retrieval)
+    metric = select_best or saved_select_best or measured.default_metric()
     if metric is None:
         if len(alphas) > 1:
             raise UsageError(f"{run_dir}: nothing to choose among {len(alphas)} α by: the run has no validation split "
@@ -99,7 +98,7 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
     metric, rule = alpha_rule(run_dir, Measured.of(config, saved), alphas, select_best, config.select_best, max_drop,
                               config.max_zeroshot_drop)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-wise"
-    return into_new_folder(out, {"the run being interpolated": run_dir}, overwrite, progress, lambda folder: interpolate_into(
+    return into_new_folder(out, {"the run being interpolated": run_dir}, saved, overwrite, progress, lambda folder: interpolate_into(
         folder, run_dir, saved, config, alphas, metric, rule, device_name, argv, progress, which))
 
 

@@ -338,7 +338,8 @@ def measure_model(model: nn.Module, loaded: models.LoadedModel, data: RunData, c
     the model measured in errors; `frozen` holds what every measurement of the model shares."""
     encoder = encoder or run_encoder(model, loaded, c, device, label, frozen=frozen)
     pairs, key = eval_pairs(data)[0], eval_key(data)
-    results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels, encoder, key)
+    results = evaluate_split(model, pairs, loaded, device, c.batch_size, c.max_image_pixels, encoder, key,
+                             c.multi_positive)
     results.update(evaluate_classes(encoder, split_classes(data, c.max_image_pixels)))
     results.update(evaluate_suite(suite, encoder, c.max_image_pixels))
     return results

@@ -105,7 +105,10 @@ HOUSEKEEPING = frozenset({MARKER, STAGING, DISCARDED})
 SWEEP_JSON, SWEEP_MD, SWEEP_HTML, SWEEP_PNG = "sweep.json", "sweep.md", "sweep.html", "sweep.png"
 SWEEP_NAMES = frozenset({SWEEP_JSON, SWEEP_MD, SWEEP_HTML, SWEEP_PNG, WRITE_PROBE})
 SOUP_DIR, WISE_DIR = "soup-{recipe}", "wise"
-SWEEP_RUN = re.compile(r"\d{2,}-.+|soup-[a-z]+|wise")
+SOUP_RECIPES = ("uniform", "greedy", "stock")
+# exactly the names a sweep gives: a grid point is NN-setting=value…, but not `clipfit interpolate`'s
+# default NAME-wise beside it, nor a `clipfit soup --out` of another name
+SWEEP_RUN = re.compile(rf"\d{{2,}}-[a-z0-9-]+=.*(?<!-wise)|soup-(?:{'|'.join(SOUP_RECIPES)})|{WISE_DIR}")
 
 
 def is_own(name: str, names: frozenset[str] = OWN_NAMES) -> bool:
@@ -442,8 +445,8 @@ def prepare_locked(folder: RunFolder, resume: bool, overwrite: bool, warn: Calla
     kept = foreign_entries(out, kind)
     staged = stage(out, kind)  # a replaced run, or the leftovers of a run that failed while setting up
     if kept and staged is not None:
-        warn(f"{out}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} clipfit did not write "
-             f"({listing([p.name for p in kept])}); only clipfit's own files are replaced")
+        warn(f"{out}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} this {kind.name} did not write "
+             f"({listing([p.name for p in kept])}); only the {kind.name}'s own files are replaced")
 
 
 def refuse_foreign_inside(out: Path, kind: FolderKind) -> None:

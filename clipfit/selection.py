@@ -111,11 +111,13 @@ def check_metric(metric: str, valid: list[str], flag: str = "--select-best") -> 
         raise UsageError(f"{flag} {metric!r}: not a metric this run measures; valid: {listing}")
 
 
-def default_metric(has_validation: bool, zeroshot_sets: list[str], retrieval_sets: list[str]) -> str | None:
-    """The target metric when none is named: mean-R@1 on the validation split, else the first
-    retrieval set's text→image R@1, else the first zero-shot set's top-1; None when nothing is measured."""
+def default_metric(has_validation: bool, zeroshot_sets: list[str], retrieval_sets: list[str],
+                   labelled: bool = False) -> str | None:
+    """The target metric when none is named: on the validation split, a labelled folder's top-1
+    (val/acc1) or mean-R@1; else the first retrieval set's text→image R@1, else the first zero-shot
+    set's top-1; None when nothing is measured."""
     if has_validation:
-        return MEAN_R1
+        return "val/acc1" if labelled else MEAN_R1
     if retrieval_sets:
         return f"retrieval/{retrieval_sets[0]}/image_retrieval_recall@1"
     return f"zeroshot/{zeroshot_sets[0]}/{GUARDED_METRIC}" if zeroshot_sets else None

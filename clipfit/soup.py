@@ -33,8 +33,9 @@ from typing import Any, Callable
 import torch
 
 from clipfit.errors import UsageError
+from clipfit.rundir import SOUP_RECIPES
 
-RECIPES = ("uniform", "greedy", "stock")
+RECIPES = SOUP_RECIPES  # clipfit.rundir: a sweep's soup folders are named after them
 
 
 # --- the maths, on state dicts --------------------------------------------------------------
@@ -164,6 +165,23 @@ def check_same_start(run_dirs: list[Path], saveds: list[dict[str, Any]]) -> None
                              f"({described(first)}); a soup averages runs of one architecture and one start")
 
 
+SPLIT_BY = ("val_split", "seed", "layout")  # with the pairs, what decides a run's validation split
+
+
+def check_same_split(run_dirs: list[Path], saveds: list[dict[str, Any]]) -> None:
+    """A soup is measured on the first run's validation pairs (clipfit.derived.Bench), which a run
+    that held out others trained on: one line naming the first such run."""
+    first = saveds[0]
+    if not first["config"].get("val_split"):
+        return
+    for run_dir, saved in zip(run_dirs[1:], saveds[1:]):
+        if (saved.get("pairs"), saved.get("data_hash")) != (first.get("pairs"), first.get("data_hash")) or any(
+                saved["config"].get(k) != first["config"].get(k) for k in SPLIT_BY):
+            raise UsageError(f"{run_dir}: held out other validation pairs than {run_dirs[0]} (other data, --seed or "
+                             "--val-split), so it trained on some of the pairs the soup is measured on; soup runs "
+                             "that share their data, --seed and --val-split")
+
+
 def check_runs(run_dirs: list[Path], recipe: str) -> None:
     if recipe not in RECIPES:
         raise UsageError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
@@ -183,9 +201,9 @@ def labels_of(run_dirs: list[Path]) -> list[str]:
 def soup_rule(run_dir: Path, measured, select_best: str | None, max_drop: float | None):
     """The target metric and held-out limit greedy chooses by (the run's --select-best, else the
     default target metric; the limit as interpolate's)."""
-    from clipfit.selection import Rule, default_metric, retention_limit
+    from clipfit.selection import Rule, retention_limit
 
-    metric = select_best or default_metric(measured.has_validation, measured.zeroshot, measured.retrieval)
+    metric = select_best or measured.default_metric()
     if metric is None:
         raise UsageError(f"--recipe greedy keeps a run when the soup scores no worse, but {run_dir} measured nothing "
                          "to score by: use runs with --val-split, give --eval-retrieval PAIRS or --eval-zeroshot "
@@ -203,6 +221,7 @@ def soup(run_dirs: list[Path], out: Path, recipe: str, select_best: str | None, 
     check_runs(run_dirs, recipe)
     saveds = [finished_run(d) for d in run_dirs]
     check_same_start(run_dirs, saveds)
+    check_same_split(run_dirs, saveds)
     config = saved_config(saveds[0], zeroshot, retrieval)
     measured = Measured.of(config, saveds[0])
     if recipe != "greedy" and (select_best or max_drop is not None):
@@ -210,7 +229,7 @@ def soup(run_dirs: list[Path], out: Path, recipe: str, select_best: str | None, 
                          f"--recipe {recipe} averages every run")
     rule = soup_rule(run_dirs[0], measured, select_best or config.select_best, max_drop) if recipe == "greedy" else None
     sources = {f"run {i} of the soup": d for i, d in enumerate(run_dirs, 1)}
-    return into_new_folder(Path(out), sources, overwrite, progress, lambda folder: soup_into(
+    return into_new_folder(Path(out), sources, saveds[0], overwrite, progress, lambda folder: soup_into(
         folder, run_dirs, saveds, config, recipe, rule, device_name, argv, progress))
 
 

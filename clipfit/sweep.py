@@ -179,16 +179,20 @@ def run_point(title: str, pairs: str, config, argv: list[str], progress) -> None
 
 
 def sweep_rule(values: dict[str, Any], axes: dict[str, list[Any]]):
-    """--select-best (default mean-R@1 with --val-split) and --max-zeroshot-drop (default 1 point
-    with --eval-zeroshot: clipfit.selection.retention_limit)."""
-    from clipfit.selection import MEAN_R1, Rule, retention_limit
+    """--select-best (default: clipfit.selection.default_metric of what the runs measure) and
+    --max-zeroshot-drop (default 1 point with held-out zero-shot sets: clipfit.selection.retention_limit)."""
+    from clipfit.eval.suite import set_names
+    from clipfit.selection import Rule, default_metric, retention_limit
 
     has_validation = any(v for v in axes.get("val_split", [values.get("val_split")]))
-    metric = one_value(values, axes, "select_best") or (MEAN_R1 if has_validation else None)
+    zeroshot, retrieval = set_names(values.get("eval_zeroshot") or [], values.get("eval_retrieval") or [],
+                                    has_validation)
+    metric = one_value(values, axes, "select_best") or default_metric(has_validation, zeroshot, retrieval)
     if metric is None:
-        raise UsageError("a sweep chooses among its runs by a validation metric: give --val-split (mean-R@1 is the "
-                         "default) or --select-best METRIC")
-    return Rule(metric, retention_limit(one_value(values, axes, "max_zeroshot_drop"), values.get("eval_zeroshot") or []))
+        raise UsageError("a sweep chooses among its runs by a metric they measure: give --val-split (mean-R@1 is the "
+                         "default), --eval-retrieval PAIRS or --eval-zeroshot DATASET=PATH, or --select-best METRIC")
+    # only zero-shot sets' top-1 is guarded: a retrieval-only suite given as --eval-zeroshot turns no limit on
+    return Rule(metric, retention_limit(one_value(values, axes, "max_zeroshot_drop"), zeroshot))
 
 
 # --- after the runs: soups and WiSE-FT (each a run folder in the sweep folder) -------------------

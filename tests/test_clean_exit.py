@@ -162,3 +162,15 @@ def test_a_killed_run_leaves_no_worker_and_no_lock_and_resumes_at_once(pairs, ti
                               "--max-steps", str(max(checkpoint_steps(out)) + 1)],
                              env=cli_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_workers_of_a_forkserver_or_spawn_context_run_and_only_forked_ones_follow_this_process():
+    """Under forkserver (Python 3.14's default on Linux) a worker's parent is the server: the
+    forked-worker check that this process is its parent would end every worker at once."""
+    import multiprocessing
+
+    from clipfit.data.workers import Loader, forked
+
+    assert forked("fork") and not forked("spawn") and not forked(multiprocessing.get_context("forkserver"))
+    with Loader(list(range(6)), batch_size=2, num_workers=1, multiprocessing_context="forkserver") as loader:
+        assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3], [4, 5]]

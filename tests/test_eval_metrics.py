@@ -50,6 +50,32 @@ def test_ties_count_against_the_query_so_a_collapsed_model_scores_zero():
     assert paired_retrieval(same, same)["image_to_text_R@1"] == 0.0
 
 
+def test_with_positives_a_repeated_caption_is_found_by_every_image_it_describes():
+    # two classes, each image's caption the class's one text: without positives the identical
+    # captions tie and count against the query (R@1 0); with them, any same-class hit is found
+    image = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    positives = groups[:, None] == groups[None, :]
+    assert paired_retrieval(image, text, ks=(1,))["image_to_text_R@1"] == 0.0
+    grouped = paired_retrieval(image, text, ks=(1, 2), positives=positives)
+    # image 1 (0.8, 0.6) scores class 0's text 0.8 and class 1's 0.6: found; so are the others
+    assert grouped["image_to_text_R@1"] == 100.0
+    # text→image: class 0's text ranks image 0 (1.0) first, class 1's image 2 (1.0): every query found
+    assert grouped["text_to_image_R@1"] == 100.0
+    # a misplaced image: image 3 now sits nearer class 0, so class 1's text still finds image 2,
+    # but image 3 finds class 0's texts first (rank 3 of 4 behind the two tied class-0 texts)
+    image[3] = torch.tensor([0.8, 0.6])
+    moved = paired_retrieval(image, text, ks=(1, 3), positives=positives)
+    assert moved["image_to_text_R@1"] == 75.0 and moved["image_to_text_R@3"] == 100.0
+    assert moved["image_to_text_mrr"] == pytest.approx((1 + 1 + 1 + 1 / 3) / 4)
+
+
+def test_positives_equal_to_the_identity_give_the_paired_numbers():
+    image, text = unit(50, seed=3), unit(50, seed=4)
+    assert paired_retrieval(image, text, positives=torch.eye(50, dtype=torch.bool)) == paired_retrieval(image, text)
+
+
 def test_an_image_is_found_when_any_of_its_captions_is_in_the_top_k():
     image = torch.eye(3)
     # captions 0,1 belong to image 0 (caption 1 points elsewhere), caption 2 to image 1, caption 3 to image 2

@@ -160,3 +160,39 @@ def test_an_encoder_encodes_each_distinct_text_once(tiny_config):
     assert torch.equal(first[0], first[2]) and torch.equal(first[1], second[0])
     alone = encoder_for(loaded, loaded.model, torch.device("cpu"), 2, 0, "fp32").texts(["a bird", "a cat"])
     assert torch.allclose(alone, torch.stack([second[1], first[0]]), atol=1e-6)
+
+
+def test_the_split_counts_a_class_s_shared_caption_as_found_by_every_image_of_the_class(classes_dir, tiny_config):
+    """A labelled split's first captions are one text per class; with multi-positive targets (the
+    default) an image's R@1 asks whether its class's text ranks first, and the loss spreads each
+    row's target over its class; one-hot, the identical texts tie and R@1 cannot rise above 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from clipfit.data.layouts import load_pairs
+    from clipfit.data.training import split_val
+    from clipfit.eval.encode import encoder_for
+    from clipfit.eval.retrieval import encode_pairs_all_captions, first_captions
+    from clipfit.eval.split import evaluate_split
+    from clipfit.models import base_logit_scale, load_model
+
+    loaded = load_model(str(tiny_config), "none")
+    pairs = load_pairs(classes_dir / "set", templates=str(classes_dir / "templates.txt")).pairs
+    val = split_val(pairs, 0.34, seed=0)[1]
+    cpu = torch.device("cpu")
+    encoder = encoder_for(loaded, loaded.model, cpu, 8, 0, "fp32")
+    grouped = evaluate_split(loaded.model, val, loaded, cpu, 8, encoder=encoder, key="val")
+    one_hot = evaluate_split(loaded.model, val, loaded, cpu, 8, encoder=encoder, key="val", multi_positive=False)
+    assert one_hot["image_to_text_R@1"] == 0.0
+
+    features = encode_pairs_all_captions(encoder, val, "val")
+    image, text = features.image, first_captions(features)
+    labels = torch.tensor([p.label for p in val])
+    top = (image @ text.T).argmax(dim=1)
+    assert grouped["image_to_text_R@1"] == pytest.approx(100 * (labels[top] == labels).float().mean().item())
+    logits = base_logit_scale(loaded.model).exp().item() * image @ text.T
+    same = (labels[:, None] == labels[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    by_hand = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    assert grouped["clip_loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+    assert grouped["modality_gap"] == one_hot["modality_gap"]

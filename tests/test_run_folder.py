@@ -100,7 +100,7 @@ def test_overwrite_replaces_only_clipfits_own_files(pairs_dir, tiny_config, tmp_
     (out / "plots").mkdir()
     (out / "plots" / "mine.png").write_bytes(b"png")
     assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, "--max-steps", "2", "--overwrite")) == 0
-    assert "kept 2 entries clipfit did not write" in capsys.readouterr().err
+    assert "kept 2 entries this run did not write" in capsys.readouterr().err
     assert (out / "my-notes.txt").read_text() == "keep me" and (out / "plots" / "mine.png").read_bytes() == b"png"
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["seed"] == 0 and run["steps"] == 2  # the new run, whole

@@ -109,6 +109,8 @@ def test_sweep_overwrite_replaces_only_its_own_files_and_names_points_without_pa
     (point / "my-notes.txt").write_text("about this run\n")
     users = {name: (out / name).read_bytes() for name in ("notes.md", "07-mine/data.txt")}
 
+    assert run_main(["interpolate", point, "--alpha", "0.5", "--quiet"]) == 0  # its default --out: NAME-wise, beside
+    wise = snapshot(out / f"{point.name}-wise")
     finished = snapshot(point)
     assert run_main(argv) == 0  # rerunning continues: the finished point is skipped, nothing replaced
     assert snapshot(point) == finished
@@ -122,7 +124,8 @@ def test_sweep_overwrite_replaces_only_its_own_files_and_names_points_without_pa
 
     assert run_main(again) == 0
     err = capsys.readouterr().err
-    assert "kept 2 entries clipfit did not write (07-mine, notes.md)" in err
+    assert f"kept 3 entries this sweep did not write ({point.name}-wise, 07-mine, notes.md)" in err
+    assert snapshot(out / f"{point.name}-wise") == wise  # another command's run folder: not the sweep's to replace
     assert {name: (out / name).read_bytes() for name in users} == users
     assert json.loads((point / "run.json").read_text())["config"]["lr"] == 1e-3
     assert not (out / rundir.STAGING).exists() and not (out / rundir.DISCARDED).exists()

@@ -112,6 +112,8 @@ def test_the_alpha_rule_defaults_to_one_point_with_held_out_sets_and_says_what_w
     retrieval_only = Measured(False, [], ["test"])
     assert alpha_rule(Path("run"), retrieval_only, [0.5, 1], None, None, None, None) == (
         "retrieval/test/image_retrieval_recall@1", Rule("retrieval/test/image_retrieval_recall@1", None))
+    labelled = Measured(True, [], ["validation"], classes=3)  # a folder of classes: its split's top-1
+    assert alpha_rule(Path("run"), labelled, [0.5, 1], None, None, None, None) == ("val/acc1", Rule("val/acc1", None))
     nothing = Measured(False, [], [])
     assert alpha_rule(Path("run"), nothing, [0.5], None, None, None, None) == (None, None)
     with pytest.raises(UsageError, match="give one --alpha, or sets to measure each α on"):
@@ -120,6 +122,18 @@ def test_the_alpha_rule_defaults_to_one_point_with_held_out_sets_and_says_what_w
         alpha_rule(Path("run"), retrieval_only, [0.5, 1], None, None, 1.0, None)
     with pytest.raises(UsageError, match="expected a finite number"):
         alpha_rule(Path("run"), with_sets, [0.5, 1], None, None, float("nan"), None)
+
+
+def test_a_sweep_without_validation_chooses_by_its_first_retrieval_set_and_guards_only_zero_shot(tmp_path):
+    from clipfit.sweep import sweep_rule
+
+    pairs = str(tmp_path / "test")
+    assert sweep_rule({"val_split": 0.0, "eval_retrieval": [pairs]}, {}) == Rule(
+        "retrieval/test/image_retrieval_recall@1", None)
+    assert sweep_rule({"val_split": 0.3}, {"lr": [1e-3, 1e-4]}) == Rule("mean-R@1", None)
+    assert sweep_rule({"val_split": 0.3, "eval_zeroshot": [f"folder={tmp_path / 'held'}"]}, {}).max_zeroshot_drop == 1.0
+    with pytest.raises(UsageError, match="give --val-split"):
+        sweep_rule({"val_split": 0.0}, {})
 
 
 def test_the_pareto_front_holds_the_points_nothing_beats_on_both_axes():
@@ -213,6 +227,27 @@ def test_soup_refuses_runs_of_another_start_before_writing_anything(root, tiny_c
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"clipfit: error: {odd}: other starting weights") and str(a) in line
     assert not out.exists()
+
+
+def test_soup_refuses_a_run_that_held_out_other_validation_pairs(root, tiny_config, start_weights, tmp_path, capsys):
+    a = measured_run(root, tiny_config, start_weights, "a", "1e-3")
+    reseeded = measured_run(root, tiny_config, start_weights, "seed-1", "1e-3", "--seed", "1")
+    out = tmp_path / "soup"
+    assert run_main(["soup", a, reseeded, "--out", out]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"clipfit: error: {reseeded}: held out other validation pairs than {a}")
+    assert not out.exists()
+
+
+def test_soup_and_interpolate_never_write_into_the_runs_pairs(root, tiny_config, start_weights, capsys):
+    a = measured_run(root, tiny_config, start_weights, "a", "1e-3")
+    b = measured_run(root, tiny_config, start_weights, "b", "3e-3")
+    listing = sorted(p.name for p in (root / "pairs").iterdir())
+    assert run_main(["soup", a, b, "--out", root / "pairs" / "soup"]) == 2
+    assert "PAIRS" in capsys.readouterr().err
+    assert run_main(["interpolate", a, "--alpha", "0.5", "--out", root / "pairs" / "wise"]) == 2
+    assert "PAIRS" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "pairs").iterdir()) == listing
 
 
 def test_greedy_soup_follows_its_recorded_steps(root, tiny_config, start_weights):

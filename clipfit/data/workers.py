@@ -7,8 +7,8 @@ SIGTERM and then joins them without a timeout, so one live worker would hang a f
 forever. Hence every loader is a `Loader`, closed explicitly when its work is done and on every
 exit path (`with loader:` or `close()`), and `end_workers()` kills any worker still alive when
 the command ends. A worker whose parent dies is killed with it at once on Linux (a parent-death
-signal, `die_with_parent`); elsewhere it exits by itself within seconds (torch's worker loop
-checks its parent's pid). Workers never hold the run folder's lock (clipfit.rundir closes it in
+signal, `die_with_parent`, for forked workers); elsewhere it exits by itself within seconds
+(torch's worker loop checks its parent's pid). Workers never hold the run folder's lock (clipfit.rundir closes it in
 every forked child).
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import multiprocessing
 import os
 import signal
 import sys
@@ -46,11 +47,21 @@ def die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def start_worker(parent: int, init: Callable[[int], None] | None, worker_id: int) -> None:
-    """Every worker's first act: tie its life to the parent's, then the loader's own init."""
-    die_with_parent(parent)
+def start_worker(parent: int | None, init: Callable[[int], None] | None, worker_id: int) -> None:
+    """Every worker's first act: tie its life to the parent's (`parent`: None where the worker was
+    not forked by it), then the loader's own init."""
+    if parent is not None:
+        die_with_parent(parent)
     if init is not None:
         init(worker_id)
+
+
+def forked(context) -> bool:
+    """Whether workers started with `context` (a DataLoader's multiprocessing_context: None, a
+    name or a context) are forked by this process. Under forkserver (Python 3.14's default on
+    Linux) their parent is the server, whose death, not ours, a parent-death signal would follow."""
+    method = context if isinstance(context, str) else context.get_start_method() if context else None
+    return (method or multiprocessing.get_start_method()) == "fork"
 
 
 class Loader(DataLoader):
@@ -59,7 +70,8 @@ class Loader(DataLoader):
     ended (finished, broken off, or an exception)."""
 
     def __init__(self, *args, worker_init_fn: Callable[[int], None] | None = None, **kwargs):
-        super().__init__(*args, worker_init_fn=functools.partial(start_worker, os.getpid(), worker_init_fn), **kwargs)
+        parent = os.getpid() if forked(kwargs.get("multiprocessing_context")) else None
+        super().__init__(*args, worker_init_fn=functools.partial(start_worker, parent, worker_init_fn), **kwargs)
         self.iterators: list = []
 
     def __iter__(self):

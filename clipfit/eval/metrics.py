@@ -91,13 +91,20 @@ def mean_reciprocal_rank(similarity: Tensor, positives: Tensor) -> float:
     return mrr_from_ranks(ranks_of_first_positive(similarity, positives))
 
 
-def paired_retrieval(image: Tensor, text: Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Image→text and text→image Recall@k and MRR when row i of each is the only match."""
-    metrics = caption_retrieval(image, text, torch.arange(len(text)), ks)
+def paired_retrieval(image: Tensor, text: Tensor, ks=(1, 5, 10), positives: Tensor | None = None) -> dict[str, float]:
+    """Image→text and text→image Recall@k and MRR when row i of each is the only match, or, with
+    `positives` P (N×N bool, symmetric, True on the diagonal), when any j with P_ij is: a caption
+    repeated in the set, or a class's images, finds every one of its positives."""
+    def positives_of(start: int, stop: int) -> Tensor:
+        if positives is not None:
+            return positives[start:stop]
+        return torch.arange(start, stop)[:, None] == torch.arange(len(text))[None, :]
+
     renamed = {}
-    for benchmark_name, direction in (("text_retrieval", "image_to_text"), ("image_retrieval", "text_to_image")):
-        renamed.update({f"{direction}_R@{k}": metrics[f"{benchmark_name}_recall@{k}"] for k in ks})
-        renamed[f"{direction}_mrr"] = metrics[f"{benchmark_name}_mrr"]
+    for direction, ranks in (("image_to_text", chunked_ranks(image, text, positives_of)),
+                             ("text_to_image", chunked_ranks(text, image, positives_of))):
+        renamed.update({f"{direction}_R@{k}": v for k, v in recall_from_ranks(ranks, ks).items()})
+        renamed[f"{direction}_mrr"] = mrr_from_ranks(ranks)
     return renamed
 
 

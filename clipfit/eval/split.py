@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from clipfit.data.images import DEFAULT_MAX_PIXELS, open_rgb
+from clipfit.data.dataset import item_group
 from clipfit.data.pairs import Pair
 from clipfit.data.training import RunData
 from clipfit.eval.datasets import LabelledImages
@@ -19,7 +20,7 @@ from clipfit.eval.encode import Encoder, encoder_for
 from clipfit.eval.metrics import modality_gap, paired_retrieval
 from clipfit.eval.retrieval import encode_pairs_all_captions, first_captions
 from clipfit.eval.zeroshot import classifier_metrics, confusion_matrix
-from clipfit.losses import clip_loss
+from clipfit.losses import clip_loss, positives_of
 from clipfit.models import LoadedModel, base_logit_scale
 
 VALIDATION_KEY = "retrieval:validation"  # the suite's name for the validation split: encoded once for both
@@ -42,15 +43,19 @@ def eval_key(data: RunData) -> str:
 
 def evaluate_split(model: nn.Module, pairs: list[Pair], loaded: LoadedModel, device: torch.device, batch_size: int,
                    max_pixels: int = DEFAULT_MAX_PIXELS, encoder: Encoder | None = None,
-                   key: str = VALIDATION_KEY) -> dict[str, float]:
+                   key: str = VALIDATION_KEY, multi_positive: bool = True) -> dict[str, float]:
     """Validation yardsticks every method is judged by: CLIP loss, R@1 both ways, modality gap,
-    on each image with its first caption. `key` names the pairs in `encoder`'s cache."""
+    on each image with its first caption. With `multi_positive`, as in training, items of one class
+    or with the same caption are positives of each other: the loss takes targets uniform over them
+    and R@1 counts any of them as found (otherwise a class's identical captions tie, and R@1 could
+    not rise above chance). `key` names the pairs in `encoder`'s cache."""
     encoder = encoder or encoder_for(loaded, model, device, batch_size, 0, "fp32")
     features = encode_pairs_all_captions(encoder, pairs, key, max_pixels)
     image, text = features.image, first_captions(features)
-    retrieval = paired_retrieval(image, text, ks=(1,))
+    positives = positives_of(torch.tensor([item_group(p, 0) for p in pairs])) if multi_positive else None
+    retrieval = paired_retrieval(image, text, ks=(1,), positives=positives)
     with torch.no_grad():
-        loss = clip_loss(image, text, base_logit_scale(model).exp().float().cpu()).item()
+        loss = clip_loss(image, text, base_logit_scale(model).exp().float().cpu(), positives).item()
     return {"clip_loss": loss, "image_to_text_R@1": retrieval["image_to_text_R@1"],
             "text_to_image_R@1": retrieval["text_to_image_R@1"], "modality_gap": modality_gap(image, text)}
 
