@@ -215,10 +215,11 @@ def timed(args, command: list[str], out: Path) -> None:
 
 
 def jobs(args, sets: list[Path], passthrough: list[str]) -> list[tuple[list[str], Path]]:
-    """(command, output) of every probe and run not finished yet, smallest size first."""
+    """(command, output) of every probe and run not finished yet, seed by seed (a run cut short
+    still covers every size), smallest size first."""
     todo = []
-    for size in args.sizes:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for size in args.sizes:
             for row in (r for r in args.rows if r != "zeroshot" and (r, size) not in args.skip):
                 out = output(args, row, size, seed)
                 if not done(out):
