@@ -70,7 +70,7 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> lis
 
 def sets_summary(before: dict[str, float], after: dict[str, float]) -> list[str]:
     """One row per evaluation set, top-1 (or its score) and ECE before → after, and their means."""
-    from clipfit.eval.suites import side_by_side
+    from clipfit.eval.suites import mean_label, side_by_side
 
     view = side_by_side([before, after])
     if not view:
@@ -78,7 +78,7 @@ def sets_summary(before: dict[str, float], after: dict[str, float]) -> list[str]
     lines = ["", "### Evaluation sets: top-1 and calibration", "",
              "| set | top-1 before | after | change | ECE before | after | change |", "|---|---:|---:|---:|---:|---:|---:|"]
     rows = [(name, cells, view["change"][name]) for name, cells in view["sets"].items()]
-    rows.append((f"**mean** ({len(view['mean_over'])} sets)", view["mean"], view["mean_change"]))
+    rows.append((f"**{mean_label(view).replace(' (', '** (', 1)}", view["mean"], view["mean_change"]))
     for name, (first, second), change in rows:
         cells = [fmt(first.get(m)) + " | " + fmt(second.get(m)) + " | " + signed(change.get(m)) for m in ("score", "ece")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -242,8 +242,12 @@ def lock_folder(path: Path, kind: FolderKind = RUN) -> int:
     if found not in (None, kind.name):
         release_lock(fd)
         raise UsageError(f"{path}: a clipfit {found} folder, not a {kind.name} folder; choose another --out")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{marker_title(kind)}\npid {os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{marker_title(kind)}\npid {os.getpid()}\n".encode())
+    except OSError as e:  # a full disk: the marker's few bytes do not fit
+        release_lock(fd)
+        raise OutputError(f"{path}: cannot write the {kind.name} folder's marker ({e.strerror or e})") from None
     return fd
 
 

@@ -444,4 +444,7 @@ def test_every_float_option_refuses_nan_and_infinity(value, pairs_dir, tiny_conf
     assert f"--hycd-alpha must be a finite number (got {float(value)})" in error_line(capsys)
     assert run_main(["interpolate", tmp_path / "any-run", "--max-zeroshot-drop", value]) == 2
     assert f"--max-zeroshot-drop must be a finite number (got {float(value)})" in error_line(capsys)
+    assert run_main(tiny_refine_args(pairs_dir, tmp_path / "run", tiny_config, "--method", "refine",
+                                     "--weight", f"rafa={value}")) == 2  # a loss weight is a float too
+    assert error_line(capsys) == f"clipfit: error: --weight 'rafa={value}': the weight must be a finite number"
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()

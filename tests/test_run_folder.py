@@ -331,3 +331,22 @@ def test_out_on_the_model_run_folder_is_refused(pairs_dir, tiny_config, tmp_path
     assert run_main(argv) == 2
     assert "--out is the --model folder" in error_line(capsys, alone=False)
     assert snapshot(start) == before
+
+
+def test_a_marker_that_does_not_fit_on_the_disk_is_an_output_error_and_leaves_the_folder_unlocked(tmp_path, monkeypatch):
+    import errno
+
+    from clipfit import rundir
+    from clipfit.errors import OutputError
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(rundir.os, "write", full)
+        with pytest.raises(OutputError, match="cannot write the run folder's marker .No space left on device"):
+            rundir.lock_folder(tmp_path / "run")
+    assert not rundir.HELD
+    fd = rundir.lock_folder(tmp_path / "run")  # nothing kept the lock
+    rundir.release_lock(fd)
+    assert os.path.isfile(tmp_path / "run" / rundir.MARKER)

@@ -119,6 +119,10 @@ def test_eval_suite_never_overwrites_files_it_did_not_write(sets, tiny_config, t
     result = evaluate_suite(sets, tiny_config, tmp_path / "out")
     assert result.returncode == 7 and "suite.md: exists and is not a suite clipfit wrote" in result.stderr
     assert (tmp_path / "out" / "suite.md").read_text() == "my notes\n"
+    (tmp_path / "notes.txt").write_text("mine\n")
+    result = evaluate_suite(sets, tiny_config, tmp_path / "notes.txt")  # refused before any set is evaluated
+    assert result.returncode == 2 and "notes.txt: --out is a file, not a folder" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
 
 
 def test_compare_puts_two_suites_side_by_side(sets, tiny_config, tmp_path):
@@ -134,7 +138,8 @@ def test_compare_puts_two_suites_side_by_side(sets, tiny_config, tmp_path):
     assert table["mean_over"] == ["zeroshot/classes", "zeroshot/mine", "retrieval/captions"]
     assert table["mean_change"]["score"] == pytest.approx(100 * (b["mean"]["score"] - a["mean"]["score"]))
     shown = run_cli("compare", tmp_path / "a", tmp_path / "b", check=True).stdout
-    assert "mean (3 sets)" in shown and "ECE" in shown
+    assert table["ece_mean_over"] == ["zeroshot/classes", "zeroshot/mine"]  # a retrieval set has no ECE
+    assert "mean (3 sets; ECE" in shown and "over 2)" in shown  # the label folds in an 80-column table
 
 
 def test_refine_measures_a_suite_before_and_after(sets, tiny_config, tmp_path):
@@ -151,4 +156,4 @@ def test_refine_measures_a_suite_before_and_after(sets, tiny_config, tmp_path):
     mine = report[report.index("### zeroshot · mine"):].splitlines()
     assert mine[4].startswith("| acc1 |") and mine[5].startswith("| ece |")  # calibration next to top-1
     assert "### Evaluation sets: top-1 and calibration" in report
-    assert "| zeroshot/mine |" in report and "| **mean** (4 sets) |" in report
+    assert "| zeroshot/mine |" in report and "| **mean** (4 sets; ECE over 3) |" in report

@@ -317,11 +317,14 @@ def suite_command(
 
 
 def claim_suite_folder(out: Path) -> None:
-    """OutputError (exit 7) when `out` holds suite files clipfit did not write: never overwrite them."""
+    """OutputError (exit 7) when `out` holds suite files clipfit did not write: never overwrite them;
+    UsageError (exit 2) when `out` is a file."""
     import json
 
-    from clipfit.errors import OutputError
+    from clipfit.errors import OutputError, UsageError
 
+    if out.exists() and not out.is_dir():  # found now, not after every set was evaluated
+        raise UsageError(f"{out}: --out is a file, not a folder; choose a folder for the suite's tables")
     present = [out / name for name in ("suite.md", SUITE_JSON, "suite.csv") if (out / name).exists()]
     if not present:
         return

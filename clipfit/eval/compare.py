@@ -136,6 +136,7 @@ def sets_view(table: dict[str, Any]):
     """The evaluation sets' top-1 (or score) and ECE per run, in percent; with two runs the change."""
     from rich.table import Table
 
+    from clipfit.eval.suites import mean_label
     from clipfit.progress import rich_literal
 
     sets = table["sets"]
@@ -148,6 +149,6 @@ def sets_view(table: dict[str, Any]):
     for name, cells in sets["sets"].items():
         view.add_row(rich_literal(name), *[score_cell(c) for c in cells],
                      *([score_cell(sets["change"][name], "+")] if "change" in sets else []))
-    view.add_row(f"mean ({len(sets['mean_over'])} sets)", *[score_cell(m) for m in sets["mean"]],
+    view.add_row(mean_label(sets), *[score_cell(m) for m in sets["mean"]],
                  *([score_cell(sets["mean_change"], "+")] if "change" in sets else []))
     return view

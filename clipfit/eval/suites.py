@@ -275,11 +275,17 @@ def side_by_side(results: list[dict[str, float]]) -> dict[str, Any]:
     shared = {m: [n for n in names if all(is_number(sets.get(n, {}).get(m)) for sets in per_result)]
               for m in SET_METRICS}
     means = [{m: mean([sets[n][m] for n in shared[m]]) for m in SET_METRICS} for sets in per_result]
-    view = {"sets": table, "mean": means, "mean_over": shared["score"]}
+    view = {"sets": table, "mean": means, "mean_over": shared["score"], "ece_mean_over": shared["ece"]}
     if len(results) == 2:
         view["change"] = {name: difference(*cells) for name, cells in table.items()}
         view["mean_change"] = difference(*means)
     return view
+
+
+def mean_label(view: dict[str, Any]) -> str:
+    """'mean (3 sets)', or 'mean (3 sets; ECE over 2)' where fewer sets have an ECE (retrieval has none)."""
+    score, ece = len(view["mean_over"]), len(view.get("ece_mean_over", view["mean_over"]))
+    return f"mean ({score} sets" + (f"; ECE over {ece})" if ece != score else ")")
 
 
 def difference(first: dict, second: dict) -> dict:

@@ -12,6 +12,7 @@ clipfit imports before it builds its settings (docs/architecture.md walks throug
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
@@ -138,6 +139,8 @@ def parse_weights(items: list[str]) -> dict[str, float]:
             sep = ""
         if not sep or not name.strip():
             raise UsageError(f"--weight {item!r}: expected NAME=NUMBER, e.g. --weight rafa=0.5")
+        if not math.isfinite(weights[name.strip()]):
+            raise UsageError(f"--weight {item!r}: the weight must be a finite number")
     return weights
 
 
