@@ -67,6 +67,14 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def drop_newer(run_dir: Path, resumed: Path) -> None:
+    """Remove the checkpoints after `resumed` (damaged: load_latest passed over them). Left there,
+    they would outrank the resumed run's next saves, and pruning would delete those instead."""
+    paths = checkpoint_paths(run_dir)
+    for newer in paths[paths.index(resumed) + 1:]:
+        newer.unlink(missing_ok=True)
+
+
 class RecordingFile:
     """The file torch.save writes through. torch turns a failed write (a full disk) into
     RuntimeError("... unexpected pos ..."), which loses the OSError; this keeps it."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from clipfit.checkpoint import (checkpoint_paths, load_latest, prune_checkpoints, rng_state, save_checkpoint,
+from clipfit.checkpoint import (checkpoint_paths, drop_newer, load_latest, prune_checkpoints, rng_state, save_checkpoint,
                                 set_rng_state)
 from clipfit.data.dataset import EpochBatches, batches_per_epoch
 from clipfit.data.workers import Loader, ignore_stop_signals
@@ -210,8 +210,9 @@ class Trainer:
             raise UsageError("--resume refused: the starting model is not the one the run started from (its files "
                              "or the installed torch, open_clip or clipfit changed), and checkpoints hold only the "
                              "weights that train; start again with --overwrite")
-        if self.is_main and path == checkpoint_paths(self.run_dir)[-1]:  # a kill may have cut the last save short
-            prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)  # of its pruning
+        if self.is_main:
+            drop_newer(self.run_dir, path)
+            prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)  # a kill may have cut a save's pruning short
         load_changing_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

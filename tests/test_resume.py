@@ -224,6 +224,20 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(pairs_dir, tiny_
     assert losses(damaged) == losses(reference)
 
 
+def test_a_resume_past_a_damaged_checkpoint_removes_it_so_pruning_keeps_the_new_saves(pairs_dir, tiny_config,
+                                                                                        tmp_path):
+    out = tmp_path / "run"
+    args = ("--batch-size", "4", "--epochs", "2", "--log-every", "1")
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--save-every", "3", "--max-steps", "6")) == 0
+    newest = out / "checkpoints" / "step-00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    # resumed from step 3, saving at step 4 with one checkpoint kept: the damaged step 6 must not outrank it
+    assert run_main(tiny_refine_args(pairs_dir, out, tiny_config, *args, "--resume", "--save-every", "2",
+                                     "--keep-checkpoints", "1", "--max-steps", "5")) == 0
+    assert checkpoint_steps(out) == [5]  # the last step's save; step 4's went by pruning, not the other way round
+    torch.load(out / "checkpoints" / "step-00000005.pt", weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_config) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("finished")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipfit.errors import DataError
+from clipfit.errors import DataError, UsageError
 from clipfit.eval.catalog import benchmark_classnames, imagenet_synsets
 from clipfit.eval.sets import load_labelled
 from clipfit.eval.encode import encoder_for
@@ -100,6 +100,9 @@ def test_r_and_a_score_among_the_classes_present(tmp_path, template, encoder, im
     assert ours["acc1"] == pytest.approx(100 * (masked.argmax(1) == labels).float().mean().item(), abs=1e-4)
     unmasked = (logits.argmax(1) == torch.tensor(indices)[labels]).float().mean().item()
     assert ours["acc1"] > 100 * unmasked  # told apart from the 4 classes present, not from all 1000
+    (tmp_path / "names.txt").write_text("".join(f"class {i}\n" for i in range(4)))
+    with pytest.raises(UsageError, match=r"has 1000 classes \(its classifier's rows; it scores 4 of them\)"):
+        load_labelled(shift, tmp_path / shift, classnames_file=str(tmp_path / "names.txt"))
 
 
 def write_objectnet(root: Path) -> Path:

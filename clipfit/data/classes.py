@@ -1,12 +1,17 @@
 """Labelled image folders: one sub-folder per class. The conventions that training on one
 (`clipfit refine --layout classes`, clipfit.data.layouts.read_classes) and measuring on one
-(`clipfit eval zeroshot folder`, clipfit.eval.datasets) share, so both read a folder alike:
+(`clipfit eval zeroshot folder`, clipfit.eval.datasets) share, so both find the same classes, names and prompts:
 
   classes    the sub-folders of ROOT, sorted by name (torchvision's ImageFolder order), hidden ones
              left out; a class's name is its folder's name with `_` read as a space, unless a
              class-names file gives the names, one per line in that order.
   templates  prompts with `{c}` where the class name goes (CLIP_benchmark's convention): a
              templates file, else ROOT/templates.txt, else open_clip's 80 OpenAI ImageNet templates.
+
+Which files inside a class folder are images differs: training takes clipfit's image types
+(clipfit.data.images.IMAGE_EXTENSIONS, GIF included) and skips hidden files (e.g. macOS `._x.jpg`),
+while evaluation lists files as torchvision's ImageFolder does (TIFF, PPM and PGM too, hidden files
+included), so its numbers are CLIP_benchmark's. A folder of JPEG/PNG/WebP/BMP images reads alike.
 """
 
 from __future__ import annotations

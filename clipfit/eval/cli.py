@@ -273,9 +273,6 @@ def linear_probe_command(
                    {"train": len(splits.train.images), "val": len(splits.val.images), "test": len(splits.test.images)})
 
 
-SUITE_JSON = "suite.json"  # what `clipfit compare` reads from a suite folder
-
-
 @eval_app.command("suite")
 def suite_command(
     suites: list[str] = typer.Argument(..., help="robustness, vtab, a suite .toml file, DATASET=PATH or wds/NAME "
@@ -292,6 +289,7 @@ def suite_command(
     """Several sets, one table: each set's top-1 and ECE (or mAP, or Recall@5), and the mean."""
     from clipfit.errors import UsageError
     from clipfit.eval.catalog import BUILTIN_SUITES
+    from clipfit.eval.compare import SUITE_JSON
     from clipfit.eval.suites import load_set, named, parse_specs, suite_csv, suite_markdown, suite_result
     from clipfit.io import dumps_json, write_json, write_text
 
@@ -322,6 +320,7 @@ def claim_suite_folder(out: Path) -> None:
     import json
 
     from clipfit.errors import OutputError, UsageError
+    from clipfit.eval.compare import SUITE_JSON
 
     if out.exists() and not out.is_dir():  # found now, not after every set was evaluated
         raise UsageError(f"{out}: --out is a file, not a folder; choose a folder for the suite's tables")

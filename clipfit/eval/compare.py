@@ -39,7 +39,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return info
 
 
-SUITE_JSON = "suite.json"
+SUITE_JSON = "suite.json"  # `clipfit eval suite --out` writes it; compare reads it
 GROUP_OF_TASK = {"zeroshot_classification": "zeroshot", "zeroshot_retrieval": "retrieval"}
 
 

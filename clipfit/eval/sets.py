@@ -37,7 +37,11 @@ def overridden(data, where: str, classnames_file: str | None, templates_file: st
     if classnames_file:
         classnames = read_list(classnames_file, "class names")
         if len(classnames) != len(data.classes):
-            raise UsageError(f"--classnames has {len(classnames)} names but {where} has {len(data.classes)} classes")
+            scored = ""  # a shift set scores a subset of ImageNet's classes through all 1,000 classifier rows
+            if getattr(data, "groups", None) is not None:
+                scored = f" (its classifier's rows; it scores {len(data.groups)} of them)"
+            raise UsageError(f"--classnames has {len(classnames)} names but {where} has {len(data.classes)} "
+                             f"classes{scored}")
         data.classes = classnames
         data.sources["classnames"] = f"--classnames {classnames_file}"
     if templates_file:
