@@ -20,9 +20,15 @@ from pathlib import Path
 METRICS = (("image_to_text_R@1", "i→t R@1"), ("text_to_image_R@1", "t→i R@1"), ("modality_gap", "gap"))
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the script's own arguments, those after `--`, which go to every clipfit call unchanged)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pairs", help="pairs folder (any layout clipfit reads)")
     parser.add_argument("--methods", nargs="+", default=["contrastive", "refine", "lite"])

@@ -65,7 +65,7 @@ import emoji  # noqa: E402  (examples/datasets/emoji.py, the builder)
 import fashion_mnist  # noqa: E402
 import fashion_mnist_classes  # noqa: E402
 import promises  # noqa: E402
-from results import REPO, count_images, cpu_name, noise  # noqa: E402
+from results import REPO, count_images, cpu_name, noise, split_passthrough  # noqa: E402
 from selection_results import difference, drop_checkpoints, finished, is_clear, replace_section  # noqa: E402
 from tradeoff_results import clipfit  # noqa: E402
 
@@ -92,8 +92,7 @@ PER_CLASS_DRAW = 0  # the ID test subset's seed: the same images for every row, 
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "label-results")
     parser.add_argument("--markdown", type=Path, default=REPO / "docs" / "results.md")

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import balanced_subset, count_images, cpu_name, kept_sections  # noqa: E402
+from results import balanced_subset, count_images, cpu_name, kept_sections, split_passthrough  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("contrastive", "refine", "lite", "ping", "dclip")
@@ -62,8 +62,7 @@ METRICS = (("image_to_text_R@1", "i→t R@1"), ("text_to_image_R@1", "t→i R@1"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path.home() / ".cache" / "clipfit" / "starter-align")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "promises")

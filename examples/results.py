@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import run_method  # noqa: E402
+from compare_methods import run_method, split_passthrough  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path.home() / ".cache" / "clipfit" / "starter-align"
@@ -53,8 +53,7 @@ RETRIEVAL = (("image_to_text_R@1", "i→t R@1"), ("text_to_image_R@1", "t→i R@
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the root the data builders wrote into")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "results", help="run folders and subsets")

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import DEFAULT_DATA, REPO, TARGET, ZEROSHOT, balanced_subset, count_images, machine, noise  # noqa: E402
+from results import DEFAULT_DATA, REPO, TARGET, ZEROSHOT, balanced_subset, count_images, machine, noise, split_passthrough  # noqa: E402
 
 START, END = "<!-- selection-results:start -->", "<!-- selection-results:end -->"
 METHODS = ("contrastive", "refine")
@@ -50,8 +50,7 @@ SETTINGS = {  # every run; clipfit's defaults otherwise. Both towers locked: onl
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the root the data builders wrote into")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "selection-results")

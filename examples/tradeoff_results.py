@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import promises  # noqa: E402
-from results import DEFAULT_DATA, REPO, TARGET, ZEROSHOT, balanced_subset, count_images, cpu_name, noise  # noqa: E402
+from results import DEFAULT_DATA, REPO, TARGET, ZEROSHOT, balanced_subset, count_images, cpu_name, noise, split_passthrough  # noqa: E402
 from selection_results import difference, drop_checkpoints, finished, flags, mean_r1, mean_sd, replace_section, zeroshot_top1  # noqa: E402
 
 START, END = "<!-- tradeoff-results:start -->", "<!-- tradeoff-results:end -->"
@@ -66,8 +66,7 @@ KINDS = {"last step": "run", "selected step": "run", "WiSE-FT": "wise", "uniform
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the root the data builders wrote into")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "tradeoff-results")
