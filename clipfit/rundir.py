@@ -15,7 +15,9 @@ and who may write it.
   worker) closes its copy of the descriptor at once, so no other process can keep the lock alive.
 - --overwrite is staged: the previous run's entries move into `.clipfit-replaced/` and are
   deleted only once the new run has written its run.json. Until then any failure, or the next
-  clipfit run on the folder after a kill, moves them back (`recover`).
+  clipfit run on the folder after a kill, moves them back (`recover`). A sweep commits sooner:
+  once every grid point's settings are checked, before its first run, since a rerun of the same
+  command continues rather than replaces it.
 
 What a run folder holds for loading, so that it works anywhere (README, "What you get in a run
 folder"):
