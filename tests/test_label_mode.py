@@ -75,6 +75,7 @@ def test_every_method_trains_on_classes_and_is_measured_as_a_classifier(classes_
         assert "zeroshot/set/acc1" in info["after"]
     report = (out / "report.md").read_text()
     assert "## Classes (validation" in report and "| true \\ predicted | blue | green | red |" in report
+    assert "| image_to_text_R@1 |" in report  # a class's captions count as found: not the group's own-caption R@1
     assert "confusion.png" in report and 'alt="Confusion matrices' in (out / "report.html").read_text()
 
 
