@@ -15,7 +15,7 @@ IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<src>[^)]+)\)")
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;line-height:1.45}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"
          "td.num{text-align:right;font-variant-numeric:tabular-nums}code{background:#f4f4f4;padding:0 .2em}"
-         "img{max-width:100%}")
+         "img{max-width:100%}.wide{overflow-x:auto}")  # a sweep's table of many runs scrolls, not overflows
 
 
 def inline(text: str) -> str:
@@ -35,12 +35,12 @@ def table(lines: list[str]) -> str:
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
     header, body = rows[0], [r for r in rows[2:]]
     aligns = ["num" if cell.endswith(":") else "" for cell in rows[1]] if len(rows) > 1 else []
-    out = ["<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in header) + "</tr></thead><tbody>"]
+    out = ['<div class="wide"><table><thead><tr>' + "".join(f"<th>{inline(c)}</th>" for c in header) + "</tr></thead><tbody>"]
     for row in body:
         cells = [f'<td class="{aligns[i]}">{inline(c)}</td>' if i < len(aligns) and aligns[i] else f"<td>{inline(c)}</td>"
                  for i, c in enumerate(row)]
         out.append("<tr>" + "".join(cells) + "</tr>")
-    return "\n".join(out + ["</tbody></table>"])
+    return "\n".join(out + ["</tbody></table></div>"])
 
 
 def markdown_to_html(markdown: str, folder: Path, title: str, extra_html: str = "") -> str:

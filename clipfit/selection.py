@@ -64,13 +64,13 @@ class Choice:
         """One sentence: what was chosen, by which number, among how many; `fallback` says what is
         kept when no candidate is eligible."""
         if self.index is None:
-            return (f"no candidate kept held-out zero-shot top-1 within {rule.max_zeroshot_drop:g} points of the "
+            return (f"no candidate kept held-out zero-shot top-1 within {points_text(rule.max_zeroshot_drop)} of the "
                     f"starting model's (--max-zeroshot-drop); {fallback}")
         label = self.labels[self.index] if self.labels else f"candidate {self.index}"
         word = "lowest" if lower_is_better(rule.metric) else "highest"
         excluded = self.eligible.count(False)
         guard = (f"; {excluded} of {len(self.eligible)} had held-out zero-shot top-1 more than "
-                 f"{rule.max_zeroshot_drop:g} points below the start and were not eligible" if excluded else "")
+                 f"{points_text(rule.max_zeroshot_drop)} below the start and were not eligible" if excluded else "")
         return f"{label}: {word} {rule.metric} ({self.score:.4g}) of {len(self.scores)} evaluated{guard}"
 
 
@@ -109,6 +109,11 @@ def check_metric(metric: str, valid: list[str], flag: str = "--select-best") -> 
     if metric not in valid:
         listing = ", ".join(valid) if valid else "none (add --val-split, --eval-zeroshot or --eval-retrieval)"
         raise UsageError(f"{flag} {metric!r}: not a metric this run measures; valid: {listing}")
+
+
+def points_text(value: float) -> str:
+    """'1 point', '2.5 points'."""
+    return f"{value:g} point" + ("" if value == 1 else "s")
 
 
 def default_metric(has_validation: bool, zeroshot_sets: list[str], retrieval_sets: list[str],

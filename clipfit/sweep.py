@@ -333,6 +333,7 @@ def plot(out: Path, points: list, trajectory: list[int], selection: dict) -> str
 def render(summary: dict, combos: list[dict], picture: str | None) -> str:
     from clipfit.eval.compare import cell
     from clipfit.report import candidates_table
+    from clipfit.selection import points_text
 
     runs, soups, selection = summary["runs"], summary["soups"], summary["selection"]
     columns = runs + soups
@@ -340,7 +341,7 @@ def render(summary: dict, combos: list[dict], picture: str | None) -> str:
     blank = [""] * len(soups)
     lines = [f"# clipfit sweep: {len(runs)} runs" + (f" and {len(soups)} soups" if soups else ""), "",
              f"Chosen by `{selection['metric']}` ({selection['direction']} is better"
-             + (f", held-out zero-shot top-1 at most {selection['max_zeroshot_drop']:g} points below the start"
+             + (f", held-out zero-shot top-1 at most {points_text(selection['max_zeroshot_drop'])} below the start"
                 if selection["max_zeroshot_drop"] is not None else "") + f"): {selection['reason']}.", "",
              "## Runs", "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(columns)]
     for setting in combos[0]:

@@ -320,7 +320,7 @@ def test_an_interrupted_sweep_resumes_skipping_finished_runs(tmp_path, tiny_conf
                 for d in (first, second)}
     assert scores == expected and summary["selection"]["chosen"] == max(expected, key=lambda n: (expected[n], n == first.name))
     assert "| method | contrastive | interrupt-once |" in (out / "sweep.md").read_text()
-    assert "<table>" in (out / "sweep.html").read_text()
+    assert '<div class="wide"><table>' in (out / "sweep.html").read_text()  # a grid of many runs scrolls
 
 
 def test_a_folder_zero_shot_set_may_bring_its_own_prompts(tmp_path):
@@ -346,3 +346,10 @@ def test_the_report_shows_the_held_out_drop_column_only_when_a_zero_shot_set_was
     with_drop = candidates_table(selection)
     assert "held-out zero-shot top-1 drop" in with_drop[0] and all(row.count("|") == 6 for row in with_drop)
     assert "-1.50" in with_drop[-1]
+
+
+def test_points_say_point_for_one_and_points_otherwise():
+    from clipfit.selection import points_text
+
+    assert (points_text(1), points_text(1.0), points_text(2.5), points_text(0)) == ("1 point", "1 point", "2.5 points",
+                                                                                     "0 points")
