@@ -24,6 +24,7 @@ from torch import nn
 from clipfit.errors import ModelError, UsageError
 from clipfit.hub import HUB_PREFIX, OFFLINE_HINT, check_hub_name, first_line, hub_source, model_files, tag_files
 from clipfit.io import atomic_path
+from clipfit.weights import PLACEHOLDER_DEVICE, assign_weights, check_loaded, placeholder_weights
 from clipfit.rundir import (ADAPTER_DIR, HF_TEXT_CONFIG, MODEL_FILE, OPEN_CLIP_CONFIG, TOKENIZER_FILES, is_run_dir,
                             read_config)
 
@@ -108,61 +109,6 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
             f"{path}: weights do not fit the architecture "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
-
-
-PLACEHOLDER_DEVICE = {"device": None}
-
-
-@contextmanager
-def placeholder_weights() -> Iterator[None]:
-    """Build a model whose every weight is loaded next without initialising its weights first.
-
-    open_clip, timm and transformers draw a random value for every weight as they build a model,
-    and loading then overwrites them all. Inside this context each parameter is a placeholder on
-    the meta device (no memory, no random draws); buffers (BatchNorm statistics, attention masks,
-    position ids) are built as usual. `assign_weights` puts the loaded tensors in the
-    placeholders' place, and `check_loaded` names any weight no file provided. open_clip is called
-    with PLACEHOLDER_DEVICE: its closing `.to(device)` then moves nothing (a placeholder holds no
-    data to copy); the model is on the CPU, as its buffers were built."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        placeholder = None if param is None else type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, placeholder)
-
-    nn.Module.register_parameter = on_meta
-    notice = WeightsComeNext()
-    logging.getLogger().addFilter(notice)
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-        logging.getLogger().removeFilter(notice)
-
-
-class WeightsComeNext(logging.Filter):
-    """open_clip says a model it built without a checkpoint is 'initialized randomly': not one built
-    for its weights to be loaded next."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
-def assign_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    """`module.load_state_dict(state, strict=False)` with the tensors put in place rather than copied
-    (so placeholders from `placeholder_weights` become real), each in its weight's dtype;
-    returns the missing and unexpected keys."""
-    own = module.state_dict()
-    cast = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point() else v
-            for k, v in state.items()}
-    return module.load_state_dict(cast, strict=False, assign=True)
-
-
-def check_loaded(model: nn.Module, source: str) -> None:
-    """ModelError when a weight is still a placeholder: no file held it."""
-    left = [name for name, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise ModelError(f"{source}: no weights were found for {len(left)} tensor(s), e.g. {left[0]}")
 
 
 def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

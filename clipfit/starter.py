@@ -215,7 +215,7 @@ def convert_lukemelas_to_timm(source: dict, target: dict, with_classifier: bool 
 
 def load_image_trunk(trunk) -> None:
     """Load the packaged EfficientNet-Lite0 weights into a timm trunk (classifier removed)."""
-    from clipfit.models import assign_weights
+    from clipfit.weights import assign_weights
 
     converted = convert_lukemelas_to_timm(read_image_source(), trunk.state_dict())
     missing, unexpected = assign_weights(trunk, converted)
@@ -231,7 +231,7 @@ def load_text_transformer(transformer) -> None:
     file's BERT pooler is left out, as from_pretrained leaves it: the tower mean-pools."""
     from safetensors.torch import load_file
 
-    from clipfit.models import assign_weights
+    from clipfit.weights import assign_weights
 
     missing, _pooler = assign_weights(transformer, load_file(str(text_model_dir() / "model.safetensors")))
     if missing:
@@ -255,7 +255,7 @@ def create_starter(aligned: bool = True, weights: str | Path | None = None, **op
         )
     import open_clip
 
-    from clipfit.models import PLACEHOLDER_DEVICE, check_loaded, placeholder_weights
+    from clipfit.weights import PLACEHOLDER_DEVICE, check_loaded, placeholder_weights
 
     register_starter()
     # Aligned, every weight comes from a file: the model is built without drawing random ones first.
@@ -319,7 +319,7 @@ def load_aligned_weights(model, path: str | Path = ALIGNED_WEIGHTS) -> None:
         written_for = (handle.metadata() or {}).get("model")
     if written_for != STARTER_NAME:
         raise ValueError(f"{path}: written for {written_for!r}, not {STARTER_NAME}")
-    from clipfit.models import assign_weights
+    from clipfit.weights import assign_weights
 
     delta = load_file(str(path))
     lacking = [key for key in PROJECTION_KEYS if key not in delta]
