@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from clipfit.errors import UsageError
+from clipfit.rundir import INTERPOLATED
 
 TUNED_FILES = {"model": "model.safetensors", "last": "last.safetensors"}
 TUNED_RECORDS = {"model": "after", "last": "last"}  # run.json's measurement of each (α = 1)
@@ -97,7 +98,7 @@ def interpolate(run_dir: Path, alphas: list[float], out: Path | None, overwrite:
     config = saved_config(saved, zeroshot, retrieval)
     metric, rule = alpha_rule(run_dir, Measured.of(config, saved), alphas, select_best, config.select_best, max_drop,
                               config.max_zeroshot_drop)
-    out = Path(out) if out else run_dir.parent / f"{run_dir.name}-wise"
+    out = Path(out) if out else run_dir.parent / f"{run_dir.name}{INTERPOLATED}"
     return into_new_folder(out, {"the run being interpolated": run_dir}, saved, overwrite, progress, lambda folder: interpolate_into(
         folder, run_dir, saved, config, alphas, metric, rule, device_name, argv, progress, which))
 

@@ -108,9 +108,9 @@ SWEEP_JSON, SWEEP_MD, SWEEP_HTML, SWEEP_PNG = "sweep.json", "sweep.md", "sweep.h
 SWEEP_NAMES = frozenset({SWEEP_JSON, SWEEP_MD, SWEEP_HTML, SWEEP_PNG, WRITE_PROBE})
 SOUP_DIR, WISE_DIR = "soup-{recipe}", "wise"
 SOUP_RECIPES = ("uniform", "greedy", "stock")
-# exactly the names a sweep gives: a grid point is NN-setting=value…, but not `clipfit interpolate`'s
-# default NAME-wise beside it, nor a `clipfit soup --out` of another name
-SWEEP_RUN = re.compile(rf"\d{{2,}}-[a-z0-9-]+=.*(?<!-wise)|soup-(?:{'|'.join(SOUP_RECIPES)})|{WISE_DIR}")
+# exactly the names a sweep gives (a grid point is NN-setting=value…): not a `clipfit soup --out` of another name
+SWEEP_RUN = re.compile(rf"\d{{2,}}-[a-z0-9-]+=.+|soup-(?:{'|'.join(SOUP_RECIPES)})|{WISE_DIR}")
+INTERPOLATED = "-wise"  # `clipfit interpolate RUN`'s default --out: RUN-wise, beside RUN
 
 
 def is_own(name: str, names: frozenset[str] = OWN_NAMES) -> bool:
@@ -140,8 +140,11 @@ def grid_point_name(index: int, label: str) -> str:
 
 def is_sweep_run(path: Path) -> bool:
     """A run folder a sweep made in its folder: a grid point's, a soup's or the WiSE-FT's name, and
-    the marker inside."""
-    return bool(SWEEP_RUN.fullmatch(path.name)) and path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
+    the marker inside; not `clipfit interpolate`'s default output for a grid point beside it."""
+    if not (SWEEP_RUN.fullmatch(path.name) and path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()):
+        return False
+    name = path.name
+    return not (name.endswith(INTERPOLATED) and (path.parent / name[:-len(INTERPOLATED)]).is_dir())
 
 
 @dataclass(frozen=True)

@@ -93,8 +93,9 @@ def mean_reciprocal_rank(similarity: Tensor, positives: Tensor) -> float:
 
 def paired_retrieval(image: Tensor, text: Tensor, ks=(1, 5, 10), positives: Tensor | None = None) -> dict[str, float]:
     """Image→text and text→image Recall@k and MRR when row i of each is the only match, or, with
-    `positives` P (N×N bool, symmetric, True on the diagonal), when any j with P_ij is: a caption
-    repeated in the set, or a class's images, finds every one of its positives."""
+    `positives` P (N×N bool, symmetric, True on the diagonal), when any j with P_ij is: a repeated
+    caption matches every image it describes, a class's caption every image of the class."""
+
     def positives_of(start: int, stop: int) -> Tensor:
         if positives is not None:
             return positives[start:stop]
