@@ -38,8 +38,9 @@ def symmetric_cross_entropy(logits: Tensor, positives: Tensor | None = None) -> 
         labels = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
     positives = positives.to(logits.device)  # e.g. DCLIP's stage 1 builds P on the CPU
-    logits = logits.float()  # bf16 logits under autocast would round the targets (1/3 to 0.334)
-    forward, backward = (uniform_targets(p) for p in (positives, positives.T))
+    if logits.dtype in (torch.float16, torch.bfloat16):  # under autocast: they would round 1/3 to 0.334
+        logits = logits.float()
+    forward, backward = (uniform_targets(p, logits.dtype) for p in (positives, positives.T))
     return 0.5 * (F.cross_entropy(logits, forward) + F.cross_entropy(logits.T, backward))
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from clipfit.losses import (clip_loss, dclip_loss_parts, derangement, first_negatives, hycd_loss, info_nce, lite_loss,
-                            ping_loss, positives_of)
+                            ping_loss, positives_of, symmetric_cross_entropy)
 
 IMAGE = [[1.0, 0.0, 2.0], [0.5, 1.5, 0.0], [-1.0, 1.0, 1.0], [0.0, 0.5, -1.0]]
 TEXT = [[0.0, 1.0, 1.0], [1.0, 1.0, -0.5], [2.0, 0.0, 0.0], [0.5, -1.0, 1.0]]
@@ -247,3 +247,13 @@ def test_identity_positives_give_the_one_hot_loss_and_gradient(name):
     assert soft.item() == pytest.approx(one_hot.item(), rel=1e-12)
     for g, s in zip(grads, soft_grads):
         torch.testing.assert_close(s, g, rtol=1e-10, atol=1e-12)
+
+
+def test_half_precision_logits_get_exact_targets():
+    """Under autocast the logits are bf16, where 1/3 is 0.334: the targets are built in float32 and
+    the loss is that of the same logits in float32."""
+    logits = torch.randn(6, 6, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    three = positives_of(torch.tensor([0, 0, 0, 1, 2, 3]))
+    got = symmetric_cross_entropy(logits, three)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(symmetric_cross_entropy(logits.float(), three).item(), rel=1e-6)
