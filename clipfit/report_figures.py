@@ -132,14 +132,24 @@ KIND_STYLE = {"start": ("s", "black", "start"), "candidate": ("o", "tab:blue", "
               "run": ("o", "tab:blue", "runs"), "soup": ("D", "tab:green", "soups"),
               "wise": ("^", "tab:orange", "WiSE-FT α")}
 GAIN_LABEL = "{metric} gain over the starting model"
+MAX_LABELS = 12  # beyond this many points the labels overlap: only the Pareto front's and the chosen one's
 CHANGE_LABEL = "held-out zero-shot top-1 change from the start (worst set, points; right is better)"
+
+
+def labelled(placed: list, front: list, chosen: str | None) -> list:
+    """The points whose labels a trade-off plot prints: all of them, or beyond MAX_LABELS (where
+    labels overlap) the Pareto front's and the chosen one's."""
+    if len(placed) <= MAX_LABELS:
+        return placed
+    return [p for p in placed if p in front or p.label == chosen]
 
 
 def tradeoff_figure(points: list, chosen: str | None, limit: float | None, gain_label: str, path: Path,
                     trajectory: list[int] = (), size: tuple[float, float] = (7, 4.5)) -> bool:
     """Target gain (up is better) against held-out change (right is better) for each
     clipfit.selection.TradeoffPoint, drawn by kind; `trajectory` (indices) joined in order (steps,
-    α), the Pareto front dashed, the `chosen` label starred, the --max-zeroshot-drop limit dotted."""
+    α), the Pareto front dashed, the `chosen` label starred, the --max-zeroshot-drop limit dotted;
+    every point labelled, or with more than MAX_LABELS points the front's and the chosen one's."""
     from clipfit.selection import pareto_front
 
     placed = [p for p in points if p.placed]
@@ -154,9 +164,9 @@ def tradeoff_figure(points: list, chosen: str | None, limit: float | None, gain_
         group = [p for p in placed if p.kind == kind]
         if group:
             axes.plot([p.change for p in group], [p.gain for p in group], marker, color=colour, label=label, zorder=3)
-    for p in placed:
-        axes.annotate(p.label, (p.change, p.gain), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
     front = sorted((points[i] for i in pareto_front(points)), key=lambda p: (p.change, -p.gain))
+    for p in labelled(placed, front, chosen):
+        axes.annotate(p.label, (p.change, p.gain), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
     axes.plot([p.change for p in front], [p.gain for p in front], "--", color="tab:purple", label="Pareto front", zorder=2)
     picked = [p for p in placed if p.label == chosen]
     if picked:

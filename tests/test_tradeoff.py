@@ -136,6 +136,17 @@ def test_a_sweep_without_validation_chooses_by_its_first_retrieval_set_and_guard
         sweep_rule({"val_split": 0.0}, {})
 
 
+def test_a_crowded_trade_off_plot_labels_only_the_front_and_the_chosen_point():
+    from clipfit.report_figures import MAX_LABELS, labelled
+
+    few = [TradeoffPoint(f"p{i}", float(i), -float(i), "run") for i in range(3)]
+    assert labelled(few, few[:1], None) == few
+    many = [TradeoffPoint(f"p{i}", float(i % 5), -float(i), "run") for i in range(MAX_LABELS + 1)]
+    front = [many[i] for i in pareto_front(many)]
+    assert labelled(many, front, "p7") == [p for p in many if p in front or p.label == "p7"]
+    assert len(labelled(many, front, "p7")) < len(many)
+
+
 def test_the_pareto_front_holds_the_points_nothing_beats_on_both_axes():
     points = [TradeoffPoint("start", 0, 0), TradeoffPoint("a", 5, -4), TradeoffPoint("b", 3, -1),
               TradeoffPoint("c", 2, -3), TradeoffPoint("d", 5, -4), TradeoffPoint("e", 1, None),
