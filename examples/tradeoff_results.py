@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import promises  # noqa: E402
 from results import DEFAULT_DATA, REPO, TARGET, ZEROSHOT, balanced_subset, count_images, cpu_name, noise, split_passthrough  # noqa: E402
-from selection_results import difference, drop_checkpoints, finished, flags, mean_r1, mean_sd, replace_section, zeroshot_top1  # noqa: E402
+from selection_results import difference, drop_checkpoints, finished, is_clear, flags, mean_r1, mean_sd, replace_section, zeroshot_top1  # noqa: E402
 
 START, END = "<!-- tradeoff-results:start -->", "<!-- tradeoff-results:end -->"
 README_START, README_END = "<!-- which-method:start -->", "<!-- which-method:end -->"
@@ -244,13 +244,24 @@ def ablation_lines(results: dict[str, list[dict]]) -> list[str]:
         pairs = [(full[i], s) for i, s in enumerate(ablated) if i in full and "last step" in s and "last step" in full[i]]
         if not pairs:
             continue
-        gap = difference([a["last step"]["gap"] - f["last step"]["gap"] for f, a in pairs], 3)
-        held = difference([a["last step"]["heldout"] - f["last step"]["heldout"] for f, a in pairs])
-        lines.append(f"- `{variant}` − `refine`, last step ({len(pairs)} seeds): gap {gap}, held-out top-1 {held}.")
+        gaps = [a["last step"]["gap"] - f["last step"]["gap"] for f, a in pairs]
+        helds = [a["last step"]["heldout"] - f["last step"]["heldout"] for f, a in pairs]
+        lines.append(f"- `{variant}` − `refine`, last step ({len(pairs)} seeds): gap {difference(gaps, 3)}, held-out "
+                     f"top-1 {difference(helds)}. {term_reading(variant.split()[1].partition('=')[0], gaps, helds)}")
     if lines:
         lines = ["", "Which of refine's terms widens the gap and forgets at this lr (paired by seed; a term whose "
                      "removal narrows the gap and keeps more held-out accuracy is the one that does it):", "", *lines]
     return lines
+
+
+def term_reading(term: str, gaps: list[float], helds: list[float]) -> str:
+    """What refine's `term` does at this lr, read from the clear differences its removal makes."""
+    facts = []
+    if is_clear(gaps):
+        facts.append(f"`{term}` {'narrows' if statistics.mean(gaps) > 0 else 'widens'} the gap")
+    if is_clear(helds):
+        facts.append(f"{'costs' if statistics.mean(helds) > 0 else 'keeps'} held-out accuracy")
+    return (" and ".join(facts) + " here.") if facts else f"No clear effect of `{term}` here."
 
 
 def plot(args, results: dict[str, list[dict]]) -> str | None:
