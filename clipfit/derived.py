@@ -22,7 +22,8 @@ from clipfit.errors import UsageError
 
 # settings that decide what a measurement measures: two runs that agree on them (and on the pairs)
 # are measured on the same pairs and sets, so their recorded numbers compare directly
-MEASURED_WITH = ("val_split", "seed", "layout", "csv_img_key", "csv_caption_key", "image_column", "caption_column",
+SPLIT_BY = ("val_split", "seed", "layout")  # with the pairs, what decides a run's validation split
+MEASURED_WITH = (*SPLIT_BY, "csv_img_key", "csv_caption_key", "image_column", "caption_column",
                  "max_image_pixels", "precision", "eval_zeroshot", "eval_retrieval")
 COPIED = ("pairs", "config", "resolved", "model", "start", "data_hash", "skipped", "environment", "steps", "eval_split")
 
@@ -77,10 +78,20 @@ class Measured:
                                                 labelled=self.classes is not None, classes=self.classes))
 
 
+def same_settings(a: dict[str, Any], b: dict[str, Any], names: tuple[str, ...]) -> bool:
+    """Whether two runs' run.json name the same pairs and data and agree on the settings `names`."""
+    return (a.get("pairs") == b.get("pairs") and a.get("data_hash") == b.get("data_hash")
+            and all(a["config"].get(k) == b["config"].get(k) for k in names))
+
+
 def same_measurement(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two runs were measured on the same pairs and sets (MEASURED_WITH)."""
-    return (a.get("pairs") == b.get("pairs") and a.get("data_hash") == b.get("data_hash")
-            and all(a["config"].get(k) == b["config"].get(k) for k in MEASURED_WITH))
+    return same_settings(a, b, MEASURED_WITH)
+
+
+def same_split(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs held out the same validation pairs (SPLIT_BY)."""
+    return same_settings(a, b, SPLIT_BY)
 
 
 def load_start(config):

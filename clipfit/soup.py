@@ -165,18 +165,16 @@ def check_same_start(run_dirs: list[Path], saveds: list[dict[str, Any]]) -> None
                              f"({described(first)}); a soup averages runs of one architecture and one start")
 
 
-SPLIT_BY = ("val_split", "seed", "layout")  # with the pairs, what decides a run's validation split
-
-
 def check_same_split(run_dirs: list[Path], saveds: list[dict[str, Any]]) -> None:
     """A soup is measured on the first run's validation pairs (clipfit.derived.Bench), which a run
     that held out others trained on: one line naming the first such run."""
+    from clipfit.derived import same_split
+
     first = saveds[0]
     if not first["config"].get("val_split"):
         return
     for run_dir, saved in zip(run_dirs[1:], saveds[1:]):
-        if (saved.get("pairs"), saved.get("data_hash")) != (first.get("pairs"), first.get("data_hash")) or any(
-                saved["config"].get(k) != first["config"].get(k) for k in SPLIT_BY):
+        if not same_split(saved, first):
             raise UsageError(f"{run_dir}: held out other validation pairs than {run_dirs[0]} (other data, --seed or "
                              "--val-split), so it trained on some of the pairs the soup is measured on; soup runs "
                              "that share their data, --seed and --val-split")

@@ -530,20 +530,22 @@ class NonFinite(Exception):
     pass
 
 
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
 def changing_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of the model: the trainable parameters and every buffer. The frozen
     weights are the starting model's, which --resume builds again (it refuses another --model,
     --pretrained or --seed), so a run with locked towers writes its heads, not the whole model."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name for name, _ in model.named_buffers()}
-    return {k: v for k, v in model.state_dict().items() if k in trainable or k in buffers}
+    kept = trainable_names(model) | {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in kept}
 
 
 def load_changing_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """A checkpoint's model tensors into `model`; a whole state dict (as earlier versions wrote) loads too."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    absent = sorted((set(missing) & trainable) | set(unexpected))
+    absent = sorted((set(missing) & trainable_names(model)) | set(unexpected))
     if absent:
         raise UsageError(f"--resume: the checkpoint does not fit this model (e.g. {absent[0]}); "
                          "start again with --overwrite")
